@@ -1,0 +1,50 @@
+"""Hardware-abstraction layer of lockerd: one abstract base per device kind and a backend registry."""
+
+from hal.base import (
+    DeviceHealth,
+    Display,
+    DisplayMessage,
+    DoorChanged,
+    DoorSensor,
+    DoorState,
+    Emit,
+    InputEvent,
+    Keypad,
+    KeyPressed,
+    LockDriver,
+    OccupancyChanged,
+    OccupancySensor,
+    Scanned,
+    Scanner,
+    Tamper,
+    TamperChanged,
+)
+from hal.errors import BackendError, HalError, HardwareFault
+from hal.registry import BACKENDS, DEVICE_KINDS, HalContext, load_backend_class
+
+__all__ = [
+    "BACKENDS",
+    "DEVICE_KINDS",
+    "BackendError",
+    "DeviceHealth",
+    "Display",
+    "DisplayMessage",
+    "DoorChanged",
+    "DoorSensor",
+    "DoorState",
+    "Emit",
+    "HalContext",
+    "HalError",
+    "HardwareFault",
+    "InputEvent",
+    "KeyPressed",
+    "Keypad",
+    "LockDriver",
+    "OccupancyChanged",
+    "OccupancySensor",
+    "Scanned",
+    "Scanner",
+    "Tamper",
+    "TamperChanged",
+    "load_backend_class",
+]

@@ -1,0 +1,190 @@
+"""Abstract bases of every device kind; each backend implements one narrow surface."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hal.registry import HalContext
+
+
+class DoorState(enum.Enum):
+    """What a door sensor reports."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPressed:
+    """One key of the keypad: a digit, `*` (clear) or `#` (enter)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """One string read by the QR/barcode scanner, already decoded to text."""
+
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class DoorChanged:
+    """A compartment door changed state."""
+
+    compartment: str
+    state: DoorState
+
+
+@dataclass(frozen=True, slots=True)
+class OccupancyChanged:
+    """A compartment's occupancy sensor now sees (or no longer sees) a parcel."""
+
+    compartment: str
+    occupied: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TamperChanged:
+    """The enclosure's tamper switch opened (True) or closed again (False)."""
+
+    open: bool
+
+
+InputEvent = KeyPressed | Scanned | DoorChanged | OccupancyChanged | TamperChanged
+Emit = Callable[[InputEvent], None]
+"""Callback an input device calls for each event; it never blocks and never raises."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceHealth:
+    """Health of one device as the backend sees it."""
+
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DisplayMessage:
+    """What the customer display shows: up to four short lines and an indicator colour."""
+
+    lines: tuple[str, ...]
+    indicator: str = "idle"  # idle | busy | ok | error
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class Device(ABC):
+    """Common surface of every device: start, health, close.
+
+    Input devices also implement `run(emit)`, a long-running coroutine that calls `emit` for
+    every change and returns only when cancelled. It must wait on the hardware (edge events,
+    a serial read, a queue) and never busy-poll.
+
+    Every backend is constructed with the same keywords: its `[hal.<kind>.options]` table, the
+    shared HalContext, and the config key to name in error messages.
+    """
+
+    def __init__(
+        self, *, options: Mapping[str, Any], context: HalContext, config_key: str
+    ) -> None:
+        self.options = options
+        self.context = context
+        self.config_key = config_key
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Bring the device up; outputs are left off."""
+
+    async def health(self) -> DeviceHealth:
+        return DeviceHealth(ok=True)
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the device; outputs are switched off."""
+
+
+class LockDriver(Device):
+    """Drives the door locks of the compartments.
+
+    Contract: `pulse` releases the lock of one compartment for at most `duration_s` seconds.
+    The driver (or the board) bounds the pulse, never the caller: if the awaiting task is
+    cancelled mid-pulse the output still goes off. `all_off` switches every output off and is
+    called at startup and shutdown. A pulse sent is not a door opened: only the door sensor says
+    that.
+    """
+
+    @abstractmethod
+    async def pulse(self, compartment: str, duration_s: float) -> None:
+        """Release the lock of `compartment` for a bounded time. Raises HardwareFault on failure."""
+
+    @abstractmethod
+    async def all_off(self) -> None:
+        """Switch every lock output off."""
+
+
+class DoorSensor(Device):
+    """Reports whether each compartment door is open."""
+
+    @abstractmethod
+    async def read(self) -> dict[str, DoorState]:
+        """Current state of every door this sensor covers."""
+
+    @abstractmethod
+    async def run(self, emit: Emit) -> None:
+        """Emit a DoorChanged for every change until cancelled."""
+
+
+class OccupancySensor(Device):
+    """Reports whether each compartment holds a parcel."""
+
+    @abstractmethod
+    async def read(self) -> dict[str, bool]:
+        """Current occupancy of every compartment this sensor covers."""
+
+    @abstractmethod
+    async def run(self, emit: Emit) -> None:
+        """Emit an OccupancyChanged for every change until cancelled."""
+
+
+class Keypad(Device):
+    """The customer keypad: digits, `*` and `#`."""
+
+    @abstractmethod
+    async def run(self, emit: Emit) -> None:
+        """Emit a KeyPressed for every key until cancelled."""
+
+
+class Scanner(Device):
+    """The QR/barcode scanner."""
+
+    @abstractmethod
+    async def run(self, emit: Emit) -> None:
+        """Emit a Scanned for every read until cancelled."""
+
+
+class Display(Device):
+    """The customer display."""
+
+    @abstractmethod
+    async def show(self, message: DisplayMessage) -> None:
+        """Replace what the display shows."""
+
+
+class Tamper(Device):
+    """The enclosure tamper switch."""
+
+    @abstractmethod
+    async def read(self) -> bool:
+        """True when the enclosure is open."""
+
+    @abstractmethod
+    async def run(self, emit: Emit) -> None:
+        """Emit a TamperChanged for every change until cancelled."""

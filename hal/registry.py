@@ -1,0 +1,138 @@
+"""Backend registry: device kind and backend name to a lazily imported "module:Class"."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from hal.base import (
+    Device,
+    Display,
+    DoorSensor,
+    Keypad,
+    LockDriver,
+    OccupancySensor,
+    Scanner,
+    Tamper,
+)
+from hal.errors import BackendError
+
+DEVICE_KINDS: dict[str, type[Device]] = {
+    "lock": LockDriver,
+    "door_sensor": DoorSensor,
+    "occupancy": OccupancySensor,
+    "keypad": Keypad,
+    "scanner": Scanner,
+    "display": Display,
+    "tamper": Tamper,
+}
+
+# Backends are named by strings so that a library (RPi.GPIO, gpiod, pyserial) is imported only
+# when the configuration asks for that backend.
+BACKENDS: Mapping[str, Mapping[str, str]] = {
+    "lock": {"sim": "sim.backend:SimLockDriver"},
+    "door_sensor": {"sim": "sim.backend:SimDoorSensor"},
+    "occupancy": {"sim": "sim.backend:SimOccupancySensor"},
+    "keypad": {"sim": "sim.backend:SimKeypad"},
+    "scanner": {"sim": "sim.backend:SimScanner"},
+    "display": {"sim": "sim.backend:SimDisplay"},
+    "tamper": {"sim": "sim.backend:SimTamper"},
+}
+
+T = TypeVar("T")
+ServiceFactory = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class HalContext:
+    """What every backend is built with: the bank's layout, shared resources, background services.
+
+    A backend that needs something shared with other devices (the simulator's world, one RS-485
+    bus for several boards) gets it through `shared`, so two devices configured with the same
+    backend see the same object and nothing lives in module-level state.
+    """
+
+    compartments: tuple[str, ...]
+    state_dir: Path
+    backend_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    _shared: dict[str, object] = field(default_factory=dict)
+    _services: dict[str, ServiceFactory] = field(default_factory=dict)
+
+    def shared(self, key: str, factory: Callable[[], T]) -> T:
+        """The resource under `key`, created by `factory` on first use."""
+        if key not in self._shared:
+            self._shared[key] = factory()
+        return self._shared[key]  # type: ignore[return-value]
+
+    def add_service(self, name: str, factory: ServiceFactory) -> None:
+        """Ask the daemon to run `factory()` as a supervised background task named `name`."""
+        if name in self._services:
+            return
+        self._services[name] = factory
+
+    @property
+    def services(self) -> Mapping[str, ServiceFactory]:
+        return dict(self._services)
+
+    def settings(self, backend: str, schema: type[T]) -> T:
+        """The `[backends.<backend>]` table of the configuration, validated into `schema`."""
+        raw = self.backend_settings.get(backend, {})
+        return decode_options(raw, schema, f"backends.{backend}")
+
+
+def decode_options(raw: Mapping[str, Any], schema: type[T], where: str) -> T:
+    """Validate a table of backend options, naming the config key on error."""
+    try:
+        return msgspec.convert(dict(raw), schema, strict=True)
+    except msgspec.ValidationError as exc:
+        raise BackendError(f"[{where}]: {_describe(exc)}") from exc
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    msg = str(exc)
+    # msgspec says "... - at `$.port`"; turn the path into a key name.
+    text, _, path = msg.partition(" - at `$")
+    path = path.rstrip("`").lstrip(".")
+    return f"{text} (key '{path}')" if path else text
+
+
+def load_backend_class(kind: str, name: str, *, config_key: str) -> type[Device]:
+    """Import the class of backend `name` for device `kind`; errors name the config key."""
+    if kind not in DEVICE_KINDS:
+        raise BackendError(f"{config_key}: unknown device kind {kind!r}")
+    table = BACKENDS[kind]
+    if name not in table:
+        known = ", ".join(sorted(table))
+        raise BackendError(
+            f"{config_key}: unknown {kind} backend {name!r}; known backends: {known}"
+        )
+    module_name, _, class_name = table[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendError(
+            f"{config_key}: backend {name!r} needs a library that is not installed ({exc})"
+        ) from exc
+    cls = getattr(module, class_name, None)
+    base = DEVICE_KINDS[kind]
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise BackendError(f"{config_key}: {table[name]} is not a {base.__name__}")
+    return cls
+
+
+def build_device(
+    kind: str, name: str, *, options: Mapping[str, Any], context: HalContext, config_key: str
+) -> Device:
+    """Load and construct one device. Every backend's constructor takes exactly these keywords."""
+    cls = load_backend_class(kind, name, config_key=config_key)
+    try:
+        return cls(options=options, context=context, config_key=config_key)  # type: ignore[call-arg]
+    except BackendError:
+        raise
+    except (ValueError, TypeError, OSError) as exc:
+        raise BackendError(f"{config_key}: backend {name!r} cannot start: {exc}") from exc

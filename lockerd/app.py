@@ -1,0 +1,268 @@
+"""Composition root: builds stores, hal backends and services from the config, and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hal.base import (
+    Device,
+    Display,
+    DoorSensor,
+    DoorState,
+    Keypad,
+    LockDriver,
+    OccupancySensor,
+    Scanner,
+    Tamper,
+)
+from hal.errors import HalError
+from hal.registry import HalContext, build_device
+from lockerd.config import Config, DeviceSection
+from lockerd.core.compartment import Compartment, DoorTimings
+from lockerd.core.entry import CodeEntry
+from lockerd.core.lockout import Lockout, RateLimiter
+from lockerd.errors import ConfigError, LockerdError, TrustError
+from lockerd.logs import get_logger
+from lockerd.services.cache import CodeCache
+from lockerd.services.controller import Clock, Controller, SystemClock, load_lockout_state
+from lockerd.store.codes import CodeStore
+from lockerd.store.db import Database, open_database
+from lockerd.store.events import EventLog
+from lockerd.trust.digest import load_code_key
+from lockerd.trust.dsse import RoleKeys
+
+log = get_logger("lockerd.app")
+
+DB_NAME = "lockerd.db"
+
+
+class ShutdownRequested(Exception):
+    """Raised inside the task group to stop every task for a clean shutdown."""
+
+
+@dataclass
+class Devices:
+    lock: LockDriver
+    door_sensor: DoorSensor
+    occupancy: OccupancySensor | None = None
+    keypad: Keypad | None = None
+    scanner: Scanner | None = None
+    display: Display | None = None
+    tamper: Tamper | None = None
+
+    def all(self) -> list[Device]:
+        found = [self.lock, self.door_sensor, self.occupancy, self.keypad, self.scanner,
+                 self.display, self.tamper]
+        return [d for d in found if d is not None]
+
+
+@dataclass
+class App:
+    """Everything the daemon runs, built from one validated config."""
+
+    config: Config
+    db: Database
+    events: EventLog
+    codes: CodeStore
+    cache: CodeCache
+    hal: HalContext
+    devices: Devices
+    controller: Controller
+    clock: Clock
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Run until SIGTERM/SIGINT or `stop` is set; outputs are off before and after."""
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._start_devices()
+            self.controller.commit_event("daemon.started", {
+                "codes_version": self.codes.version(),
+                "keyring_version": self.cache.keyring_version})
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._supervise("controller", self.controller.run), name="controller")
+                for name, runner in self._input_runners().items():
+                    tg.create_task(self._supervise(name, runner), name=name)
+                for name, factory in self.hal.services.items():
+                    tg.create_task(self._supervise(name, factory), name=name)
+                tg.create_task(self._wait_stop(), name="shutdown")
+                self.ready.set()
+                log.info("lockerd running", locker_id=self.config.locker.id,
+                         compartments=len(self.controller.compartments))
+        except* ShutdownRequested:
+            pass
+        finally:
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self._shutdown()
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+    async def _wait_stop(self) -> None:
+        await self.stop.wait()
+        raise ShutdownRequested
+
+    def _input_runners(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        emit = self.controller.emit
+        runners: dict[str, Callable[[], Awaitable[None]]] = {
+            "hal.door_sensor": lambda: self.devices.door_sensor.run(emit)}
+        for name in ("occupancy", "keypad", "scanner", "tamper"):
+            device = getattr(self.devices, name)
+            if device is not None:
+                runners[f"hal.{name}"] = (lambda d=device: d.run(emit))
+        return runners
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        """Run a task forever: a crash is logged, evented and restarted with capped backoff."""
+        delay = 0.5
+        while True:
+            try:
+                await factory()
+                log.warning("task ended by itself; restarting", task=name)
+            except (asyncio.CancelledError, ShutdownRequested):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a task crash must not stop the daemon
+                log.exception("task crashed; restarting", task=name, delay_s=delay)
+                with contextlib.suppress(Exception):
+                    self.controller.commit_event(
+                        "daemon.task_failed", {"task": name, "error": repr(exc)[:500]})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _start_devices(self) -> None:
+        for device in self.devices.all():
+            await device.start()
+        # Safety rule 3: all outputs off at startup, whatever state a crash left them in.
+        await self.devices.lock.all_off()
+        doors = await self.devices.door_sensor.read()
+        occupied = await self.devices.occupancy.read() if self.devices.occupancy else {}
+        now = self.clock.monotonic()
+        for cid, comp in self.controller.compartments.items():
+            comp.observe_initial(door_open=doors.get(cid) is DoorState.OPEN,
+                                 occupied=occupied.get(cid), t=now)
+
+    async def _shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.controller.commit_event("daemon.stopping", {})
+        await self.controller.wait_pulses()
+        try:
+            await self.devices.lock.all_off()
+        except HalError as exc:
+            log.error("could not switch lock outputs off at shutdown", error=str(exc))
+        for device in reversed(self.devices.all()):
+            try:
+                await device.close()
+            except HalError as exc:
+                log.warning("device did not close cleanly", error=str(exc))
+        self.db.close()
+        log.info("lockerd stopped")
+
+
+def _build_devices(config: Config, context: HalContext) -> Devices:
+    def make(kind: str, section: DeviceSection | None) -> Any:
+        if section is None:
+            return None
+        return build_device(kind, section.backend, options=section.options, context=context,
+                            config_key=f"{config.source}: [hal.{kind}] backend")
+
+    hal = config.hal
+    return Devices(
+        lock=make("lock", hal.lock),
+        door_sensor=make("door_sensor", hal.door_sensor),
+        occupancy=make("occupancy", hal.occupancy),
+        keypad=make("keypad", hal.keypad),
+        scanner=make("scanner", hal.scanner),
+        display=make("display", hal.display),
+        tamper=make("tamper", hal.tamper),
+    )
+
+
+def build_app(config: Config, *, clock: Clock | None = None) -> App:
+    """Build the whole object graph. Raises LockerdError/HalError with a message to act on."""
+    clock = clock or SystemClock()
+    state_dir = config.state_dir
+    try:
+        code_key = load_code_key(config.path(config.trust.code_key_file))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{config.source}: [trust] code_key_file: {exc}") from exc
+    db = open_database(state_dir / DB_NAME)
+    events = EventLog(db)
+    codes = CodeStore(db)
+    cache = CodeCache(
+        db=db, codes=codes, events=events, locker_id=config.locker.id,
+        pinned_root=RoleKeys.from_hex(config.trust.root_keys, config.trust.root_threshold),
+        now=clock.wall,
+    )
+    _import_files(config, cache)
+    context = HalContext(
+        compartments=config.compartment_ids, state_dir=state_dir,
+        backend_settings=config.backends,
+    )
+    devices = _build_devices(config, context)
+    out_of_service = db.get_meta("out_of_service") or {}
+    timings = DoorTimings(
+        open_timeout_s=config.doors.open_timeout_s,
+        held_open_after_s=config.doors.held_open_after_s,
+        show_result_s=config.doors.show_result_s,
+    )
+    compartments = {}
+    for cid in config.compartment_ids:
+        comp = Compartment(cid, timings=timings, in_service=cid not in out_of_service)
+        if cid in out_of_service:
+            comp.service_reason = str(out_of_service[cid])
+        compartments[cid] = comp
+    controller = Controller(
+        locker_id=config.locker.id,
+        compartments=compartments,
+        entry=CodeEntry(timeout_s=config.entry.timeout_s, max_digits=config.entry.max_digits,
+                        stuck_key_repeats=config.entry.stuck_key_repeats),
+        lockout=Lockout(free_attempts=config.lockout.free_attempts, base_s=config.lockout.base_s,
+                        max_s=config.lockout.max_s, state=load_lockout_state(db)),
+        rejections=RateLimiter(per_minute=config.lockout.rejected_events_per_minute),
+        db=db, events=events, codes=codes, code_key=code_key,
+        lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
+    )
+    return App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
+               devices=devices, controller=controller, clock=clock)
+
+
+def _import_files(config: Config, cache: CodeCache) -> None:
+    """Load the keyring and codes bundle files named in the config, when they are newer.
+
+    A refused file is logged and evented; the daemon keeps the keyring and codes it has.
+    """
+    files = [("keyring", config.trust.keyring_file, cache.load_keyring),
+             ("codes", config.codes.bundle_file, cache.load_bundle)]
+    for what, name, loader in files:
+        if not name:
+            continue
+        path = config.path(name)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            log.error("cannot read signed file named in the config", what=what, path=str(path),
+                      error=exc.strerror)
+            continue
+        try:
+            loader(raw, source=str(path))
+        except TrustError as exc:
+            if exc.reason == "rollback":
+                log.info("signed file is not newer than what is held; kept", what=what,
+                         path=str(path))
+            else:
+                log.error("signed file refused; keeping what is held", what=what,
+                          path=str(path), reason=exc.reason, error=str(exc))
+
+
+__all__ = ["App", "LockerdError", "build_app"]

@@ -1,0 +1,199 @@
+"""The daemon's TOML configuration, validated at startup into typed, frozen objects."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from lockerd.errors import ConfigError
+
+_LOCKER_ID = r"^[A-Za-z0-9_-]{1,64}$"
+_COMPARTMENT_ID = r"^[A-Za-z0-9-]{1,16}$"
+_HEX_KEY = r"^[0-9a-f]{64}$"
+
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every section: unknown keys are an error, not silently ignored."""
+
+
+class LockerSection(_Section, kw_only=True):
+    id: Annotated[str, msgspec.Meta(pattern=_LOCKER_ID)]
+    state_dir: str
+    name: str = ""
+
+
+class TrustSection(_Section, kw_only=True):
+    root_keys: Annotated[list[Annotated[str, msgspec.Meta(pattern=_HEX_KEY)]], msgspec.Meta(min_length=1)]
+    root_threshold: Annotated[int, msgspec.Meta(ge=1)] = 1
+    code_key_file: str
+    keyring_file: str | None = None
+
+
+class CodesSection(_Section, kw_only=True):
+    bundle_file: str | None = None
+    derived_digits: Annotated[int, msgspec.Meta(ge=4, le=12)] = 8
+
+
+class EntrySection(_Section, kw_only=True):
+    timeout_s: PositiveSeconds = 20.0
+    max_digits: Annotated[int, msgspec.Meta(ge=4, le=64)] = 16
+    stuck_key_repeats: Annotated[int, msgspec.Meta(ge=3)] = 24
+
+
+class LockoutSection(_Section, kw_only=True):
+    free_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    base_s: PositiveSeconds = 30.0
+    max_s: PositiveSeconds = 3600.0
+    rejected_events_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 20
+
+
+class DoorsSection(_Section, kw_only=True):
+    pulse_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
+    open_timeout_s: PositiveSeconds = 4.0
+    held_open_after_s: PositiveSeconds = 120.0
+    show_result_s: PositiveSeconds = 6.0
+
+
+class CompartmentSection(_Section, kw_only=True):
+    id: Annotated[str, msgspec.Meta(pattern=_COMPARTMENT_ID)]
+    size: str = "M"
+
+
+class DeviceSection(_Section, kw_only=True):
+    backend: str
+    options: dict[str, Any] = {}
+
+
+class HalSection(_Section, kw_only=True):
+    lock: DeviceSection
+    door_sensor: DeviceSection
+    occupancy: DeviceSection | None = None
+    keypad: DeviceSection | None = None
+    scanner: DeviceSection | None = None
+    display: DeviceSection | None = None
+    tamper: DeviceSection | None = None
+
+
+class LoggingSection(_Section, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section, kw_only=True):
+    locker: LockerSection
+    trust: TrustSection
+    compartments: Annotated[list[CompartmentSection], msgspec.Meta(min_length=1)]
+    hal: HalSection
+    codes: CodesSection = CodesSection()
+    entry: EntrySection = EntrySection()
+    lockout: LockoutSection = LockoutSection()
+    doors: DoorsSection = DoorsSection()
+    logging: LoggingSection = LoggingSection()
+    backends: dict[str, dict[str, Any]] = {}
+
+    # Filled in by load_config, not read from the file.
+    source: str = ""
+
+    @property
+    def compartment_ids(self) -> tuple[str, ...]:
+        return tuple(c.id for c in self.compartments)
+
+    def path(self, value: str) -> Path:
+        """A path from the file, relative paths taken from the file's own directory."""
+        p = Path(value).expanduser()
+        if p.is_absolute() or not self.source:
+            return p
+        return Path(self.source).resolve().parent / p
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(self.locker.state_dir)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file; any problem raises ConfigError naming file and key."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the configuration file: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: the file is not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    return parse_config(data, source=str(p))
+
+
+def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Config:
+    """Validate an already parsed TOML document."""
+    if "source" in data:
+        raise ConfigError(f"{source}: unknown key 'source' at the top level")
+    try:
+        config = msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(exc, data)}") from exc
+    config = msgspec.structs.replace(config, source=source)
+    _check_consistency(config, source)
+    return config
+
+
+def _check_consistency(config: Config, source: str) -> None:
+    ids = config.compartment_ids
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"{source}: [[compartments]] id {dupes[0]!r} is listed more than once")
+    if config.trust.root_threshold > len(set(config.trust.root_keys)):
+        raise ConfigError(
+            f"{source}: [trust] root_threshold is {config.trust.root_threshold} but only "
+            f"{len(set(config.trust.root_keys))} distinct root_keys are given"
+        )
+    if config.lockout.max_s < config.lockout.base_s:
+        raise ConfigError(f"{source}: [lockout] max_s must not be smaller than base_s")
+
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _explain(exc: msgspec.ValidationError, data: dict[str, Any]) -> str:
+    """Turn msgspec's message and JSON path into '[section] key: what is wrong'."""
+    msg = str(exc)
+    m = _PATH.search(msg)
+    text = msg[: m.start()] if m else msg
+    path = m.group("path") if m else ""
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", path) if p]
+    missing = re.match(r"Object missing required field `(?P<key>[^`]+)`", text)
+    unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", text)
+    key = None
+    if missing:
+        key = missing.group("key")
+        text = "missing required key"
+    elif unknown:
+        key = unknown.group("key")
+        text = "unknown key (check the spelling; see config/lockerd.example.toml)"
+    elif parts:
+        key = parts.pop()
+    section = _section_name(parts, data)
+    where = f"[{section}] " if section else ""
+    if key is None:
+        return f"{where}{text}"
+    if key.isdigit():
+        return f"{where}item {int(key) + 1}: {text}"
+    return f"{where}{key!r}: {text}"
+
+
+def _section_name(parts: list[str], data: dict[str, Any]) -> str:
+    names: list[str] = []
+    for part in parts:
+        if part.isdigit():
+            names[-1] = f"{names[-1]} #{int(part) + 1}" if names else f"#{int(part) + 1}"
+        else:
+            names.append(part)
+    return ".".join(names)

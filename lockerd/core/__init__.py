@@ -1,0 +1,1 @@
+"""Pure, synchronous state machines of lockerd: no I/O, time passed in as an argument."""

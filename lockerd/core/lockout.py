@@ -1,0 +1,85 @@
+"""Brute-force throttle: wrong codes lead to a lockout that grows and is persisted by the caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class LockoutState:
+    """What survives a restart. Times are wall-clock seconds since the epoch."""
+
+    failures: int = 0
+    lockouts: int = 0
+    locked_until: float = 0.0
+    last_failure_at: float = 0.0
+
+
+class Lockout:
+    """After `free_attempts` wrong codes, each further wrong code locks the keypad for
+    base_s * 2**n seconds (capped at max_s). A right code, a technician, or a long quiet
+    spell (`forget_after_s`) resets it."""
+
+    def __init__(
+        self,
+        *,
+        free_attempts: int,
+        base_s: float,
+        max_s: float,
+        forget_after_s: float = 86400.0,
+        state: LockoutState | None = None,
+    ) -> None:
+        self._free = free_attempts
+        self._base = base_s
+        self._max = max_s
+        self._forget = forget_after_s
+        self.state = state or LockoutState()
+
+    def remaining(self, now: float) -> float:
+        """Seconds the keypad stays locked; 0 when open. A clock set back cannot stretch it."""
+        left = self.state.locked_until - now
+        return max(0.0, min(left, self._max))
+
+    def record_failure(self, now: float) -> float | None:
+        """Count a wrong code; returns the new lockout's length when one starts."""
+        st = self.state
+        if st.last_failure_at and now - st.last_failure_at > self._forget:
+            st = LockoutState()
+        st = replace(st, failures=st.failures + 1, last_failure_at=now)
+        started: float | None = None
+        if st.failures >= self._free:
+            started = min(self._max, self._base * (2 ** min(st.lockouts, 30)))
+            st = replace(st, lockouts=st.lockouts + 1, locked_until=now + started)
+        self.state = st
+        return started
+
+    def record_success(self) -> None:
+        self.state = LockoutState()
+
+    def clear(self) -> None:
+        self.state = LockoutState()
+
+
+class RateLimiter:
+    """At most `per_minute` items a minute (token bucket); counts what it held back."""
+
+    def __init__(self, *, per_minute: int) -> None:
+        self._capacity = float(per_minute)
+        self._rate = per_minute / 60.0
+        self._tokens = float(per_minute)
+        self._at: float | None = None
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n

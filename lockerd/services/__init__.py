@@ -1,0 +1,1 @@
+"""The asyncio services that connect the pure core to the hardware, the stores and the network."""

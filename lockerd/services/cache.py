@@ -1,0 +1,142 @@
+"""Trust state and code cache updates: verify a keyring or codes bundle, apply it, event it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from lockerd.errors import TrustError
+from lockerd.logs import get_logger
+from lockerd.store.codes import CodeStore
+from lockerd.store.db import Database
+from lockerd.store.events import EventLog
+from lockerd.trust.bundle import CodesBundle, verify_bundle
+from lockerd.trust.dsse import RoleKeys, parse_envelope
+from lockerd.trust.keyring import Keyring, accept_keyring, parse_keyring_payload
+
+log = get_logger("lockerd.cache")
+
+
+class CodeCache:
+    """Holds the trusted keyring and applies signed updates to the code store.
+
+    Every refusal is logged and evented as `cache.rejected` with its reason, and changes
+    nothing: the codes already held stay in force.
+    """
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        codes: CodeStore,
+        events: EventLog,
+        locker_id: str,
+        pinned_root: RoleKeys,
+        now: Callable[[], datetime],
+    ) -> None:
+        self._db = db
+        self._codes = codes
+        self._events = events
+        self._locker_id = locker_id
+        self._pinned_root = pinned_root
+        self._now = now
+        self.keyring: Keyring | None = self._load_stored_keyring()
+
+    @property
+    def keyring_version(self) -> int:
+        return self.keyring.version if self.keyring else 0
+
+    @property
+    def trusted_root(self) -> RoleKeys:
+        return self.keyring.roles["root"] if self.keyring else self._pinned_root
+
+    def _load_stored_keyring(self) -> Keyring | None:
+        stored = self._db.get_meta("keyring")
+        if stored is None:
+            return None
+        raw = stored.encode("utf-8")
+        payload = parse_envelope(raw).payload
+        return parse_keyring_payload(payload, raw=raw)
+
+    def load_keyring(self, raw: bytes, *, source: str) -> Keyring:
+        """Verify and store a keyring (durably, before anything is verified under it)."""
+        try:
+            keyring = accept_keyring(
+                raw,
+                trusted_root=self.trusted_root,
+                current_version=self.keyring_version,
+                now=self._now(),
+            )
+        except TrustError as exc:
+            if not _is_repeat(exc, raw, self.keyring_version):
+                self._reject("keyring", exc, source)
+            raise
+        with self._db.transaction() as conn:
+            self._db.set_meta("keyring", raw.decode("utf-8"), conn=conn)
+            self._events.append(
+                conn,
+                type="keyring.updated",
+                at=self._now(),
+                data={"version": keyring.version, "source": source},
+            )
+        self.keyring = keyring
+        log.info("keyring accepted", version=keyring.version, source=source)
+        return keyring
+
+    def load_bundle(self, raw: bytes, *, source: str) -> CodesBundle:
+        """Verify and apply a codes bundle; on any refusal the codes held stay in force."""
+        try:
+            if self.keyring is None:
+                raise TrustError(
+                    "no keyring is held yet: a codes bundle can only be verified once a keyring "
+                    "signed by the pinned root keys has been loaded",
+                    reason="no_keyring",
+                )
+            bundle = verify_bundle(
+                raw,
+                codes_role=self.keyring.roles["codes"],
+                keyring_expires_at=self.keyring.expires_at,
+                locker_id=self._locker_id,
+                held_version=self._codes.version(),
+                now=self._now(),
+            )
+            self._codes.apply(bundle)
+        except TrustError as exc:
+            if not _is_repeat(exc, raw, self._codes.version()):
+                self._reject("codes", exc, source)
+            raise
+        self._events.record(
+            type="cache.updated",
+            at=self._now(),
+            data={
+                "version": bundle.version,
+                "base_version": bundle.base_version,
+                "upserted": len(bundle.upsert),
+                "revoked": len(bundle.revoke),
+                "source": source,
+            },
+        )
+        log.info("codes bundle applied", version=bundle.version, base_version=bundle.base_version,
+                 upserted=len(bundle.upsert), revoked=len(bundle.revoke), source=source)
+        return bundle
+
+    def _reject(self, what: str, exc: TrustError, source: str) -> None:
+        data: dict[str, Any] = {"what": what, "reason": exc.reason, "detail": str(exc),
+                                "source": source}
+        log.warning("signed update refused", **data)
+        self._events.record(type="cache.rejected", at=self._now(), data=data)
+
+
+
+def _is_repeat(exc: TrustError, raw: bytes, held_version: int) -> bool:
+    """The very version already held, delivered again (a retained message, a config file read at
+    every start): ignored quietly rather than evented as an attack. An older version is not."""
+    if exc.reason != "rollback":
+        return False
+    try:
+        version = json.loads(parse_envelope(raw).payload).get("version")
+    except (TrustError, ValueError, AttributeError):
+        return False
+    return bool(version == held_version)

@@ -1,0 +1,348 @@
+"""The controller: hal input events in, core decisions out (events, pulses, display)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Protocol
+
+from hal.base import (
+    Display,
+    DisplayMessage,
+    DoorChanged,
+    DoorState,
+    InputEvent,
+    KeyPressed,
+    LockDriver,
+    OccupancyChanged,
+    Scanned,
+    TamperChanged,
+)
+from hal.errors import HalError
+from lockerd.core import entry as entry_mod
+from lockerd.core import messages
+from lockerd.core.access import Granted, Reason, Refused, evaluate_code
+from lockerd.core.actions import Action, Pulse, Record, Show
+from lockerd.core.compartment import Access, Compartment
+from lockerd.core.entry import CodeEntry
+from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
+from lockerd.logs import get_logger
+from lockerd.store.codes import CodeStore
+from lockerd.store.db import Database
+from lockerd.store.events import EventLog, StoredEvent
+from lockerd.trust.digest import code_digest
+
+log = get_logger("lockerd.controller")
+
+MAX_SCAN_CODE_LENGTH = 64
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+    def wall(self) -> datetime: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> datetime:
+        return datetime.now(UTC)
+
+
+def load_lockout_state(db: Database) -> LockoutState:
+    raw = db.get_meta("lockout")
+    if not isinstance(raw, dict):
+        return LockoutState()
+    try:
+        return LockoutState(**raw)
+    except TypeError:
+        return LockoutState()
+
+
+class Controller:
+    """Owns the compartments' state machines and the keypad buffer; one task runs it.
+
+    Every decision is committed to the event log before the hardware acts on it, and a code's
+    use changes in the same transaction as the event that reports it.
+    """
+
+    def __init__(
+        self,
+        *,
+        locker_id: str,
+        compartments: Mapping[str, Compartment],
+        entry: CodeEntry,
+        lockout: Lockout,
+        rejections: RateLimiter,
+        db: Database,
+        events: EventLog,
+        codes: CodeStore,
+        code_key: bytes,
+        lock: LockDriver,
+        display: Display | None,
+        pulse_s: float,
+        clock: Clock,
+    ) -> None:
+        self.locker_id = locker_id
+        self.compartments = dict(compartments)
+        self._entry = entry
+        self._lockout = lockout
+        self._rejections = rejections
+        self._db = db
+        self._events = events
+        self._codes = codes
+        self._code_key = code_key
+        self._lock = lock
+        self._display = display
+        self._pulse_s = pulse_s
+        self._clock = clock
+        self._inputs: asyncio.Queue[InputEvent] = asyncio.Queue()
+        self._display_until: float | None = None
+        self._pulses: set[asyncio.Task[None]] = set()
+        self._service_saved = self._service_snapshot()
+        self.last_message: DisplayMessage | None = None
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def emit(self, event: InputEvent) -> None:
+        """The callback every input device gets: never blocks, never raises."""
+        self._inputs.put_nowait(event)
+
+    async def run(self) -> None:
+        await self._show(messages.idle())
+        while True:
+            event = await self._next_input()
+            if event is not None:
+                await self.handle(event)
+            await self._tick()
+
+    async def _next_input(self) -> InputEvent | None:
+        deadline = self._next_deadline()
+        if deadline is None:
+            return await self._inputs.get()
+        timeout = max(0.0, deadline - self._clock.monotonic())
+        try:
+            return await asyncio.wait_for(self._inputs.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def _next_deadline(self) -> float | None:
+        candidates = [self._entry.deadline(), self._display_until]
+        candidates += [c.deadline() for c in self.compartments.values()]
+        present = [d for d in candidates if d is not None]
+        return min(present) if present else None
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    async def handle(self, event: InputEvent) -> None:
+        match event:
+            case KeyPressed(key=key):
+                await self._on_key(key)
+            case Scanned(data=data):
+                await self._on_scan(data)
+            case DoorChanged(compartment=cid, state=state):
+                await self._on_door(cid, state)
+            case OccupancyChanged(compartment=cid, occupied=occupied):
+                comp = self.compartments.get(cid)
+                if comp is None:
+                    log.warning("occupancy change for an unknown compartment", compartment=cid)
+                else:
+                    await self._execute(comp.occupancy_changed(occupied))
+            case TamperChanged(open=is_open):
+                await self._execute([Record("tamper", data={"open": is_open})])
+
+    async def _on_key(self, key: str) -> None:
+        now = self._clock.monotonic()
+        remaining = self._lockout.remaining(self._clock.wall().timestamp())
+        if remaining > 0:
+            await self._show(messages.locked_out(remaining), hold_s=3.0)
+            return
+        for outcome in self._entry.press(key, now):
+            match outcome:
+                case entry_mod.Submitted(code=code):
+                    await self.submit(code, source="keypad")
+                case entry_mod.Typing(count=count):
+                    await self._show(messages.typing(count), hold_s=None)
+                case entry_mod.Cleared():
+                    await self._show(messages.cleared(), hold_s=3.0)
+                case entry_mod.TimedOut():
+                    await self._show(messages.timed_out(), hold_s=3.0)
+                case entry_mod.TooLong():
+                    await self._show(messages.too_long(), hold_s=3.0)
+                case entry_mod.StuckKey(key=stuck):
+                    log.warning("keypad key seems stuck", key=stuck)
+                    await self._execute([
+                        Record("hardware.fault",
+                               data={"device": "keypad", "detail": f"key {stuck!r} seems stuck"}),
+                        Show(messages.keypad_fault(), hold_s=10.0),
+                    ])
+                case entry_mod.InvalidKey(key=bad):
+                    log.warning("keypad sent an unknown key; ignored", key=repr(bad))
+
+    async def _on_scan(self, data: str) -> None:
+        text = data.strip()
+        if text.isascii() and text.isdigit() and len(text) <= MAX_SCAN_CODE_LENGTH:
+            await self.submit(text, source="scanner")
+            return
+        reason = Reason.UNSUPPORTED if text.startswith("LK1:") else Reason.UNREADABLE
+        await self._refuse(Refused(reason), source="scanner")
+
+    async def _on_door(self, cid: str, state: DoorState) -> None:
+        comp = self.compartments.get(cid)
+        if comp is None:
+            log.warning("door change for an unknown compartment", compartment=cid)
+            return
+        if state is DoorState.UNKNOWN:
+            log.warning("door sensor does not know the door state", compartment=cid)
+            return
+        await self._execute(comp.door_changed(state is DoorState.OPEN, self._clock.monotonic()))
+
+    # -- validation -------------------------------------------------------------------------
+
+    async def submit(self, code: str, *, source: str) -> None:
+        """The one validation path of every entered or scanned code."""
+        wall = self._clock.wall()
+        remaining = self._lockout.remaining(wall.timestamp())
+        if remaining > 0:
+            await self._refuse(Refused(Reason.LOCKED_OUT), source=source, remaining_s=remaining)
+            return
+        record = self._codes.lookup(code_digest(self._code_key, self.locker_id, code))
+        views = {cid: c.view() for cid, c in self.compartments.items()}
+        decision = evaluate_code(record, now=wall, compartments=views)
+        if isinstance(decision, Refused):
+            await self._refuse(decision, source=source)
+            return
+        await self._grant(decision, source=source)
+
+    async def _grant(self, granted: Granted, *, source: str) -> None:
+        if self._lockout.state != LockoutState():
+            self._lockout.record_success()
+            self._save_lockout()
+        log.info("access granted", compartment=granted.compartment, code_id=granted.code_id,
+                 kind=granted.kind, source=source)
+        comp = self.compartments[granted.compartment]
+        access = Access(code_id=granted.code_id, digest=granted.digest, kind=granted.kind,
+                        source=source)
+        await self._execute(comp.begin_access(access, self._clock.monotonic()))
+
+    async def _refuse(self, refused: Refused, *, source: str, remaining_s: float = 0.0) -> None:
+        wall = self._clock.wall()
+        actions: list[Action] = []
+        if refused.reason.counts_as_guess:
+            started = self._lockout.record_failure(wall.timestamp())
+            self._save_lockout()
+            if started is not None:
+                remaining_s = started
+                actions.append(Record("keypad.lockout", data={
+                    "seconds": started, "lockouts": self._lockout.state.lockouts}))
+        log.info("access refused", reason=refused.reason.value, compartment=refused.compartment,
+                 code_id=refused.code_id, source=source)
+        # Rejections are evented, but rate-limited: a flood must not fill the outbox.
+        if self._rejections.allow(self._clock.monotonic()):
+            data: dict[str, object] = {"reason": refused.reason.value, "source": source}
+            suppressed = self._rejections.take_suppressed()
+            if suppressed:
+                data["suppressed"] = suppressed
+            actions.insert(0, Record("code.rejected", compartment=refused.compartment,
+                                     code_id=refused.code_id, data=data))
+        shown = remaining_s if remaining_s > 0 else 0.0
+        actions.append(Show(messages.refused(
+            Reason.LOCKED_OUT if shown else refused.reason, remaining_s=shown), hold_s=5.0))
+        await self._execute(actions)
+
+    def _save_lockout(self) -> None:
+        self._db.set_meta("lockout", asdict(self._lockout.state))
+
+    def clear_lockout(self) -> None:
+        self._lockout.clear()
+        self._save_lockout()
+
+    # -- time -------------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        now = self._clock.monotonic()
+        if self._entry.tick(now) is not None:
+            await self._show(messages.timed_out(), hold_s=3.0)
+        for comp in self.compartments.values():
+            actions = comp.tick(now)
+            if actions:
+                await self._execute(actions)
+        if self._display_until is not None and now >= self._display_until:
+            self._display_until = None
+            await self._show(messages.idle())
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    async def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Record():
+                    self.commit(action)
+                case Pulse(compartment=cid):
+                    self._start_pulse(cid)
+                case Show(message=message, hold_s=hold_s):
+                    await self._show(message, hold_s=hold_s)
+        self._save_service_if_changed()
+
+    def commit(self, record: Record) -> StoredEvent:
+        """Make one event durable, with its code-use change in the same transaction."""
+        with self._db.transaction() as conn:
+            event = self._events.append(
+                conn,
+                type=record.type,
+                at=self._clock.wall(),
+                compartment=record.compartment,
+                code_id=record.code_id,
+                data=record.data,
+            )
+            if record.use_delta and record.code_id and record.digest:
+                self._codes.change_uses(conn, record.code_id, record.digest, record.use_delta)
+        log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
+                 code_id=event.code_id)
+        return event
+
+    def commit_event(self, type_: str, data: Mapping[str, object]) -> StoredEvent:
+        return self.commit(Record(type_, data=data))
+
+    def _start_pulse(self, cid: str) -> None:
+        # The pulse runs beside the controller so a door opening during it is seen at once.
+        task = asyncio.create_task(self._pulse(cid), name=f"pulse:{cid}")
+        self._pulses.add(task)
+        task.add_done_callback(self._pulses.discard)
+
+    async def _pulse(self, cid: str) -> None:
+        try:
+            await self._lock.pulse(cid, self._pulse_s)
+        except HalError as exc:
+            log.error("lock pulse failed", compartment=cid, error=str(exc))
+            self.commit(Record("hardware.fault", compartment=cid,
+                               data={"device": "lock", "detail": str(exc)}))
+
+    async def _show(self, message: DisplayMessage, *, hold_s: float | None = None) -> None:
+        self.last_message = message
+        self._display_until = None if hold_s is None else self._clock.monotonic() + hold_s
+        if self._display is None:
+            return
+        try:
+            await self._display.show(message)
+        except HalError as exc:
+            log.warning("display failed", error=str(exc))
+
+    async def wait_pulses(self) -> None:
+        if self._pulses:
+            await asyncio.gather(*self._pulses, return_exceptions=True)
+
+    # -- service state ----------------------------------------------------------------------
+
+    def _service_snapshot(self) -> dict[str, str]:
+        return {cid: c.service_reason for cid, c in self.compartments.items() if not c.in_service}
+
+    def _save_service_if_changed(self) -> None:
+        snapshot = self._service_snapshot()
+        if snapshot != self._service_saved:
+            self._db.set_meta("out_of_service", snapshot)
+            self._service_saved = snapshot

@@ -1,0 +1,98 @@
+"""The local code cache: digests of issued codes, their validity, and local consumption."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+from lockerd.core.access import CodeRecord
+from lockerd.errors import TrustError
+from lockerd.store.db import Database
+from lockerd.trust.bundle import CodesBundle
+
+_LOOKUP = """
+SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_after,
+       c.max_uses, COALESCE(u.uses, 0)
+FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
+WHERE c.digest = ?
+"""
+
+
+def _epoch(dt: datetime | None) -> int | None:
+    return None if dt is None else int(dt.timestamp())
+
+
+def _dt(epoch: int | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+class CodeStore:
+    """Lookup is one indexed query on the digest; bundles are applied in one transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def version(self) -> int:
+        return int(self._db.get_meta("codes_version") or 0)
+
+    def expires_at(self) -> datetime | None:
+        value = self._db.get_meta("codes_expires_at")
+        return _dt(value)
+
+    def count(self) -> int:
+        return int(self._db.conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0])
+
+    def lookup(self, digest: str) -> CodeRecord | None:
+        row = self._db.conn.execute(_LOOKUP, (digest,)).fetchone()
+        if row is None:
+            return None
+        not_after = _dt(row[6])
+        assert not_after is not None
+        return CodeRecord(
+            id=row[0], kind=row[1], digest=row[2], compartment=row[3], parcel_id=row[4],
+            not_before=_dt(row[5]), not_after=not_after, max_uses=row[7], uses=row[8],
+        )
+
+    def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
+        """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
+        conn.execute(
+            "INSERT INTO code_uses (id, digest, uses) VALUES (?, ?, MAX(0, ?))"
+            " ON CONFLICT(id, digest) DO UPDATE SET uses = MAX(0, uses + ?)",
+            (code_id, digest, delta, delta),
+        )
+
+    def apply(self, bundle: CodesBundle) -> None:
+        """Apply a verified snapshot or delta atomically: all of it, or nothing on any error."""
+        rows = [
+            (
+                e.digest, e.id, e.kind, e.compartment, e.parcel_id,
+                _epoch(e.not_before), _epoch(e.not_after), e.max_uses,
+            )
+            for e in bundle.upsert
+        ]
+        try:
+            with self._db.transaction() as conn:
+                if bundle.base_version is None:
+                    conn.execute("DELETE FROM codes")
+                else:
+                    ids = [(i,) for i in bundle.revoke] + [(e.id,) for e in bundle.upsert]
+                    conn.executemany("DELETE FROM codes WHERE id = ?", ids)
+                conn.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                if bundle.base_version is None and bundle.revoke:
+                    conn.executemany("DELETE FROM codes WHERE id = ?",
+                                     [(i,) for i in bundle.revoke])
+                # A use stays recorded while the same (id, digest) is still issued; a revoked
+                # or replaced code's uses go with it.
+                conn.execute(
+                    "DELETE FROM code_uses WHERE NOT EXISTS (SELECT 1 FROM codes"
+                    " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)"
+                )
+                self._db.set_meta("codes_version", bundle.version, conn=conn)
+                self._db.set_meta("codes_expires_at", _epoch(bundle.expires_at), conn=conn)
+                self._db.set_meta("codes_issued_at", _epoch(bundle.issued_at), conn=conn)
+        except sqlite3.IntegrityError as exc:
+            raise TrustError(
+                f"codes bundle version {bundle.version} gives the same digest to two code ids "
+                f"(two codes with the same plain code): {exc}",
+                reason="malformed",
+            ) from exc

@@ -1,0 +1,120 @@
+"""One SQLite database file per bank: connection, pragmas, schema, transactions, settings."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lockerd.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+# One database, so that consuming a code and recording its event are one transaction: no code
+# is ever consumed without its event, and no event claims a consumption that did not happen.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- The outbox. AUTOINCREMENT: a seq is never reused, even after the rows are pruned.
+CREATE TABLE IF NOT EXISTS events (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id     TEXT NOT NULL UNIQUE,
+    type         TEXT NOT NULL,
+    at           TEXT NOT NULL,
+    compartment  TEXT,
+    code_id      TEXT,
+    data         TEXT NOT NULL,
+    class        TEXT NOT NULL DEFAULT 'access',
+    published_at TEXT
+);
+
+-- The code cache: digests only, never plain codes.
+CREATE TABLE IF NOT EXISTS codes (
+    digest      TEXT PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    compartment TEXT,
+    parcel_id   TEXT,
+    not_before  INTEGER,
+    not_after   INTEGER NOT NULL,
+    max_uses    INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Local consumption, keyed by id AND digest: the same id with a new digest is a new code.
+CREATE TABLE IF NOT EXISTS code_uses (
+    id     TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    uses   INTEGER NOT NULL,
+    PRIMARY KEY (id, digest)
+) WITHOUT ROWID;
+"""
+
+
+class Database:
+    """A connection with the pragmas lockerd relies on. Not shared between threads."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def get_meta(self, key: str) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any, *, conn: sqlite3.Connection | None = None) -> None:
+        """Write one setting; inside a transaction pass its connection, else it commits alone."""
+        sql = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        if conn is not None:
+            conn.execute(sql, (key, json.dumps(value)))
+            return
+        with self.transaction() as c:
+            c.execute(sql, (key, json.dumps(value)))
+
+    def integrity_ok(self) -> bool:
+        row = self.conn.execute("PRAGMA integrity_check").fetchone()
+        return bool(row and row[0] == "ok")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_database(path: Path) -> Database:
+    """Open (creating if needed) the bank's database with WAL and synchronous=FULL."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits by surprise.
+        conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(_SCHEMA)
+        db = Database(conn, path)
+        version = db.get_meta("schema_version")
+        if version is None:
+            db.set_meta("schema_version", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: database schema version {version}, this lockerd expects "
+                f"{SCHEMA_VERSION}"
+            )
+        return db
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: cannot open the database: {exc}") from exc

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets everything up and runs the whole test suite: lint, type check, pytest.
+# Installs Mosquitto with apt-get when it is missing (the suite starts its own broker on a
+# free loopback port; it never uses a system one). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    echo "Installing Mosquitto (needed by the test suite)..."
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq mosquitto
+fi
+
+./scripts/setup.sh
+
+echo "== ruff"
+.venv/bin/ruff check lockerd hal sim tests bench
+echo "== mypy --strict"
+.venv/bin/mypy --strict lockerd hal sim
+echo "== pytest"
+exec .venv/bin/python -m pytest "$@"
