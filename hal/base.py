@@ -129,6 +129,12 @@ class LockDriver(Device):
     async def all_off(self) -> None:
         """Switch every lock output off."""
 
+    async def show_service(self, compartment: str, in_service: bool) -> None:  # noqa: B027
+        """Tell the hardware a compartment went out of (or back into) service.
+
+        Optional: a bank with a per-door indicator lights it; the simulator records it.
+        """
+
 
 class DoorSensor(Device):
     """Reports whether each compartment door is open."""

@@ -151,6 +151,8 @@ class App:
         for cid, comp in self.controller.compartments.items():
             comp.observe_initial(door_open=doors.get(cid) is DoorState.OPEN,
                                  occupied=occupied.get(cid), t=now)
+            if not comp.in_service:
+                await self.controller.announce_service(cid)
 
     async def _shutdown(self) -> None:
         with contextlib.suppress(Exception):

@@ -140,10 +140,17 @@ def _import(config: Config, command: str, file: Path) -> int:
             keyring = cache.load_keyring(raw, source=str(file))
             print(f"keyring version {keyring.version} accepted")
         else:
+            if cache.keyring is None and config.trust.keyring_file:
+                # A fresh database: take the keyring the daemon would load at startup.
+                keyring_file = config.path(config.trust.keyring_file)
+                cache.load_keyring(keyring_file.read_bytes(), source=str(keyring_file))
             bundle = cache.load_bundle(raw, source=str(file))
             kind = "snapshot" if bundle.base_version is None else f"delta on {bundle.base_version}"
             print(f"codes bundle version {bundle.version} ({kind}, {len(bundle.upsert)} codes, "
                   f"{len(bundle.revoke)} revoked) applied")
+    except OSError as exc:
+        print(f"lockerd: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
     except TrustError as exc:
         print(f"lockerd: {file} refused ({exc.reason}): {exc}", file=sys.stderr)
         print("lockerd: nothing was changed; the codes held stay in force", file=sys.stderr)

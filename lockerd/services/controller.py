@@ -286,7 +286,7 @@ class Controller:
                     self._start_pulse(cid)
                 case Show(message=message, hold_s=hold_s):
                     await self._show(message, hold_s=hold_s)
-        self._save_service_if_changed()
+        await self._save_service_if_changed()
 
     def commit(self, record: Record) -> StoredEvent:
         """Make one event durable, with its code-use change in the same transaction."""
@@ -341,8 +341,18 @@ class Controller:
     def _service_snapshot(self) -> dict[str, str]:
         return {cid: c.service_reason for cid, c in self.compartments.items() if not c.in_service}
 
-    def _save_service_if_changed(self) -> None:
+    async def _save_service_if_changed(self) -> None:
         snapshot = self._service_snapshot()
-        if snapshot != self._service_saved:
-            self._db.set_meta("out_of_service", snapshot)
-            self._service_saved = snapshot
+        if snapshot == self._service_saved:
+            return
+        self._db.set_meta("out_of_service", snapshot)
+        changed = set(snapshot) ^ set(self._service_saved)
+        self._service_saved = snapshot
+        for cid in sorted(changed):
+            await self.announce_service(cid)
+
+    async def announce_service(self, cid: str) -> None:
+        try:
+            await self._lock.show_service(cid, self.compartments[cid].in_service)
+        except HalError as exc:
+            log.warning("could not show service state", compartment=cid, error=str(exc))

@@ -1,0 +1,106 @@
+"""Shared fixtures: a provisioned simulated bank, the daemon running on it, condition polling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockerd.app import App, build_app
+from lockerd.config import load_config
+from lockerd.logs import configure_logging
+from lockerd.provision import BankKit, PlainCode, make_bank
+from lockerd.store import EventLog, StoredEvent, open_database
+from sim.backend import world_of
+from sim.world import SimWorld
+
+# Fast door timings so jam and held-open paths run in well under a second.
+FAST = {
+    "doors": {"pulse_s": 0.2, "open_timeout_s": 0.3, "held_open_after_s": 0.6,
+              "show_result_s": 0.5},
+    "lockout": {"free_attempts": 3, "base_s": 30.0, "max_s": 600.0},
+}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> Iterator[None]:
+    configure_logging("warning", "json")
+    yield
+
+
+@pytest.fixture
+def bank_dir() -> Iterator[Path]:
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="lk-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_kit(bank_dir: Path) -> Callable[..., BankKit]:
+    """Provision a bank with fast timings; keyword arguments go to make_bank."""
+
+    def make(codes: list[PlainCode] | None = None, **kwargs: Any) -> BankKit:
+        overrides = {**FAST, **kwargs.pop("overrides", {})}
+        return make_bank(bank_dir, codes=codes or [], overrides=overrides, **kwargs)
+
+    return make
+
+
+class Running:
+    """A daemon running in this event loop on the simulator."""
+
+    def __init__(self, app: App, kit: BankKit) -> None:
+        self.app = app
+        self.kit = kit
+        self.world: SimWorld = world_of(app.hal)
+
+    def events(self, type_prefix: str = "") -> list[StoredEvent]:
+        return self.app.events.recent(10_000, type_prefix=type_prefix)
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events()]
+
+    async def wait_event(self, type_: str, *, count: int = 1, timeout: float = 5.0) -> StoredEvent:
+        await wait_until(lambda: len(self.events(type_)) >= count, timeout=timeout,
+                         what=f"{count} {type_} event(s); got {self.types()}")
+        return self.events(type_)[count - 1]
+
+    def display(self) -> str:
+        return str(self.world.state()["display"])
+
+
+@asynccontextmanager
+async def running(kit: BankKit) -> AsyncIterator[Running]:
+    app = build_app(load_config(kit.config_path))
+    task = asyncio.create_task(app.run(install_signal_handlers=False))
+    try:
+        await asyncio.wait_for(app.ready.wait(), 10)
+        yield Running(app, kit)
+    finally:
+        app.request_stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def wait_until(cond: Callable[[], bool], *, timeout: float = 5.0, what: str = "") -> None:
+    """Poll `cond` until true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.01)
+
+
+def stored_events(kit: BankKit) -> list[StoredEvent]:
+    db = open_database(kit.state_dir / "lockerd.db")
+    try:
+        return EventLog(db).recent(100_000)
+    finally:
+        db.close()
