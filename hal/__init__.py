@@ -1,4 +1,4 @@
-"""Hardware-abstraction layer of lockerd: one abstract base per device kind and a backend registry."""
+"""Hardware-abstraction layer of lockerd: an abstract base per device kind, a backend registry."""
 
 from hal.base import (
     DeviceHealth,

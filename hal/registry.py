@@ -131,7 +131,7 @@ def build_device(
     """Load and construct one device. Every backend's constructor takes exactly these keywords."""
     cls = load_backend_class(kind, name, config_key=config_key)
     try:
-        return cls(options=options, context=context, config_key=config_key)  # type: ignore[call-arg]
+        return cls(options=options, context=context, config_key=config_key)
     except BackendError:
         raise
     except (ValueError, TypeError, OSError) as exc:

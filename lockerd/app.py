@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -89,7 +90,8 @@ class App:
                 "codes_version": self.codes.version(),
                 "keyring_version": self.cache.keyring_version})
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._supervise("controller", self.controller.run), name="controller")
+                tg.create_task(self._supervise("controller", self.controller.run),
+                               name="controller")
                 for name, runner in self._input_runners().items():
                     tg.create_task(self._supervise(name, runner), name=name)
                 for name, factory in self.hal.services.items():
@@ -116,11 +118,11 @@ class App:
     def _input_runners(self) -> dict[str, Callable[[], Awaitable[None]]]:
         emit = self.controller.emit
         runners: dict[str, Callable[[], Awaitable[None]]] = {
-            "hal.door_sensor": lambda: self.devices.door_sensor.run(emit)}
+            "hal.door_sensor": functools.partial(self.devices.door_sensor.run, emit)}
         for name in ("occupancy", "keypad", "scanner", "tamper"):
             device = getattr(self.devices, name)
             if device is not None:
-                runners[f"hal.{name}"] = (lambda d=device: d.run(emit))
+                runners[f"hal.{name}"] = functools.partial(device.run, emit)
         return runners
 
     async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
@@ -132,7 +134,7 @@ class App:
                 log.warning("task ended by itself; restarting", task=name)
             except (asyncio.CancelledError, ShutdownRequested):
                 raise
-            except Exception as exc:  # noqa: BLE001 - a task crash must not stop the daemon
+            except Exception as exc:
                 log.exception("task crashed; restarting", task=name, delay_s=delay)
                 with contextlib.suppress(Exception):
                     self.controller.commit_event(

@@ -16,61 +16,62 @@ _COMPARTMENT_ID = r"^[A-Za-z0-9-]{1,16}$"
 _HEX_KEY = r"^[0-9a-f]{64}$"
 
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+HexKey = Annotated[str, msgspec.Meta(pattern=_HEX_KEY)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Base of every section: unknown keys are an error, not silently ignored."""
 
 
-class LockerSection(_Section, kw_only=True):
+class LockerSection(_Section, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=_LOCKER_ID)]
     state_dir: str
     name: str = ""
 
 
-class TrustSection(_Section, kw_only=True):
-    root_keys: Annotated[list[Annotated[str, msgspec.Meta(pattern=_HEX_KEY)]], msgspec.Meta(min_length=1)]
+class TrustSection(_Section, kw_only=True, frozen=True):
+    root_keys: Annotated[list[HexKey], msgspec.Meta(min_length=1)]
     root_threshold: Annotated[int, msgspec.Meta(ge=1)] = 1
     code_key_file: str
     keyring_file: str | None = None
 
 
-class CodesSection(_Section, kw_only=True):
+class CodesSection(_Section, kw_only=True, frozen=True):
     bundle_file: str | None = None
     derived_digits: Annotated[int, msgspec.Meta(ge=4, le=12)] = 8
 
 
-class EntrySection(_Section, kw_only=True):
+class EntrySection(_Section, kw_only=True, frozen=True):
     timeout_s: PositiveSeconds = 20.0
     max_digits: Annotated[int, msgspec.Meta(ge=4, le=64)] = 16
     stuck_key_repeats: Annotated[int, msgspec.Meta(ge=3)] = 24
 
 
-class LockoutSection(_Section, kw_only=True):
+class LockoutSection(_Section, kw_only=True, frozen=True):
     free_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
     base_s: PositiveSeconds = 30.0
     max_s: PositiveSeconds = 3600.0
     rejected_events_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 20
 
 
-class DoorsSection(_Section, kw_only=True):
+class DoorsSection(_Section, kw_only=True, frozen=True):
     pulse_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
     open_timeout_s: PositiveSeconds = 4.0
     held_open_after_s: PositiveSeconds = 120.0
     show_result_s: PositiveSeconds = 6.0
 
 
-class CompartmentSection(_Section, kw_only=True):
+class CompartmentSection(_Section, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=_COMPARTMENT_ID)]
     size: str = "M"
 
 
-class DeviceSection(_Section, kw_only=True):
+class DeviceSection(_Section, kw_only=True, frozen=True):
     backend: str
     options: dict[str, Any] = {}
 
 
-class HalSection(_Section, kw_only=True):
+class HalSection(_Section, kw_only=True, frozen=True):
     lock: DeviceSection
     door_sensor: DeviceSection
     occupancy: DeviceSection | None = None
@@ -80,12 +81,12 @@ class HalSection(_Section, kw_only=True):
     tamper: DeviceSection | None = None
 
 
-class LoggingSection(_Section, kw_only=True):
+class LoggingSection(_Section, kw_only=True, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class Config(_Section, kw_only=True):
+class Config(_Section, kw_only=True, frozen=True):
     locker: LockerSection
     trust: TrustSection
     compartments: Annotated[list[CompartmentSection], msgspec.Meta(min_length=1)]
@@ -117,7 +118,7 @@ class Config(_Section, kw_only=True):
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a configuration file; any problem raises ConfigError naming file and key."""
+    """Read and validate a configuration file; a problem raises ConfigError naming file and key."""
     p = Path(path)
     try:
         raw = p.read_bytes()

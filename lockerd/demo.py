@@ -110,8 +110,8 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
             if get not in done:
                 get.cancel()
                 break
-            line = get.result()
-            if line is None or not _command(line.strip(), world, app, kit, out):
+            text = get.result()
+            if text is None or not _command(text.strip(), world, app, kit, out):
                 break
             # Let the daemon react before the next command is read.
             await asyncio.sleep(0.15)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -15,7 +16,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _SECRET_KEYS = frozenset({"code", "plain_code", "token", "code_key", "private_key", "secret"})
 
 
-def _drop_secrets(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _drop_secrets(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key in _SECRET_KEYS & event_dict.keys():
         event_dict[key] = "<redacted>"
     return event_dict

@@ -7,12 +7,17 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hal.errors import HalError
 from lockerd import __version__
 from lockerd.config import Config, load_config
 from lockerd.errors import LockerdError, TrustError
 from lockerd.logs import configure_logging
+
+if TYPE_CHECKING:
+    from lockerd.services.cache import CodeCache
+    from lockerd.store import Database
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -112,13 +117,12 @@ def _check(config: Config) -> int:
     return EXIT_OK
 
 
-def _open_cache(config: Config):  # type: ignore[no-untyped-def]
+def _open_cache(config: Config) -> tuple[Database, CodeCache]:
+    from lockerd.app import DB_NAME
     from lockerd.services.cache import CodeCache
     from lockerd.store import CodeStore, EventLog, open_database
     from lockerd.timeutil import utcnow
     from lockerd.trust.dsse import RoleKeys
-
-    from lockerd.app import DB_NAME
 
     db = open_database(config.state_dir / DB_NAME)
     cache = CodeCache(

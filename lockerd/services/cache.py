@@ -14,7 +14,7 @@ from lockerd.store.db import Database
 from lockerd.store.events import EventLog
 from lockerd.trust.bundle import CodesBundle, verify_bundle
 from lockerd.trust.dsse import RoleKeys, parse_envelope
-from lockerd.trust.keyring import Keyring, accept_keyring, parse_keyring_payload
+from lockerd.trust.keyring import Keyring, accept_keyring, load_stored_keyring
 
 log = get_logger("lockerd.cache")
 
@@ -56,9 +56,8 @@ class CodeCache:
         stored = self._db.get_meta("keyring")
         if stored is None:
             return None
-        raw = stored.encode("utf-8")
-        payload = parse_envelope(raw).payload
-        return parse_keyring_payload(payload, raw=raw)
+        # Re-verified against its own root: a database edited by hand is not trusted either.
+        return load_stored_keyring(stored.encode("utf-8"))
 
     def load_keyring(self, raw: bytes, *, source: str) -> Keyring:
         """Verify and store a keyring (durably, before anything is verified under it)."""

@@ -81,7 +81,8 @@ class Database:
 
     def set_meta(self, key: str, value: Any, *, conn: sqlite3.Connection | None = None) -> None:
         """Write one setting; inside a transaction pass its connection, else it commits alone."""
-        sql = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        sql = ("INSERT INTO meta (key, value) VALUES (?, ?)"
+               " ON CONFLICT(key) DO UPDATE SET value = excluded.value")
         if conn is not None:
             conn.execute(sql, (key, json.dumps(value)))
             return

@@ -1,0 +1,1 @@
+"""Command-line entry points: the lockerd daemon and the lockerctl backend tool."""

@@ -1,0 +1,277 @@
+"""Codes bundles: the signed snapshot or delta of code digests a locker validates against."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Literal, get_args
+
+import msgspec
+
+from lockerd.errors import TrustError
+from lockerd.timeutil import format_time, parse_time
+from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
+
+CodeKind = Literal["pickup", "deposit", "courier"]
+CODE_KINDS: tuple[str, ...] = get_args(CodeKind)
+
+_LOCKER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_COMPARTMENT_ID = re.compile(r"[A-Za-z0-9-]{1,16}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_MAX_INT64 = 2**63 - 1
+
+# msgspec applies patterns with re.search, so anchor with \Z: `$` would let a
+# trailing newline through.
+_Digest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+_Version = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT64)]
+_Uses = Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT64)]
+
+
+def is_locker_id(text: str) -> bool:
+    """1-64 characters of [A-Za-z0-9_-] (PROTOCOL section 1)."""
+    return isinstance(text, str) and _LOCKER_ID.fullmatch(text) is not None
+
+
+def is_compartment_id(text: str) -> bool:
+    """1-16 characters of [A-Za-z0-9-] (PROTOCOL section 1)."""
+    return isinstance(text, str) and _COMPARTMENT_ID.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CodeEntry:
+    """One code of a bundle: its digest and the conditions under which it opens a door."""
+
+    id: str
+    kind: CodeKind
+    digest: str
+    not_after: datetime
+    compartment: str | None = None
+    parcel_id: str | None = None
+    not_before: datetime | None = None
+    max_uses: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"code id must be a non-empty string, got {self.id!r}")
+        if self.kind not in CODE_KINDS:
+            raise ValueError(
+                f"code {self.id!r}: kind must be one of {', '.join(CODE_KINDS)}, got {self.kind!r}"
+            )
+        if not isinstance(self.digest, str) or not _DIGEST.fullmatch(self.digest):
+            raise ValueError(f"code {self.id!r}: digest must be 64 lowercase hex characters")
+        if self.compartment is not None and not is_compartment_id(self.compartment):
+            raise ValueError(
+                f"code {self.id!r}: compartment {self.compartment!r} is not 1-16 characters "
+                "of A-Z a-z 0-9 -"
+            )
+        if self.parcel_id is not None and (
+            not isinstance(self.parcel_id, str) or not self.parcel_id
+        ):
+            raise ValueError(f"code {self.id!r}: parcel_id must be a non-empty string or null")
+        for name in ("not_after", "not_before"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+                raise ValueError(f"code {self.id!r}: {name} must be an aware datetime")
+        if (
+            isinstance(self.max_uses, bool)
+            or not isinstance(self.max_uses, int)
+            or not 1 <= self.max_uses <= _MAX_INT64
+        ):
+            raise ValueError(
+                f"code {self.id!r}: max_uses must be an integer >= 1, got {self.max_uses!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class CodesBundle:
+    """A verified codes bundle: a snapshot (base_version None) or a delta on base_version."""
+
+    locker_id: str
+    version: int
+    base_version: int | None
+    issued_at: datetime
+    expires_at: datetime
+    upsert: tuple[CodeEntry, ...]
+    revoke: tuple[str, ...]
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.base_version is None
+
+
+class _EntryWire(msgspec.Struct, kw_only=True):
+    id: str
+    kind: CodeKind
+    digest: _Digest
+    compartment: str | None = None
+    parcel_id: str | None = None
+    not_before: str | None = None
+    not_after: str
+    max_uses: _Uses = 1
+
+
+class _BundleWire(msgspec.Struct, kw_only=True):
+    type: Literal["codes"]
+    locker_id: str
+    version: _Version
+    # Required though nullable: a delta that lost its base_version must not turn
+    # into a snapshot that wipes every other code.
+    base_version: _Version | None
+    issued_at: str
+    expires_at: str
+    upsert: list[_EntryWire] = msgspec.field(default_factory=list)
+    revoke: list[str] = msgspec.field(default_factory=list)
+
+
+def _malformed(message: str) -> TrustError:
+    return TrustError(f"malformed codes bundle: {message}", reason="malformed")
+
+
+def _time(text: str, where: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise _malformed(f"{where}: {exc}") from exc
+
+
+def parse_bundle_payload(payload: bytes) -> CodesBundle:
+    """Validate a codes bundle payload's JSON (no signature check); TrustError("malformed")."""
+    try:
+        wire = msgspec.json.decode(payload, type=_BundleWire)
+    except msgspec.MsgspecError as exc:
+        raise _malformed(str(exc)) from exc
+    if not is_locker_id(wire.locker_id):
+        raise _malformed(f"locker_id {wire.locker_id!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
+    entries: list[CodeEntry] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(wire.upsert):
+        where = f"upsert[{index}] (id {item.id!r})"
+        if item.id in seen:
+            raise _malformed(f"{where}: id also used by upsert[{seen[item.id]}]")
+        seen[item.id] = index
+        try:
+            entries.append(
+                CodeEntry(
+                    id=item.id,
+                    kind=item.kind,
+                    digest=item.digest,
+                    compartment=item.compartment,
+                    parcel_id=item.parcel_id,
+                    not_before=(
+                        None
+                        if item.not_before is None
+                        else _time(item.not_before, f"{where}.not_before")
+                    ),
+                    not_after=_time(item.not_after, f"{where}.not_after"),
+                    max_uses=item.max_uses,
+                )
+            )
+        except ValueError as exc:
+            raise _malformed(f"{where}: {exc}") from exc
+    for index, code_id in enumerate(wire.revoke):
+        if not code_id:
+            raise _malformed(f"revoke[{index}] is an empty id")
+        if code_id in seen:
+            # Revoking and upserting one id in the same bundle has no single meaning.
+            raise _malformed(f"id {code_id!r} is both in upsert and in revoke")
+    return CodesBundle(
+        locker_id=wire.locker_id,
+        version=wire.version,
+        base_version=wire.base_version,
+        issued_at=_time(wire.issued_at, "issued_at"),
+        expires_at=_time(wire.expires_at, "expires_at"),
+        upsert=tuple(entries),
+        revoke=tuple(wire.revoke),
+    )
+
+
+def _entry_doc(entry: CodeEntry) -> dict[str, object]:
+    return {
+        "id": entry.id,
+        "kind": entry.kind,
+        "digest": entry.digest,
+        "compartment": entry.compartment,
+        "parcel_id": entry.parcel_id,
+        "not_before": None if entry.not_before is None else format_time(entry.not_before),
+        "not_after": format_time(entry.not_after),
+        "max_uses": entry.max_uses,
+    }
+
+
+def build_bundle_payload(
+    *,
+    locker_id: str,
+    version: int,
+    base_version: int | None,
+    issued_at: datetime,
+    expires_at: datetime,
+    upsert: Sequence[CodeEntry] = (),
+    revoke: Sequence[str] = (),
+) -> bytes:
+    """The JSON payload of a codes bundle; ValueError when it would not pass parsing."""
+    doc = {
+        "type": "codes",
+        "locker_id": locker_id,
+        "version": version,
+        "base_version": base_version,
+        "issued_at": format_time(issued_at),
+        "expires_at": format_time(expires_at),
+        "upsert": [_entry_doc(entry) for entry in upsert],
+        "revoke": list(revoke),
+    }
+    payload = msgspec.json.encode(doc)
+    try:
+        parse_bundle_payload(payload)
+    except TrustError as exc:
+        raise ValueError(str(exc)) from exc
+    return payload
+
+
+def verify_bundle(
+    raw_envelope: bytes,
+    *,
+    codes_role: RoleKeys,
+    keyring_expires_at: datetime,
+    locker_id: str,
+    held_version: int,
+    now: datetime,
+) -> CodesBundle:
+    """Check a received codes bundle envelope against PROTOCOL section 4.
+
+    Reasons: malformed, payload_type, signature, keyring_expired, wrong_locker,
+    rollback, expired, gap (a delta not based on the held version: ask for a resync).
+    """
+    env = parse_envelope(raw_envelope)
+    payload = verify_role(env, expected_type=CODES_PAYLOAD_TYPE, role=codes_role)
+    if now >= keyring_expires_at:
+        raise TrustError(
+            f"the keyring expired at {format_time(keyring_expires_at)}: no new codes bundle "
+            "is accepted until a fresh keyring arrives",
+            reason="keyring_expired",
+        )
+    bundle = parse_bundle_payload(payload)
+    if bundle.locker_id != locker_id:
+        raise TrustError(
+            f"codes bundle is for locker {bundle.locker_id!r} but this locker is {locker_id!r}",
+            reason="wrong_locker",
+        )
+    if bundle.version <= held_version:
+        raise TrustError(
+            f"codes bundle version {bundle.version} is not newer than the held version "
+            f"{held_version}; ignored",
+            reason="rollback",
+        )
+    if now >= bundle.expires_at:
+        raise TrustError(
+            f"codes bundle version {bundle.version} expired at {format_time(bundle.expires_at)}",
+            reason="expired",
+        )
+    if bundle.base_version is not None and bundle.base_version != held_version:
+        raise TrustError(
+            f"codes delta version {bundle.version} applies to version {bundle.base_version} "
+            f"but this locker holds version {held_version}; a resync is needed",
+            reason="gap",
+        )
+    return bundle

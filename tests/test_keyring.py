@@ -1,0 +1,285 @@
+"""Keyring acceptance: every rule of PROTOCOL section 3, root rotation, malformed payloads."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from trustkit import NOW, keyring_doc, keys, role, role_doc, sign_doc
+
+from lockerd.errors import TrustError
+from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, KEYRING_PAYLOAD_TYPE, RoleKeys
+from lockerd.trust.keyring import (
+    ROLE_NAMES,
+    accept_keyring,
+    build_keyring_payload,
+    load_stored_keyring,
+    parse_keyring_payload,
+)
+from lockerd.trust.keys import public_hex
+
+
+def _accept(raw: bytes, trusted: RoleKeys, current_version: int = 2) -> object:
+    return accept_keyring(raw, trusted_root=trusted, current_version=current_version, now=NOW)
+
+
+def test_valid_keyring_is_accepted() -> None:
+    root = keys(1)
+    codes, commands = keys(2)
+    doc = keyring_doc(version=3, root=root, others=[codes])
+    doc["commands"] = role_doc([commands, codes], 2)
+    raw = sign_doc(doc, root)
+    keyring = accept_keyring(raw, trusted_root=role(root), current_version=2, now=NOW)
+    assert keyring.version == 3
+    assert keyring.raw == raw
+    assert keyring.root == role(root)
+    assert keyring.codes == role([codes])
+    assert keyring.commands == role([codes, commands], 2)
+    assert set(keyring.roles) == set(ROLE_NAMES)
+    assert keyring.expires_at == NOW + timedelta(days=30)
+    assert keyring.issued_at == NOW - timedelta(hours=1)
+    assert not keyring.is_expired(NOW)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    root = keys(1)
+    doc = keyring_doc(version=3, root=root)
+    doc["comment"] = "rotated for ticket 12"
+    doc["codes"] = {**role_doc(keys(1)), "label": "codes"}
+    assert _accept(sign_doc(doc, root), role(root))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_or_equal_version_is_rollback(version: int) -> None:
+    root = keys(1)
+    with pytest.raises(TrustError) as err:
+        _accept(sign_doc(keyring_doc(version=version, root=root), root), role(root))
+    assert err.value.reason == "rollback"
+    assert str(version) in str(err.value)
+
+
+@pytest.mark.parametrize("expires_in", [timedelta(0), timedelta(seconds=-1), timedelta(days=-9)])
+def test_expired_keyring_is_refused(expires_in: timedelta) -> None:
+    root = keys(1)
+    raw = sign_doc(keyring_doc(version=3, root=root, expires_at=NOW + expires_in), root)
+    with pytest.raises(TrustError) as err:
+        _accept(raw, role(root))
+    assert err.value.reason == "expired"
+
+
+def test_not_signed_by_trusted_root() -> None:
+    root, other = keys(2)
+    with pytest.raises(TrustError) as err:
+        _accept(sign_doc(keyring_doc(version=3, root=[root]), [other]), role([root]))
+    assert err.value.reason == "signature"
+
+
+def test_trusted_root_threshold_applies() -> None:
+    root = keys(3)
+    doc = keyring_doc(version=3, root=root, root_threshold=2)
+    with pytest.raises(TrustError) as err:
+        _accept(sign_doc(doc, root[:1]), role(root, 2))
+    assert err.value.reason == "signature"
+    assert _accept(sign_doc(doc, root[1:]), role(root, 2))
+
+
+def test_wrong_payload_type() -> None:
+    root = keys(1)
+    raw = sign_doc(keyring_doc(version=3, root=root), root, CODES_PAYLOAD_TYPE)
+    with pytest.raises(TrustError) as err:
+        _accept(raw, role(root))
+    assert err.value.reason == "payload_type"
+
+
+# --- root rotation --------------------------------------------------------------------
+
+
+def test_rotation_signed_only_by_new_roots_is_refused() -> None:
+    old, new = keys(1), keys(1)
+    raw = sign_doc(keyring_doc(version=3, root=new), new)
+    with pytest.raises(TrustError) as err:
+        _accept(raw, role(old))
+    assert err.value.reason == "signature"
+    assert "currently trusted root" in str(err.value)
+
+
+def test_rotation_signed_only_by_old_roots_is_refused() -> None:
+    old, new = keys(1), keys(1)
+    raw = sign_doc(keyring_doc(version=3, root=new), old)
+    with pytest.raises(TrustError) as err:
+        _accept(raw, role(old))
+    assert err.value.reason == "signature"
+    assert "NEW root" in str(err.value)
+
+
+def test_rotation_signed_by_old_and_new_roots_is_accepted() -> None:
+    old, new = keys(1), keys(1)
+    raw = sign_doc(keyring_doc(version=3, root=new), old + new)
+    keyring = accept_keyring(raw, trusted_root=role(old), current_version=2, now=NOW)
+    assert keyring.root == role(new)
+    # The next keyring needs only the new root.
+    nxt = sign_doc(keyring_doc(version=4, root=new), new)
+    assert accept_keyring(nxt, trusted_root=keyring.root, current_version=3, now=NOW)
+
+
+def test_rotation_needs_the_new_roots_threshold() -> None:
+    old, new = keys(1), keys(3)
+    doc = keyring_doc(version=3, root=new, root_threshold=2)
+    with pytest.raises(TrustError) as err:
+        _accept(sign_doc(doc, old + new[:1]), role(old))
+    assert err.value.reason == "signature"
+    assert _accept(sign_doc(doc, old + new[:2]), role(old))
+
+
+def test_raising_the_root_threshold_is_a_root_change() -> None:
+    root = keys(2)
+    doc = keyring_doc(version=3, root=root, root_threshold=2)
+    with pytest.raises(TrustError) as err:
+        _accept(sign_doc(doc, root[:1]), role(root, 1))
+    assert err.value.reason == "signature"
+    assert _accept(sign_doc(doc, root), role(root, 1))
+
+
+def test_same_root_listed_in_another_order_is_not_a_rotation() -> None:
+    a, b = keys(2)
+    doc = keyring_doc(version=3, root=[b, a])
+    assert _accept(sign_doc(doc, [a]), role([a, b]))
+
+
+# --- malformed payloads ---------------------------------------------------------------
+
+
+def _broken(mutate: str) -> tuple[dict[str, object], list[Ed25519PrivateKey]]:
+    root = keys(1)
+    doc = keyring_doc(version=3, root=root)
+    bad_key = {"keys": ["ZZ" * 32], "threshold": 1}
+    extra_key = public_hex(keys(1)[0].public_key())
+    table: dict[str, object] = {
+        "missing_qr": None,
+        "threshold_zero": {"keys": [extra_key], "threshold": 0},
+        "threshold_too_high": {"keys": [extra_key], "threshold": 2},
+        "no_keys": {"keys": [], "threshold": 1},
+        "bad_hex": bad_key,
+        "duplicate_key": {"keys": [extra_key, extra_key], "threshold": 1},
+        "threshold_string": {"keys": [extra_key], "threshold": "1"},
+    }
+    if mutate in table:
+        if table[mutate] is None:
+            del doc["qr"]
+        else:
+            doc["codes"] = table[mutate]
+    elif mutate == "version_string":
+        doc["version"] = "3"
+    elif mutate == "version_negative":
+        doc["version"] = -1
+    elif mutate == "version_huge":
+        doc["version"] = 2**64
+    elif mutate == "type":
+        doc["type"] = "codes"
+    elif mutate == "no_type":
+        del doc["type"]
+    elif mutate == "time_offset":
+        doc["expires_at"] = "2030-01-01T00:00:00+00:00"
+    elif mutate == "no_expiry":
+        del doc["expires_at"]
+    return doc, root
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        "missing_qr",
+        "threshold_zero",
+        "threshold_too_high",
+        "no_keys",
+        "bad_hex",
+        "duplicate_key",
+        "threshold_string",
+        "version_string",
+        "version_negative",
+        "version_huge",
+        "type",
+        "no_type",
+        "time_offset",
+        "no_expiry",
+    ],
+)
+def test_malformed_keyring_is_refused(mutate: str) -> None:
+    doc, root = _broken(mutate)
+    raw = sign_doc(doc, root)
+    with pytest.raises(TrustError) as err:
+        _accept(raw, role(root))
+    assert err.value.reason == "malformed"
+    assert "keyring" in str(err.value)
+
+
+@pytest.mark.parametrize("payload", [b"", b"[]", b"not json", b"\xff"])
+def test_payload_that_is_not_a_json_object(payload: bytes) -> None:
+    root = keys(1)
+    with pytest.raises(TrustError) as err:
+        _accept(sign_doc(payload, root), role(root))
+    assert err.value.reason == "malformed"
+
+
+def test_malformed_envelope() -> None:
+    with pytest.raises(TrustError) as err:
+        _accept(b'{"payloadType": "x"}', role(keys(1)))
+    assert err.value.reason == "malformed"
+
+
+# --- building and reloading -----------------------------------------------------------
+
+
+def test_build_and_parse_round_trip() -> None:
+    roles = {name: role(keys(2), 2 if name == "root" else 1) for name in ROLE_NAMES}
+    payload = build_keyring_payload(
+        version=9, issued_at=NOW, expires_at=NOW + timedelta(days=1), roles=roles
+    )
+    doc = json.loads(payload)
+    assert doc["type"] == "keyring"
+    assert doc["issued_at"] == "2026-11-29T03:00:00Z"
+    keyring = parse_keyring_payload(payload)
+    assert keyring.version == 9
+    assert dict(keyring.roles) == roles
+
+
+def test_build_needs_every_role() -> None:
+    with pytest.raises(ValueError, match="qr"):
+        build_keyring_payload(
+            version=1,
+            issued_at=NOW,
+            expires_at=NOW,
+            roles={name: role(keys(1)) for name in ROLE_NAMES if name != "qr"},
+        )
+
+
+def test_stored_keyring_reloads_and_detects_tampering() -> None:
+    old, new = keys(1), keys(1)
+    raw = sign_doc(keyring_doc(version=3, root=new), old + new)
+    accepted = accept_keyring(raw, trusted_root=role(old), current_version=0, now=NOW)
+    reloaded = load_stored_keyring(accepted.raw)
+    assert reloaded.version == 3
+    assert reloaded.root == role(new)
+    assert reloaded.raw == raw
+    # Expiry does not stop a reload: the locker keeps running on the codes it has.
+    assert load_stored_keyring(raw).is_expired(NOW + timedelta(days=365))
+
+    doc = json.loads(raw)
+    forged = keyring_doc(version=3, root=new)
+    forged["version"] = 99
+    doc["payload"] = base64.b64encode(json.dumps(forged).encode()).decode()
+    with pytest.raises(TrustError) as err:
+        load_stored_keyring(json.dumps(doc).encode())
+    assert err.value.reason == "signature"
+
+
+def test_stored_keyring_with_wrong_type() -> None:
+    root = keys(1)
+    raw = sign_doc(keyring_doc(version=3, root=root), root, CODES_PAYLOAD_TYPE)
+    with pytest.raises(TrustError) as err:
+        load_stored_keyring(raw)
+    assert err.value.reason == "payload_type"
+    assert KEYRING_PAYLOAD_TYPE in str(err.value)
