@@ -59,6 +59,8 @@ class HalContext:
 
     compartments: tuple[str, ...]
     state_dir: Path
+    # Relative paths in backend settings are taken from here: the config file's directory.
+    config_dir: Path = field(default_factory=Path.cwd)
     backend_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     _shared: dict[str, object] = field(default_factory=dict)
     _services: dict[str, ServiceFactory] = field(default_factory=dict)

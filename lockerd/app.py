@@ -211,6 +211,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> App:
     _import_files(config, cache)
     context = HalContext(
         compartments=config.compartment_ids, state_dir=state_dir,
+        config_dir=config.path("."),
         backend_settings=config.backends,
     )
     devices = _build_devices(config, context)

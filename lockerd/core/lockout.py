@@ -38,7 +38,17 @@ class Lockout:
     def remaining(self, now: float) -> float:
         """Seconds the keypad stays locked; 0 when open. A clock set back cannot stretch it."""
         left = self.state.locked_until - now
-        return max(0.0, min(left, self._max))
+        length = self._length(self.state.lockouts - 1) if self.state.lockouts else 0.0
+        if left > length:
+            # More left than the lockout ever lasted: the wall clock was set back. Count the
+            # lockout again from now rather than keep an honest customer out until the clock
+            # catches up.
+            self.state = replace(self.state, locked_until=now + length)
+            left = length
+        return max(0.0, left)
+
+    def _length(self, n: int) -> float:
+        return min(self._max, self._base * (2 ** min(n, 30)))
 
     def record_failure(self, now: float) -> float | None:
         """Count a wrong code; returns the new lockout's length when one starts."""
@@ -48,7 +58,7 @@ class Lockout:
         st = replace(st, failures=st.failures + 1, last_failure_at=now)
         started: float | None = None
         if st.failures >= self._free:
-            started = min(self._max, self._base * (2 ** min(st.lockouts, 30)))
+            started = self._length(st.lockouts)
             st = replace(st, lockouts=st.lockouts + 1, locked_until=now + started)
         self.state = st
         return started
