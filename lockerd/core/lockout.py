@@ -48,7 +48,7 @@ class Lockout:
         return max(0.0, left)
 
     def _length(self, n: int) -> float:
-        return min(self._max, self._base * (2 ** min(n, 30)))
+        return float(min(self._max, self._base * 2.0 ** min(n, 30)))
 
     def record_failure(self, now: float) -> float | None:
         """Count a wrong code; returns the new lockout's length when one starts."""
