@@ -196,8 +196,12 @@ def build_app(config: Config, *, clock: Clock | None = None) -> App:
     """Build the whole object graph. Raises LockerdError/HalError with a message to act on."""
     clock = clock or SystemClock()
     state_dir = config.state_dir
+    code_key_path = config.path(config.trust.code_key_file)
     try:
-        code_key = load_code_key(config.path(config.trust.code_key_file))
+        code_key = load_code_key(code_key_path)
+        if code_key_path.stat().st_mode & 0o077:
+            log.warning("the code key file is readable by other users; run chmod 600 on it",
+                        path=str(code_key_path))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{config.source}: [trust] code_key_file: {exc}") from exc
     db = open_database(state_dir / DB_NAME)

@@ -214,3 +214,36 @@ def test_missing_config_file_is_one_clear_line(tmp_path: Path) -> None:
         "No such file or directory"
     )
     assert os.path.exists(tmp_path) and not (tmp_path / "absent.toml").exists()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_configs_validate() -> None:
+    for name in ("sim.toml", "lockerd.example.toml"):
+        res = lockerd("check-config", "-c", str(REPO / "config" / name))
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.rstrip().endswith("locker L1)")
+
+
+async def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
+    import shutil
+
+    # A copy, so the test neither needs nor touches the checkout's config/sim/state.
+    shutil.copy(REPO / "config" / "sim.toml", bank_dir / "sim.toml")
+    shutil.copytree(REPO / "config" / "sim", bank_dir / "sim",
+                    ignore=shutil.ignore_patterns("state", "sim.sock"))
+    socket = bank_dir / "sim" / "sim.sock"
+    proc = subprocess.Popen([*LOCKERD, "run", "-c", str(bank_dir / "sim.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            await asyncio.sleep(0.02)
+        async with SimClient(socket) as sim:
+            await sim.press("111111#")
+            await wait_state(sim, lambda s: s["compartments"]["1"]["door_open"], "door 1 open")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0

@@ -47,13 +47,12 @@ class Compartment:
         compartment_id: str,
         *,
         timings: DoorTimings,
-        door_open: bool = False,
         occupied: bool | None = None,
         in_service: bool = True,
     ) -> None:
         self.id = compartment_id
         self._timings = timings
-        self.phase = Phase.OPEN if door_open else Phase.LOCKED
+        self.phase = Phase.LOCKED
         self.occupied = occupied
         self.in_service = in_service
         self.service_reason = "" if in_service else "configured"
@@ -160,15 +159,15 @@ class Compartment:
         self.phase = Phase.LOCKED
         self.access = None
         self._deadline = None
-        self.in_service = False
-        self.service_reason = "jammed"
         # The code is NOT consumed: no Record here carries a use_delta.
-        return [
+        actions: list[Action] = [
             self._record("door.jammed", code_id=access.code_id,
                          data={"attempts": self.attempt, "code_still_valid": True}),
-            self._record("compartment.out_of_service", data={"reason": "jammed"}),
-            Show(messages.jammed(self.id), hold_s=self._timings.show_result_s),
         ]
+        # Taken out of service already (by a technician, mid-unlock): keep that reason.
+        actions += self.set_service(False, "jammed")
+        actions.append(Show(messages.jammed(self.id), hold_s=self._timings.show_result_s))
+        return actions
 
     def _door_opened(self, t: float) -> list[Action]:
         if self.phase is Phase.OPEN:

@@ -16,9 +16,9 @@ class LockoutState:
 
 
 class Lockout:
-    """After `free_attempts` wrong codes, each further wrong code locks the keypad for
-    base_s * 2**n seconds (capped at max_s). A right code, a technician, or a long quiet
-    spell (`forget_after_s`) resets it."""
+    """The `free_attempts`-th wrong code in a row locks the keypad for base_s seconds, and each
+    further wrong code locks it again for twice as long as the last (capped at max_s). A right
+    code, a technician, or a long quiet spell (`forget_after_s`) resets it."""
 
     def __init__(
         self,
