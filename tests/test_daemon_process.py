@@ -226,7 +226,7 @@ def test_shipped_configs_validate() -> None:
         assert res.stdout.rstrip().endswith("locker L1)")
 
 
-async def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
+def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
     import shutil
 
     # A copy, so the test neither needs nor touches the checkout's config/sim/state.
@@ -236,14 +236,17 @@ async def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
     socket = bank_dir / "sim" / "sim.sock"
     proc = subprocess.Popen([*LOCKERD, "run", "-c", str(bank_dir / "sim.toml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    async def pickup() -> None:
+        async with SimClient(socket) as sim:
+            await sim.press("111111#")
+            await wait_state(sim, lambda s: s["compartments"]["1"]["door_open"], "door 1 open")
+
     try:
         deadline = time.monotonic() + 20
         while not socket.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            await asyncio.sleep(0.02)
-        async with SimClient(socket) as sim:
-            await sim.press("111111#")
-            await wait_state(sim, lambda s: s["compartments"]["1"]["door_open"], "door 1 open")
+            time.sleep(0.02)
+        asyncio.run(pickup())
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
