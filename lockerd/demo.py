@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -88,12 +89,27 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
+    pending = b""
+
     def on_input() -> None:
-        line = stdin.readline()
-        lines.put_nowait(line if line else None)
+        # Read the descriptor directly: a buffered readline() would hide a second line already
+        # read into Python's buffer from the selector.
+        nonlocal pending
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            if pending:
+                lines.put_nowait(pending.decode("utf-8", "replace"))
+            lines.put_nowait(None)
+            loop.remove_reader(fd)
+            return
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for raw in complete:
+            lines.put_nowait(raw.decode("utf-8", "replace"))
 
     try:
-        loop.add_reader(stdin.fileno(), on_input)
+        fd = stdin.fileno()
+        loop.add_reader(fd, on_input)
         reader = True
     except (OSError, ValueError, NotImplementedError):
         # Not a selectable file (a test's StringIO): read it all at once.
@@ -117,7 +133,7 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
             await asyncio.sleep(0.15)
     finally:
         if reader:
-            loop.remove_reader(stdin.fileno())
+            loop.remove_reader(fd)
         app.request_stop()
         await daemon
         printer.cancel()
@@ -191,6 +207,8 @@ async def _print_changes(app: App, world: SimWorld, out: TextIO) -> None:
         while True:
             change = await sub.get()
             if isinstance(change, DisplayChanged):
+                if change.message.lines[0].startswith("Code: "):
+                    continue  # one masked line per digit typed adds nothing here
                 print("  [display] " + " | ".join(change.message.lines), file=out)
             elif isinstance(change, DoorMoved):
                 print(f"  [door {change.compartment}] {'opened' if change.open else 'closed'}",
