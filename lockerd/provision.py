@@ -114,9 +114,12 @@ def make_bank(
     parcels: Sequence[str] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     socket: bool = True,
+    import_files: bool = True,
 ) -> BankKit:
     """Write keys, code key, keyring, a codes bundle (version 1) and a sim config into
-    `directory`. `overrides` replaces keys of config sections, e.g. {"doors": {...}}."""
+    `directory`. `overrides` replaces keys of config sections, e.g. {"doors": {...}}.
+    Without `import_files` the config names no keyring or bundle file: the bank starts empty
+    and gets both over MQTT."""
     directory.mkdir(parents=True, exist_ok=True)
     keys = directory / "keys"
     keys.mkdir(exist_ok=True)
@@ -152,13 +155,21 @@ def make_bank(
     }
     if socket:
         config["backends"]["sim"]["socket"] = str(kit.socket_path)
-    for section, values in (overrides or {}).items():
-        if isinstance(values, Mapping) and isinstance(config.get(section), dict):
-            config[section].update(values)
-        else:
-            config[section] = values
+    if not import_files:
+        del config["trust"]["keyring_file"]
+        del config["codes"]
+    _merge(config, overrides or {})
     kit.config_path.write_text(to_toml(config), encoding="utf-8")
     return kit
+
+
+def _merge(into: dict[str, Any], changes: Mapping[str, Any]) -> None:
+    """Deep-merge `changes` into `into`: tables merge key by key, anything else replaces."""
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def to_toml(doc: Mapping[str, Any]) -> str:

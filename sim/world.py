@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from hal.base import (
     DisplayMessage,
@@ -356,7 +356,7 @@ class SimWorld:
             raise SimError("scan data must be a non-empty string")
         if len(data) > MAX_SCAN_CHARS:
             raise SimError(f"scan data is longer than {MAX_SCAN_CHARS} characters")
-        self.scans.append(data)
+        _append_bounded(self.scans, data)
         if self._scanner_dead:
             return
         if self._scanner_garbage:
@@ -472,7 +472,7 @@ class SimWorld:
         ):
             raise SimError(f"pulse duration must be in (0, {MAX_PULSE_S}] s, not {duration_s!r}")
         loop = asyncio.get_running_loop()
-        self.pulses.append(cid)
+        _append_bounded(self.pulses, cid)
         end_at = loop.time() + duration_s
         if c.pulse_end is None or end_at > c.pulse_end_at:
             if c.pulse_end is not None:
@@ -508,7 +508,7 @@ class SimWorld:
             raise SimError("display indicator must be a string")
         message = DisplayMessage(lines=tuple(lines), indicator=indicator)
         self._display = message
-        self.display_history.append(message)
+        _append_bounded(self.display_history, message)
         self._publish(DisplayChanged(message))
 
     def set_in_service(self, cid: str, in_service: bool) -> None:
@@ -593,3 +593,14 @@ class SimWorld:
         if not c.door_open:
             self._cancel_spring(c)
             self._set_locked(cid, c, True)
+
+
+HISTORY_LIMIT: Final = 1000
+T = TypeVar("T")
+
+
+def _append_bounded(history: list[T], item: T) -> None:
+    """Histories are for tests and the demo; a simulator that runs for days must not grow."""
+    history.append(item)
+    if len(history) > HISTORY_LIMIT:
+        del history[: len(history) - HISTORY_LIMIT]

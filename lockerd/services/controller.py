@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 from dataclasses import asdict
-from datetime import UTC, datetime
-from typing import Protocol
 
 from hal.base import (
     Display,
@@ -30,6 +27,7 @@ from lockerd.core.compartment import Access, Compartment
 from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
 from lockerd.logs import get_logger
+from lockerd.services.clock import Clock
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog, StoredEvent
@@ -38,19 +36,6 @@ from lockerd.trust.digest import code_digest
 log = get_logger("lockerd.controller")
 
 MAX_SCAN_CODE_LENGTH = 64
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-    def wall(self) -> datetime: ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> datetime:
-        return datetime.now(UTC)
 
 
 def load_lockout_state(db: Database) -> LockoutState:
@@ -278,35 +263,43 @@ class Controller:
     # -- outputs ----------------------------------------------------------------------------
 
     async def _execute(self, actions: list[Action]) -> None:
+        pending: list[Record] = []
         for action in actions:
+            if isinstance(action, Record):
+                pending.append(action)
+                continue
+            # Everything recorded so far is durable before the next output (safety rule 1).
+            self.commit(*pending)
+            pending = []
             match action:
-                case Record():
-                    self.commit(action)
                 case Pulse(compartment=cid):
                     self._start_pulse(cid)
                 case Show(message=message, hold_s=hold_s):
                     await self._show(message, hold_s=hold_s)
+        self.commit(*pending)
         await self._save_service_if_changed()
 
-    def commit(self, record: Record) -> StoredEvent:
-        """Make one event durable, with its code-use change in the same transaction."""
+    def commit(self, *records: Record) -> list[StoredEvent]:
+        """Make events durable in one transaction (one fsync), each with its code-use change."""
+        if not records:
+            return []
+        at = self._clock.wall()
         with self._db.transaction() as conn:
-            event = self._events.append(
-                conn,
-                type=record.type,
-                at=self._clock.wall(),
-                compartment=record.compartment,
-                code_id=record.code_id,
-                data=record.data,
-            )
-            if record.use_delta and record.code_id and record.digest:
-                self._codes.change_uses(conn, record.code_id, record.digest, record.use_delta)
-        log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
-                 code_id=event.code_id)
-        return event
+            stored = []
+            for record in records:
+                stored.append(self._events.append(
+                    conn, type=record.type, at=at, compartment=record.compartment,
+                    code_id=record.code_id, data=record.data))
+                if record.use_delta and record.code_id and record.digest:
+                    self._codes.change_uses(conn, record.code_id, record.digest,
+                                            record.use_delta)
+        for event in stored:
+            log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
+                     code_id=event.code_id)
+        return stored
 
     def commit_event(self, type_: str, data: Mapping[str, object]) -> StoredEvent:
-        return self.commit(Record(type_, data=data))
+        return self.commit(Record(type_, data=data))[0]
 
     def _start_pulse(self, cid: str) -> None:
         # The pulse runs beside the controller so a door opening during it is seen at once.

@@ -1,0 +1,267 @@
+"""Shared helpers of the benchmarks: provisioning, the daemon subprocess, /proc, statistics."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lockerd.provision import BankKit, PlainCode, make_bank, to_toml
+from sim.client import request_sync
+
+LOCKERD = [sys.executable, "-m", "lockerd.cli.lockerd_cmd"]
+"""The daemon command: the installed package's CLI run by this interpreter (`lockerd run`)."""
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop the daemon and remove temp dirs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def unique_codes(count: int, digits: int = 8) -> list[str]:
+    """`count` distinct random codes of `digits` digits."""
+    import secrets
+
+    seen: set[str] = set()
+    out: list[str] = []
+    while len(out) < count:
+        code = "".join(secrets.choice("0123456789") for _ in range(digits))
+        if code not in seen:
+            seen.add(code)
+            out.append(code)
+    return out
+
+
+def provision(
+    directory: Path,
+    *,
+    compartments: int,
+    codes: int,
+    doors: dict[str, float] | None = None,
+    sim: dict[str, Any] | None = None,
+) -> BankKit:
+    """A bank with a parcel in every compartment and `codes` pickup codes spread over them.
+
+    `sim` keys are merged into `[backends.sim]` (make_bank's overrides replace whole tables,
+    so the written file is read back, changed and written again).
+    """
+    ids = [str(i) for i in range(1, compartments + 1)]
+    plain = [
+        PlainCode(
+            id=f"p-{n}",
+            code=code,
+            compartment=ids[n % compartments],
+            parcel_id=f"PX{n}",
+            max_uses=1,
+        )
+        for n, code in enumerate(unique_codes(codes))
+    ]
+    overrides: dict[str, Any] = {"logging": {"level": "info", "format": "json"}}
+    if doors:
+        overrides["doors"] = doors
+    kit = make_bank(
+        directory, compartments=compartments, codes=plain, parcels=ids, overrides=overrides
+    )
+    if sim:
+        config = tomllib.loads(kit.config_path.read_text(encoding="utf-8"))
+        config["backends"]["sim"].update(sim)
+        kit.config_path.write_text(to_toml(config), encoding="utf-8")
+    return kit
+
+
+@dataclass
+class Daemon:
+    """`lockerd run -c CONFIG` as a child process; its log goes to a file beside the config."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started_s: float
+    """Wall seconds from spawning the process to its control socket answering."""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start_daemon(kit: BankKit) -> Daemon:
+    """Start the daemon and wait until its control socket answers and the display shows idle.
+
+    The log (JSON lines on stderr) goes to a file, never to a pipe nobody reads: a full pipe
+    would block the daemon's event loop in the middle of a measurement.
+    """
+    log_path = kit.directory / "lockerd.log"
+    t0 = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*LOCKERD, "run", "-c", str(kit.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=kit.directory,
+            # Its own session: a Ctrl-C at the terminal reaches the benchmark only, which then
+            # stops the daemon itself (SIGTERM, wait, SIGKILL) once the measurement has unwound.
+            start_new_session=True,
+        )
+    daemon = Daemon(proc=proc, log_path=log_path, started_s=0.0)
+    try:
+        deadline = t0 + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the daemon exited with status {proc.returncode}:\n{daemon.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the daemon did not come up in {START_TIMEOUT_S:.0f} s:\n{daemon.log_tail()}"
+                )
+            if kit.socket_path.exists():
+                try:
+                    state = request_sync(kit.socket_path, {"op": "state"}, timeout=2.0)
+                except OSError:
+                    state = {}
+                if state.get("display"):
+                    break
+            time.sleep(0.01)
+    except BaseException:
+        stop_process(proc)
+        raise
+    daemon.started_s = time.monotonic() - t0
+    return daemon
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM, wait, SIGKILL if it has not gone; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+# -- /proc ------------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """The fields of /proc/PID/status, values as written (e.g. "12345 kB")."""
+    out: dict[str, str] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process from /proc/PID/stat, in seconds (SC_CLK_TCK resolution)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        text = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLK_TCK
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of the main thread: its wake-ups, roughly."""
+    status = proc_status(pid)
+    return int(status["voluntary_ctxt_switches"]) + int(status["nonvoluntary_ctxt_switches"])
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem type holding `path`, from /proc/self/mounts (longest mount prefix)."""
+    best, fstype = "", "unknown"
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > len(best):
+                    best, fstype = mount, parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def machine_line() -> str:
+    cpus = os.cpu_count() or 0
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{platform.node()}: {cpus} CPUs{' (' + model + ')' if model else ''}, "
+        f"Linux {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0-100) of already sorted values."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    median: float
+    p99: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Summary:
+        s = sorted(values)
+        return cls(
+            n=len(s),
+            median=percentile(s, 50),
+            p99=percentile(s, 99),
+            min=s[0] if s else math.nan,
+            max=s[-1] if s else math.nan,
+        )
