@@ -23,14 +23,20 @@ from hal.base import (
 )
 from hal.errors import HalError
 from hal.registry import HalContext, build_device
+from lockerd import __version__
 from lockerd.config import Config, DeviceSection
+from lockerd.core.backoff import Backoff
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, RateLimiter
 from lockerd.errors import ConfigError, LockerdError, TrustError
 from lockerd.logs import get_logger
+from lockerd.mqtt import Topics, broker_from_config
 from lockerd.services.cache import CodeCache
-from lockerd.services.controller import Clock, Controller, SystemClock, load_lockout_state
+from lockerd.services.clock import Clock, TrustedClock
+from lockerd.services.controller import Controller, load_lockout_state
+from lockerd.services.link import MqttLink
+from lockerd.services.sync import SyncService
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
@@ -75,6 +81,8 @@ class App:
     devices: Devices
     controller: Controller
     clock: Clock
+    link: MqttLink | None = None
+    sync: SyncService | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -94,6 +102,8 @@ class App:
                                name="controller")
                 for name, runner in self._input_runners().items():
                     tg.create_task(self._supervise(name, runner), name=name)
+                if self.link is not None:
+                    tg.create_task(self._supervise("mqtt", self.link.run), name="mqtt")
                 for name, factory in self.hal.services.items():
                     tg.create_task(self._supervise(name, factory), name=name)
                 tg.create_task(self._wait_stop(), name="shutdown")
@@ -107,6 +117,20 @@ class App:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
             await self._shutdown()
+
+    def state(self) -> dict[str, Any]:
+        """The retained `state` document (PROTOCOL section 5)."""
+        return {
+            "status": "online",
+            "version": __version__,
+            "codes_version": self.codes.version(),
+            "keyring_version": self.cache.keyring_version,
+            "compartments": {
+                cid: {"door": "open" if c.door_open else "closed", "phase": c.phase.value,
+                      "in_service": c.in_service, "occupied": c.occupied}
+                for cid, c in self.controller.compartments.items()
+            },
+        }
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -194,7 +218,6 @@ def _build_devices(config: Config, context: HalContext) -> Devices:
 
 def build_app(config: Config, *, clock: Clock | None = None) -> App:
     """Build the whole object graph. Raises LockerdError/HalError with a message to act on."""
-    clock = clock or SystemClock()
     state_dir = config.state_dir
     code_key_path = config.path(config.trust.code_key_file)
     try:
@@ -207,11 +230,10 @@ def build_app(config: Config, *, clock: Clock | None = None) -> App:
     db = open_database(state_dir / DB_NAME)
     events = EventLog(db)
     codes = CodeStore(db)
-    cache = CodeCache(
-        db=db, codes=codes, events=events, locker_id=config.locker.id,
-        pinned_root=RoleKeys.from_hex(config.trust.root_keys, config.trust.root_threshold),
-        now=clock.wall,
-    )
+    trusted = TrustedClock(db=db, mode=config.time.trust_system_clock)
+    clock = clock or trusted
+    cache = build_cache(config, db=db, codes=codes, events=events, clock=clock,
+                        trusted=trusted)
     _import_files(config, cache)
     context = HalContext(
         compartments=config.compartment_ids, state_dir=state_dir,
@@ -242,8 +264,46 @@ def build_app(config: Config, *, clock: Clock | None = None) -> App:
         db=db, events=events, codes=codes, code_key=code_key,
         lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
     )
-    return App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
-               devices=devices, controller=controller, clock=clock)
+    app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
+              devices=devices, controller=controller, clock=clock)
+    broker = broker_from_config(config)
+    if broker is not None and config.mqtt is not None:
+        topics = Topics.for_locker(config.locker.id, config.mqtt.topic_prefix)
+
+        async def too_large(topic: str, size: int) -> None:
+            cache.refuse(topic.removeprefix(topics.prefix), "too_large",
+                         f"payload of {size} bytes is over [mqtt] max_payload_bytes "
+                         f"({config.mqtt.max_payload_bytes if config.mqtt else 0})",
+                         source="mqtt")
+
+        app.link = MqttLink(
+            broker=broker, will_topic=topics.state,
+            will_payload=b'{"status":"offline"}',
+            max_payload_bytes=config.mqtt.max_payload_bytes,
+            backoff=Backoff(min_s=config.mqtt.reconnect_min_s, max_s=config.mqtt.reconnect_max_s),
+            now=clock.wall, on_too_large=too_large,
+        )
+        app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
+    return app
+
+
+def build_cache(
+    config: Config,
+    *,
+    db: Database,
+    codes: CodeStore | None = None,
+    events: EventLog | None = None,
+    clock: Clock | None = None,
+    trusted: TrustedClock | None = None,
+) -> CodeCache:
+    """The signed-update cache of a bank, as the daemon and `lockerd import-*` both use it."""
+    trusted = trusted or TrustedClock(db=db, mode=config.time.trust_system_clock)
+    return CodeCache(
+        db=db, codes=codes or CodeStore(db), events=events or EventLog(db),
+        locker_id=config.locker.id,
+        pinned_root=RoleKeys.from_hex(config.trust.root_keys, config.trust.root_threshold),
+        now=(clock or trusted).wall, observe_signed_time=trusted.observe_signed_time,
+    )
 
 
 def _import_files(config: Config, cache: CodeCache) -> None:

@@ -81,6 +81,32 @@ class HalSection(_Section, kw_only=True, frozen=True):
     tamper: DeviceSection | None = None
 
 
+class MqttTlsSection(_Section, kw_only=True, frozen=True):
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class MqttSection(_Section, kw_only=True, frozen=True):
+    host: Annotated[str, msgspec.Meta(min_length=1)]
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    client_id: str = ""  # default: lockerd-<locker id>
+    username: str | None = None
+    password_file: str | None = None
+    topic_prefix: str = ""  # default: lockers/<locker id>/
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    reconnect_min_s: PositiveSeconds = 1.0
+    reconnect_max_s: PositiveSeconds = 60.0
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024 * 1024
+    tls: MqttTlsSection | None = None
+
+
+class TimeSection(_Section, kw_only=True, frozen=True):
+    # auto: trust the system clock only while the kernel says it is synchronised (NTP);
+    # always: a real-time clock you trust; never: always apply the signed time floor.
+    trust_system_clock: Literal["auto", "always", "never"] = "auto"
+
+
 class LoggingSection(_Section, kw_only=True, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -96,6 +122,8 @@ class Config(_Section, kw_only=True, frozen=True):
     lockout: LockoutSection = LockoutSection()
     doors: DoorsSection = DoorsSection()
     logging: LoggingSection = LoggingSection()
+    mqtt: MqttSection | None = None
+    time: TimeSection = TimeSection()
     backends: dict[str, dict[str, Any]] = {}
 
     # Filled in by load_config, not read from the file.
@@ -111,6 +139,12 @@ class Config(_Section, kw_only=True, frozen=True):
         if p.is_absolute() or not self.source:
             return p
         return Path(self.source).resolve().parent / p
+
+    @property
+    def topic_prefix(self) -> str:
+        if self.mqtt is not None and self.mqtt.topic_prefix:
+            return self.mqtt.topic_prefix
+        return f"lockers/{self.locker.id}/"
 
     @property
     def state_dir(self) -> Path:
@@ -158,6 +192,19 @@ def _check_consistency(config: Config, source: str) -> None:
         )
     if config.lockout.max_s < config.lockout.base_s:
         raise ConfigError(f"{source}: [lockout] max_s must not be smaller than base_s")
+    mqtt = config.mqtt
+    if mqtt is not None:
+        if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
+            raise ConfigError(
+                f"{source}: [mqtt] reconnect_max_s must not be smaller than reconnect_min_s")
+        if mqtt.tls is not None and (mqtt.tls.cert_file is None) != (mqtt.tls.key_file is None):
+            raise ConfigError(
+                f"{source}: [mqtt.tls] cert_file and key_file go together (a client certificate "
+                "needs its key)")
+        if mqtt.topic_prefix and not mqtt.topic_prefix.endswith("/"):
+            raise ConfigError(f"{source}: [mqtt] topic_prefix must end with '/'")
+        if any(c in mqtt.topic_prefix for c in "#+"):
+            raise ConfigError(f"{source}: [mqtt] topic_prefix must not contain '#' or '+'")
 
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker import Broker
 
 from lockerd.app import App, build_app
 from lockerd.config import load_config
@@ -29,7 +31,7 @@ FAST = {
 
 @pytest.fixture(autouse=True)
 def _quiet_logs() -> Iterator[None]:
-    configure_logging("warning", "json")
+    configure_logging(os.environ.get("LOCKERD_TEST_LOG", "warning"), "json")
     yield
 
 
@@ -41,6 +43,17 @@ def bank_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="lk-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(bank_dir: Path) -> Iterator[Broker]:
+    """A Mosquitto of this test's own on a free loopback port."""
+    d = bank_dir / "broker"
+    d.mkdir()
+    b = Broker(d)
+    b.start()
+    yield b
+    b.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from lockerd.cli.lockerctl_broker import add_commands as add_broker_commands
 from lockerd.errors import LockerdError, TrustError
 from lockerd.timeutil import format_time, parse_time, utcnow
 from lockerd.trust.bundle import (
@@ -651,9 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description=(
-            "Offline tool for backend integrators: make signing keys and code keys, "
-            "sign keyrings and codes bundles for lockerd, derive offline pickup codes "
-            "and inspect signed envelopes."
+            "The backend integrator's tool for lockerd: make signing keys and code keys, "
+            "sign keyrings and codes bundles, derive offline pickup codes, inspect signed "
+            "envelopes, publish them to a locker over MQTT, and read and acknowledge its "
+            "events."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -805,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keyring to name each signer's role and check its signature",
     )
     p.set_defaults(func=cmd_inspect)
+    add_broker_commands(sub, InputError)
     return parser
 
 

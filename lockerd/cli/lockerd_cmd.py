@@ -118,18 +118,11 @@ def _check(config: Config) -> int:
 
 
 def _open_cache(config: Config) -> tuple[Database, CodeCache]:
-    from lockerd.app import DB_NAME
-    from lockerd.services.cache import CodeCache
-    from lockerd.store import CodeStore, EventLog, open_database
-    from lockerd.timeutil import utcnow
-    from lockerd.trust.dsse import RoleKeys
+    from lockerd.app import DB_NAME, build_cache
+    from lockerd.store import open_database
 
     db = open_database(config.state_dir / DB_NAME)
-    cache = CodeCache(
-        db=db, codes=CodeStore(db), events=EventLog(db), locker_id=config.locker.id,
-        pinned_root=RoleKeys.from_hex(config.trust.root_keys, config.trust.root_threshold),
-        now=utcnow)
-    return db, cache
+    return db, build_cache(config, db=db)
 
 
 def _import(config: Config, command: str, file: Path) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from lockerd.core.lockout import RateLimiter
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.store.codes import CodeStore
@@ -35,6 +37,8 @@ class CodeCache:
         locker_id: str,
         pinned_root: RoleKeys,
         now: Callable[[], datetime],
+        observe_signed_time: Callable[[datetime], None] | None = None,
+        rejected_per_minute: int = 20,
     ) -> None:
         self._db = db
         self._codes = codes
@@ -42,11 +46,18 @@ class CodeCache:
         self._locker_id = locker_id
         self._pinned_root = pinned_root
         self._now = now
+        self._observe_time = observe_signed_time or (lambda _: None)
+        # A hostile or broken publisher must not fill the event log with rejections.
+        self._rejections = RateLimiter(per_minute=rejected_per_minute)
         self.keyring: Keyring | None = self._load_stored_keyring()
 
     @property
     def keyring_version(self) -> int:
         return self.keyring.version if self.keyring else 0
+
+    @property
+    def codes_version(self) -> int:
+        return self._codes.version()
 
     @property
     def trusted_root(self) -> RoleKeys:
@@ -81,6 +92,7 @@ class CodeCache:
                 data={"version": keyring.version, "source": source},
             )
         self.keyring = keyring
+        self._observe_time(keyring.issued_at)
         log.info("keyring accepted", version=keyring.version, source=source)
         return keyring
 
@@ -102,6 +114,7 @@ class CodeCache:
                 now=self._now(),
             )
             self._codes.apply(bundle)
+            self._observe_time(bundle.issued_at)
         except TrustError as exc:
             if not _is_repeat(exc, raw, self._codes.version()):
                 self._reject("codes", exc, source)
@@ -121,10 +134,19 @@ class CodeCache:
                  upserted=len(bundle.upsert), revoked=len(bundle.revoke), source=source)
         return bundle
 
+    def refuse(self, what: str, reason: str, detail: str, *, source: str) -> None:
+        """Record a refusal decided before verification (e.g. a payload over the size limit)."""
+        self._reject(what, TrustError(detail, reason=reason), source)
+
     def _reject(self, what: str, exc: TrustError, source: str) -> None:
         data: dict[str, Any] = {"what": what, "reason": exc.reason, "detail": str(exc),
                                 "source": source}
         log.warning("signed update refused", **data)
+        if not self._rejections.allow(time.monotonic()):
+            return
+        suppressed = self._rejections.take_suppressed()
+        if suppressed:
+            data["suppressed"] = suppressed
         self._events.record(type="cache.rejected", at=self._now(), data=data)
 
 

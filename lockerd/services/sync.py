@@ -1,0 +1,84 @@
+"""Code cache sync over MQTT: keyrings and code bundles in, sync requests and state out."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+
+from lockerd.errors import TrustError
+from lockerd.logs import get_logger
+from lockerd.mqtt import Topics
+from lockerd.services.cache import CodeCache
+from lockerd.services.link import MqttLink, NotConnected
+
+log = get_logger("lockerd.sync")
+
+
+def payload_bytes(message: aiomqtt.Message) -> bytes:
+    payload = message.payload
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return b"" if payload is None else str(payload).encode("ascii")
+
+
+class SyncService:
+    """Keeps the code cache in step with the backend while the link is up.
+
+    The cache does the verifying and eventing; this service only moves bytes, asks for a
+    resync on connect and on a gap, and keeps the retained `state` current.
+    """
+
+    def __init__(
+        self,
+        *,
+        link: MqttLink,
+        topics: Topics,
+        cache: CodeCache,
+        state: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._link = link
+        self._topics = topics
+        self._cache = cache
+        self._state = state
+        link.handle(topics.keyring, self._on_keyring)
+        link.handle(topics.codes, self._on_codes)
+        link.on_connect(self._on_connect)
+
+    async def _on_connect(self) -> None:
+        await self.publish_state()
+        await self.request_sync("connect")
+
+    async def request_sync(self, why: str) -> None:
+        body = {"codes_version": self._cache.codes_version,
+                "keyring_version": self._cache.keyring_version}
+        try:
+            await self._link.publish_json(self._topics.sync_request, body, qos=1)
+            log.info("sync requested", why=why, **body)
+        except NotConnected as exc:
+            log.info("sync request not sent; the link is down", why=why, error=str(exc))
+
+    async def publish_state(self) -> None:
+        # While the link is down there is nobody to tell; the next connect sends it again.
+        with contextlib.suppress(NotConnected):
+            await self._link.publish_json(self._topics.state, self._state(), qos=1, retain=True)
+
+    async def _on_keyring(self, message: aiomqtt.Message) -> None:
+        try:
+            self._cache.load_keyring(payload_bytes(message), source="mqtt")
+        except TrustError:
+            return  # logged and evented by the cache; nothing changed
+        await self.publish_state()
+
+    async def _on_codes(self, message: aiomqtt.Message) -> None:
+        try:
+            self._cache.load_bundle(payload_bytes(message), source="mqtt")
+        except TrustError as exc:
+            if exc.reason in ("gap", "no_keyring"):
+                await self.request_sync(exc.reason)
+            return
+        await self.publish_state()

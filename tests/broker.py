@@ -1,0 +1,88 @@
+"""A real Mosquitto broker for the suite, on a free loopback port, that tests stop and restart."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found is None:
+        raise RuntimeError("mosquitto is not installed: run ./scripts/test.sh, which installs it")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """One mosquitto process; `stop()` and `start()` keep the same port, like a real outage."""
+
+    def __init__(self, directory: Path, *, extra_config: str = "", port: int | None = None,
+                 persistence: bool = False) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.log = directory / "mosquitto.log"
+        self.config = directory / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence {'true' if persistence else 'false'}",
+            f"persistence_location {directory}/",
+            f"log_dest file {self.log}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+        ]
+        if extra_config:
+            lines.append(extra_config)
+        self.config.write_text("\n".join(lines) + "\n")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        if self._proc is not None:
+            return
+        self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
+                log = self.log.read_text() if self.log.exists() else ""
+                self._proc = None
+                raise RuntimeError(f"mosquitto exited at start: {err} {log}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto did not listen on {self.port}") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
