@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ class Broker:
     """One mosquitto process; `stop()` and `start()` keep the same port, like a real outage."""
 
     def __init__(self, directory: Path, *, extra_config: str = "", port: int | None = None,
-                 persistence: bool = False) -> None:
+                 persistence: bool = False, anonymous: bool = True) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -35,7 +36,10 @@ class Broker:
         self.config = directory / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            # Run as whoever runs the suite: as root, mosquitto would otherwise switch to its
+            # own user and lose access to the test's private directory.
+            f"user {getpass.getuser()}",
+            f"allow_anonymous {'true' if anonymous else 'false'}",
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {directory}/",
             f"log_dest file {self.log}",
@@ -66,6 +70,7 @@ class Broker:
                 raise RuntimeError(f"mosquitto exited at start: {err} {log}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
+                    time.sleep(0.05)  # listening is not yet serving; a breath avoids a reset
                     return
             except OSError:
                 if time.monotonic() > deadline:

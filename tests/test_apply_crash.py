@@ -1,0 +1,45 @@
+"""A codes bundle applied while the process is killed: the previous set or the new one, never a
+mix, and the database passes its integrity check."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from lockerd.provision import BankKit, PlainCode
+from lockerd.store import CodeStore, open_database
+
+
+def test_sigkill_during_import_leaves_old_or_new_set(make_kit: Callable[..., BankKit]) -> None:
+    kit = make_kit([PlainCode(f"a-{i}", f"{100000 + i}", "1") for i in range(50)])
+    big = [PlainCode(f"b-{i}", f"{200000 + i}", "2") for i in range(60_000)]
+    path = kit.directory / "big.json"
+    path.write_bytes(kit.bundle(big, version=2))
+    cmd = [sys.executable, "-m", "lockerd.cli.lockerd_cmd", "import-bundle", "-c",
+           str(kit.config_path)]
+    assert subprocess.run([*cmd, str(kit.bundle_path)], capture_output=True).returncode == 0
+    outcomes = set()
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 2.0):
+        proc = subprocess.Popen([*cmd, str(path)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        db = open_database(kit.state_dir / "lockerd.db")
+        try:
+            assert db.integrity_ok()
+            codes = CodeStore(db)
+            state = (codes.version(), codes.count())
+            assert state in {(1, 50), (2, 60_000)}, state
+            outcomes.add(state)
+            if state == (2, 60_000):
+                assert codes.lookup(kit.digest("100000")) is None
+                assert codes.lookup(kit.digest("200000")) is not None
+                break  # applied in full before the kill; nothing left to interrupt
+            assert codes.lookup(kit.digest("100000")) is not None
+        finally:
+            db.close()
+    assert outcomes, "at least one kill was checked"
