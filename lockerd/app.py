@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,12 +35,19 @@ from lockerd.logs import get_logger
 from lockerd.mqtt import Topics, broker_from_config
 from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
+from lockerd.services.commands import CommandService
 from lockerd.services.controller import Controller, load_lockout_state
 from lockerd.services.link import MqttLink
+from lockerd.services.outbox import OutboxPublisher
 from lockerd.services.sync import SyncService
+from lockerd.services.systemd import SdNotifier
+from lockerd.services.telemetry import TelemetryService
 from lockerd.store.codes import CodeStore
+from lockerd.store.commands import CommandJournal
 from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
+from lockerd.store.outbox import Outbox
+from lockerd.timeutil import format_time
 from lockerd.trust.digest import load_code_key
 from lockerd.trust.dsse import RoleKeys
 
@@ -81,10 +89,19 @@ class App:
     devices: Devices
     controller: Controller
     clock: Clock
+    outbox: Outbox
+    notifier: SdNotifier
     link: MqttLink | None = None
     sync: SyncService | None = None
+    publisher: OutboxPublisher | None = None
+    commands: CommandService | None = None
+    # Network services run beside the hardware ones: name -> coroutine factory.
+    services: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = field(default_factory=time.monotonic)
+    # Supervised tasks that are running now (False while one waits to be restarted).
+    task_up: dict[str, bool] = field(default_factory=dict)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Run until SIGTERM/SIGINT or `stop` is set; outputs are off before and after."""
@@ -94,6 +111,8 @@ class App:
                 loop.add_signal_handler(sig, self.request_stop)
         try:
             await self._start_devices()
+            if self.commands is not None:
+                self.commands.recover()
             self.controller.commit_event("daemon.started", {
                 "codes_version": self.codes.version(),
                 "keyring_version": self.cache.keyring_version})
@@ -102,12 +121,13 @@ class App:
                                name="controller")
                 for name, runner in self._input_runners().items():
                     tg.create_task(self._supervise(name, runner), name=name)
-                if self.link is not None:
-                    tg.create_task(self._supervise("mqtt", self.link.run), name="mqtt")
-                for name, factory in self.hal.services.items():
+                for name, factory in {**self.services, **self.hal.services}.items():
                     tg.create_task(self._supervise(name, factory), name=name)
+                if self.notifier.watchdog_s:
+                    tg.create_task(self._watchdog(self.notifier.watchdog_s), name="watchdog")
                 tg.create_task(self._wait_stop(), name="shutdown")
                 self.ready.set()
+                self.notifier.notify("READY=1", "STATUS=running")
                 log.info("lockerd running", locker_id=self.config.locker.id,
                          compartments=len(self.controller.compartments))
         except* ShutdownRequested:
@@ -132,6 +152,51 @@ class App:
             },
         }
 
+    async def telemetry(self) -> dict[str, Any]:
+        """The heartbeat: uptime, outbox, versions, hardware and link health."""
+        devices = await self.controller.health(self.device_map())
+        link = self.link.status if self.link else None
+        return {
+            "at": format_time(self.clock.wall()),
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "outbox_depth": self.outbox.depth(),
+            "last_seq": self.events.last_seq(),
+            "acked_upto": self.outbox.acked_upto(),
+            "codes_version": self.codes.version(),
+            "codes_count": self.codes.count(),
+            "keyring_version": self.cache.keyring_version,
+            "hardware": devices,
+            "tasks_down": sorted(name for name, up in self.task_up.items() if not up),
+            "link": None if link is None else {
+                "connects": link.connects, "last_error": link.last_error,
+                "refused_too_large": link.refused_too_large},
+            "out_of_service": {cid: c.service_reason
+                               for cid, c in self.controller.compartments.items()
+                               if not c.in_service},
+        }
+
+    def device_map(self) -> dict[str, Device]:
+        return {name: device for name in ("lock", "door_sensor", "occupancy", "keypad",
+                                          "scanner", "display", "tamper")
+                if (device := getattr(self.devices, name)) is not None}
+
+    def alive(self, *, stuck_after_s: float = 30.0) -> bool:
+        """What the watchdog vouches for: every supervised task running, and the controller
+        not stuck in one input for long. (That this runs at all shows the loop is alive.)"""
+        if not all(self.task_up.values()):
+            return False
+        busy = self.controller.busy_since
+        return busy is None or time.monotonic() - busy < stuck_after_s
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while True:
+            if self.alive():
+                self.notifier.notify("WATCHDOG=1")
+            else:
+                log.error("not feeding the watchdog: a task is down or the controller is stuck",
+                          tasks_down=[n for n, up in self.task_up.items() if not up])
+            await asyncio.sleep(interval_s / 2)
+
     def request_stop(self) -> None:
         self.stop.set()
 
@@ -153,16 +218,28 @@ class App:
         """Run a task forever: a crash is logged, evented and restarted with capped backoff."""
         delay = 0.5
         while True:
+            self.task_up[name] = True
             try:
                 await factory()
                 log.warning("task ended by itself; restarting", task=name)
-            except (asyncio.CancelledError, ShutdownRequested):
+            except ShutdownRequested:
                 raise
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # a real cancellation: the daemon is stopping
+                # A CancelledError nobody asked for (a library's internal future leaking
+                # out) must not silently end a service: treat it as a crash.
+                log.error("task stopped by a stray cancellation; restarting", task=name)
+                with contextlib.suppress(Exception):
+                    self.controller.commit_event(
+                        "daemon.task_failed", {"task": name, "error": repr(exc)[:500]})
             except Exception as exc:
                 log.exception("task crashed; restarting", task=name, delay_s=delay)
                 with contextlib.suppress(Exception):
                     self.controller.commit_event(
                         "daemon.task_failed", {"task": name, "error": repr(exc)[:500]})
+            self.task_up[name] = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -181,6 +258,7 @@ class App:
                 await self.controller.announce_service(cid)
 
     async def _shutdown(self) -> None:
+        self.notifier.notify("STOPPING=1", "STATUS=stopping")
         with contextlib.suppress(Exception):
             self.controller.commit_event("daemon.stopping", {})
         await self.controller.wait_pulses()
@@ -216,7 +294,8 @@ def _build_devices(config: Config, context: HalContext) -> Devices:
     )
 
 
-def build_app(config: Config, *, clock: Clock | None = None) -> App:
+def build_app(config: Config, *, clock: Clock | None = None,
+              notifier: SdNotifier | None = None) -> App:
     """Build the whole object graph. Raises LockerdError/HalError with a message to act on."""
     state_dir = config.state_dir
     code_key_path = config.path(config.trust.code_key_file)
@@ -265,7 +344,17 @@ def build_app(config: Config, *, clock: Clock | None = None) -> App:
         lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
-              devices=devices, controller=controller, clock=clock)
+              devices=devices, controller=controller, clock=clock,
+              outbox=Outbox(db, max_events=config.outbox.max_events,
+                            keep_acked=config.outbox.keep_acked),
+              notifier=notifier or SdNotifier())
+    _build_network(app, trusted)
+    return app
+
+
+def _build_network(app: App, trusted: TrustedClock) -> None:
+    """The MQTT side: link, code sync, outbox, commands, telemetry (when [mqtt] is set)."""
+    config, cache, clock, controller = app.config, app.cache, app.clock, app.controller
     broker = broker_from_config(config)
     if broker is not None and config.mqtt is not None:
         topics = Topics.for_locker(config.locker.id, config.mqtt.topic_prefix)
@@ -284,7 +373,30 @@ def build_app(config: Config, *, clock: Clock | None = None) -> App:
             now=clock.wall, on_too_large=too_large,
         )
         app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
-    return app
+
+        def outbox_full(depth: int) -> None:
+            controller.commit_event("hardware.fault", {
+                "device": "outbox", "detail": f"{depth} unacknowledged events, over "
+                f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
+
+        def outbox_shed(count: int) -> None:
+            controller.commit_event("outbox.shed", {"count": count})
+
+        app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
+                                        locker_id=config.locker.id, on_full=outbox_full,
+                                        on_shed=outbox_shed)
+        app.events.on_append(app.publisher.wake)
+        sync = app.sync
+        app.commands = CommandService(
+            link=app.link, topics=topics, journal=CommandJournal(app.db, app.events),
+            events=app.events, cache=cache, controller=controller, devices=app.device_map,
+            resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
+            now=clock.wall, observe_signed_time=trusted.observe_signed_time)
+        telemetry = TelemetryService(link=app.link, topics=topics,
+                                     interval_s=config.telemetry.interval_s,
+                                     snapshot=app.telemetry)
+        app.services.update({"mqtt": app.link.run, "outbox": app.publisher.run,
+                             "telemetry": telemetry.run})
 
 
 def build_cache(

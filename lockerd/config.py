@@ -107,6 +107,15 @@ class TimeSection(_Section, kw_only=True, frozen=True):
     trust_system_clock: Literal["auto", "always", "never"] = "auto"
 
 
+class OutboxSection(_Section, kw_only=True, frozen=True):
+    max_events: Annotated[int, msgspec.Meta(ge=100)] = 200_000
+    keep_acked: Annotated[int, msgspec.Meta(ge=0)] = 1000
+
+
+class TelemetrySection(_Section, kw_only=True, frozen=True):
+    interval_s: Annotated[float, msgspec.Meta(ge=1)] = 60.0
+
+
 class LoggingSection(_Section, kw_only=True, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -124,6 +133,8 @@ class Config(_Section, kw_only=True, frozen=True):
     logging: LoggingSection = LoggingSection()
     mqtt: MqttSection | None = None
     time: TimeSection = TimeSection()
+    outbox: OutboxSection = OutboxSection()
+    telemetry: TelemetrySection = TelemetrySection()
     backends: dict[str, dict[str, Any]] = {}
 
     # Filled in by load_config, not read from the file.

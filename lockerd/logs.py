@@ -33,6 +33,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         if use_console
         else structlog.processors.JSONRenderer()
     )
+    # Libraries log through the standard library; only their errors are worth a line.
+    logging.getLogger("lockerd.mqtt.client").setLevel(logging.ERROR)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

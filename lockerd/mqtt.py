@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import aiomqtt
 
 from lockerd.config import Config
 from lockerd.errors import ConfigError
+
+# aiomqtt warns whenever more than ten publishes await their PUBACK, which the outbox's
+# pipelining does by design; configure_logging keeps this logger to errors.
+CLIENT_LOGGER = "lockerd.mqtt.client"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class BrokerSettings:
         clean_session: bool,
         will: aiomqtt.Will | None = None,
         timeout_s: float = 10.0,
+        max_inflight: int | None = None,
     ) -> aiomqtt.Client:
         tls = None
         if self.ca_file is not None:
@@ -95,6 +101,8 @@ class BrokerSettings:
             keepalive=self.keepalive_s,
             tls_params=tls,
             timeout=timeout_s,
+            max_inflight_messages=max_inflight,
+            logger=logging.getLogger(CLIENT_LOGGER),
         )
 
 

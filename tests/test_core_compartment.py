@@ -282,7 +282,7 @@ def test_no_open_by_the_second_deadline_is_a_jam_that_consumes_nothing() -> None
     assert shape(jam) == JAMMED
     jammed = one(jam, "door.jammed")
     assert jammed.code_id == "c-1"
-    assert jammed.data == {"attempts": MAX_ATTEMPTS, "code_still_valid": True}
+    assert jammed.data == {"attempts": MAX_ATTEMPTS, "kind": "pickup", "code_still_valid": True}
     assert one(jam, "compartment.out_of_service").data == {"reason": "jammed"}
     assert Show(messages.jammed("3"), hold_s=TIMINGS.show_result_s) in jam
     assert [r for r in records(log) if r.use_delta != 0] == []

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from lockerd.core import messages
 from lockerd.core.access import CompartmentView
@@ -20,12 +21,18 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Access:
-    """The credential a door is being opened for."""
+    """What a door is being opened for: a code (pickup), or a command, a self-test, a
+    technician, named in `ref` (e.g. {"cmd_id": ...}) and carried into every event's data."""
 
-    code_id: str
-    digest: str
-    kind: str
-    source: str  # keypad | scanner
+    code_id: str | None
+    digest: str | None
+    kind: str  # pickup | command | selftest | console
+    source: str  # keypad | scanner | mqtt | console
+    ref: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_pickup(self) -> bool:
+        return self.kind == "pickup" and self.code_id is not None and self.digest is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +155,7 @@ class Compartment:
                 "lock.pulse",
                 code_id=self.access.code_id,
                 data={"attempt": self.attempt, "kind": self.access.kind,
-                      "source": self.access.source},
+                      "source": self.access.source, **self.access.ref},
             ),
             Pulse(self.id),
         ]
@@ -160,10 +167,10 @@ class Compartment:
         self.access = None
         self._deadline = None
         # The code is NOT consumed: no Record here carries a use_delta.
-        actions: list[Action] = [
-            self._record("door.jammed", code_id=access.code_id,
-                         data={"attempts": self.attempt, "code_still_valid": True}),
-        ]
+        data: dict[str, object] = {"attempts": self.attempt, "kind": access.kind, **access.ref}
+        if access.is_pickup:
+            data["code_still_valid"] = True
+        actions: list[Action] = [self._record("door.jammed", code_id=access.code_id, data=data)]
         # Taken out of service already (by a technician, mid-unlock): keep that reason.
         actions += self.set_service(False, "jammed")
         actions.append(Show(messages.jammed(self.id), hold_s=self._timings.show_result_s))
@@ -178,8 +185,12 @@ class Compartment:
             access = self.access
             self.phase = Phase.OPEN
             self._deadline = None
+            opened = self._record("door.opened", code_id=access.code_id,
+                                  data={"kind": access.kind, **access.ref})
+            if not access.is_pickup:
+                return [opened, Show(messages.door_open(self.id))]
             return [
-                self._record("door.opened", code_id=access.code_id),
+                opened,
                 self._record(
                     "pickup.opened",
                     code_id=access.code_id,
@@ -206,9 +217,10 @@ class Compartment:
         self.phase = Phase.LOCKED
         self.access = None
         self._opened_at = None
-        actions: list[Action] = [self._record("door.closed",
-                                              code_id=access.code_id if access else None)]
-        if access is None:
+        actions: list[Action] = [self._record(
+            "door.closed", code_id=access.code_id if access else None,
+            data=dict(access.ref) if access else {})]
+        if access is None or not access.is_pickup:
             return actions
         if self.occupied:
             # The customer closed the door on their parcel: give the use back so the same

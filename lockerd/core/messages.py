@@ -40,6 +40,10 @@ def pickup_open(compartment: str) -> DisplayMessage:
     )
 
 
+def door_open(compartment: str) -> DisplayMessage:
+    return DisplayMessage((f"Door {compartment} is open",), "ok")
+
+
 def pickup_done(compartment: str) -> DisplayMessage:
     return DisplayMessage(("Thank you!", f"Door {compartment} is closed"), "ok")
 

@@ -91,6 +91,7 @@ class CodeCache:
                 at=self._now(),
                 data={"version": keyring.version, "source": source},
             )
+        self._events.notify()
         self.keyring = keyring
         self._observe_time(keyring.issued_at)
         log.info("keyring accepted", version=keyring.version, source=source)

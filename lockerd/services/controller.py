@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 
 from hal.base import (
+    Device,
     Display,
     DisplayMessage,
     DoorChanged,
@@ -46,6 +47,10 @@ def load_lockout_state(db: Database) -> LockoutState:
         return LockoutState(**raw)
     except TypeError:
         return LockoutState()
+
+
+class RequestRefused(Exception):
+    """A command or technician asked for something the bank cannot do now; says why."""
 
 
 class Controller:
@@ -89,6 +94,9 @@ class Controller:
         self._display_until: float | None = None
         self._pulses: set[asyncio.Task[None]] = set()
         self._service_saved = self._service_snapshot()
+        # Opens requested by a command, a self-test or a technician, awaiting the door sensor.
+        self._awaiting: dict[str, asyncio.Future[str]] = {}
+        self.busy_since: float | None = None  # set while an input is being handled
         self.last_message: DisplayMessage | None = None
 
     # -- wiring -----------------------------------------------------------------------------
@@ -101,9 +109,11 @@ class Controller:
         await self._show(messages.idle())
         while True:
             event = await self._next_input()
+            self.busy_since = self._clock.monotonic()
             if event is not None:
                 await self.handle(event)
             await self._tick()
+            self.busy_since = None
 
     async def _next_input(self) -> InputEvent | None:
         deadline = self._next_deadline()
@@ -239,6 +249,51 @@ class Controller:
             Reason.LOCKED_OUT if shown else refused.reason, remaining_s=shown), hold_s=5.0))
         await self._execute(actions)
 
+    # -- requests from commands and technicians --------------------------------------------
+
+    async def open_for(self, cid: str, *, kind: str, source: str,
+                       ref: Mapping[str, str]) -> str:
+        """Open a compartment under the same door rules as a code: report, pulse, wait for
+        the door sensor, one retry, then jammed. Returns "opened" or "jammed"; raises
+        RequestRefused when the compartment cannot be opened now."""
+        comp = self.compartments.get(cid)
+        if comp is None:
+            raise RequestRefused(f"no compartment {cid!r} in this bank")
+        if not comp.in_service:
+            raise RequestRefused(f"compartment {cid} is out of service "
+                                 f"({comp.service_reason}); put it back in service first")
+        if not comp.view().idle:
+            raise RequestRefused(f"compartment {cid} is busy ({comp.phase.value})")
+        outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._awaiting[cid] = outcome
+        try:
+            access = Access(code_id=None, digest=None, kind=kind, source=source, ref=ref)
+            log.info("access granted", compartment=cid, code_id=None, kind=kind, source=source,
+                     **ref)
+            await self._execute(comp.begin_access(access, self._clock.monotonic()))
+            return await outcome
+        finally:
+            self._awaiting.pop(cid, None)
+
+    async def set_service(self, cid: str, in_service: bool, reason: str) -> bool:
+        """Take a compartment out of service or back in; False when nothing changed."""
+        comp = self.compartments.get(cid)
+        if comp is None:
+            raise RequestRefused(f"no compartment {cid!r} in this bank")
+        actions = comp.set_service(in_service, reason)
+        await self._execute(actions)
+        return bool(actions)
+
+    async def health(self, devices: Mapping[str, Device]) -> dict[str, dict[str, object]]:
+        report: dict[str, dict[str, object]] = {}
+        for name, device in devices.items():
+            try:
+                h = await device.health()
+                report[name] = {"ok": h.ok, "detail": h.detail}
+            except HalError as exc:
+                report[name] = {"ok": False, "detail": str(exc)}
+        return report
+
     def _save_lockout(self) -> None:
         self._db.set_meta("lockout", asdict(self._lockout.state))
 
@@ -267,6 +322,7 @@ class Controller:
         for action in actions:
             if isinstance(action, Record):
                 pending.append(action)
+                self._resolve(action)
                 continue
             # Everything recorded so far is durable before the next output (safety rule 1).
             self.commit(*pending)
@@ -293,10 +349,20 @@ class Controller:
                 if record.use_delta and record.code_id and record.digest:
                     self._codes.change_uses(conn, record.code_id, record.digest,
                                             record.use_delta)
+        self._events.notify()
         for event in stored:
             log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
                      code_id=event.code_id)
         return stored
+
+    def _resolve(self, record: Record) -> None:
+        outcome = self._awaiting.get(record.compartment or "")
+        if outcome is None or outcome.done():
+            return
+        if record.type == "door.opened":
+            outcome.set_result("opened")
+        elif record.type == "door.jammed":
+            outcome.set_result("jammed")
 
     def commit_event(self, type_: str, data: Mapping[str, object]) -> StoredEvent:
         return self.commit(Record(type_, data=data))[0]

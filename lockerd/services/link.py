@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,7 +69,13 @@ class MqttLink:
         self._handlers: dict[str, Handler] = {}
         self._on_connect: list[OnConnect] = []
         self._client: aiomqtt.Client | None = None
+        # Goodbyes still running after their session ended, kept so they are not collected.
+        self._lingering: set[asyncio.Future[None]] = set()
+        # QoS 1 messages in flight at once: the outbox pipelines up to this many.
+        self.max_inflight = 100
         self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.disconnected.set()
         self.status = LinkStatus(broker=f"{broker.host}:{broker.port}")
 
     def handle(self, topic: str, handler: Handler) -> None:
@@ -105,10 +110,12 @@ class MqttLink:
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        client = self._broker.client(clean_session=False, will=self._will)
-        await _connect(client)
+        client = self._broker.client(clean_session=False, will=self._will,
+                                     max_inflight=self.max_inflight)
+        await self._connect(client)
         try:
             self._client = client
+            self.disconnected.clear()
             self.connected.set()
             self.status.connected = True
             self.status.connects += 1
@@ -124,23 +131,27 @@ class MqttLink:
             try:
                 for topic in self._handlers:
                     await client.subscribe(topic, qos=1)
+                    _raise_if_cancelling()
                 async for message in client.messages:
                     inbox.put_nowait(message)
+                    _raise_if_cancelling()
             finally:
                 self._client = None
                 self.connected.clear()
+                self.disconnected.set()
                 self.status.connected = False
-                worker.cancel()
-                await asyncio.gather(worker, return_exceptions=True)
+                await _stop(worker)
         finally:
-            await _disconnect(client)
+            await self._disconnect(client)
 
     async def _work(self, inbox: asyncio.Queue[aiomqtt.Message]) -> None:
         for callback in self._on_connect:
             await self._guarded(callback(), what="on-connect callback")
+            _raise_if_cancelling()
         while True:
             message = await inbox.get()
             await self._guarded(self._dispatch(message), what=f"handler of {message.topic}")
+            _raise_if_cancelling()
 
     async def _guarded(self, work: Awaitable[None], *, what: str) -> None:
         try:
@@ -174,26 +185,57 @@ class MqttLink:
             return
         await handler(message)
 
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        """Connect; a cancellation (shutdown) mid-connect waits for the connect to settle first.
 
-async def _connect(client: aiomqtt.Client) -> None:
-    """Connect; a cancellation (shutdown) mid-connect waits for the connect to settle first.
+        aiomqtt's connect must not be cancelled half-way: its disconnect callback would then fail
+        on the cancelled future and leave the client hanging. So the connect runs shielded, and on
+        cancellation it is given its own (bounded) time to finish, closed, and the cancellation
+        goes on.
+        """
+        connect = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.shield(connect)
+        except asyncio.CancelledError:
+            await asyncio.wait({connect}, timeout=_SETTLE_S)
+            if connect.done() and not connect.cancelled() and connect.exception() is None:
+                await self._disconnect(client)
+            raise
 
-    aiomqtt's connect must not be cancelled half-way: its disconnect callback would then fail
-    on the cancelled future and leave the client hanging. So the connect runs shielded, and on
-    cancellation it is given its own (bounded) time to finish, closed, and the cancellation
-    goes on.
-    """
-    connect = asyncio.ensure_future(client.__aenter__())
-    try:
-        await asyncio.shield(connect)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connect, _SETTLE_S)
-            await _disconnect(client)
-        raise
+    async def _disconnect(self, client: aiomqtt.Client) -> None:
+        """Say goodbye to the broker, but never hold a shutdown up for long.
+
+        Not wait_for: a timeout would cancel aiomqtt's own wait on its disconnect future, which
+        its disconnect callback then trips over. asyncio.wait leaves the goodbye running (aiomqtt
+        bounds it by the client's timeout) and just stops waiting for it.
+        """
+        goodbye = asyncio.ensure_future(client.__aexit__(None, None, None))
+        self._lingering.add(goodbye)
+        goodbye.add_done_callback(self._lingering.discard)
+        goodbye.add_done_callback(_consume_exception)
+        await asyncio.wait({goodbye}, timeout=_SETTLE_S)
 
 
-async def _disconnect(client: aiomqtt.Client) -> None:
-    """Say goodbye to the broker, but never hold a shutdown up for long."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.__aexit__(None, None, None), _SETTLE_S)
+def _raise_if_cancelling() -> None:
+    """Python 3.11's wait_for (inside aiomqtt) can swallow a cancellation that lands as its
+    inner wait completes; a task that was asked to stop must stop all the same."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a helper task and wait for it, a bounded time, asking again if it lingers."""
+    for _ in range(3):
+        task.cancel()
+        await asyncio.wait({task}, timeout=_SETTLE_S)
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # retrieved: it was being stopped anyway
+            return
+    log.error("a helper task did not stop when asked", task=task.get_name())
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it retrieved: a failed goodbye is of no interest

@@ -46,6 +46,17 @@ CREATE TABLE IF NOT EXISTS codes (
     max_uses    INTEGER NOT NULL
 ) WITHOUT ROWID;
 
+-- Every verified remote command, written BEFORE it runs: at most once, even across crashes.
+CREATE TABLE IF NOT EXISTS commands (
+    cmd_id      TEXT PRIMARY KEY,
+    action      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    detail      TEXT NOT NULL DEFAULT '',
+    received_at TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    result_sent INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
 -- Local consumption, keyed by id AND digest: the same id with a new digest is a new code.
 CREATE TABLE IF NOT EXISTS code_uses (
     id     TEXT NOT NULL,

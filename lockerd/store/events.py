@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,8 +13,13 @@ from typing import Any
 from lockerd.store.db import Database
 from lockerd.timeutil import format_time
 
-# Only these may ever be shed by a full outbox; everything else is an access or fault record.
-TELEMETRY_TYPES = frozenset({"telemetry"})
+# Only these may ever be shed by a full outbox: physical door movements and daemon
+# bookkeeping, whose meaning is also carried by an access or fault event. Everything else
+# (any type not listed, too) is an access or fault record and is never dropped.
+TELEMETRY_TYPES = frozenset({
+    "door.opened", "door.closed", "daemon.started", "daemon.stopping", "cache.updated",
+    "keyring.updated", "hardware.recovered", "compartment.in_service", "telemetry",
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,15 @@ class EventLog:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_append(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each committed append (the outbox wakes up on it)."""
+        self._listeners.append(listener)
+
+    def notify(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def append(
         self,
@@ -73,7 +87,9 @@ class EventLog:
     def record(self, **kwargs: Any) -> StoredEvent:
         """Append one event in a transaction of its own."""
         with self._db.transaction() as conn:
-            return self.append(conn, **kwargs)
+            event = self.append(conn, **kwargs)
+        self.notify()
+        return event
 
     def recent(self, limit: int = 50, *, type_prefix: str = "") -> list[StoredEvent]:
         rows = self._db.conn.execute(

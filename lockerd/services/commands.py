@@ -1,0 +1,183 @@
+"""Remote commands over MQTT: verified, journalled before they run, run at most once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiomqtt
+
+from hal.base import Device
+from lockerd.core.lockout import RateLimiter
+from lockerd.errors import TrustError
+from lockerd.logs import get_logger
+from lockerd.mqtt import Topics
+from lockerd.services.cache import CodeCache
+from lockerd.services.controller import Controller, RequestRefused
+from lockerd.services.link import MqttLink, NotConnected
+from lockerd.services.sync import payload_bytes
+from lockerd.store.commands import CommandJournal, CommandResult
+from lockerd.store.events import EventLog
+from lockerd.trust.command import Command, peek_cmd_id, verify_command
+
+log = get_logger("lockerd.commands")
+
+FORGET_AFTER = timedelta(days=1)
+
+
+class CommandService:
+    """Each refusal is answered on cmd/result (status `rejected`, detail = reason) and
+    evented (rate-limited); each accepted command is journalled `started` before it runs."""
+
+    def __init__(
+        self,
+        *,
+        link: MqttLink,
+        topics: Topics,
+        journal: CommandJournal,
+        events: EventLog,
+        cache: CodeCache,
+        controller: Controller,
+        devices: Callable[[], Mapping[str, Device]],
+        resync: Callable[[], Awaitable[None]],
+        locker_id: str,
+        now: Callable[[], datetime],
+        observe_signed_time: Callable[[datetime], None],
+    ) -> None:
+        self._link = link
+        self._topics = topics
+        self._journal = journal
+        self._events = events
+        self._cache = cache
+        self._controller = controller
+        self._devices = devices
+        self._resync = resync
+        self._locker_id = locker_id
+        self._now = now
+        self._observe_time = observe_signed_time
+        self._rejections = RateLimiter(per_minute=20)
+        link.handle(topics.cmd, self._on_command)
+        link.on_connect(self.send_unsent_results)
+
+    def recover(self) -> list[CommandResult]:
+        """At startup: commands a crash interrupted become `unknown` (sent on connect)."""
+        results = self._journal.recover(at=self._now())
+        for result in results:
+            log.warning("command interrupted by a restart; reported unknown, not re-run",
+                        cmd_id=result.cmd_id)
+        self._journal.prune(before=self._now() - FORGET_AFTER)
+        return results
+
+    async def send_unsent_results(self) -> None:
+        for result in self._journal.unsent_results():
+            if not await self._send(result):
+                return
+            self._journal.mark_sent(result.cmd_id)
+
+    async def _on_command(self, message: aiomqtt.Message) -> None:
+        raw = payload_bytes(message)
+        if message.retain:
+            # A retained command would run again for every bank that subscribes later.
+            await self._reject(peek_cmd_id(raw), "retained",
+                               "commands must not be published retained")
+            return
+        keyring = self._cache.keyring
+        if keyring is None:
+            await self._reject(peek_cmd_id(raw), "no_keyring", "no keyring is held yet")
+            return
+        try:
+            cmd = verify_command(raw, commands_role=keyring.commands,
+                                 keyring_expires_at=keyring.expires_at,
+                                 locker_id=self._locker_id, now=self._now())
+        except TrustError as exc:
+            await self._reject(peek_cmd_id(raw), exc.reason, str(exc))
+            return
+        if self._journal.seen(cmd.cmd_id):
+            await self._reject(cmd.cmd_id, "replay", "this cmd_id was already received")
+            return
+        self._observe_time(cmd.issued_at)
+        self._journal.start(cmd, at=self._now())
+        log.info("command started", cmd_id=cmd.cmd_id, action=cmd.action,
+                 compartment=cmd.compartment, code_id=None)
+        try:
+            status, detail, data = await self._run(cmd)
+        except RequestRefused as exc:
+            status, detail, data = "error", str(exc), {}
+        except Exception as exc:  # the journal must record how it ended, whatever happened
+            log.exception("command failed", cmd_id=cmd.cmd_id)
+            status, detail, data = "error", f"internal error: {exc!r}"[:300], {}
+        result = self._journal.finish(cmd, status, detail, at=self._now(), data=data)
+        log.info("command finished", cmd_id=cmd.cmd_id, action=cmd.action, status=status,
+                 detail=detail, compartment=cmd.compartment, code_id=None)
+        if await self._send(result):
+            self._journal.mark_sent(cmd.cmd_id)
+
+    async def _run(self, cmd: Command) -> tuple[str, str, dict[str, Any]]:
+        ref = {"cmd_id": cmd.cmd_id}
+        if cmd.action == "open":
+            assert cmd.compartment is not None
+            outcome = await self._controller.open_for(cmd.compartment, kind="command",
+                                                      source="mqtt", ref=ref)
+            if outcome == "opened":
+                return "ok", f"compartment {cmd.compartment} opened", {}
+            return "error", (f"compartment {cmd.compartment} did not open (jammed); it is now "
+                             "out of service"), {}
+        if cmd.action == "set_service":
+            assert cmd.compartment is not None
+            in_service = bool(cmd.args["in_service"])
+            changed = await self._controller.set_service(
+                cmd.compartment, in_service, cmd.reason or f"command {cmd.cmd_id}")
+            state = "in service" if in_service else "out of service"
+            return "ok", (f"compartment {cmd.compartment} {state}"
+                          + ("" if changed else " (it already was)")), {}
+        if cmd.action == "selftest":
+            return await self._selftest(cmd)
+        if cmd.action == "resync":
+            await self._resync()
+            return "ok", "sync requested", {}
+        if cmd.action == "clear_lockout":
+            self._controller.clear_lockout()
+            return "ok", "keypad lockout cleared", {}
+        raise RequestRefused(f"action {cmd.action!r} is not implemented")
+
+    async def _selftest(self, cmd: Command) -> tuple[str, str, dict[str, Any]]:
+        health = await self._controller.health(self._devices())
+        faults = [f"{name}: {h['detail'] or 'fault'}" for name, h in health.items()
+                  if not h["ok"]]
+        data: dict[str, Any] = {"devices": health}
+        parts = [f"{len(health) - len(faults)}/{len(health)} devices ok", *faults]
+        cid = cmd.compartment
+        if cid is not None:
+            comp = self._controller.compartments.get(cid)
+            if comp is None:
+                raise RequestRefused(f"no compartment {cid!r} in this bank")
+            if comp.occupied is not False:
+                # Pulsing a compartment that may hold a parcel would hand it to whoever stands
+                # at the bank: only a compartment known to be empty is pulsed.
+                data["lock"] = "skipped: not known to be empty"
+            else:
+                data["lock"] = await self._controller.open_for(
+                    cid, kind="selftest", source="mqtt", ref={"cmd_id": cmd.cmd_id})
+            parts.append(f"lock {cid}: {data['lock']}")
+        ok = not faults and data.get("lock") != "jammed"
+        return ("ok" if ok else "error"), "; ".join(parts), data
+
+    async def _reject(self, cmd_id: str | None, reason: str, detail: str) -> None:
+        log.warning("command refused", cmd_id=cmd_id, reason=reason, detail=detail)
+        if self._rejections.allow(time.monotonic()):
+            data: dict[str, Any] = {"cmd_id": cmd_id, "status": "rejected", "reason": reason,
+                                    "detail": detail}
+            suppressed = self._rejections.take_suppressed()
+            if suppressed:
+                data["suppressed"] = suppressed
+            self._events.record(type="command.result", at=self._now(), data=data)
+        await self._send(CommandResult(cmd_id or "", "rejected", reason))
+
+    async def _send(self, result: CommandResult) -> bool:
+        try:
+            await self._link.publish_json(self._topics.cmd_result, result.wire(), qos=1)
+            return True
+        except NotConnected:
+            return False

@@ -1,0 +1,164 @@
+"""The outbox publisher: every event to the backend, in seq order, until acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+
+from lockerd.logs import get_logger
+from lockerd.mqtt import Topics
+from lockerd.services.link import MqttLink, NotConnected
+from lockerd.services.sync import payload_bytes
+from lockerd.store.events import StoredEvent
+from lockerd.store.outbox import Outbox
+
+log = get_logger("lockerd.outbox")
+
+BATCH = 500
+RETRY_S = 5.0
+
+
+class OutboxPublisher:
+    """Publishes unacknowledged events at QoS 1, pipelined: up to the link's in-flight window
+    of PUBACKs outstanding at once, sent in seq order. After a reconnect it starts again
+    from the last acknowledged seq; the backend deduplicates by event_id.
+    """
+
+    def __init__(
+        self,
+        *,
+        link: MqttLink,
+        topics: Topics,
+        outbox: Outbox,
+        locker_id: str,
+        on_shed: Callable[[int], None] | None = None,
+        on_full: Callable[[int], None] | None = None,
+    ) -> None:
+        self._link = link
+        self._topics = topics
+        self._outbox = outbox
+        self._locker_id = locker_id
+        self._on_shed = on_shed
+        self._on_full = on_full
+        self._wake = asyncio.Event()
+        self._full_reported = False
+        self.published_upto = 0  # highest seq handed to the broker in this process
+        self.confirmed = 0
+        link.handle(topics.events_ack, self._on_ack)
+
+    def wake(self) -> None:
+        """New events were committed (EventLog.on_append)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._link.connected.wait()
+            try:
+                await self._drain()
+            except NotConnected as exc:
+                log.info("outbox paused", error=str(exc))
+            # Down: wait for the next session. Still up (a PUBACK timed out): retry shortly.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._link.disconnected.wait(), RETRY_S)
+
+    async def _drain(self) -> None:
+        window = asyncio.Semaphore(self._link.max_inflight)
+        inflight: set[asyncio.Task[None]] = set()
+        failure: list[BaseException] = []
+        sent = self._outbox.acked_upto()
+        try:
+            while self._link.connected.is_set():
+                if failure:
+                    raise NotConnected(str(failure[0]))
+                self._wake.clear()
+                self._relieve_pressure()
+                batch = self._outbox.pending(sent, BATCH)
+                if not batch:
+                    await self._wait_for_work()
+                    continue
+                for event in batch:
+                    await window.acquire()
+                    if failure:
+                        window.release()
+                        break
+                    # Tasks start in creation order, and each hands its message to the MQTT
+                    # client before its first await: the broker receives them in seq order.
+                    task = asyncio.create_task(self._publish(event, window, failure))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+                    sent = event.seq
+                    self.published_upto = max(self.published_upto, sent)
+        finally:
+            for task in list(inflight):
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _publish(self, event: StoredEvent, window: asyncio.Semaphore,
+                       failure: list[BaseException]) -> None:
+        try:
+            body = json.dumps(event.wire(self._locker_id), separators=(",", ":"))
+            await self._link.publish(self._topics.events, body, qos=1)
+            self.confirmed += 1
+        except NotConnected as exc:
+            failure.append(exc)
+        finally:
+            window.release()
+
+    async def _wait_for_work(self) -> None:
+        wake = asyncio.create_task(self._wake.wait())
+        down = asyncio.create_task(self._link.disconnected.wait())
+        try:
+            await asyncio.wait({wake, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            down.cancel()
+
+    def _relieve_pressure(self) -> None:
+        pressure = self._outbox.shed()
+        if pressure.shed:
+            log.warning("outbox over its limit: telemetry events shed", shed=pressure.shed,
+                        depth=pressure.depth, limit=self._outbox.max_events)
+            if self._on_shed is not None:
+                self._on_shed(pressure.shed)
+        if pressure.over_limit and not self._full_reported:
+            self._full_reported = True
+            log.error("outbox full of access and fault events; none is dropped",
+                      depth=pressure.depth, limit=self._outbox.max_events)
+            if self._on_full is not None:
+                self._on_full(pressure.depth)
+        elif not pressure.over_limit:
+            self._full_reported = False
+
+    async def _on_ack(self, message: aiomqtt.Message) -> None:
+        upto = _parse_ack(payload_bytes(message))
+        if upto is None:
+            log.warning("events/ack payload refused: expected {\"upto_seq\": N}",
+                        payload=payload_bytes(message)[:80].decode("utf-8", "replace"))
+            return
+        if upto > self.published_upto:
+            # An ack for events never sent would prune events the backend has not got.
+            log.warning("events/ack beyond what was published; refused", upto_seq=upto,
+                        published_upto=self.published_upto)
+            return
+        before = self._outbox.acked_upto()
+        after = self._outbox.ack(upto)
+        if after > before:
+            log.debug("events acknowledged", upto_seq=after)
+
+
+def _parse_ack(raw: bytes) -> int | None:
+    try:
+        body: Any = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    upto = body.get("upto_seq")
+    if isinstance(upto, bool) or not isinstance(upto, int) or upto < 0:
+        return None
+    return upto

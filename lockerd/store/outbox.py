@@ -1,0 +1,75 @@
+"""The outbox view of the event log: what is not yet acknowledged, acks, pruning, shedding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lockerd.store.db import Database
+from lockerd.store.events import EventLog, StoredEvent
+
+_COLUMNS = "seq, event_id, type, at, compartment, code_id, data"
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """How full the outbox is after a shedding pass."""
+
+    depth: int
+    shed: int  # telemetry-class events dropped in this pass
+    over_limit: bool  # still over max_events: only access and fault events left to keep
+
+
+class Outbox:
+    """Events with seq above `acked_upto` are owed to the backend, in seq order.
+
+    Acknowledged events are kept for a while (the console shows recent events) and pruned
+    beyond `keep_acked`. Over `max_events` unacknowledged, the oldest telemetry-class events
+    are shed; access and fault events are never dropped.
+    """
+
+    def __init__(self, db: Database, *, max_events: int, keep_acked: int = 1000) -> None:
+        self._db = db
+        self.max_events = max_events
+        self.keep_acked = keep_acked
+
+    def acked_upto(self) -> int:
+        return int(self._db.get_meta("acked_upto") or 0)
+
+    def depth(self) -> int:
+        row = self._db.conn.execute(
+            "SELECT COUNT(*) FROM events WHERE seq > ?", (self.acked_upto(),)).fetchone()
+        return int(row[0])
+
+    def pending(self, after_seq: int, limit: int) -> list[StoredEvent]:
+        """Unacknowledged events after `after_seq`, oldest first."""
+        start = max(after_seq, self.acked_upto())
+        rows = self._db.conn.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (start, limit)).fetchall()
+        return [EventLog._row(r) for r in rows]
+
+    def ack(self, upto_seq: int) -> int:
+        """Record that the backend stored everything up to `upto_seq`; returns acked_upto."""
+        current = self.acked_upto()
+        if upto_seq <= current:
+            return current
+        with self._db.transaction() as conn:
+            self._db.set_meta("acked_upto", upto_seq, conn=conn)
+            conn.execute("DELETE FROM events WHERE seq <= ? AND seq <= ?",
+                         (upto_seq, upto_seq - self.keep_acked))
+        return upto_seq
+
+    def shed(self) -> Pressure:
+        """Keep the unacknowledged events under max_events by dropping telemetry only."""
+        depth = self.depth()
+        over = depth - self.max_events
+        if over <= 0:
+            return Pressure(depth=depth, shed=0, over_limit=False)
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq > ?"
+                " AND class = 'telemetry' ORDER BY seq LIMIT ?)",
+                (self.acked_upto(), over))
+            shed = cur.rowcount
+        depth -= shed
+        return Pressure(depth=depth, shed=shed, over_limit=depth > self.max_events)
