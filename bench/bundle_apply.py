@@ -322,6 +322,9 @@ class SizeResult:
     payload_bytes: int
     envelope_bytes: int
     build_s: float
+    build_peak_kib: int
+    """getrusage peak RSS right after building (before any reset): the build's peak, or an
+    earlier one."""
     bare: list[Sample] = field(default_factory=list)
     bare_unique: list[Sample] = field(default_factory=list)
     verify: list[Sample] = field(default_factory=list)
@@ -350,7 +353,9 @@ def measure_size(
     raw, payload_bytes = m.sign(entries, version=1, base_version=None)
     rows = rows_of(entries)
     del entries
-    result = SizeResult(size, runs, payload_bytes, len(raw), time.perf_counter() - t0)
+    result = SizeResult(
+        size, runs, payload_bytes, len(raw), time.perf_counter() - t0, peak_rss_kib()
+    )
     kept: Kept | None = None
     kept_bare: tuple[sqlite3.Connection, Path] | None = None
     track = largest and reset_peak_rss()
@@ -630,10 +635,12 @@ def report_memory(r: SizeResult, before_kib: int, lifetime_kib: int) -> None:
                       f"({(peak - start) / 1024:+,.0f} MiB)")
     else:
         print("  (could not reset the peak through /proc/self/clear_refs: no per-step peaks)")
-    print(f"  process before the largest snapshot: RSS {mib(before_kib)}; peak RSS over the "
-          f"whole run up to its build (getrusage) {mib(lifetime_kib)}")
-    print(f"  peak RSS (getrusage ru_maxrss) now, after the {r.size:,}-code case: "
-          f"{mib(peak_rss_kib())}")
+    print(f"  RSS before building the {r.size:,}-code snapshot {mib(before_kib)} (peak so far "
+          f"{mib(lifetime_kib)}); building and signing it, untimed, peaked at "
+          f"{mib(r.build_peak_kib)}")
+    overall = max([r.build_peak_kib, peak_rss_kib(), *(peak for _, peak in r.peaks.values())])
+    print(f"  peak RSS of this process (getrusage ru_maxrss) after the {r.size:,}-code case: "
+          f"{mib(overall)}")
     print()
 
 

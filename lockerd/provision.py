@@ -7,6 +7,7 @@ exactly as an installation would: from files, verified with the real trust code.
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,8 +18,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lockerd.timeutil import utcnow
 from lockerd.trust.bundle import CodeEntry, build_bundle_payload
+from lockerd.trust.command import build_command_payload
 from lockerd.trust.digest import code_digest, generate_code_key, save_code_key
-from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, KEYRING_PAYLOAD_TYPE, RoleKeys, sign_envelope
+from lockerd.trust.dsse import (
+    CODES_PAYLOAD_TYPE,
+    COMMAND_PAYLOAD_TYPE,
+    KEYRING_PAYLOAD_TYPE,
+    RoleKeys,
+    sign_envelope,
+)
 from lockerd.trust.keyring import ROLE_NAMES, build_keyring_payload
 from lockerd.trust.keys import generate_key, public_hex, save_private_key
 
@@ -87,6 +95,24 @@ class BankKit:
             upsert=self.entries(codes), revoke=revoke,
         )
         return sign_envelope(CODES_PAYLOAD_TYPE, payload, [signer or self.codes_key])
+
+    def command(
+        self,
+        action: str,
+        *,
+        cmd_id: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        expires_at: datetime | None = None,
+        locker_id: str | None = None,
+        signer: Ed25519PrivateKey | None = None,
+    ) -> bytes:
+        """A remote command signed by the commands role (the root key in this kit)."""
+        now = utcnow()
+        payload = build_command_payload(
+            cmd_id=cmd_id or str(uuid.uuid4()), locker_id=locker_id or self.locker_id,
+            issued_at=now, expires_at=expires_at or now + timedelta(minutes=5), action=action,
+            args=args)
+        return sign_envelope(COMMAND_PAYLOAD_TYPE, payload, [signer or self.root_key])
 
     def keyring(self, *, version: int = 1, expires_at: datetime | None = None) -> bytes:
         """A keyring signed by the root key naming the codes key (other roles: the root key)."""

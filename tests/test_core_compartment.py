@@ -584,3 +584,26 @@ def test_out_of_service_during_unlock_then_jam_keeps_the_technicians_reason() ->
     assert "compartment.out_of_service" not in shape(actions)
     assert comp.service_reason == "ticket 81"
     assert all(r.use_delta == 0 for r in records(actions))
+
+
+def test_an_open_for_a_command_consumes_nothing_and_names_the_command() -> None:
+    comp = make()
+    cmd = Access(code_id=None, digest=None, kind="command", source="mqtt",
+                 ref={"cmd_id": "c-9"})
+    actions = comp.begin_access(cmd, 0.0)
+    assert shape(actions)[:2] == ["lock.pulse", PULSE]
+    assert one(actions, "lock.pulse").data["cmd_id"] == "c-9"
+    opened = comp.door_changed(True, 1.0)
+    assert "pickup.opened" not in shape(opened)
+    assert one(opened, "door.opened").data == {"kind": "command", "cmd_id": "c-9"}
+    closed = comp.door_changed(False, 2.0)
+    assert shape(closed) == ["door.closed"]
+    assert all(r.use_delta == 0 for r in records(actions + opened + closed))
+
+
+def test_a_jammed_command_open_says_nothing_about_codes() -> None:
+    comp = make()
+    comp.begin_access(Access(None, None, "selftest", "mqtt", {"cmd_id": "c-1"}), 0.0)
+    actions = comp.tick(TIMINGS.open_timeout_s) + comp.tick(2 * TIMINGS.open_timeout_s)
+    jam = one(actions, "door.jammed")
+    assert "code_still_valid" not in jam.data and jam.data["cmd_id"] == "c-1"

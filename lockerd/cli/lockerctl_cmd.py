@@ -9,6 +9,7 @@ import csv
 import json
 import re
 import sys
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +33,8 @@ from lockerd.trust.bundle import (
     is_compartment_id,
     is_locker_id,
 )
+from lockerd.trust.command import ACTIONS as COMMAND_ACTIONS
+from lockerd.trust.command import build_command_payload
 from lockerd.trust.digest import (
     DEFAULT_DERIVED_DIGITS,
     code_digest,
@@ -42,6 +45,7 @@ from lockerd.trust.digest import (
 )
 from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,
+    COMMAND_PAYLOAD_TYPE,
     KEYRING_PAYLOAD_TYPE,
     Envelope,
     RoleKeys,
@@ -589,6 +593,32 @@ def _check_codes_signers(env: Envelope, keyring: Keyring, now: datetime, path: s
 # --- derive-code / inspect ------------------------------------------------------------
 
 
+def cmd_command(args: argparse.Namespace) -> int:
+    now = utcnow()
+    cmd_args: dict[str, object] = {}
+    if args.compartment is not None:
+        cmd_args["compartment"] = args.compartment
+    if args.reason:
+        cmd_args["reason"] = args.reason
+    if args.action == "set_service":
+        if args.in_service is None:
+            raise InputError("set_service needs --in-service yes|no")
+        cmd_args["in_service"] = args.in_service == "yes"
+    if args.action in ("open", "set_service") and args.compartment is None:
+        raise InputError(f"{args.action} needs --compartment")
+    cmd_id = args.cmd_id or str(uuid.uuid4())
+    try:
+        payload = build_command_payload(
+            cmd_id=cmd_id, locker_id=args.locker, issued_at=now, expires_at=_expiry(args, now),
+            action=args.action, args=cmd_args)
+    except TrustError as exc:
+        raise InputError(str(exc)) from exc
+    envelope = sign_envelope(COMMAND_PAYLOAD_TYPE, payload, _load_signers(args.sign))
+    _write_output(args.output, envelope)
+    _report(args.output, f"signed command {cmd_id} ({args.action}) for locker {args.locker}")
+    return EXIT_OK
+
+
 def cmd_derive_code(args: argparse.Namespace) -> int:
     parcel: str = args.parcel
     if not parcel:
@@ -807,6 +837,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="keyring to name each signer's role and check its signature",
     )
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser(
+        "command",
+        help="sign a remote command for one locker",
+        description="Sign a remote command (PROTOCOL section 7) with keys of the commands "
+        "role: open a compartment, take it out of or back into service, run a self-test, "
+        "ask for a resync, or clear the keypad lockout. Publish it with `lockerctl publish` "
+        "(never retained); the result comes back on lockers/<id>/cmd/result. Keep "
+        "--expires-in short: a command is only accepted until then.",
+    )
+    p.add_argument("--locker", type=_locker_arg, required=True, metavar="ID")
+    p.add_argument("--action", required=True, choices=COMMAND_ACTIONS)
+    p.add_argument("--compartment", metavar="ID", help="for open, set_service, selftest")
+    p.add_argument("--in-service", choices=("yes", "no"), help="for set_service")
+    p.add_argument("--reason", default="", help="why (a ticket number): kept in the events")
+    p.add_argument("--cmd-id", default="", help="the command's id (default: a new UUID)")
+    _add_expiry(p)
+    _add_sign(p)
+    _add_output(p)
+    p.set_defaults(func=cmd_command)
+
     add_broker_commands(sub, InputError)
     return parser
 

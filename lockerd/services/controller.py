@@ -90,7 +90,7 @@ class Controller:
         self._display = display
         self._pulse_s = pulse_s
         self._clock = clock
-        self._inputs: asyncio.Queue[InputEvent] = asyncio.Queue()
+        self._inputs: asyncio.Queue[InputEvent | None] = asyncio.Queue()
         self._display_until: float | None = None
         self._pulses: set[asyncio.Task[None]] = set()
         self._service_saved = self._service_snapshot()
@@ -110,7 +110,7 @@ class Controller:
         while True:
             event = await self._next_input()
             self.busy_since = self._clock.monotonic()
-            if event is not None:
+            if event is not None:  # None: woken to look at the deadlines again
                 await self.handle(event)
             await self._tick()
             self.busy_since = None
@@ -271,6 +271,8 @@ class Controller:
             log.info("access granted", compartment=cid, code_id=None, kind=kind, source=source,
                      **ref)
             await self._execute(comp.begin_access(access, self._clock.monotonic()))
+            # The controller task may be asleep with no deadline: it must see this one.
+            self._inputs.put_nowait(None)
             return await outcome
         finally:
             self._awaiting.pop(cid, None)

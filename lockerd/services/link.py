@@ -76,6 +76,7 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.disconnected = asyncio.Event()
         self.disconnected.set()
+        self.subscribed = asyncio.Event()  # connected, and every handled topic subscribed
         self.status = LinkStatus(broker=f"{broker.host}:{broker.port}")
 
     def handle(self, topic: str, handler: Handler) -> None:
@@ -126,21 +127,27 @@ class MqttLink:
             # Handlers run in a worker task, not in the task that reads the socket: a handler
             # waiting for a PUBACK that will never come (the broker just died) must not keep
             # the reader from noticing the disconnect. The worker is cancelled with the session.
+            # On-connect callbacks (state, sync request) run once every topic is subscribed,
+            # so whoever sees the bank online can talk to it.
             inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
-            worker = asyncio.create_task(self._work(inbox), name="mqtt.handlers")
+            worker: asyncio.Task[None] | None = None
             try:
                 for topic in self._handlers:
                     await client.subscribe(topic, qos=1)
                     _raise_if_cancelling()
+                self.subscribed.set()
+                worker = asyncio.create_task(self._work(inbox), name="mqtt.handlers")
                 async for message in client.messages:
                     inbox.put_nowait(message)
                     _raise_if_cancelling()
             finally:
                 self._client = None
+                self.subscribed.clear()
                 self.connected.clear()
                 self.disconnected.set()
                 self.status.connected = False
-                await _stop(worker)
+                if worker is not None:
+                    await _stop(worker)
         finally:
             await self._disconnect(client)
 

@@ -46,6 +46,7 @@ class OutboxPublisher:
         self._on_shed = on_shed
         self._on_full = on_full
         self._wake = asyncio.Event()
+        self._check_pressure = asyncio.Event()
         self._full_reported = False
         self.published_upto = 0  # highest seq handed to the broker in this process
         self.confirmed = 0
@@ -54,8 +55,23 @@ class OutboxPublisher:
     def wake(self) -> None:
         """New events were committed (EventLog.on_append)."""
         self._wake.set()
+        self._check_pressure.set()
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._guard(), name="outbox.guard")
+            tg.create_task(self._publish(), name="outbox.publish")
+
+    async def _guard(self) -> None:
+        """Keep the outbox bounded whether or not the broker is reachable."""
+        while True:
+            await self._check_pressure.wait()
+            self._check_pressure.clear()
+            # last_seq - acked_upto bounds the depth from above and costs one index lookup.
+            if self._outbox.upper_bound_depth() > self._outbox.max_events:
+                self._relieve_pressure()
+
+    async def _publish(self) -> None:
         while True:
             await self._link.connected.wait()
             try:
@@ -76,7 +92,6 @@ class OutboxPublisher:
                 if failure:
                     raise NotConnected(str(failure[0]))
                 self._wake.clear()
-                self._relieve_pressure()
                 batch = self._outbox.pending(sent, BATCH)
                 if not batch:
                     await self._wait_for_work()
@@ -88,7 +103,7 @@ class OutboxPublisher:
                         break
                     # Tasks start in creation order, and each hands its message to the MQTT
                     # client before its first await: the broker receives them in seq order.
-                    task = asyncio.create_task(self._publish(event, window, failure))
+                    task = asyncio.create_task(self._publish_one(event, window, failure))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
                     sent = event.seq
@@ -98,7 +113,7 @@ class OutboxPublisher:
                 task.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
 
-    async def _publish(self, event: StoredEvent, window: asyncio.Semaphore,
+    async def _publish_one(self, event: StoredEvent, window: asyncio.Semaphore,
                        failure: list[BaseException]) -> None:
         try:
             body = json.dumps(event.wire(self._locker_id), separators=(",", ":"))

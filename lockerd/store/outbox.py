@@ -35,6 +35,10 @@ class Outbox:
     def acked_upto(self) -> int:
         return int(self._db.get_meta("acked_upto") or 0)
 
+    def upper_bound_depth(self) -> int:
+        row = self._db.conn.execute("SELECT MAX(seq) FROM events").fetchone()
+        return int(row[0] or 0) - self.acked_upto()
+
     def depth(self) -> int:
         row = self._db.conn.execute(
             "SELECT COUNT(*) FROM events WHERE seq > ?", (self.acked_upto(),)).fetchone()

@@ -1,0 +1,123 @@
+"""sd_notify against a real Unix datagram socket in NOTIFY_SOCKET: ready, watchdog, stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from lockerd.app import build_app
+from lockerd.config import load_config
+from lockerd.provision import BankKit
+from lockerd.services.systemd import SdNotifier
+
+
+@pytest.fixture
+def notify_socket(bank_dir: Path) -> Iterator[tuple[socket.socket, Path]]:
+    path = bank_dir / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    yield sock, path
+    sock.close()
+
+
+def drain(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+def wait_for_message(sock: socket.socket, got: list[str], text: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in m for m in got):
+        assert time.monotonic() < deadline, f"no {text!r} in {got}"
+        got.extend(drain(sock))
+        time.sleep(0.01)
+
+
+def test_ready_watchdog_stopping_from_the_daemon_process(
+    make_kit: Callable[..., BankKit], notify_socket: tuple[socket.socket, Path]
+) -> None:
+    sock, path = notify_socket
+    kit = make_kit([])
+    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "300000"}
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "lockerd.cli.lockerd_cmd", "run", "-c",
+                             str(kit.config_path)], env=env, stderr=subprocess.DEVNULL)
+    got: list[str] = []
+    try:
+        wait_for_message(sock, got, "READY=1")
+        ready_at = next(i for i, m in enumerate(got) if "READY=1" in m)
+        deadline = time.monotonic() + 10
+        while sum("WATCHDOG=1" in m for m in got) < 3:
+            assert time.monotonic() < deadline, got
+            got.extend(drain(sock))
+            time.sleep(0.02)
+        first_watchdog = next(i for i, m in enumerate(got) if "WATCHDOG=1" in m)
+        assert ready_at <= first_watchdog
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        wait_for_message(sock, got, "STOPPING=1")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_watchdog_is_not_fed_while_the_controller_is_stuck(
+    make_kit: Callable[..., BankKit], notify_socket: tuple[socket.socket, Path]
+) -> None:
+    sock, path = notify_socket
+    kit = make_kit([])
+    notifier = SdNotifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000"})
+    assert notifier.watchdog_s == 0.1
+    app = build_app(load_config(kit.config_path), notifier=notifier)
+    task = asyncio.create_task(app.run(install_signal_handlers=False))
+    try:
+        await asyncio.wait_for(app.ready.wait(), 10)
+        got: list[str] = []
+        await wait_until(lambda: bool(got.extend(drain(sock))) or
+                         sum("WATCHDOG=1" in m for m in got) >= 2, what="watchdog pings")
+        app.controller.busy_since = time.monotonic() - 120  # stuck in one input for 2 min
+        await asyncio.sleep(0.1)
+        drain(sock)
+        await asyncio.sleep(0.3)  # three watchdog periods
+        assert not any("WATCHDOG=1" in m for m in drain(sock))
+        app.controller.busy_since = None
+        app.task_up["hal.keypad"] = False  # a hardware task waiting to be restarted
+        await asyncio.sleep(0.3)
+        assert not any("WATCHDOG=1" in m for m in drain(sock))
+        app.task_up["hal.keypad"] = True
+        got = []
+        await wait_until(lambda: bool(got.extend(drain(sock))) or
+                         any("WATCHDOG=1" in m for m in got), what="pings resume")
+    finally:
+        app.request_stop()
+        await asyncio.wait_for(task, 10)
+
+
+def test_notifier_without_systemd_does_nothing_and_handles_abstract_sockets() -> None:
+    assert not SdNotifier({}).enabled
+    assert SdNotifier({}).notify("READY=1") is False
+    assert SdNotifier({"WATCHDOG_USEC": "5000000", "WATCHDOG_PID": "1"}).watchdog_s is None
+    name = f"lockerd-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    try:
+        assert SdNotifier({"NOTIFY_SOCKET": "@" + name}).notify("READY=1", "STATUS=x")
+        assert sock.recv(100) == b"READY=1\nSTATUS=x"
+    finally:
+        sock.close()
