@@ -362,9 +362,9 @@ def measure_size(
 
     def step(name: str, fn: Callable[[], T]) -> tuple[Sample, T]:
         gc.collect()
-        before = current_rss_kib()
         if track:
             reset_peak_rss()
+        before = current_rss_kib()
         elapsed, value = timed(fn)
         if track:
             old = result.peaks.get(name, (0, 0))

@@ -159,7 +159,7 @@ async def test_selftest_pulses_only_an_empty_compartment(kit: BankKit, broker: B
         await raw_publish(broker, "lockers/L1/cmd", kit.command("selftest", cmd_id="c-st"))
         [dev] = await results(w, "c-st")
         assert dev["status"] == "error" and "scanner" in dev["detail"]
-        event = [e for e in r.events("command.result") if e.data["cmd_id"] == "c-st"][0]
+        event = next(e for e in r.events("command.result") if e.data["cmd_id"] == "c-st")
         assert event.data["devices"]["scanner"]["ok"] is False
 
 
