@@ -1,5 +1,8 @@
 """Verifying and applying big codes bundles, and looking a code up among a million, beside bare
-SQLite baselines measured in the same run. Prints figures; asserts nothing."""
+SQLite and HMAC baselines measured in the same run. Prints figures; asserts nothing.
+
+Everything runs in this process, on the daemon's own functions (verify_bundle, CodeStore,
+CodeCache) and databases opened with its open_database; no daemon subprocess is needed."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from benchlib import Summary, exit_on_sigterm, filesystem_of, machine_line
 
@@ -117,8 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="PATH",
-        help="put the databases under PATH and keep them (default: a temporary directory, "
-        "removed at exit); choose the disk whose fsync to measure",
+        help="put the databases under PATH, an empty or new directory, and keep those of the "
+        "largest snapshot (default: a temporary directory, removed at exit); choose the disk "
+        "whose fsync to measure",
     )
     args = parser.parse_args(argv)
     if args.lookups < 1 or args.unknown < 0 or args.runs < 0 or args.deltas < 1:
@@ -339,9 +343,9 @@ class Kept:
     """The databases of the largest snapshot, kept for the delta and the lookups."""
 
     db: Database
-    cache: CodeCache
+    """Loaded through CodeCache.load_bundle: the daemon's database, as after an import."""
     bare: sqlite3.Connection
-    bare_path: Path
+    """The bare-insert baseline's database, same rows."""
     version: int
 
 
@@ -357,7 +361,7 @@ def measure_size(
         size, runs, payload_bytes, len(raw), time.perf_counter() - t0, peak_rss_kib()
     )
     kept: Kept | None = None
-    kept_bare: tuple[sqlite3.Connection, Path] | None = None
+    kept_bare: sqlite3.Connection | None = None
     track = largest and reset_peak_rss()
 
     def step(name: str, fn: Callable[[], T]) -> tuple[Sample, T]:
@@ -383,7 +387,7 @@ def measure_size(
             elapsed, _ = step(name, partial(bare_insert, conn, rows))
             samples.append(elapsed)
             if last and largest and table is BARE_TABLE:
-                kept_bare = (conn, path)
+                kept_bare = conn
             else:
                 conn.close()
                 files.drop(path)
@@ -415,8 +419,7 @@ def measure_size(
         elapsed, _ = step("load", partial(cache.load_bundle, raw, source="bench"))
         result.load.append(elapsed)
         if last and kept_bare is not None:
-            conn, bare_path = kept_bare
-            kept = Kept(db=db, cache=cache, bare=conn, bare_path=bare_path, version=1)
+            kept = Kept(db=db, bare=kept_bare, version=1)
         else:
             db.close()
             files.drop(path)
@@ -494,7 +497,7 @@ def measure_lookups(m: Material, kept: Kept, issued: int, known: int, unknown: i
         return time.perf_counter() - t0, row
 
     rng = random.Random(m.rng.random())
-    known_codes = [m.codes[i] for i in rng.sample(range(issued), known)]
+    known_codes = [m.codes[i] for i in rng.sample(range(issued), min(known, issued))]
     unknown_codes = m.codes[-unknown:] if unknown else []
     # Warm-up, untimed: the statements are prepared and the code paths imported.
     for code in known_codes[:50]:
@@ -678,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     status = 0
     kept: Kept | None = None
+    log_file: TextIO | None = None
     try:
         work.mkdir(parents=True, exist_ok=True)
         if any(work.iterdir()):
@@ -741,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         if kept is not None:
             kept.db.close()
             kept.bare.close()
+        if log_file is not None:
+            log_file.close()
         if temp:
             shutil.rmtree(work, ignore_errors=True)
     return status

@@ -13,6 +13,12 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq mosquitto
 fi
 
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "Installing systemd's tools (the suite checks the unit file with systemd-analyze)..."
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq systemd
+fi
+
 ./scripts/setup.sh
 
 echo "== ruff"

@@ -81,3 +81,16 @@ def test_backoff_rejects_nonsense() -> None:
         Backoff(min_s=0, max_s=1)
     with pytest.raises(ValueError):
         Backoff(min_s=2, max_s=1)
+
+
+def test_sync_status_falls_back_to_timesyncd_when_adjtimex_is_refused(tmp_path: Path) -> None:
+    flag = tmp_path / "synchronized"
+    refused = KernelSyncStatus(cache_s=0, timesync_flag=flag, adjtimex=lambda buf: -1)
+    assert refused() is False
+    flag.touch()
+    assert refused() is True
+    unsynced = KernelSyncStatus(cache_s=0, timesync_flag=flag, adjtimex=lambda buf: 5)
+    assert unsynced() is False, "TIME_ERROR wins over a stale flag file"
+    synced = KernelSyncStatus(cache_s=0, timesync_flag=tmp_path / "absent",
+                              adjtimex=lambda buf: 0)
+    assert synced() is True

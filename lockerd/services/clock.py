@@ -7,6 +7,7 @@ import ctypes.util
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 from lockerd.core.timefloor import raised_floor, trusted_now
@@ -38,26 +39,40 @@ class KernelSyncStatus:
     seconds: synchronisation changes on the scale of minutes.
     """
 
-    def __init__(self, *, cache_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        cache_s: float = 5.0,
+        timesync_flag: Path = Path("/run/systemd/timesync/synchronized"),
+        adjtimex: Callable[[ctypes.Array[ctypes.c_char]], int] | None = None,
+    ) -> None:
         self._cache_s = cache_s
+        self._timesync_flag = timesync_flag
         self._checked_at = -float("inf")
         self._value = False
-        self._adjtimex: Callable[[ctypes.Array[ctypes.c_char]], int] | None = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            self._adjtimex = libc.adjtimex
-        except (OSError, AttributeError):
-            log.warning("adjtimex is not available; the system clock counts as unsynchronised")
+        self._adjtimex = adjtimex
+        if self._adjtimex is None:
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+                self._adjtimex = libc.adjtimex
+            except (OSError, AttributeError):
+                log.warning("adjtimex is not available; asking systemd-timesyncd instead")
 
     def __call__(self) -> bool:
         now = time.monotonic()
         if now - self._checked_at < self._cache_s:
             return self._value
         self._checked_at = now
-        if self._adjtimex is None:
-            return False
-        buf = ctypes.create_string_buffer(1024)  # struct timex, modes = 0: read only
-        self._value = int(self._adjtimex(buf)) not in (-1, _TIME_ERROR)
+        state = -1
+        if self._adjtimex is not None:
+            buf = ctypes.create_string_buffer(1024)  # struct timex, modes = 0: read only
+            state = int(self._adjtimex(buf))
+        if state == -1:
+            # Refused (systemd's ProtectClock filters adjtimex): systemd-timesyncd leaves
+            # this file once it has synchronised the clock.
+            self._value = self._timesync_flag.exists()
+        else:
+            self._value = state != _TIME_ERROR
         return self._value
 
 
