@@ -57,7 +57,20 @@ class TamperChanged:
     open: bool
 
 
-InputEvent = KeyPressed | Scanned | DoorChanged | OccupancyChanged | TamperChanged
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    """A device became faulty (ok=False) or recovered (ok=True): a lock board that stopped
+    answering, a scanner whose port vanished. The daemon records hardware.fault and
+    hardware.recovered events from these."""
+
+    device: str  # e.g. "board:0", "scanner", "keypad"
+    ok: bool
+    detail: str = ""
+
+
+InputEvent = (
+    KeyPressed | Scanned | DoorChanged | OccupancyChanged | TamperChanged | HealthChanged
+)
 Emit = Callable[[InputEvent], None]
 """Callback an input device calls for each event; it never blocks and never raises."""
 
@@ -128,6 +141,11 @@ class LockDriver(Device):
     @abstractmethod
     async def all_off(self) -> None:
         """Switch every lock output off."""
+
+    async def bus_scan(self) -> dict[str, bool]:
+        """Diagnostics: which lock controllers answer (e.g. {"board:0": True}); {} when the
+        driver has no bus (GPIO solenoids)."""
+        return {}
 
     async def show_service(self, compartment: str, in_service: bool) -> None:
         """Tell the hardware a compartment went out of (or back into) service.

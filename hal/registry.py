@@ -35,13 +35,42 @@ DEVICE_KINDS: dict[str, type[Device]] = {
 # Backends are named by strings so that a library (RPi.GPIO, gpiod, pyserial) is imported only
 # when the configuration asks for that backend.
 BACKENDS: Mapping[str, Mapping[str, str]] = {
-    "lock": {"sim": "sim.backend:SimLockDriver"},
-    "door_sensor": {"sim": "sim.backend:SimDoorSensor"},
-    "occupancy": {"sim": "sim.backend:SimOccupancySensor"},
-    "keypad": {"sim": "sim.backend:SimKeypad"},
-    "scanner": {"sim": "sim.backend:SimScanner"},
-    "display": {"sim": "sim.backend:SimDisplay"},
-    "tamper": {"sim": "sim.backend:SimTamper"},
+    "lock": {
+        "sim": "sim.backend:SimLockDriver",
+        "kerong": "hal.kerong.backend:KerongLockDriver",
+        "rpigpio": "hal.gpio.rpigpio:RpiGpioLockDriver",
+        "gpiod": "hal.gpio.gpiod_backend:GpiodLockDriver",
+    },
+    "door_sensor": {
+        "sim": "sim.backend:SimDoorSensor",
+        "kerong": "hal.kerong.backend:KerongDoorSensor",
+        "rpigpio": "hal.gpio.rpigpio:RpiGpioDoorSensor",
+        "gpiod": "hal.gpio.gpiod_backend:GpiodDoorSensor",
+    },
+    "occupancy": {
+        "sim": "sim.backend:SimOccupancySensor",
+        "kerong": "hal.kerong.backend:KerongOccupancySensor",
+        "rpigpio": "hal.gpio.rpigpio:RpiGpioOccupancySensor",
+        "gpiod": "hal.gpio.gpiod_backend:GpiodOccupancySensor",
+    },
+    "keypad": {
+        "sim": "sim.backend:SimKeypad",
+        "serial": "hal.serial_input:SerialKeypad",
+        "matrix": "hal.gpio.matrix:MatrixKeypad",
+    },
+    "scanner": {
+        "sim": "sim.backend:SimScanner",
+        "serial": "hal.serial_input:SerialScanner",
+    },
+    "display": {
+        "sim": "sim.backend:SimDisplay",
+        "hd44780": "hal.hd44780:Hd44780Display",
+    },
+    "tamper": {
+        "sim": "sim.backend:SimTamper",
+        "rpigpio": "hal.gpio.rpigpio:RpiGpioTamper",
+        "gpiod": "hal.gpio.gpiod_backend:GpiodTamper",
+    },
 }
 
 T = TypeVar("T")

@@ -24,7 +24,8 @@ def test_unknown_backend_names_the_key_and_the_known_ones() -> None:
     with pytest.raises(BackendError) as info:
         load_backend_class("lock", "gpoi", config_key="lockerd.toml: [hal.lock] backend")
     assert str(info.value) == (
-        "lockerd.toml: [hal.lock] backend: unknown lock backend 'gpoi'; known backends: sim"
+        "lockerd.toml: [hal.lock] backend: unknown lock backend 'gpoi'; known backends: "
+        "gpiod, kerong, rpigpio, sim"
     )
 
 

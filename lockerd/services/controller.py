@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 
 from hal.base import (
@@ -12,6 +12,7 @@ from hal.base import (
     DisplayMessage,
     DoorChanged,
     DoorState,
+    HealthChanged,
     InputEvent,
     KeyPressed,
     LockDriver,
@@ -97,6 +98,7 @@ class Controller:
         # Opens requested by a command, a self-test or a technician, awaiting the door sensor.
         self._awaiting: dict[str, asyncio.Future[str]] = {}
         self.busy_since: float | None = None  # set while an input is being handled
+        self._taps: list[Callable[[InputEvent], None]] = []
         self.last_message: DisplayMessage | None = None
 
     # -- wiring -----------------------------------------------------------------------------
@@ -133,7 +135,20 @@ class Controller:
 
     # -- inputs -----------------------------------------------------------------------------
 
+    def add_tap(self, listener: Callable[[InputEvent], None]) -> Callable[[], None]:
+        """Diagnostics (keypad and scanner echo): `listener` sees every input event until the
+        returned function is called."""
+        self._taps.append(listener)
+
+        def remove() -> None:
+            if listener in self._taps:
+                self._taps.remove(listener)
+
+        return remove
+
     async def handle(self, event: InputEvent) -> None:
+        for tap in list(self._taps):
+            tap(event)
         match event:
             case KeyPressed(key=key):
                 await self._on_key(key)
@@ -149,6 +164,10 @@ class Controller:
                     await self._execute(comp.occupancy_changed(occupied))
             case TamperChanged(open=is_open):
                 await self._execute([Record("tamper", data={"open": is_open})])
+            case HealthChanged(device=device, ok=ok, detail=detail):
+                kind = "hardware.recovered" if ok else "hardware.fault"
+                (log.info if ok else log.error)(kind, device=device, detail=detail)
+                await self._execute([Record(kind, data={"device": device, "detail": detail})])
 
     async def _on_key(self, key: str) -> None:
         now = self._clock.monotonic()

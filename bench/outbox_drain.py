@@ -1,0 +1,689 @@
+"""Draining a backlog of events through the outbox, and the latency of one event commit, each
+beside bare baselines measured in the same run. Prints figures; asserts nothing.
+
+The daemon runs in this process (build_app(...).run(), as the test suite runs it) on a bank
+provisioned with make_bank, against a mosquitto of the benchmark's own on a free loopback port.
+The backend's subscriber runs in a child process, the same code for every variant."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiomqtt
+from benchlib import Summary, cpu_seconds, exit_on_sigterm, filesystem_of, machine_line
+from broker import Broker
+
+from lockerd.app import App, build_app
+from lockerd.config import load_config
+from lockerd.core.actions import Record
+from lockerd.logs import configure_logging
+from lockerd.mqtt import BrokerSettings, Topics
+from lockerd.provision import BankKit, make_bank
+from lockerd.timeutil import format_time, utcnow
+
+LOCKER_ID = "L1"
+TOPICS = Topics.for_locker(LOCKER_ID)
+FILL_BATCH = 1000
+"""Backlog events per Controller.commit (one transaction each) while filling, untimed."""
+
+BROKER_CONFIG = "max_queued_messages 0"
+"""Mosquitto drops QoS 1 messages queued for a client beyond 1000 by default; no limit here, so
+a subscriber that falls behind loses nothing."""
+
+COMMIT_WARMUP = 20
+POLL_S = 0.005
+
+EVENTS_DDL = """
+CREATE TABLE events (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id     TEXT NOT NULL UNIQUE,
+    type         TEXT NOT NULL,
+    at           TEXT NOT NULL,
+    compartment  TEXT,
+    code_id      TEXT,
+    data         TEXT NOT NULL,
+    class        TEXT NOT NULL DEFAULT 'access',
+    published_at TEXT
+)
+"""
+"""The `events` table of lockerd/store/db.py, for the bare insert baseline."""
+
+COMMIT_RECORD = Record(
+    "lock.pulse",
+    compartment="3",
+    code_id="p-17",
+    data={"attempt": 1, "kind": "pickup", "source": "keypad"},
+)
+"""The event committed one at a time: what the daemon commits before it pulses a lock."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="1. Outbox drain: commit a backlog of N events to a provisioned bank "
+        "before the daemon runs, then run the daemon in-process against a mosquitto of the "
+        "benchmark's own and time from the MQTT link coming up until a backend subscriber "
+        "(aiomqtt, QoS 1, in a child process, acking every --ack-every events) holds all N "
+        "distinct seqs. Same-run baselines: a bare aiomqtt client publishing the same N bodies "
+        "at QoS 1 to the same broker, awaiting each PUBACK in turn (sequential) and with the "
+        "outbox's in-flight window (pipelined), counted by the same subscriber. "
+        "2. Commit latency: Controller.commit of one event (one transaction, WAL, "
+        "synchronous=FULL) beside a bare SQLite insert of the same row with the same pragmas "
+        "into a fresh file. Prints figures; asserts nothing."
+    )
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="events in the backlog, and messages of each bare baseline (100000)",
+    )
+    parser.add_argument(
+        "--sequential",
+        type=int,
+        default=None,
+        metavar="N",
+        help="messages of the sequential bare baseline (default: --events)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="rounds of (bare pipelined, outbox) drains, each on a fresh backlog, the order "
+        "swapped every other round; medians are printed (3)",
+    )
+    parser.add_argument(
+        "--ack-every",
+        type=int,
+        default=500,
+        metavar="N",
+        help="the subscriber acks (events/ack, upto_seq) every N messages and at the end (500)",
+    )
+    parser.add_argument(
+        "--commits",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="timed single-event commits, and as many bare inserts, interleaved (2000)",
+    )
+    parser.add_argument(
+        "--skip-drain", action="store_true", help="measure only the commit latency"
+    )
+    parser.add_argument(
+        "--skip-commit", action="store_true", help="measure only the outbox drain"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="run the outbox drain under cProfile and write its stats to PATH (read them with "
+        "`python -m pstats PATH`); the drain's figures are then the profiled ones",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="work under PATH and keep it (banks, databases, logs); default: a temporary "
+        "directory, removed at exit. Choose the disk whose fsync to measure",
+    )
+    args = parser.parse_args(argv)
+    if args.sequential is None:
+        args.sequential = args.events
+    if args.events < 1 or args.sequential < 0 or args.ack_every < 1 or args.commits < 1 \
+            or args.rounds < 1:
+        parser.error("--events, --rounds, --ack-every and --commits must be at least 1, "
+                     "--sequential at least 0")
+    return args
+
+
+# -- the backend's subscriber (child process) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the subscriber saw of one run. Times are time.monotonic() (CLOCK_MONOTONIC, the
+    same clock in every process of the machine)."""
+
+    first_at: float
+    all_at: float
+    """When the last missing seq of 1..N arrived (nan if they did not all arrive)."""
+    received: int
+    duplicates: int
+    extra: int
+    """Messages with a seq outside 1..N (the daemon's own daemon.started, for instance)."""
+    cpu_s: float
+    """The subscriber process's CPU time from subscribed to done."""
+
+
+def subscriber_main(host: str, port: int, n: int, ack_every: int, timeout_s: float,
+                    conn: Connection) -> None:
+    """Child process: subscribe to the events topic at QoS 1, say "ready", count seqs 1..N and
+    ack (`{"upto_seq": contiguous}`) every `ack_every` messages and once all have come."""
+    try:
+        asyncio.run(_subscribe(host, port, n, ack_every, timeout_s, conn))
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            conn.send(("error", repr(exc)))
+        raise
+    finally:
+        conn.close()
+
+
+async def _subscribe(host: str, port: int, n: int, ack_every: int, timeout_s: float,
+                     conn: Connection) -> None:
+    seen = bytearray(n + 1)
+    distinct = received = duplicates = extra = contiguous = 0
+    first_at = all_at = math.nan
+    acks: set[asyncio.Task[None]] = set()
+    async with aiomqtt.Client(host, port, identifier=f"bench-backend-{os.getpid()}",
+                              clean_session=True) as client:
+
+        def ack() -> None:
+            nonlocal contiguous
+            while contiguous < n and seen[contiguous + 1]:
+                contiguous += 1
+            body = json.dumps({"upto_seq": contiguous})
+            task = asyncio.create_task(client.publish(TOPICS.events_ack, body, qos=1))
+            acks.add(task)
+            task.add_done_callback(acks.discard)
+
+        await client.subscribe(TOPICS.events, qos=1)
+        conn.send(("ready",))
+        cpu0 = time.process_time()
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for message in client.messages:
+                    payload = message.payload
+                    if not isinstance(payload, bytes | bytearray | str):
+                        continue
+                    seq = json.loads(payload)["seq"]
+                    received += 1
+                    if received == 1:
+                        first_at = time.monotonic()
+                    if isinstance(seq, int) and 1 <= seq <= n:
+                        if seen[seq]:
+                            duplicates += 1
+                        else:
+                            seen[seq] = 1
+                            distinct += 1
+                    else:
+                        extra += 1
+                    if distinct == n:
+                        all_at = time.monotonic()
+                        ack()
+                        break
+                    if received % ack_every == 0:
+                        ack()
+        except TimeoutError:
+            pass
+        cpu_s = time.process_time() - cpu0
+        # The last acks must reach the broker before the goodbye.
+        await asyncio.gather(*acks, return_exceptions=True)
+    conn.send(("done", Received(first_at, all_at, received, duplicates, extra, cpu_s)))
+
+
+class Subscriber:
+    """The child process, started and subscribed on entry, gone on exit."""
+
+    def __init__(self, broker: Broker, n: int, ack_every: int, timeout_s: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=subscriber_main,
+            args=(broker.host, broker.port, n, ack_every, timeout_s, child),
+            daemon=True,
+        )
+        self._child = child
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> Subscriber:
+        self._proc.start()
+        self._child.close()
+        reply = await asyncio.to_thread(self._recv, 30.0)
+        if reply[0] != "ready":
+            raise RuntimeError(f"the subscriber did not start: {reply}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self._proc.join, 10.0)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            await asyncio.to_thread(self._proc.join, 5.0)
+        self._conn.close()
+
+    async def result(self) -> Received:
+        reply = await asyncio.to_thread(self._recv, self._timeout_s + 30.0)
+        if reply[0] != "done":
+            raise RuntimeError(f"the subscriber failed: {reply}")
+        got: Received = reply[1]
+        return got
+
+    def _recv(self, timeout_s: float) -> tuple[Any, ...]:
+        if not self._conn.poll(timeout_s):
+            raise RuntimeError(f"no word from the subscriber in {timeout_s:.0f} s")
+        try:
+            reply: tuple[Any, ...] = self._conn.recv()
+        except EOFError:
+            raise RuntimeError("the subscriber process ended without a word") from None
+        return reply
+
+
+# -- drain runs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drain:
+    label: str
+    n: int
+    seconds: float
+    """Start (link up, or bare client connected) -> the subscriber holds all N seqs."""
+    publisher_s: float
+    """Start -> N PUBACKs received by the publishing side."""
+    publisher_cpu_s: float
+    """CPU time of this process from the start to the N-th PUBACK."""
+    subscriber: Received
+    broker_cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else math.nan
+
+
+def drain_timeout(n: int) -> float:
+    return 60.0 + n / 200.0
+
+
+async def bare_run(broker: Broker, bodies: Sequence[str], *, window: int, pipelined: bool,
+                   ack_every: int) -> Drain:
+    """A bare aiomqtt client, built with the daemon's own options (the same client factory,
+    persistent session, in-flight limit), publishing `bodies` at QoS 1."""
+    n = len(bodies)
+    settings = BrokerSettings(host=broker.host, port=broker.port,
+                              client_id=f"bench-bare-{'pipe' if pipelined else 'seq'}")
+    async with (
+        Subscriber(broker, n, ack_every, drain_timeout(n)) as sub,
+        settings.client(clean_session=False, max_inflight=window) as client,
+    ):
+        cpu_broker0 = _broker_cpu(broker)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        if pipelined:
+            await _publish_pipelined(client, bodies, window)
+        else:
+            for body in bodies:
+                await client.publish(TOPICS.events, body, qos=1)
+        t1, cpu1 = time.monotonic(), time.process_time()
+        got = await sub.result()
+        cpu_broker1 = _broker_cpu(broker)
+    label = (f"bare aiomqtt, pipelined ({window} in flight)" if pipelined
+             else "bare aiomqtt, sequential awaits")
+    return Drain(label, n, got.all_at - t0, t1 - t0, cpu1 - cpu0, got,
+                 cpu_broker1 - cpu_broker0)
+
+
+async def _publish_pipelined(client: aiomqtt.Client, bodies: Sequence[str], window: int) -> None:
+    """What OutboxPublisher._drain does, without the database and the JSON encoding: one task
+    per message, a semaphore of the in-flight window, tasks created in order."""
+    slots = asyncio.Semaphore(window)
+    inflight: set[asyncio.Task[None]] = set()
+
+    async def one(body: str) -> None:
+        try:
+            await client.publish(TOPICS.events, body, qos=1)
+        finally:
+            slots.release()
+
+    for body in bodies:
+        await slots.acquire()
+        task = asyncio.create_task(one(body))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+    await asyncio.gather(*inflight)
+
+
+async def outbox_run(app: App, broker: Broker, n: int, ack_every: int,
+                     profiler: cProfile.Profile | None) -> tuple[Drain, float]:
+    """Run the daemon in this event loop; the backlog seqs 1..N are already committed.
+    Returns the drain and the seconds from the link up to acked_upto >= N in the database."""
+    link, publisher = app.link, app.publisher
+    assert link is not None and publisher is not None
+    marks: dict[str, float] = {}
+
+    async def link_up() -> None:
+        # Registered before the daemon's own tasks exist: woken first when the link comes up.
+        await link.connected.wait()
+        marks["up"], marks["cpu_up"] = time.monotonic(), time.process_time()
+
+    async def pubacks() -> None:
+        marks["pubacks"] = await poll_until(lambda: publisher.confirmed >= n)
+        marks["cpu_pubacks"] = time.process_time()
+
+    async def acked() -> None:
+        marks["acked"] = await poll_until(lambda: app.outbox.acked_upto() >= n)
+
+    async with Subscriber(broker, n, ack_every, drain_timeout(n)) as sub:
+        watch_up = asyncio.create_task(link_up())
+        cpu_broker0 = _broker_cpu(broker)
+        if profiler is not None:
+            profiler.enable()
+        daemon = asyncio.create_task(app.run(install_signal_handlers=False))
+        try:
+            await asyncio.wait_for(app.ready.wait(), 30)
+            await asyncio.wait_for(watch_up, 30)
+            watch_pubacks = asyncio.create_task(pubacks())
+            got = await sub.result()
+            cpu_broker1 = _broker_cpu(broker)
+            await asyncio.wait_for(watch_pubacks, 60)
+            await asyncio.wait_for(acked(), 60)
+        finally:
+            if profiler is not None:
+                profiler.disable()
+            app.request_stop()
+            await asyncio.wait_for(daemon, 30)
+    t0 = marks["up"]
+    drain = Drain("lockerd outbox (MqttLink + OutboxPublisher)", n, got.all_at - t0,
+                  marks["pubacks"] - t0, marks["cpu_pubacks"] - marks["cpu_up"], got,
+                  cpu_broker1 - cpu_broker0)
+    return drain, marks["acked"] - t0
+
+
+async def poll_until(cond: Callable[[], bool]) -> float:
+    """Check `cond` every POLL_S (the daemon keeps counters, not events, for these); returns
+    time.monotonic() when it first holds. The resolution is POLL_S."""
+    while True:
+        if cond():
+            return time.monotonic()
+        await asyncio.sleep(POLL_S)
+
+
+def _broker_cpu(broker: Broker) -> float:
+    return cpu_seconds(broker.pid) if broker.pid is not None else math.nan
+
+
+# -- backlog ----------------------------------------------------------------------------------
+
+
+def pickup_records(i: int) -> list[Record]:
+    """The five events of a pickup at the keypad, as the daemon records them."""
+    cid, code_id = str(i % 16 + 1), f"p-{i}"
+    return [
+        Record("lock.pulse", compartment=cid, code_id=code_id,
+               data={"attempt": 1, "kind": "pickup", "source": "keypad"}),
+        Record("door.opened", compartment=cid, code_id=code_id, data={"kind": "pickup"}),
+        Record("pickup.opened", compartment=cid, code_id=code_id,
+               data={"attempt": 1, "source": "keypad"}),
+        Record("door.closed", compartment=cid, code_id=code_id),
+        Record("pickup.completed", compartment=cid, code_id=code_id,
+               data={"occupancy_known": True}),
+    ]
+
+
+def fill_backlog(app: App, n: int) -> float:
+    """Commit N events (pickups' events in turn) with the daemon's Controller.commit,
+    FILL_BATCH per transaction; returns the seconds it took."""
+    records: list[Record] = []
+    pickup = 0
+    while len(records) < n:
+        records.extend(pickup_records(pickup))
+        pickup += 1
+    t0 = time.perf_counter()
+    for start in range(0, n, FILL_BATCH):
+        app.controller.commit(*records[start : min(n, start + FILL_BATCH)])
+    return time.perf_counter() - t0
+
+
+def wire_bodies(app: App, n: int) -> list[str]:
+    """The exact bodies the outbox will publish for seqs 1..N (same code as _publish_one)."""
+    out: list[str] = []
+    after = 0
+    while len(out) < n:
+        batch = app.outbox.pending(after, 5000)
+        if not batch:
+            break
+        for event in batch[: n - len(out)]:
+            out.append(json.dumps(event.wire(LOCKER_ID), separators=(",", ":")))
+        after = batch[-1].seq
+    if len(out) != n or app.events.last_seq() != n:
+        raise RuntimeError(f"backlog has {len(out)} events, last seq {app.events.last_seq()}")
+    return out
+
+
+def provision_bank(directory: Path, broker: Broker | None, n: int) -> BankKit:
+    overrides: dict[str, Any] = {
+        "logging": {"level": "info", "format": "json"},
+        # Over the backlog: nothing is shed.
+        "outbox": {"max_events": max(200_000, 2 * n)},
+    }
+    if broker is not None:
+        overrides["mqtt"] = {"host": broker.host, "port": broker.port}
+    # No keyring or bundle files to import: importing would commit events of its own, and the
+    # backlog is to be seqs 1..N exactly. Codes are not needed here.
+    return make_bank(directory, locker_id=LOCKER_ID, compartments=16, overrides=overrides,
+                     import_files=False)
+
+
+@dataclass
+class DrainResults:
+    sequential: Drain | None
+    pipelined: list[Drain]
+    outbox: list[Drain]
+    """One of each per round, in round order."""
+    acked_s: list[float]
+    fill_s: list[float]
+    sizes: list[int]
+    window: int
+
+
+async def measure_drain(args: argparse.Namespace, work: Path, broker: Broker) -> DrainResults:
+    """Rounds of (bare pipelined, outbox), the order swapped every other round so that a drift
+    of the machine's speed does not favour either; each round on a fresh bank and backlog."""
+    n = args.events
+    results = DrainResults(None, [], [], [], [], [], 0)
+    for r in range(args.rounds):
+        kit = provision_bank(work / f"bank-{r + 1}", broker, n)
+        app = build_app(load_config(kit.config_path))
+        assert app.link is not None
+        window = results.window = app.link.max_inflight
+        results.fill_s.append(fill_backlog(app, n))
+        bodies = wire_bodies(app, n)
+        if r == 0:
+            results.sizes = [len(b.encode()) for b in bodies]
+            if args.sequential:
+                gc.collect()
+                results.sequential = await bare_run(
+                    broker, bodies[: args.sequential], window=window, pipelined=False,
+                    ack_every=args.ack_every)
+        for what in ("bare", "outbox") if r % 2 == 0 else ("outbox", "bare"):
+            gc.collect()
+            if what == "bare":
+                results.pipelined.append(await bare_run(
+                    broker, bodies, window=window, pipelined=True, ack_every=args.ack_every))
+                continue
+            profiler = cProfile.Profile() if args.profile and r == 0 else None
+            drain, acked_s = await outbox_run(app, broker, n, args.ack_every, profiler)
+            if profiler is not None:
+                profiler.dump_stats(args.profile)
+            results.outbox.append(drain)
+            results.acked_s.append(acked_s)
+    return results
+
+
+# -- commit latency ---------------------------------------------------------------------------
+
+
+def measure_commits(work: Path, n: int) -> dict[str, list[float]]:
+    """Controller.commit of one event on a provisioned bank's database, interleaved with a bare
+    INSERT of the same row into a fresh file with the same pragmas, one transaction each."""
+    kit = provision_bank(work / "commit-bank", None, n)
+    app = build_app(load_config(kit.config_path))
+    bare = sqlite3.connect(work / "bare-commit.db", isolation_level=None)
+    try:
+        bare.execute("PRAGMA journal_mode=WAL")
+        bare.execute("PRAGMA synchronous=FULL")
+        bare.execute(EVENTS_DDL)
+        at = format_time(utcnow())
+        data = json.dumps(dict(COMMIT_RECORD.data))
+        rows = [
+            (str(uuid.uuid4()), COMMIT_RECORD.type, at, COMMIT_RECORD.compartment,
+             COMMIT_RECORD.code_id, data, "access")
+            for _ in range(n + COMMIT_WARMUP)
+        ]
+        sql = ("INSERT INTO events (event_id, type, at, compartment, code_id, data, class)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?)")
+        lockerd_s: list[float] = []
+        bare_s: list[float] = []
+        for i, row in enumerate(rows):
+            t0 = time.perf_counter()
+            app.controller.commit(COMMIT_RECORD)
+            t1 = time.perf_counter()
+            bare.execute("BEGIN IMMEDIATE")
+            bare.execute(sql, row)
+            bare.execute("COMMIT")
+            t2 = time.perf_counter()
+            if i >= COMMIT_WARMUP:
+                lockerd_s.append(t1 - t0)
+                bare_s.append(t2 - t1)
+        return {"lockerd": lockerd_s, "bare": bare_s}
+    finally:
+        bare.close()
+        app.db.close()
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def drain_row(label: str, run: Drain, pipe_rate: float) -> str:
+    us = 1e6 / run.n
+    return (f"  {label:<44}{run.n:>7}{run.seconds:>8.2f}{run.rate:>9.0f}"
+            f"{run.rate / pipe_rate:>8.2f}{run.publisher_s:>9.2f}{run.publisher_cpu_s * us:>8.1f}"
+            f"{run.subscriber.cpu_s * us:>8.1f}{run.broker_cpu_s * us:>8.1f}")
+
+
+def report_drain(args: argparse.Namespace, res: DrainResults, out: TextIO) -> None:
+    sizes = res.sizes
+    print(file=out)
+    print(f"1. drain of a backlog of {args.events} events to a subscriber (QoS 1, in a child "
+          f"process, acking every {args.ack_every}); {args.rounds} round(s)", file=out)
+    print(f"  bodies {statistics.mean(sizes):.0f} bytes on average ({min(sizes)}-{max(sizes)}), "
+          f"topic {TOPICS.events}; in-flight window {res.window} (MqttLink.max_inflight); "
+          f"mosquitto `{BROKER_CONFIG}`", file=out)
+    print(f"  backlog committed untimed in {statistics.median(res.fill_s):.1f} s (median; "
+          f"Controller.commit, {FILL_BATCH} events per transaction)", file=out)
+    if args.profile:
+        print(f"  PROFILED (cProfile, stats in {args.profile}): the round-1 outbox figures "
+              f"include the profiler's overhead", file=out)
+    print(f"  {'':<44}{'n':>7}{'s':>8}{'ev/s':>9}{'/pipe':>8}{'PUBACKs':>9}{'pub CPU':>8}"
+          f"{'sub CPU':>8}{'mqd CPU':>8}", file=out)
+    print(f"  {'':<44}{'':>7}{'':>8}{'':>9}{'':>8}{'s':>9}{'µs/ev':>8}{'µs/ev':>8}{'µs/ev':>8}",
+          file=out)
+    pipe_median = statistics.median(r.rate for r in res.pipelined)
+    if res.sequential is not None:
+        print(drain_row("baseline: bare aiomqtt, sequential awaits", res.sequential,
+                        pipe_median), file=out)
+    for r, (pipe, outbox) in enumerate(zip(res.pipelined, res.outbox, strict=True), start=1):
+        print(drain_row(f"round {r} baseline: bare aiomqtt, pipelined", pipe, pipe.rate),
+              file=out)
+        print(drain_row(f"round {r} lockerd outbox", outbox, pipe.rate), file=out)
+    ratios = [o.rate / p.rate for p, o in zip(res.pipelined, res.outbox, strict=True)]
+    outbox_median = statistics.median(r.rate for r in res.outbox)
+    print(f"  medians: bare pipelined {pipe_median:.0f} events/s, lockerd outbox "
+          f"{outbox_median:.0f} events/s; outbox / pipelined per round: "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}", file=out)
+    if res.sequential is not None:
+        print(f"  bare sequential {res.sequential.rate:.0f} events/s = "
+              f"{res.sequential.rate / pipe_median:.2f} of the pipelined median; the outbox is "
+              f"{outbox_median / res.sequential.rate:.1f}x the sequential rate", file=out)
+    dups = sum(o.subscriber.duplicates for o in res.outbox)
+    extra = sum(o.subscriber.extra for o in res.outbox)
+    print(f"  outbox runs: {dups} duplicates, {extra} messages outside 1..N received before "
+          f"the last; acked_upto >= N in the database "
+          f"{', '.join(f'{a:.2f}' for a in res.acked_s)} s after the link came up", file=out)
+    ratio = statistics.median(ratios)
+    print(f"  target (outbox >= 1/2 the rate of the pipelined bare publisher): "
+          f"{'met' if ratio >= 0.5 else 'NOT met'}, median ratio {ratio:.2f}", file=out)
+
+
+def commit_row(label: str, values: list[float]) -> str:
+    s = Summary.of(values)
+    ms = [v * 1000 for v in (s.median, s.p99, s.min, s.max)]
+    return f"  {label:<46}{s.n:>7}{ms[0]:>9.3f}{ms[1]:>9.3f}{ms[2]:>9.3f}{ms[3]:>9.3f}"
+
+
+def report(args: argparse.Namespace, work: Path, drain: DrainResults | None,
+           commits: dict[str, list[float]] | None, out: TextIO = sys.stdout) -> None:
+    print(f"outbox_drain: {machine_line()}", file=out)
+    print(f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; work in {work} ({filesystem_of(work)})",
+          file=out)
+    if drain is not None:
+        report_drain(args, drain, out)
+    if commits is not None:
+        print(file=out)
+        print(f"2. commit of one event (one transaction, WAL, synchronous=FULL), "
+              f"{args.commits} of each, interleaved", file=out)
+        print(f"  {'':<46}{'n':>7}{'median':>9}{'p99':>9}{'min':>9}{'max':>9}   (ms)", file=out)
+        print(commit_row("baseline: bare sqlite3 INSERT, fresh file", commits["bare"]), file=out)
+        print(commit_row("Controller.commit(Record(...))", commits["lockerd"]), file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exit_on_sigterm()
+    temp = args.dir is None
+    work = Path(tempfile.mkdtemp(prefix="lkbench-")) if temp else args.dir
+    broker: Broker | None = None
+    status = 0
+    log_file: TextIO | None = None
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        if any(work.iterdir()):
+            raise RuntimeError(f"{work} is not empty: give --dir a fresh directory")
+        # The daemon's log (JSON lines at info, as an installation logs) goes to a file.
+        log_file = (work / "lockerd.log").open("w", encoding="utf-8")
+        configure_logging("info", "json", stream=log_file)
+        drain = None
+        if not args.skip_drain:
+            (work / "broker").mkdir()
+            broker = Broker(work / "broker", extra_config=BROKER_CONFIG)
+            broker.start()
+            drain = asyncio.run(measure_drain(args, work, broker))
+        commits = None if args.skip_commit else measure_commits(work, args.commits)
+        report(args, work, drain, commits)
+    except RuntimeError as exc:
+        print(f"outbox_drain: {exc}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("outbox_drain: interrupted", file=sys.stderr)
+        status = 130
+    finally:
+        if broker is not None:
+            broker.stop()
+        if log_file is not None:
+            log_file.close()
+        if temp:
+            shutil.rmtree(work, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
