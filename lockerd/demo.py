@@ -16,7 +16,16 @@ from lockerd.config import load_config
 from lockerd.logs import configure_logging
 from lockerd.provision import BankKit, PlainCode, make_bank, random_code
 from sim.backend import world_of
-from sim.world import DisplayChanged, DoorMoved, LockChanged, SimError, SimWorld
+from sim.wire.bank import WireBank
+from sim.world import (
+    DisplayChanged,
+    DoorMoved,
+    LockChanged,
+    SimError,
+    SimWorld,
+    Subscription,
+    WorldChange,
+)
 
 HELP = """\
 Commands (a compartment is named by its number):
@@ -36,19 +45,27 @@ Commands (a compartment is named by its number):
 
 
 def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | None = None,
-             stdout: TextIO | None = None) -> int:
-    """Provision a demo bank, run the daemon on the simulator, and read commands from stdin."""
+             stdout: TextIO | None = None, wire: bool = False) -> int:
+    """Provision a demo bank, run the daemon on the simulator, and read commands from stdin.
+
+    With `wire`, the simulated hardware runs on pseudo-terminals (Kerong boards, a serial
+    scanner and keypad) and the daemon uses its real drivers for them."""
     out = stdout or sys.stdout
     temp = directory is None
     base = Path(tempfile.mkdtemp(prefix="lockerd-demo-")) if directory is None else directory
     try:
-        kit = _provision(base / "bank", compartments)
+        wire_dir = base / "wire" if wire else None
+        kit = _provision(base / "bank", compartments, wire_dir)
         config = load_config(kit.config_path)
         # Logs go to a file so the terminal shows the customer's view; JSON lines for grep.
         log_file = (base / "lockerd.log").open("a", encoding="utf-8")
         configure_logging("info", "json", stream=log_file)
         print(f"lockerd demo: bank {kit.locker_id} with {compartments} compartments "
               f"(files in {base})", file=out)
+        if wire_dir is not None:
+            print(f"Hardware on the wire: Kerong boards on {wire_dir / 'kerong'}, serial "
+                  f"scanner on {wire_dir / 'scanner'}, serial keypad on "
+                  f"{wire_dir / 'keypad'}; the daemon uses its real drivers.", file=out)
         print("Pickup codes (the parcels are in their compartments):", file=out)
         for code in kit.codes:
             print(f"  compartment {code.compartment}: {code.code}   (code id {code.id})",
@@ -56,7 +73,7 @@ def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | N
         print("Type 'help' for commands, 'quit' to leave.\n", file=out)
         try:
             asyncio.run(_session(config_app=lambda: build_app(config), kit=kit,
-                                 stdin=stdin or sys.stdin, out=out))
+                                 stdin=stdin or sys.stdin, out=out, wire_dir=wire_dir))
         finally:
             log_file.close()
         return 0
@@ -65,7 +82,7 @@ def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | N
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _provision(directory: Path, compartments: int) -> BankKit:
+def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> BankKit:
     if (directory / "lockerd.toml").exists():
         shutil.rmtree(directory)
     count = min(3, compartments)
@@ -76,16 +93,28 @@ def _provision(directory: Path, compartments: int) -> BankKit:
     ]
     return make_bank(directory, compartments=compartments, codes=codes,
                      parcels=[c.compartment for c in codes if c.compartment],
-                     overrides={"entry": {"timeout_s": 60.0}})
+                     overrides={"entry": {"timeout_s": 60.0}}, wire=wire_dir)
 
 
 async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO,
-                   out: TextIO) -> None:
+                   out: TextIO, wire_dir: Path | None = None) -> None:
+    bank: WireBank | None = None
+    bank_task: asyncio.Task[None] | None = None
+    if wire_dir is not None:
+        # The "hardware": emulated boards and serial devices on ptys, before the daemon opens
+        # them, as a real bank's hardware is there before its controller boots.
+        bank = WireBank(compartments=list(kit.compartments),
+                        parcels=[c.compartment for c in kit.codes if c.compartment],
+                        directory=wire_dir)
+        bank_task = asyncio.create_task(bank.run(), name="wire bank")
+        await bank.ready.wait()
     app = config_app()
     daemon = asyncio.create_task(app.run(), name="daemon")
     await app.ready.wait()
-    world = world_of(app.hal)
-    printer = asyncio.create_task(_print_changes(app, world, out), name="printer")
+    # The person acts on the bank's world; the customer display is the daemon's (simulated).
+    world = bank.world if bank is not None else world_of(app.hal)
+    display = world_of(app.hal)
+    printer = asyncio.create_task(_print_changes(app, world, display, out), name="printer")
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -127,7 +156,7 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
                 get.cancel()
                 break
             text = get.result()
-            if text is None or not _command(text.strip(), world, app, kit, out):
+            if text is None or not _command(text.strip(), world, display, app, kit, out):
                 break
             # Let the daemon react before the next command is read.
             await asyncio.sleep(0.15)
@@ -137,10 +166,14 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
         app.request_stop()
         await daemon
         printer.cancel()
+        if bank_task is not None:
+            bank_task.cancel()
+            await asyncio.gather(bank_task, return_exceptions=True)
         print("lockerd demo stopped.", file=out)
 
 
-def _command(line: str, world: SimWorld, app: App, kit: BankKit, out: TextIO) -> bool:
+def _command(line: str, world: SimWorld, display: SimWorld, app: App, kit: BankKit,
+             out: TextIO) -> bool:
     """Run one typed command; False means leave."""
     if not line:
         return True
@@ -168,7 +201,7 @@ def _command(line: str, world: SimWorld, app: App, kit: BankKit, out: TextIO) ->
         elif word in ("jam", "unjam"):
             world.set_fault(f"lock:{arg}", "jam", word == "jam")
         elif word == "state":
-            _print_state(world, out)
+            _print_state(world, display, out)
         elif word == "codes":
             for code in kit.codes:
                 print(f"  compartment {code.compartment}: {code.code}", file=out)
@@ -183,14 +216,14 @@ def _command(line: str, world: SimWorld, app: App, kit: BankKit, out: TextIO) ->
     return True
 
 
-def _print_state(world: SimWorld, out: TextIO) -> None:
+def _print_state(world: SimWorld, display: SimWorld, out: TextIO) -> None:
     state = world.state()
     print("  door  lock      door    parcel  service", file=out)
     for cid, c in state["compartments"].items():
         print(f"  {cid:>4}  {'locked' if c['locked'] else 'released':8}  "
               f"{'open' if c['door_open'] else 'closed':6}  {'yes' if c['occupied'] else 'no':6}  "
               f"{'in' if c['in_service'] else 'OUT'}", file=out)
-    print("  display: " + " | ".join(state["display"].splitlines()), file=out)
+    print("  display: " + " | ".join(display.state()["display"].splitlines()), file=out)
 
 
 def _print_event(seq: int, type_: str, compartment: str | None, code_id: str | None,
@@ -200,20 +233,39 @@ def _print_event(seq: int, type_: str, compartment: str | None, code_id: str | N
     print(f"  event #{seq} {type_}{where}{code}", file=out)
 
 
-async def _print_changes(app: App, world: SimWorld, out: TextIO) -> None:
+async def _print_changes(app: App, world: SimWorld, display: SimWorld, out: TextIO) -> None:
     """Print what a person at the bank would notice, as it happens."""
     seen = app.events.last_seq()
-    with world.subscribe(DisplayChanged, DoorMoved, LockChanged) as sub:
-        while True:
-            change = await sub.get()
-            if isinstance(change, DisplayChanged):
-                if change.message.lines[0].startswith("Code: "):
-                    continue  # one masked line per digit typed adds nothing here
-                print("  [display] " + " | ".join(change.message.lines), file=out)
-            elif isinstance(change, DoorMoved):
-                print(f"  [door {change.compartment}] {'opened' if change.open else 'closed'}",
-                      file=out)
-            for event in app.events.since(seen):
-                _print_event(event.seq, event.type, event.compartment, event.code_id, out)
-                seen = event.seq
-            out.flush()
+    with world.subscribe(DisplayChanged, DoorMoved, LockChanged) as sub, \
+            display.subscribe(DisplayChanged) as shown:
+        changes: asyncio.Queue[WorldChange] = asyncio.Queue()
+
+        async def forward(source: Subscription) -> None:
+            while True:
+                changes.put_nowait(await source.get())
+
+        tasks = [asyncio.create_task(forward(sub))]
+        if display is not world:
+            tasks.append(asyncio.create_task(forward(shown)))
+        try:
+            await _print_loop(app, changes, seen, out)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+async def _print_loop(app: App, changes: asyncio.Queue[WorldChange], seen: int,
+                      out: TextIO) -> None:
+    while True:
+        change = await changes.get()
+        if isinstance(change, DisplayChanged):
+            if change.message.lines[0].startswith("Code: "):
+                continue  # one masked line per digit typed adds nothing here
+            print("  [display] " + " | ".join(change.message.lines), file=out)
+        elif isinstance(change, DoorMoved):
+            print(f"  [door {change.compartment}] {'opened' if change.open else 'closed'}",
+                  file=out)
+        for event in app.events.since(seen):
+            _print_event(event.seq, event.type, event.compartment, event.code_id, out)
+            seen = event.seq
+        out.flush()

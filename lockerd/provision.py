@@ -141,11 +141,14 @@ def make_bank(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     socket: bool = True,
     import_files: bool = True,
+    wire: Path | None = None,
 ) -> BankKit:
     """Write keys, code key, keyring, a codes bundle (version 1) and a sim config into
     `directory`. `overrides` replaces keys of config sections, e.g. {"doors": {...}}.
     Without `import_files` the config names no keyring or bundle file: the bank starts empty
-    and gets both over MQTT."""
+    and gets both over MQTT. With `wire` (the directory of a running `sim.wire` bank) the
+    locks, doors and occupancy use the real `kerong` driver and the keypad and scanner the
+    real `serial` drivers on that bank's pseudo-terminals; the display stays simulated."""
     directory.mkdir(parents=True, exist_ok=True)
     keys = directory / "keys"
     keys.mkdir(exist_ok=True)
@@ -184,9 +187,32 @@ def make_bank(
     if not import_files:
         del config["trust"]["keyring_file"]
         del config["codes"]
+    if wire is not None:
+        _wire_config(config, wire, ids)
     _merge(config, overrides or {})
     kit.config_path.write_text(to_toml(config), encoding="utf-8")
     return kit
+
+
+def _wire_config(config: dict[str, Any], wire: Path, ids: Sequence[str]) -> None:
+    """Point the hardware backends at a `sim.wire` bank's ports."""
+    from sim.wire.bank import WirePaths, kerong_wiring
+
+    paths = WirePaths(wire)
+    wiring = kerong_wiring(ids)
+    boards = sorted({int(place.split("/")[0]) for place in wiring.values()})
+    hal = config["hal"]
+    for kind in ("lock", "door_sensor", "occupancy"):
+        hal[kind] = {"backend": "kerong"}
+    hal["keypad"] = {"backend": "serial", "options": {"port": str(paths.keypad)}}
+    hal["scanner"] = {"backend": "serial", "options": {"port": str(paths.scanner)}}
+    del hal["tamper"]
+    config["backends"]["kerong"] = {
+        "port": str(paths.kerong), "poll_interval_s": 0.1,
+        "boards": [{"address": b, "engaged_bit": 1} for b in boards],
+        "compartments": wiring,
+    }
+    config["backends"]["sim"] = {}  # the display alone stays simulated
 
 
 def _merge(into: dict[str, Any], changes: Mapping[str, Any]) -> None:

@@ -220,7 +220,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_configs_validate() -> None:
-    for name in ("sim.toml", "lockerd.example.toml"):
+    for name in ("sim.toml", "wire.toml", "lockerd.example.toml"):
         res = lockerd("check-config", "-c", str(REPO / "config" / name))
         assert res.returncode == 0, res.stderr
         assert res.stdout.rstrip().endswith("locker L1)")

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="keep the demo's keys, config and database here (default: a "
                       "temporary directory removed at exit)")
     demo.add_argument("--compartments", type=int, default=8, help="number of compartments (8)")
+    demo.add_argument("--wire", action="store_true",
+                      help="run the simulated hardware on pseudo-terminals (Kerong lock boards, "
+                      "serial scanner and keypad) and the daemon with its real drivers")
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit",
                            description="Validate a configuration file: syntax, types, keys, "
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from lockerd.demo import run_demo
 
-            return run_demo(directory=args.dir, compartments=args.compartments)
+            return run_demo(directory=args.dir, compartments=args.compartments, wire=args.wire)
         config = load_config(args.config)
         configure_logging(config.logging.level, config.logging.format)
         if args.command == "run":
