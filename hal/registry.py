@@ -121,7 +121,15 @@ def decode_options(raw: Mapping[str, Any], schema: type[T], where: str) -> T:
     try:
         return msgspec.convert(dict(raw), schema, strict=True)
     except msgspec.ValidationError as exc:
-        raise BackendError(f"[{where}]: {_describe(exc)}") from exc
+        raise BackendError(f"{_table_name(where)}: {_describe(exc)}") from exc
+
+
+def _table_name(where: str) -> str:
+    """`backends.sim` -> `[backends.sim]`; a config key that already names its file and table
+    (`lockerd.toml: [hal.scanner]`, + `.options`) -> `lockerd.toml: [hal.scanner.options]`."""
+    if where.endswith("].options"):
+        where = where[: -len("].options")] + ".options]"
+    return where if "[" in where else f"[{where}]"
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

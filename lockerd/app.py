@@ -280,7 +280,7 @@ def _build_devices(config: Config, context: HalContext) -> Devices:
         if section is None:
             return None
         return build_device(kind, section.backend, options=section.options, context=context,
-                            config_key=f"{config.source}: [hal.{kind}] backend")
+                            config_key=f"{config.source}: [hal.{kind}]")
 
     hal = config.hal
     return Devices(

@@ -114,7 +114,7 @@ def _check(config: Config) -> int:
         section = getattr(config.hal, kind)
         if section is not None:
             load_backend_class(kind, section.backend,
-                               config_key=f"{config.source}: [hal.{kind}] backend")
+                               config_key=f"{config.source}: [hal.{kind}]")
     print(f"{config.source}: OK ({len(config.compartments)} compartments, "
           f"locker {config.locker.id})")
     return EXIT_OK

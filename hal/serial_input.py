@@ -1,0 +1,442 @@
+"""The "serial" scanner and keypad backends: lines and key bytes from a pyserial port URL."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from abc import abstractmethod
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, Protocol, TypeVar, cast
+
+import msgspec
+import serial  # type: ignore[import-untyped]
+import structlog
+
+from hal.base import (
+    Device,
+    DeviceHealth,
+    Emit,
+    HealthChanged,
+    Keypad,
+    KeyPressed,
+    Scanned,
+    Scanner,
+)
+from hal.errors import BackendError
+from hal.registry import decode_options
+
+if TYPE_CHECKING:
+    from hal.registry import HalContext
+
+log = structlog.get_logger("hal.serial")
+
+KEYPAD_KEYS: Final = frozenset(b"0123456789*#")
+# A keypad that ends its keys with a newline is not sending junk.
+_KEYPAD_IGNORED: Final = frozenset(b"\r\n")
+# How long one blocking read in the worker thread may wait. Cancellation interrupts it at once
+# (Serial.cancel_read), so this only bounds the wait for URL handlers that cannot be interrupted
+# and how soon a port that reopened without traffic counts as working again.
+READ_TIMEOUT_S: Final = 0.5
+READ_CHUNK: Final = 4096
+# One warning per kind of drop in this interval; the rest are counted into the next warning so
+# that a babbling device cannot flood the journal.
+WARN_INTERVAL_S: Final = 5.0
+
+T = TypeVar("T")
+
+
+class _Options(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    port: Annotated[str, msgspec.Meta(min_length=1)]
+    """pyserial port or URL: /dev/ttyACM0, /dev/serial/by-id/..., spy:///dev/ttyUSB1."""
+    baudrate: Annotated[int, msgspec.Meta(ge=50, le=4_000_000)] = 9600
+    reopen_cooldown_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    """Pause between attempts to (re)open a port that is missing or failed."""
+    dead_after_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 10.0
+    """The port unusable this long: the device is reported faulty (HealthChanged ok=False)."""
+
+
+class SerialScannerOptions(_Options, kw_only=True):
+    """The `[hal.scanner.options]` table of the "serial" scanner."""
+
+    terminator: Literal["\r\n", "\n", "\r"] = "\r\n"
+    max_line: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 512
+    """Longest accepted line in bytes, without the terminator."""
+    max_lines_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 10.0
+    """Flood limit: sustained lines per second (a burst of this many lines passes at once)."""
+
+
+class SerialKeypadOptions(_Options, kw_only=True):
+    """The `[hal.keypad.options]` table of the "serial" keypad: one byte is one key."""
+
+    max_keys_per_s: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 30.0
+    """Flood limit: sustained keys per second (a burst of this many keys passes at once)."""
+
+
+class _Port(Protocol):
+    """What this module uses of a pyserial Serial object (pyserial ships no type hints)."""
+
+    @property
+    def in_waiting(self) -> int: ...
+
+    def read(self, size: int = 1) -> bytes: ...
+
+    def cancel_read(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Overlong:
+    """A line passed `max_line` bytes without a terminator; the rest of it is skipped too."""
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines at `terminator`, bounding the memory a line may take."""
+
+    def __init__(self, terminator: bytes, max_line: int) -> None:
+        if not terminator:
+            raise ValueError("the terminator must not be empty")
+        if max_line < 1:
+            raise ValueError("max_line must be at least 1")
+        self._term = terminator
+        self._max = max_line
+        self._buf = bytearray()
+        self._skipping = False  # inside an over-long line: wait for its terminator
+
+    def feed(self, data: bytes) -> list[bytes | Overlong]:
+        """The lines that `data` completes, terminators removed; an Overlong for each line
+        longer than `max_line`, reported as soon as it is known."""
+        out: list[bytes | Overlong] = []
+        self._buf += data
+        while (end := self._buf.find(self._term)) >= 0:
+            line = bytes(self._buf[:end])
+            del self._buf[: end + len(self._term)]
+            if self._skipping:
+                self._skipping = False  # the tail of a line already reported
+            elif len(line) > self._max:
+                out.append(Overlong())
+            else:
+                out.append(line)
+        # No terminator among max_line + len(terminator) bytes: no ending can make this line
+        # fit any more. Keep only what may be the start of a terminator split across reads.
+        if not self._skipping and len(self._buf) >= self._max + len(self._term):
+            out.append(Overlong())
+            self._skipping = True
+        if self._skipping:
+            del self._buf[: len(self._buf) - (len(self._term) - 1)]
+        return out
+
+
+class TokenBucket:
+    """Allows `rate` events per second on average and bursts of up to `burst`."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._last: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._last is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class _Drops:
+    """Counts dropped input by reason and logs warnings, at most one per reason and interval."""
+
+    def __init__(self, device: str, port: str) -> None:
+        self._device = device
+        self._port = port
+        self.counts: Counter[str] = Counter()
+        self._last_warned: dict[str, float] = {}
+        self._unreported: Counter[str] = Counter()
+
+    def drop(self, reason: str, message: str, now: float, **detail: object) -> None:
+        self.counts[reason] += 1
+        last = self._last_warned.get(reason)
+        if last is not None and now - last < WARN_INTERVAL_S:
+            self._unreported[reason] += 1
+            return
+        self._last_warned[reason] = now
+        also = self._unreported.pop(reason, 0)
+        if also:
+            detail["also_dropped"] = also
+        log.warning(message, device=self._device, port=self._port, reason=reason, **detail)
+
+
+async def _in_thread(
+    pool: Executor,
+    fn: Callable[[], T],
+    *,
+    abort: Callable[[], None] | None = None,
+    discard: Callable[[T], None] | None = None,
+) -> T:
+    """Run blocking `fn` in `pool`. On cancellation, interrupt it with `abort`, let it finish
+    (so that the caller never closes a port under a running read), hand a result that comes
+    anyway to `discard` (an open that completes after all is closed again), and re-raise."""
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(pool, fn)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if abort is not None:
+            try:
+                abort()
+            except OSError as exc:
+                log.debug("could not interrupt a serial read", error=str(exc))
+
+        def settle(done: asyncio.Future[T]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            if discard is not None:
+                discard(done.result())
+
+        fut.add_done_callback(settle)
+        await asyncio.wait([fut])
+        raise
+
+
+def _read_some(port: _Port) -> bytes:
+    """Wait up to the port's timeout for a byte, then take what else has already arrived."""
+    first = port.read(1)
+    if not first:
+        return b""
+    waiting = min(port.in_waiting, READ_CHUNK - 1)
+    return bytes(first) + (bytes(port.read(waiting)) if waiting else b"")
+
+
+def _close_quietly(port: _Port) -> None:
+    try:
+        port.close()
+    except OSError as exc:
+        log.debug("closing a serial port failed", error=str(exc))
+
+
+def _check_port(port: str, where: str) -> None:
+    """Refuse, at startup, a port URL whose scheme pyserial has no handler for."""
+    if "\x00" in port:
+        raise BackendError(f"[{where}]: the port must not contain a NUL character (key 'port')")
+    if "://" not in port:
+        return  # a device path: whether it exists is a run-time matter (USB is hot-plugged)
+    scheme = port.split("://", 1)[0].lower()
+    for package in serial.protocol_handler_packages:
+        try:
+            importlib.import_module(f"{package}.protocol_{scheme}")
+        except ImportError:
+            continue
+        return
+    raise BackendError(
+        f"[{where}]: port {port!r}: pyserial has no handler for {scheme}:// (key 'port')"
+    )
+
+
+class _SerialInput(Device):
+    """The loop both serial input devices share: open, read in a worker thread, reopen after a
+    cooldown forever, and report the device dead once its port has been unusable long enough.
+    A subclass only turns bytes into events (`_feed`)."""
+
+    DEVICE: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        options: Mapping[str, Any],
+        context: HalContext,
+        config_key: str,
+        settings: _Options,
+        where: str,
+    ) -> None:
+        super().__init__(options=options, context=context, config_key=config_key)
+        _check_port(settings.port, where)
+        self._settings = settings
+        self._drops = _Drops(self.DEVICE, settings.port)
+        self._port_open = False
+        self._dead = False
+        self._unusable_since: float | None = None  # when the port last stopped working
+        self._error = ""
+
+    @property
+    def port_open(self) -> bool:
+        """True while the port is open and being read."""
+        return self._port_open
+
+    @property
+    def dropped(self) -> Mapping[str, int]:
+        """How much input was dropped so far, by reason: too_long, not_utf8, junk, flood."""
+        return dict(self._drops.counts)
+
+    async def health(self) -> DeviceHealth:
+        if self._dead:
+            return DeviceHealth(ok=False, detail=self._dead_detail())
+        if self._unusable_since is not None:
+            return DeviceHealth(ok=True, detail=f"reopening {self._settings.port}: {self._error}")
+        return DeviceHealth(ok=True)
+
+    async def run(self, emit: Emit) -> None:
+        # A thread of its own: a read blocks for up to READ_TIMEOUT_S and must neither wait
+        # behind nor hold up the work of the loop's default executor.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hal-{self.DEVICE}")
+        try:
+            await self._serve(pool, emit)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, pool: Executor, emit: Emit) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                port = await _in_thread(pool, self._open, discard=_close_quietly)
+            except (OSError, ValueError) as exc:  # SerialException is an OSError
+                self._unusable(exc, "cannot open the serial port; retrying", emit)
+                await asyncio.sleep(self._retry_delay(loop.time()))
+                continue
+            self._port_open = True
+            log.info("serial port open", device=self.DEVICE, port=self._settings.port)
+            try:
+                self._opened()
+                await self._pump(pool, port, emit)
+            except OSError as exc:
+                self._unusable(exc, "serial port lost; reopening", emit)
+            finally:
+                self._port_open = False
+                _close_quietly(port)
+            # A port that opens but fails at once must not spin: always pause before reopening.
+            await asyncio.sleep(self._retry_delay(loop.time()))
+
+    def _open(self) -> _Port:
+        port = serial.serial_for_url(
+            self._settings.port, baudrate=self._settings.baudrate, timeout=READ_TIMEOUT_S
+        )
+        return cast(_Port, port)
+
+    async def _pump(self, pool: Executor, port: _Port, emit: Emit) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await _in_thread(pool, lambda: _read_some(port), abort=port.cancel_read)
+            # A read that completed (with data or by timing out) proves the port works; only
+            # then is a dead device back, so a port that opens but cannot be read stays dead.
+            self._usable(emit)
+            if data:
+                self._feed(data, loop.time(), emit)
+
+    def _unusable(self, exc: BaseException, message: str, emit: Emit) -> None:
+        now = asyncio.get_running_loop().time()
+        self._error = str(exc) or type(exc).__name__
+        port = self._settings.port
+        if self._unusable_since is None:
+            self._unusable_since = now
+            log.warning(message, device=self.DEVICE, port=port, error=self._error)
+        else:
+            log.debug(message, device=self.DEVICE, port=port, error=self._error)
+        if not self._dead and now - self._unusable_since >= self._settings.dead_after_s:
+            self._dead = True
+            log.error("serial device dead", device=self.DEVICE, port=port, error=self._error)
+            emit(HealthChanged(device=self.DEVICE, ok=False, detail=self._dead_detail()))
+
+    def _usable(self, emit: Emit) -> None:
+        if self._unusable_since is None:
+            return
+        self._unusable_since = None
+        self._error = ""
+        if self._dead:
+            self._dead = False
+            port = self._settings.port
+            log.info("serial device back", device=self.DEVICE, port=port)
+            emit(HealthChanged(device=self.DEVICE, ok=True, detail=f"port {port} works again"))
+
+    def _retry_delay(self, now: float) -> float:
+        delay = self._settings.reopen_cooldown_s
+        if not self._dead and self._unusable_since is not None:
+            # Look again when the dead time is up, so that the fault is reported on time even
+            # when the cooldown is the longer of the two.
+            until_dead = self._unusable_since + self._settings.dead_after_s - now
+            delay = min(delay, max(until_dead, 0.0))
+        return delay
+
+    def _dead_detail(self) -> str:
+        return (f"port {self._settings.port} unusable for {self._settings.dead_after_s:g} s "
+                f"or more: {self._error}")
+
+    def _opened(self) -> None:
+        """Hook: the port was (re)opened; forget what was half read from the last one."""
+
+    @abstractmethod
+    def _feed(self, data: bytes, now: float, emit: Emit) -> None:
+        """Turn bytes read from the port into events."""
+
+
+class SerialScanner(_SerialInput, Scanner):
+    """A QR/barcode scanner that sends each read as one line of UTF-8 text."""
+
+    DEVICE = "scanner"
+
+    def __init__(self, *, options: Mapping[str, Any], context: HalContext, config_key: str) -> None:
+        where = f"{config_key}.options"
+        settings = decode_options(options, SerialScannerOptions, where)
+        super().__init__(options=options, context=context, config_key=config_key,
+                         settings=settings, where=where)
+        self.settings = settings
+        self._bucket = TokenBucket(settings.max_lines_per_s, max(1.0, settings.max_lines_per_s))
+        self._lines = self._splitter()
+
+    def _splitter(self) -> LineSplitter:
+        return LineSplitter(self.settings.terminator.encode("ascii"), self.settings.max_line)
+
+    def _opened(self) -> None:
+        # Half a line left from a port that went away must not prefix the next scan.
+        self._lines = self._splitter()
+
+    def _feed(self, data: bytes, now: float, emit: Emit) -> None:
+        for item in self._lines.feed(data):
+            if isinstance(item, Overlong):
+                self._drops.drop("too_long", "scanner line too long; dropped", now,
+                                 max_line=self.settings.max_line)
+                continue
+            if not item:
+                continue  # an empty line carries nothing worth a warning
+            try:
+                text = item.decode("utf-8")
+            except UnicodeDecodeError:
+                # Only the length is logged: a scan may be an access code.
+                self._drops.drop("not_utf8", "scanner line is not UTF-8; dropped", now,
+                                 length=len(item))
+                continue
+            if not self._bucket.allow(now):
+                self._drops.drop("flood", "scanner sends too many lines; line dropped", now,
+                                 limit_per_s=self.settings.max_lines_per_s)
+                continue
+            emit(Scanned(text))
+
+
+class SerialKeypad(_SerialInput, Keypad):
+    """A keypad that sends one ASCII byte per key: 0-9, `*` and `#`."""
+
+    DEVICE = "keypad"
+
+    def __init__(self, *, options: Mapping[str, Any], context: HalContext, config_key: str) -> None:
+        where = f"{config_key}.options"
+        settings = decode_options(options, SerialKeypadOptions, where)
+        super().__init__(options=options, context=context, config_key=config_key,
+                         settings=settings, where=where)
+        self.settings = settings
+        self._bucket = TokenBucket(settings.max_keys_per_s, max(1.0, settings.max_keys_per_s))
+
+    def _feed(self, data: bytes, now: float, emit: Emit) -> None:
+        for byte in data:
+            if byte in KEYPAD_KEYS:
+                if self._bucket.allow(now):
+                    emit(KeyPressed(chr(byte)))
+                else:
+                    self._drops.drop("flood", "keypad sends too many keys; key dropped", now,
+                                     limit_per_s=self.settings.max_keys_per_s)
+            elif byte not in _KEYPAD_IGNORED:
+                self._drops.drop("junk", "keypad sent a byte that is no key; dropped", now,
+                                 byte=f"0x{byte:02x}")
