@@ -21,7 +21,8 @@ from hal.errors import BackendError
 from hal.registry import HalContext, build_device
 from hal.serial_input import LineSplitter, Overlong, SerialKeypad, SerialScanner
 from lockerd.provision import BankKit, PlainCode
-from sim.wire.serial_devices import KeypadEmulator, ScannerEmulator, open_pty
+from sim.wire.pty import open_pty
+from sim.wire.serial_devices import KeypadEmulator, ScannerEmulator
 from sim.world import SimWorld
 
 FAST = {"reopen_cooldown_s": 0.05, "dead_after_s": 0.3}

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sim.control import ControlServer
-from sim.wire.kerong import KerongEmulator, open_pty
+from sim.wire.kerong import KerongEmulator
+from sim.wire.pty import open_pty
 from sim.wire.serial_devices import KeypadEmulator, ScannerEmulator
 from sim.world import SimWorld
 

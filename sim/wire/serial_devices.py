@@ -6,7 +6,6 @@ import asyncio
 import errno
 import os
 import random
-import tty
 from typing import Final
 
 import structlog
@@ -17,24 +16,6 @@ from sim.world import STUCK_KEY_REPEAT_S, FaultChanged, SimWorld
 log = structlog.get_logger("sim.wire.serial")
 
 TERMINATORS: Final = (b"\r\n", b"\n", b"\r")
-
-
-def open_pty() -> tuple[int, str]:
-    """A new pseudo-terminal: (master fd for the emulator, slave path for the device side).
-
-    The slave is put in raw mode so that no line discipline rewrites the bytes; the emulator
-    keeps only the master, as a real device keeps only its end of the cable.
-    """
-    master, slave = os.openpty()
-    try:
-        tty.setraw(slave)
-        path = os.ttyname(slave)
-    except OSError:
-        os.close(master)
-        raise
-    finally:
-        os.close(slave)
-    return master, path
 
 
 async def _writable(fd: int) -> None:

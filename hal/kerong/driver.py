@@ -1,0 +1,365 @@
+"""The Kerong bus driver: polls every board, keeps latch and infrared state, reports changes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Final, Literal
+
+import msgspec
+import structlog
+
+from hal.base import DeviceHealth, DoorChanged, DoorState, HealthChanged, OccupancyChanged
+from hal.errors import BackendError, HardwareFault
+from hal.kerong.codec import MAX_BOARD, MAX_LOCK, StatusReply
+from hal.kerong.transport import DEFAULT_BAUDRATE, KerongTransport, PortUnavailable
+
+if TYPE_CHECKING:
+    from hal.registry import HalContext
+
+SETTINGS_KEY: Final = "kerong"
+BUS_DEVICE: Final = "rs485"
+"""HealthChanged.device of the serial port itself (adapter unplugged, port missing)."""
+# One lost reply is line noise; this many in a row is a board that is gone. At the default
+# timings a dead board is reported about a second after it stopped answering.
+MISSES_BEFORE_FAULT: Final = 3
+
+log = structlog.get_logger("hal.kerong")
+
+BusEvent = DoorChanged | OccupancyChanged | HealthChanged
+
+_SLOT = re.compile(r"\s*([0-9]{1,2})\s*/\s*([0-9]{1,2})\s*")
+
+
+class BoardSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One `[[backends.kerong.boards]]` table."""
+
+    address: Annotated[int, msgspec.Meta(ge=0, le=MAX_BOARD)]
+    """The board's address (its DIP switches), 0-15."""
+    engaged_bit: Literal[0, 1]
+    """The latch-bit value that means "engaged" (door shut) on this board's revision."""
+
+
+class KerongSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """The `[backends.kerong]` table of the configuration."""
+
+    port: Annotated[str, msgspec.Meta(min_length=1)]
+    """A pyserial URL or device path: /dev/ttyUSB0, spy:///dev/ttyUSB0?file=/tmp/bus.txt, ..."""
+    boards: Annotated[list[BoardSettings], msgspec.Meta(min_length=1, max_length=MAX_BOARD + 1)]
+    compartments: dict[str, str]
+    """Compartment id -> "board/lock", e.g. {"1" = "0/0"}; locks are numbered 0-15."""
+    baudrate: Annotated[int, msgspec.Meta(gt=0)] = DEFAULT_BAUDRATE
+    reply_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.2
+    poll_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.25
+    reopen_cooldown_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Where a compartment's lock is wired: board address and lock number (0-15)."""
+
+    board: int
+    lock: int
+
+
+def parse_layout(
+    settings: KerongSettings, compartments: Sequence[str]
+) -> dict[str, Slot]:
+    """Check `compartments` of the settings against the bank; errors name the config key."""
+    where = f"[backends.{SETTINGS_KEY}]"
+    addresses = [b.address for b in settings.boards]
+    dupes = sorted({a for a in addresses if addresses.count(a) > 1})
+    if dupes:
+        raise BackendError(f"{where} boards: address {dupes[0]} is listed twice")
+    key = f"{where} compartments"
+    layout: dict[str, Slot] = {}
+    taken: dict[Slot, str] = {}
+    for cid, text in settings.compartments.items():
+        if cid not in compartments:
+            raise BackendError(f"{key}: {cid!r} is not a compartment of this bank")
+        match = _SLOT.fullmatch(text)
+        if match is None:
+            raise BackendError(
+                f"{key}: {cid!r} = {text!r} is not \"board/lock\" (e.g. \"0/3\")"
+            )
+        board, lock = int(match[1]), int(match[2])
+        if board not in addresses:
+            raise BackendError(
+                f"{key}: {cid!r} is on board {board}, which is not in [[backends.kerong.boards]]"
+            )
+        if lock > MAX_LOCK:
+            raise BackendError(f"{key}: {cid!r} names lock {lock}; locks are 0-{MAX_LOCK}")
+        slot = Slot(board, lock)
+        if slot in taken:
+            raise BackendError(
+                f"{key}: {cid!r} and {taken[slot]!r} are both wired to {board}/{lock}"
+            )
+        taken[slot] = cid
+        layout[cid] = slot
+    missing = [cid for cid in compartments if cid not in layout]
+    if missing:
+        raise BackendError(
+            f"{key}: compartment {missing[0]!r} is not mapped to a board/lock"
+            + (f" (nor are {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    return layout
+
+
+def resolve_port(port: str, config_dir: Path) -> str:
+    """A relative device path is taken from the config file's directory; URLs are left alone."""
+    if "://" in port or Path(port).is_absolute():
+        return port
+    return str(config_dir / port)
+
+
+@dataclass(slots=True)
+class _Board:
+    address: int
+    engaged_bit: int
+    reply: StatusReply | None = None  # None: state unknown (never heard, faulted, port down)
+    misses: int = 0
+    faulted: bool = False
+    detail: str = ""
+
+
+class KerongBus:
+    """Several CU16 boards on one RS-485 line, seen as per-compartment door and parcel states.
+
+    The only periodic work is `run`: it polls every configured board in turn (polling is how
+    RS-485 boards are read: they never speak unasked). A reply updates the latch bits (the
+    door state: released = open) and the infrared bits (occupancy) of that board's
+    compartments; listeners (`listen`) get a DoorChanged / OccupancyChanged per change. A board
+    that misses MISSES_BEFORE_FAULT replies in a row is a fault (HealthChanged "board:<n>"),
+    its doors read UNKNOWN, and it recovers by itself when it answers again. A serial port that
+    fails is a fault of BUS_DEVICE; every door reads UNKNOWN until it is back.
+    """
+
+    def __init__(
+        self,
+        settings: KerongSettings,
+        *,
+        compartments: Sequence[str],
+        config_dir: Path | None = None,
+        transport: KerongTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.layout = parse_layout(settings, compartments)
+        self.transport = transport or KerongTransport(
+            resolve_port(settings.port, config_dir or Path.cwd()),
+            baudrate=settings.baudrate,
+            reply_timeout_s=settings.reply_timeout_s,
+            reopen_cooldown_s=settings.reopen_cooldown_s,
+        )
+        self._boards = {
+            b.address: _Board(b.address, b.engaged_bit)
+            for b in sorted(settings.boards, key=lambda b: b.address)
+        }
+        self._bus_ok: bool | None = None  # None until the first attempt to open the port
+        self._doors_seen: dict[str, DoorState] = dict.fromkeys(self.layout, DoorState.UNKNOWN)
+        self._occupied_seen: dict[str, bool] = {}
+        self._suspects: dict[str, str] = {}
+        self._listeners: list[asyncio.Queue[BusEvent]] = []
+        self._started = False
+
+    @classmethod
+    def from_context(cls, context: HalContext) -> KerongBus:
+        """The bus described by `[backends.kerong]`, for the compartments of this bank."""
+        settings = context.settings(SETTINGS_KEY, KerongSettings)
+        return cls(settings, compartments=context.compartments, config_dir=context.config_dir)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def doors(self) -> dict[str, DoorState]:
+        """Door state per compartment: CLOSED when the latch is engaged, OPEN when released,
+        UNKNOWN while its board (or the port) is faulty or has not answered yet."""
+        return {cid: self._door(cid) for cid in self.layout}
+
+    def occupancy(self) -> dict[str, bool]:
+        """Parcel seen by the infrared sensor, for the compartments whose board state is known
+        (a compartment on a silent board is left out rather than guessed)."""
+        out: dict[str, bool] = {}
+        for cid, slot in self.layout.items():
+            reply = self._boards[slot.board].reply
+            if reply is not None:
+                out[cid] = bool(reply.ir_bit(slot.lock))
+        return out
+
+    def faults(self) -> list[HealthChanged]:
+        """The faults active now, as the events that reported them."""
+        out: list[HealthChanged] = []
+        if self._bus_ok is False:
+            out.append(HealthChanged(BUS_DEVICE, False, self._bus_detail()))
+        out += [
+            HealthChanged(f"board:{b.address}", False, b.detail)
+            for b in self._boards.values()
+            if b.faulted
+        ]
+        return out
+
+    def health(self) -> DeviceHealth:
+        problems = [f"{f.device}: {f.detail}" for f in self.faults()]
+        problems += [f"compartment {cid}: {why}" for cid, why in sorted(self._suspects.items())]
+        decoder = self.transport.decoder
+        noise = []
+        if decoder.bad_checksums:
+            noise.append(f"{decoder.bad_checksums} replies with a bad checksum discarded")
+        if decoder.discarded_bytes:
+            noise.append(f"{decoder.discarded_bytes} stray bytes skipped")
+        if problems:
+            return DeviceHealth(ok=False, detail="; ".join(problems + noise))
+        return DeviceHealth(ok=True, detail="; ".join(noise))
+
+    @contextmanager
+    def listen(self) -> Iterator[asyncio.Queue[BusEvent]]:
+        """A queue of every change from now on, until the `with` block ends."""
+        queue: asyncio.Queue[BusEvent] = asyncio.Queue()
+        self._listeners.append(queue)
+        try:
+            yield queue
+        finally:
+            self._listeners.remove(queue)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def unlock(self, compartment: str) -> None:
+        """Send the unlock frame of `compartment`'s lock; the board times the pulse.
+
+        The frame is sent even when the latch already reads released: a cut feedback cable
+        reads "released" forever, and a customer must not be refused because of it. The
+        mismatch is logged and shown by `health()` until the latch reads engaged again.
+        Raises HardwareFault when the frame could not be written (port unavailable).
+        """
+        slot = self.layout.get(compartment)
+        if slot is None:
+            raise HardwareFault(f"kerong: no compartment {compartment!r} on this bus")
+        if self._door(compartment) is DoorState.OPEN:
+            why = "latch read released before an unlock (door open, or a cut sensor cable?)"
+            self._suspects[compartment] = why
+            log.warning("unlocking a compartment whose latch already reads released",
+                        compartment=compartment, board=slot.board, lock=slot.lock)
+        try:
+            await self.transport.send_unlock(slot.board, slot.lock)
+        except PortUnavailable as exc:
+            self._set_bus(False)
+            detail = f"kerong: unlock of compartment {compartment} not sent: {exc}"
+            raise HardwareFault(detail) from exc
+
+    async def scan(self) -> dict[str, bool]:
+        """Diagnostics: probe every address 0-15 with a status query; {"board:<n>": answered}."""
+        found: dict[str, bool] = {}
+        for address in range(MAX_BOARD + 1):
+            try:
+                reply = await self.transport.query_status(address)
+            except PortUnavailable as exc:
+                self._set_bus(False)
+                raise HardwareFault(f"kerong bus scan: {exc}") from exc
+            found[f"board:{address}"] = reply is not None
+        return found
+
+    # -- polling ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Poll once, so that the first `doors()` already tells the truth. Idempotent, and
+        never raises for a hardware problem: a missing port is a fault, not a startup error."""
+        if self._started:
+            return
+        self._started = True
+        await self.poll_once()
+
+    async def run(self) -> None:
+        """Poll every board until cancelled (the bank's `kerong.poll` service)."""
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(max(self.settings.poll_interval_s, self.transport.retry_in()))
+
+    async def poll_once(self) -> None:
+        """Ask every configured board for its status once and report what changed."""
+        try:
+            await self.transport.ensure_open()
+        except PortUnavailable:
+            self._set_bus(False)
+            return
+        self._set_bus(True)
+        for board in self._boards.values():
+            try:
+                reply = await self.transport.query_status(board.address)
+            except PortUnavailable:
+                self._set_bus(False)
+                return
+            if reply is None:
+                self._on_miss(board)
+            else:
+                self._on_reply(board, reply)
+            self._publish_changes()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _door(self, cid: str) -> DoorState:
+        slot = self.layout[cid]
+        board = self._boards[slot.board]
+        if board.reply is None:
+            return DoorState.UNKNOWN
+        engaged = board.reply.lock_bit(slot.lock) == board.engaged_bit
+        return DoorState.CLOSED if engaged else DoorState.OPEN
+
+    def _on_reply(self, board: _Board, reply: StatusReply) -> None:
+        board.misses = 0
+        board.reply = reply
+        if board.faulted:
+            board.faulted = False
+            log.info("kerong board answers again", board=board.address)
+            self._publish(HealthChanged(f"board:{board.address}", True, "answers again"))
+        for cid, slot in self.layout.items():
+            if slot.board == board.address and self._door(cid) is DoorState.CLOSED:
+                # The latch feedback works: whatever was suspected of it is resolved.
+                self._suspects.pop(cid, None)
+
+    def _on_miss(self, board: _Board) -> None:
+        board.misses += 1
+        if board.misses >= MISSES_BEFORE_FAULT and not board.faulted:
+            board.faulted = True
+            board.reply = None
+            board.detail = (
+                f"no reply to {board.misses} status queries in a row on {self.transport.url}"
+            )
+            log.warning("kerong board does not answer", board=board.address, detail=board.detail)
+            self._publish(HealthChanged(f"board:{board.address}", False, board.detail))
+
+    def _bus_detail(self) -> str:
+        return f"{self.transport.url}: {self.transport.error or 'not open'}"
+
+    def _set_bus(self, ok: bool) -> None:
+        if ok == self._bus_ok:
+            return
+        was = self._bus_ok
+        self._bus_ok = ok
+        if not ok:
+            # Nothing read before the loss says anything about the boards now.
+            for board in self._boards.values():
+                board.reply = None
+                board.misses = 0
+            self._publish(HealthChanged(BUS_DEVICE, False, self._bus_detail()))
+            self._publish_changes()
+        elif was is False:
+            self._publish(HealthChanged(BUS_DEVICE, True, f"{self.transport.url}: open again"))
+
+    def _publish_changes(self) -> None:
+        for cid, state in self.doors().items():
+            if self._doors_seen.get(cid) is not state:
+                self._doors_seen[cid] = state
+                self._publish(DoorChanged(cid, state))
+        for cid, occupied in self.occupancy().items():
+            if self._occupied_seen.get(cid) != occupied:
+                self._occupied_seen[cid] = occupied
+                self._publish(OccupancyChanged(cid, occupied))
+
+    def _publish(self, event: BusEvent) -> None:
+        for queue in self._listeners:
+            queue.put_nowait(event)

@@ -1,0 +1,325 @@
+"""Async transport to a Kerong RS-485 bus over a pyserial URL: one request at a time, reopens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Final
+
+import serial  # type: ignore[import-untyped]
+import structlog
+
+from hal.errors import HardwareFault
+from hal.kerong.codec import FrameDecoder, StatusReply, encode_status, encode_unlock
+
+DEFAULT_BAUDRATE: Final = 19200
+# A 5-byte frame leaves at once on any working adapter; the bound only matters for one whose
+# output has stalled, which then counts as a failed port instead of holding the event loop.
+WRITE_TIMEOUT_S: Final = 0.1
+# Ports without a file descriptor (rfc2217://) are read in a worker thread in slices this long,
+# so a cancelled request never leaves a thread blocked for long.
+THREAD_READ_S: Final = 0.05
+READ_CHUNK: Final = 256
+
+log = structlog.get_logger("hal.kerong")
+
+
+class PortUnavailable(HardwareFault):
+    """The serial port is not usable: it would not open, or it failed (adapter unplugged)."""
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """Counters for diagnostics; they only ever grow."""
+
+    opens: int = 0
+    failures: int = 0
+    """The port would not open, or failed while open."""
+    queries: int = 0
+    timeouts: int = 0
+    """Status queries that got no valid reply in time."""
+    unlocks: int = 0
+    stray_replies: int = 0
+    """Valid replies nobody was waiting for (late, or from another board)."""
+
+
+def _close_quietly(port: Any) -> None:
+    # Closing a port that has just failed may fail again; there is nothing left to do about it.
+    with contextlib.suppress(OSError, ValueError):
+        port.close()
+    # pyserial's spy:// opens its capture file (`?file=`) and never closes it: close it here so
+    # the capture is flushed to disk now, not whenever the port object is collected.
+    output = getattr(getattr(port, "formatter", None), "output", None)
+    if output is not None and output not in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            output.close()
+
+
+def _fileno(port: Any) -> int | None:
+    try:
+        fd = port.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+class KerongTransport:
+    """The serial line to the boards, as a request/response service.
+
+    `query_status` writes a status query and waits (without blocking the event loop) for the
+    reply of that board, or returns None after `reply_timeout_s`. `send_unlock` writes an
+    unlock frame; boards never answer those. Requests are serialised: RS-485 is half duplex,
+    and an unlock written while a board is answering would collide with the answer.
+
+    A port that fails (USB adapter unplugged: EIO, ENXIO, ENOENT on reopen; a SerialException)
+    is closed, and reopened on the next request once `reopen_cooldown_s` has passed; meanwhile
+    requests raise PortUnavailable at once. Nothing here raises anything else for a hardware
+    problem, and nothing crashes on bytes from the line.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        baudrate: int = DEFAULT_BAUDRATE,
+        reply_timeout_s: float = 0.2,
+        reopen_cooldown_s: float = 2.0,
+    ) -> None:
+        if not url:
+            raise ValueError("the serial port URL must not be empty")
+        if reply_timeout_s <= 0 or reopen_cooldown_s <= 0 or baudrate <= 0:
+            raise ValueError("baudrate, reply_timeout_s and reopen_cooldown_s must be positive")
+        self.url = url
+        self.baudrate = baudrate
+        self.reply_timeout_s = reply_timeout_s
+        self.reopen_cooldown_s = reopen_cooldown_s
+        self.decoder = FrameDecoder()
+        self.stats = TransportStats()
+        self._lock = asyncio.Lock()
+        self._port: Any = None
+        self._fd: int | None = None
+        self._retry_at = 0.0
+        self._error = ""
+        self._logged_error = ""
+        self._waiter: tuple[int, asyncio.Future[StatusReply]] | None = None
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._port is not None
+
+    @property
+    def error(self) -> str:
+        """Why the port is not open ("" when it is, or was never tried)."""
+        return "" if self._port is not None else self._error
+
+    def retry_in(self) -> float:
+        """Seconds until the next attempt to open the port is allowed (0 when open or due)."""
+        if self._port is not None:
+            return 0.0
+        return max(0.0, self._retry_at - asyncio.get_running_loop().time())
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def ensure_open(self) -> None:
+        """Open the port unless it is open; raises PortUnavailable (at once during the cooldown)."""
+        async with self._lock:
+            await self._ensure_open_locked()
+
+    async def query_status(self, board: int) -> StatusReply | None:
+        """The status of `board`, or None when it did not answer in time."""
+        frame = encode_status(board)
+        async with self._lock:
+            port = await self._ensure_open_locked()
+            self.stats.queries += 1
+            if self._fd is None:
+                return await self._query_threaded(port, board, frame)
+            self._write(port, frame)
+            # The waiter is set after the write: a reply can only be delivered by the reader
+            # callback, which cannot run before this task awaits.
+            future: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
+            self._waiter = (board, future)
+            try:
+                async with asyncio.timeout(self.reply_timeout_s):
+                    return await future
+            except TimeoutError:
+                self.stats.timeouts += 1
+                return None
+            finally:
+                self._waiter = None
+
+    async def send_unlock(self, board: int, lock: int) -> None:
+        """Write the unlock frame of `lock` on `board`. The board times the pulse and never
+        answers; raises PortUnavailable when the frame could not be written."""
+        frame = encode_unlock(board, lock)
+        async with self._lock:
+            port = await self._ensure_open_locked()
+            self._write(port, frame)
+            self.stats.unlocks += 1
+
+    async def close(self) -> None:
+        """Close the port; a later request opens it again without waiting for a cooldown."""
+        async with self._lock:
+            port = self._detach()
+            self._retry_at = 0.0
+            self._error = ""
+            if port is not None:
+                await asyncio.to_thread(_close_quietly, port)
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _ensure_open_locked(self) -> Any:
+        if self._port is not None:
+            return self._port
+        loop = asyncio.get_running_loop()
+        wait = self._retry_at - loop.time()
+        if wait > 0:
+            raise PortUnavailable(f"{self.url}: {self._error} (next attempt in {wait:.1f} s)")
+        # Opening may block (a network serial server, a slow USB enumeration): not on the loop.
+        opening = loop.run_in_executor(None, self._open_blocking)
+        try:
+            port = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread still finishes opening; close what it opens rather than leak the port
+            # (and the exclusive lock on it).
+            opening.add_done_callback(self._close_abandoned)
+            raise
+        except (OSError, ValueError) as exc:
+            # OSError covers SerialException; ValueError is pyserial's answer to a bad URL.
+            self.stats.failures += 1
+            self._retry_at = loop.time() + self.reopen_cooldown_s
+            self._error = f"cannot open: {exc}"
+            self._log_failure()
+            raise PortUnavailable(f"{self.url}: {self._error}") from exc
+        self._attach(port)
+        return port
+
+    @staticmethod
+    def _close_abandoned(opening: asyncio.Future[Any]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            _close_quietly(opening.result())
+
+    def _open_blocking(self) -> Any:
+        port = serial.serial_for_url(
+            self.url,
+            baudrate=self.baudrate,
+            bytesize=serial.EIGHTBITS,
+            parity=serial.PARITY_NONE,
+            stopbits=serial.STOPBITS_ONE,
+            timeout=0,
+            write_timeout=WRITE_TIMEOUT_S,
+            # Two programs polling one RS-485 bus garble each other's frames: refuse instead.
+            exclusive=True,
+        )
+        try:
+            # Bytes that arrived before this open are not answers to anything we will ask.
+            port.reset_input_buffer()
+            if _fileno(port) is None:
+                port.timeout = THREAD_READ_S
+        except (OSError, ValueError):
+            _close_quietly(port)
+            raise
+        return port
+
+    def _attach(self, port: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self._port = port
+        self._fd = None
+        self.decoder.reset()
+        fd = _fileno(port)
+        if fd is not None:
+            try:
+                loop.add_reader(fd, self._on_readable)
+                self._fd = fd
+            except (OSError, ValueError):
+                # A descriptor the selector cannot watch: read in a worker thread instead.
+                port.timeout = THREAD_READ_S
+        self.stats.opens += 1
+        if self._logged_error:
+            log.info("kerong port open again", port=self.url)
+        else:
+            log.info("kerong port open", port=self.url)
+        self._logged_error = ""
+        self._error = ""
+
+    def _detach(self) -> Any:
+        port = self._port
+        self._port = None
+        if self._fd is not None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._fd)
+            self._fd = None
+        self.decoder.reset()
+        return port
+
+    def _lose(self, detail: str) -> PortUnavailable:
+        """The open port failed: close it, start the cooldown, fail a pending query."""
+        loop = asyncio.get_running_loop()
+        port = self._detach()
+        self.stats.failures += 1
+        self._retry_at = loop.time() + self.reopen_cooldown_s
+        self._error = detail
+        self._log_failure()
+        fault = PortUnavailable(f"{self.url}: {detail}")
+        if self._waiter is not None and not self._waiter[1].done():
+            self._waiter[1].set_exception(fault)
+        if port is not None:
+            # A tty close can wait for unsent output to drain; never on the event loop.
+            loop.run_in_executor(None, _close_quietly, port)
+        return fault
+
+    def _log_failure(self) -> None:
+        # One line per distinct failure, not one per reopen attempt every cooldown.
+        if self._error != self._logged_error:
+            log.warning("kerong port unavailable", port=self.url, error=self._error,
+                        retry_in_s=self.reopen_cooldown_s)
+            self._logged_error = self._error
+
+    def _write(self, port: Any, frame: bytes) -> None:
+        try:
+            port.write(frame)
+        except (OSError, ValueError) as exc:
+            raise self._lose(f"write failed: {exc}") from exc
+
+    def _on_readable(self) -> None:
+        port = self._port
+        if port is None:
+            return
+        try:
+            data = port.read(READ_CHUNK)
+        except (OSError, ValueError) as exc:
+            # An unplugged adapter: EIO, or "readiness to read but returned no data".
+            self._lose(f"read failed: {exc}")
+            return
+        self._deliver(self.decoder.feed(data))
+
+    def _deliver(self, replies: list[StatusReply]) -> None:
+        for reply in replies:
+            waiter = self._waiter
+            if waiter is not None and waiter[0] == reply.board and not waiter[1].done():
+                waiter[1].set_result(reply)
+            else:
+                self.stats.stray_replies += 1
+
+    async def _query_threaded(self, port: Any, board: int, frame: bytes) -> StatusReply | None:
+        loop = asyncio.get_running_loop()
+        self._write(port, frame)
+        deadline = loop.time() + self.reply_timeout_s
+        while loop.time() < deadline:
+            try:
+                data: bytes = await asyncio.to_thread(port.read, READ_CHUNK)
+            except (OSError, ValueError) as exc:
+                raise self._lose(f"read failed: {exc}") from exc
+            found: StatusReply | None = None
+            for reply in self.decoder.feed(data):
+                if found is None and reply.board == board:
+                    found = reply
+                else:
+                    self.stats.stray_replies += 1
+            if found is not None:
+                return found
+        self.stats.timeouts += 1
+        return None
