@@ -37,6 +37,7 @@ from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
 from lockerd.services.commands import CommandService
 from lockerd.services.controller import Controller, load_lockout_state
+from lockerd.services.diagnostics import Diagnostics
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
 from lockerd.services.sync import SyncService
@@ -174,6 +175,10 @@ class App:
                                for cid, c in self.controller.compartments.items()
                                if not c.in_service},
         }
+
+    @property
+    def diagnostics(self) -> Diagnostics:
+        return Diagnostics(controller=self.controller, devices=self.device_map())
 
     def device_map(self) -> dict[str, Device]:
         return {name: device for name in ("lock", "door_sensor", "occupancy", "keypad",
