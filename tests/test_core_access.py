@@ -176,3 +176,15 @@ def test_grant_only_when_every_rule_holds(
     if isinstance(decision, Refused):
         assert decision.code_id == "c-1"
         assert not decision.reason.counts_as_guess
+
+
+def test_every_display_line_fits_a_20_column_lcd() -> None:
+    from lockerd.core import messages as m
+
+    shown = [m.idle(), m.typing(30), m.cleared(), m.timed_out(), m.too_long(),
+             m.keypad_fault(), m.opening("12"), m.pickup_open("12"), m.door_open("12"),
+             m.pickup_done("12"), m.pickup_incomplete("12"), m.jammed("12"),
+             m.close_door("12"), m.locked_out(3600)]
+    shown += [m.refused(reason, remaining_s=30) for reason in Reason]
+    long = [line for msg in shown for line in msg.lines if len(line) > m.MAX_COLUMNS]
+    assert long == []

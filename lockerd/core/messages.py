@@ -1,33 +1,40 @@
-"""The texts of the customer display: what to do next, and why a code failed."""
+"""The texts of the customer display: what to do next, and why a code failed.
+
+Every line fits a 20-column character LCD (an HD44780 20x4), compartment ids up to 2
+characters included.
+"""
 
 from __future__ import annotations
 
 from hal.base import DisplayMessage
 from lockerd.core.access import Reason
 
+MAX_COLUMNS = 20
+
 
 def idle() -> DisplayMessage:
-    return DisplayMessage(("Enter your code and press #", "or scan your QR code"), "idle")
+    return DisplayMessage(("Enter code, press #", "or scan QR code"), "idle")
 
 
 def typing(count: int) -> DisplayMessage:
-    return DisplayMessage(("Code: " + "*" * count, "# to enter, * to clear"), "busy")
+    return DisplayMessage(("Code: " + "*" * min(count, MAX_COLUMNS - 6), "#=enter  *=clear"),
+                          "busy")
 
 
 def cleared() -> DisplayMessage:
-    return DisplayMessage(("Cleared", "Enter your code and press #"), "idle")
+    return DisplayMessage(("Cleared", "Enter code, press #"), "idle")
 
 
 def timed_out() -> DisplayMessage:
-    return DisplayMessage(("Entry timed out", "Enter your code and press #"), "idle")
+    return DisplayMessage(("Entry timed out", "Enter code, press #"), "idle")
 
 
 def too_long() -> DisplayMessage:
-    return DisplayMessage(("Code too long", "Enter your code and press #"), "error")
+    return DisplayMessage(("Code too long", "Enter code, press #"), "error")
 
 
 def keypad_fault() -> DisplayMessage:
-    return DisplayMessage(("Keypad fault", "Please scan your QR code"), "error")
+    return DisplayMessage(("Keypad fault", "Please scan QR code"), "error")
 
 
 def opening(compartment: str) -> DisplayMessage:
@@ -50,14 +57,14 @@ def pickup_done(compartment: str) -> DisplayMessage:
 
 def pickup_incomplete(compartment: str) -> DisplayMessage:
     return DisplayMessage(
-        (f"Parcel still in door {compartment}", "Your code works again", "Enter it to reopen"),
+        ("Parcel still inside", f"door {compartment}: your code", "works again"),
         "error",
     )
 
 
 def jammed(compartment: str) -> DisplayMessage:
     return DisplayMessage(
-        (f"Door {compartment} did not open", "Your code is still valid", "Please call support"),
+        (f"Door {compartment} did not open", "Code still valid", "Please call support"),
         "error",
     )
 
@@ -73,15 +80,15 @@ def locked_out(seconds: float) -> DisplayMessage:
 
 
 _REFUSALS: dict[Reason, tuple[str, ...]] = {
-    Reason.UNKNOWN: ("Code not recognised", "Check it and try again"),
-    Reason.EXPIRED: ("This code has expired", "Please contact support"),
-    Reason.NOT_YET_VALID: ("This code is not valid yet", "Please try again later"),
-    Reason.USED: ("This code was already used",),
-    Reason.OUT_OF_SERVICE: ("This door is out of service", "Please contact support"),
-    Reason.BUSY: ("This door is in use", "Please wait and try again"),
-    Reason.EMPTY: ("No parcel found for this code", "Please contact support"),
-    Reason.NO_COMPARTMENT: ("This code has no door here", "Please contact support"),
-    Reason.UNSUPPORTED: ("This code cannot be used", "at this locker yet"),
+    Reason.UNKNOWN: ("Code not recognised", "Check, try again"),
+    Reason.EXPIRED: ("Code has expired", "Call support"),
+    Reason.NOT_YET_VALID: ("Code not valid yet", "Try again later"),
+    Reason.USED: ("Code already used",),
+    Reason.OUT_OF_SERVICE: ("Door out of service", "Call support"),
+    Reason.BUSY: ("Door in use", "Wait, try again"),
+    Reason.EMPTY: ("No parcel for code", "Call support"),
+    Reason.NO_COMPARTMENT: ("No door for code", "Call support"),
+    Reason.UNSUPPORTED: ("Code not usable", "here yet"),
     Reason.UNREADABLE: ("Scan not recognised", "Please try again"),
 }
 
