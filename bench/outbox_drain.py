@@ -51,6 +51,8 @@ BROKER_CONFIG = "max_queued_messages 0"
 a subscriber that falls behind loses nothing."""
 
 COMMIT_WARMUP = 20
+STARTED = time.monotonic()
+LOAD_AT_START = os.getloadavg()
 POLL_S = 0.005
 
 EVENTS_DDL = """
@@ -166,9 +168,9 @@ class Received:
     """What the subscriber saw of one run. Times are time.monotonic() (CLOCK_MONOTONIC, the
     same clock in every process of the machine)."""
 
-    first_at: float
     all_at: float
     """When the last missing seq of 1..N arrived (nan if they did not all arrive)."""
+    distinct: int
     received: int
     duplicates: int
     extra: int
@@ -195,7 +197,7 @@ async def _subscribe(host: str, port: int, n: int, ack_every: int, timeout_s: fl
                      conn: Connection) -> None:
     seen = bytearray(n + 1)
     distinct = received = duplicates = extra = contiguous = 0
-    first_at = all_at = math.nan
+    all_at = math.nan
     acks: set[asyncio.Task[None]] = set()
     async with aiomqtt.Client(host, port, identifier=f"bench-backend-{os.getpid()}",
                               clean_session=True) as client:
@@ -220,8 +222,6 @@ async def _subscribe(host: str, port: int, n: int, ack_every: int, timeout_s: fl
                         continue
                     seq = json.loads(payload)["seq"]
                     received += 1
-                    if received == 1:
-                        first_at = time.monotonic()
                     if isinstance(seq, int) and 1 <= seq <= n:
                         if seen[seq]:
                             duplicates += 1
@@ -241,7 +241,7 @@ async def _subscribe(host: str, port: int, n: int, ack_every: int, timeout_s: fl
         cpu_s = time.process_time() - cpu0
         # The last acks must reach the broker before the goodbye.
         await asyncio.gather(*acks, return_exceptions=True)
-    conn.send(("done", Received(first_at, all_at, received, duplicates, extra, cpu_s)))
+    conn.send(("done", Received(all_at, distinct, received, duplicates, extra, cpu_s)))
 
 
 class Subscriber:
@@ -256,38 +256,67 @@ class Subscriber:
             daemon=True,
         )
         self._child = child
+        self._n = n
         self._timeout_s = timeout_s
 
     async def __aenter__(self) -> Subscriber:
         self._proc.start()
         self._child.close()
-        reply = await asyncio.to_thread(self._recv, 30.0)
+        reply = await self._recv(30.0)
         if reply[0] != "ready":
             raise RuntimeError(f"the subscriber did not start: {reply}")
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self._proc.join, 10.0)
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # After a normal run the child has sent its figures and is saying goodbye; after a
+        # failure or an interruption it is stopped at once.
+        if exc_type is None:
+            await _readable(self._proc.sentinel, 10.0)
         if self._proc.is_alive():
             self._proc.terminate()
-            await asyncio.to_thread(self._proc.join, 5.0)
+            await _readable(self._proc.sentinel, 5.0)
+        self._proc.join(0)
         self._conn.close()
 
     async def result(self) -> Received:
-        reply = await asyncio.to_thread(self._recv, self._timeout_s + 30.0)
+        reply = await self._recv(self._timeout_s + 30.0)
         if reply[0] != "done":
             raise RuntimeError(f"the subscriber failed: {reply}")
         got: Received = reply[1]
+        if math.isnan(got.all_at):
+            raise RuntimeError(f"the subscriber got {got.distinct} of the seqs 1..{self._n} "
+                               f"in {self._timeout_s:.0f} s")
         return got
 
-    def _recv(self, timeout_s: float) -> tuple[Any, ...]:
-        if not self._conn.poll(timeout_s):
+    async def _recv(self, timeout_s: float) -> tuple[Any, ...]:
+        # Waited for in the event loop, not in a thread: a thread blocked in poll() would hold
+        # up asyncio.run's shutdown after a Ctrl-C or SIGTERM.
+        if not await _readable(self._conn.fileno(), timeout_s):
             raise RuntimeError(f"no word from the subscriber in {timeout_s:.0f} s")
         try:
             reply: tuple[Any, ...] = self._conn.recv()
         except EOFError:
             raise RuntimeError("the subscriber process ended without a word") from None
         return reply
+
+
+async def _readable(fd: int, timeout_s: float) -> bool:
+    """Wait until `fd` is readable (a pipe with data, a process sentinel of an ended child)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(ready, timeout_s)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
 
 
 # -- drain runs -------------------------------------------------------------------------------
@@ -633,7 +662,11 @@ def commit_row(label: str, values: list[float]) -> str:
 def report(args: argparse.Namespace, work: Path, drain: DrainResults | None,
            commits: dict[str, list[float]] | None, out: TextIO = sys.stdout) -> None:
     print(f"outbox_drain: {machine_line()}", file=out)
-    print(f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; work in {work} ({filesystem_of(work)})",
+    took = time.monotonic() - STARTED
+    print(f"  ended {time.strftime('%Y-%m-%d %H:%M:%S %Z')} after {took:.0f} s; work in {work} "
+          f"({filesystem_of(work)})", file=out)
+    print(f"  load average {LOAD_AT_START[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
+          f"end (the run itself keeps about 2 busy; more means other jobs shared the CPUs)",
           file=out)
     if drain is not None:
         report_drain(args, drain, out)

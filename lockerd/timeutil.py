@@ -5,18 +5,24 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-_RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
+_RFC3339_Z = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?Z", re.ASCII)
 
 
 def parse_time(text: str) -> datetime:
-    """Parse `2026-11-29T03:00:00Z` (fractions allowed); anything else raises ValueError."""
-    if not isinstance(text, str) or not _RFC3339_Z.match(text):
+    """Parse `2026-11-29T03:00:00Z` (fractions allowed); anything else raises ValueError.
+
+    Built from the match groups rather than with strptime: bundles carry a time per code,
+    and this is several times faster. fullmatch, so a trailing newline is refused too.
+    """
+    m = _RFC3339_Z.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
         raise ValueError(f"not an RFC 3339 UTC time ending in Z: {text!r}")
-    main, _, frac = text[:-1].partition(".")
-    dt = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-    if frac:
-        dt = dt.replace(microsecond=int((frac + "000000")[:6]))
-    return dt
+    year, month, day, hour, minute, second, frac = m.groups()
+    micro = int((frac + "000000")[:6]) if frac else 0
+    # datetime() itself refuses month 13, day 32, hour 24 and the like with ValueError.
+    return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                    micro, tzinfo=UTC)
 
 
 def format_time(dt: datetime) -> str:

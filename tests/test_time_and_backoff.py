@@ -94,3 +94,23 @@ def test_sync_status_falls_back_to_timesyncd_when_adjtimex_is_refused(tmp_path: 
     synced = KernelSyncStatus(cache_s=0, timesync_flag=tmp_path / "absent",
                               adjtimex=lambda buf: 0)
     assert synced() is True
+
+
+@pytest.mark.parametrize("text", [
+    "2026-11-29T03:00:00Z\n", "2026-11-29 03:00:00Z", "2026-11-29T03:00:00+00:00",
+    "2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-11-29T24:00:00Z", "tomorrow", "",
+    "２０２６-11-29T03:00:00Z",
+])
+def test_parse_time_refuses_anything_but_rfc3339_z(text: str) -> None:
+    from lockerd.timeutil import parse_time
+
+    with pytest.raises(ValueError):
+        parse_time(text)
+
+
+def test_parse_time_reads_fractions_and_round_trips() -> None:
+    from lockerd.timeutil import format_time, parse_time
+
+    assert parse_time("2026-11-29T03:00:00.5Z").microsecond == 500000
+    assert parse_time("2026-11-29T03:00:00.123456789Z").microsecond == 123456
+    assert format_time(parse_time("2026-11-29T03:00:07Z")) == "2026-11-29T03:00:07Z"

@@ -129,6 +129,17 @@ def _malformed(message: str) -> TrustError:
     return TrustError(f"malformed codes bundle: {message}", reason="malformed")
 
 
+def _field_time(text: str, field: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from exc
+
+
+def _where(index: int, code_id: str) -> str:
+    return f"upsert[{index}] (id {code_id!r})"
+
+
 def _time(text: str, where: str) -> datetime:
     try:
         return parse_time(text)
@@ -147,10 +158,12 @@ def parse_bundle_payload(payload: bytes) -> CodesBundle:
     entries: list[CodeEntry] = []
     seen: dict[str, int] = {}
     for index, item in enumerate(wire.upsert):
-        where = f"upsert[{index}] (id {item.id!r})"
         if item.id in seen:
-            raise _malformed(f"{where}: id also used by upsert[{seen[item.id]}]")
+            raise _malformed(f"{_where(index, item.id)}: id also used by "
+                             f"upsert[{seen[item.id]}]")
         seen[item.id] = index
+        # The location is only formatted when something is wrong: a million-code snapshot
+        # must not pay for a million error messages it never shows.
         try:
             entries.append(
                 CodeEntry(
@@ -159,17 +172,14 @@ def parse_bundle_payload(payload: bytes) -> CodesBundle:
                     digest=item.digest,
                     compartment=item.compartment,
                     parcel_id=item.parcel_id,
-                    not_before=(
-                        None
-                        if item.not_before is None
-                        else _time(item.not_before, f"{where}.not_before")
-                    ),
-                    not_after=_time(item.not_after, f"{where}.not_after"),
+                    not_before=(None if item.not_before is None
+                                else _field_time(item.not_before, "not_before")),
+                    not_after=_field_time(item.not_after, "not_after"),
                     max_uses=item.max_uses,
                 )
             )
         except ValueError as exc:
-            raise _malformed(f"{where}: {exc}") from exc
+            raise _malformed(f"{_where(index, item.id)}: {exc}") from exc
     for index, code_id in enumerate(wire.revoke):
         if not code_id:
             raise _malformed(f"revoke[{index}] is an empty id")
