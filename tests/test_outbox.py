@@ -38,8 +38,34 @@ def test_pending_ack_and_prune(tmp_path: Path) -> None:
     assert box.ack(6) == 6
     assert box.ack(4) == 6, "an older ack changes nothing"
     assert [e.seq for e in box.pending(0, 100)] == [7, 8, 9, 10]
+    assert db.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 10, (
+        "an ack only moves the mark; pruning waits for a batch")
+    assert box.prune() == 4
     kept = [r[0] for r in db.conn.execute("SELECT seq FROM events ORDER BY seq")]
     assert kept == [5, 6, 7, 8, 9, 10], "keep_acked=2 acknowledged events stay for the console"
+
+
+def test_ack_prunes_in_batches(tmp_path: Path) -> None:
+    from lockerd.store.outbox import PRUNE_BATCH
+
+    box, db = filled(tmp_path, ["tamper"] * (PRUNE_BATCH + 10), max_events=10**6)
+    box.ack(PRUNE_BATCH)
+    assert db.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == PRUNE_BATCH + 10
+    box.ack(PRUNE_BATCH + 5)
+    assert db.conn.execute("SELECT MIN(seq) FROM events").fetchone()[0] == PRUNE_BATCH + 4
+
+
+def test_wire_bodies_built_by_sqlite_match_the_event_shape(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "x.db")
+    log = EventLog(db)
+    log.record(type="pickup.opened", at=T, compartment="7", code_id="p-1",
+               data={"attempt": 1, "note": "é \"quoted\""})
+    log.record(type="tamper", at=T, data={})
+    box = Outbox(db, max_events=100)
+    bodies = box.pending_wire(0, 10, "L1")
+    events = box.pending(0, 10)
+    assert [json.loads(body) for _, body in bodies] == [e.wire("L1") for e in events]
+    assert [seq for seq, _ in bodies] == [1, 2]
 
 
 def test_shedding_drops_telemetry_only_and_reports_access_overflow(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
 from lockerd.services.link import MqttLink, NotConnected
 from lockerd.services.sync import payload_bytes
-from lockerd.store.events import StoredEvent
 from lockerd.store.outbox import Outbox
 
 log = get_logger("lockerd.outbox")
@@ -92,31 +91,30 @@ class OutboxPublisher:
                 if failure:
                     raise NotConnected(str(failure[0]))
                 self._wake.clear()
-                batch = self._outbox.pending(sent, BATCH)
+                batch = self._outbox.pending_wire(sent, BATCH, self._locker_id)
                 if not batch:
                     await self._wait_for_work()
                     continue
-                for event in batch:
+                for seq, body in batch:
                     await window.acquire()
                     if failure:
                         window.release()
                         break
                     # Tasks start in creation order, and each hands its message to the MQTT
                     # client before its first await: the broker receives them in seq order.
-                    task = asyncio.create_task(self._publish_one(event, window, failure))
+                    task = asyncio.create_task(self._publish_one(body, window, failure))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
-                    sent = event.seq
+                    sent = seq
                     self.published_upto = max(self.published_upto, sent)
         finally:
             for task in list(inflight):
                 task.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
 
-    async def _publish_one(self, event: StoredEvent, window: asyncio.Semaphore,
-                       failure: list[BaseException]) -> None:
+    async def _publish_one(self, body: str, window: asyncio.Semaphore,
+                           failure: list[BaseException]) -> None:
         try:
-            body = json.dumps(event.wire(self._locker_id), separators=(",", ":"))
             await self._link.publish(self._topics.events, body, qos=1)
             self.confirmed += 1
         except NotConnected as exc:

@@ -8,6 +8,7 @@ from lockerd.store.db import Database
 from lockerd.store.events import EventLog, StoredEvent
 
 _COLUMNS = "seq, event_id, type, at, compartment, code_id, data"
+PRUNE_BATCH = 5000  # acknowledged rows beyond keep_acked before a prune runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +53,42 @@ class Outbox:
             (start, limit)).fetchall()
         return [EventLog._row(r) for r in rows]
 
+    def pending_wire(self, after_seq: int, limit: int, locker_id: str) -> list[tuple[int, str]]:
+        """Like `pending`, but as (seq, wire JSON) built by SQLite in the query: the outbox
+        publishes bodies as they are, without decoding and re-encoding every event."""
+        start = max(after_seq, self.acked_upto())
+        rows = self._db.conn.execute(
+            "SELECT seq, json_object('seq', seq, 'event_id', event_id, 'type', type, 'at', at,"
+            " 'locker_id', ?, 'compartment', compartment, 'code_id', code_id,"
+            " 'data', json(data)) FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (locker_id, start, limit)).fetchall()
+        return [(int(r[0]), str(r[1])) for r in rows]
+
     def ack(self, upto_seq: int) -> int:
-        """Record that the backend stored everything up to `upto_seq`; returns acked_upto."""
+        """Record that the backend stored everything up to `upto_seq`; returns acked_upto.
+
+        Only the mark is written here; acknowledged rows are pruned in large batches, since
+        deleting a few hundred rows per ack costs more than the ack itself.
+        """
         current = self.acked_upto()
         if upto_seq <= current:
             return current
-        with self._db.transaction() as conn:
-            self._db.set_meta("acked_upto", upto_seq, conn=conn)
-            conn.execute("DELETE FROM events WHERE seq <= ? AND seq <= ?",
-                         (upto_seq, upto_seq - self.keep_acked))
+        self._db.set_meta("acked_upto", upto_seq)
+        if self._acked_rows_over(upto_seq) >= PRUNE_BATCH:
+            self.prune()
         return upto_seq
+
+    def prune(self) -> int:
+        """Delete acknowledged events beyond the newest `keep_acked`."""
+        upto = self.acked_upto()
+        with self._db.transaction() as conn:
+            cur = conn.execute("DELETE FROM events WHERE seq <= ?", (upto - self.keep_acked,))
+        return cur.rowcount
+
+    def _acked_rows_over(self, upto: int) -> int:
+        row = self._db.conn.execute("SELECT MIN(seq) FROM events").fetchone()
+        oldest = int(row[0]) if row[0] is not None else upto + 1
+        return (upto - self.keep_acked) - oldest + 1
 
     def shed(self) -> Pressure:
         """Keep the unacknowledged events under max_events by dropping telemetry only."""
