@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeV
 import msgspec
 
 from hal.base import (
+    Device,
     DeviceHealth,
     DoorChanged,
     DoorSensor,
@@ -616,8 +617,12 @@ class EdgeInputs:
             self._lines = None
 
 
-class GpioDoorSensor(DoorSensor):
-    """Door switches on GPIO inputs; the backends supply the schema and the library."""
+class _GpioInputs(Device):
+    """What door and occupancy sensors on GPIO share: options, pins, debounced edge inputs.
+    The backends supply the schema and the library through `_configure`."""
+
+    # Door switches must cover every compartment; parcel sensors may cover only some.
+    _require_all: bool = True
 
     def __init__(
         self, *, options: Mapping[str, Any], context: HalContext, config_key: str
@@ -625,7 +630,8 @@ class GpioDoorSensor(DoorSensor):
         super().__init__(options=options, context=context, config_key=config_key)
         where = options_key(config_key)
         opts, library = self._configure(options, where)
-        pins = compartment_pins(opts.pins, context.compartments, where, require_all=True)
+        pins = compartment_pins(opts.pins, context.compartments, where,
+                                require_all=self._require_all)
         claim_pins(context, library.claim_space, pins.values(), owner=config_key, where=where)
         self._inputs = EdgeInputs(pins=pins, library=library, active_low=opts.active_low,
                                   pull=opts.pull, debounce_ms=opts.debounce_ms, label=config_key)
@@ -638,6 +644,13 @@ class GpioDoorSensor(DoorSensor):
 
     async def start(self) -> None:
         self._inputs.start()
+
+    async def close(self) -> None:
+        self._inputs.close()
+
+
+class GpioDoorSensor(_GpioInputs, DoorSensor):
+    """Door switches on GPIO inputs, one per compartment."""
 
     async def read(self) -> dict[str, DoorState]:
         return {cid: _door(active) for cid, active in self._inputs.read().items()}
@@ -645,45 +658,21 @@ class GpioDoorSensor(DoorSensor):
     async def run(self, emit: Emit) -> None:
         await self._inputs.run(lambda cid, active: emit(DoorChanged(cid, _door(active))))
 
-    async def close(self) -> None:
-        self._inputs.close()
-
 
 def _door(active: bool) -> DoorState:
     return DoorState.OPEN if active else DoorState.CLOSED
 
 
-class GpioOccupancySensor(OccupancySensor):
+class GpioOccupancySensor(_GpioInputs, OccupancySensor):
     """Parcel sensors on GPIO inputs; compartments without one are simply not reported."""
 
-    def __init__(
-        self, *, options: Mapping[str, Any], context: HalContext, config_key: str
-    ) -> None:
-        super().__init__(options=options, context=context, config_key=config_key)
-        where = options_key(config_key)
-        opts, library = self._configure(options, where)
-        pins = compartment_pins(opts.pins, context.compartments, where, require_all=False)
-        claim_pins(context, library.claim_space, pins.values(), owner=config_key, where=where)
-        self._inputs = EdgeInputs(pins=pins, library=library, active_low=opts.active_low,
-                                  pull=opts.pull, debounce_ms=opts.debounce_ms, label=config_key)
-
-    @abstractmethod
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[InputOptions, GpioLibrary]:
-        """Validate the options with the backend's schema and pick its library."""
-
-    async def start(self) -> None:
-        self._inputs.start()
+    _require_all = False
 
     async def read(self) -> dict[str, bool]:
         return self._inputs.read()
 
     async def run(self, emit: Emit) -> None:
         await self._inputs.run(lambda cid, active: emit(OccupancyChanged(cid, active)))
-
-    async def close(self) -> None:
-        self._inputs.close()
 
 
 class GpioTamper(Tamper):
