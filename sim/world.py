@@ -41,7 +41,7 @@ FAULT_KINDS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "door_sensor": ("stuck_open", "stuck_closed"),
         "keypad": ("stuck_key",),
         "scanner": ("dead", "garbage"),
-        "board": ("offline",),
+        "board": ("offline", "garbage"),
         "tamper": ("open",),
     }
 )
@@ -213,6 +213,7 @@ class SimWorld:
         self._scanner_garbage = False
         self._tamper_open = False
         self._boards_offline: set[int] = set()
+        self._boards_garbage: set[int] = set()
         # (target, kind) -> key; a dict keeps the order faults were injected in.
         self._faults: dict[tuple[str, str], str | None] = {}
         self._display = DisplayMessage(lines=())
@@ -275,6 +276,11 @@ class SimWorld:
     @property
     def boards_offline(self) -> frozenset[int]:
         return frozenset(self._boards_offline)
+
+    @property
+    def boards_garbage(self) -> frozenset[int]:
+        """Boards whose wire-level emulator sends random bytes around every reply."""
+        return frozenset(self._boards_garbage)
 
     def faults(self) -> list[dict[str, str]]:
         """Active faults in the order injected: {"target", "kind"} plus "key" for stuck_key."""
@@ -441,10 +447,11 @@ class SimWorld:
             if not (_BOARD_NUMBER.fullmatch(ident) and int(ident) < BOARD_COUNT):
                 raise SimError(f"bad board number {ident!r}: 0-{BOARD_COUNT - 1}")
             target = f"board:{int(ident)}"
+            chosen = self._boards_offline if kind == "offline" else self._boards_garbage
             if on:
-                self._boards_offline.add(int(ident))
+                chosen.add(int(ident))
             else:
-                self._boards_offline.discard(int(ident))
+                chosen.discard(int(ident))
         else:
             self._set_tamper(on)
 

@@ -87,3 +87,46 @@ async def test_pickup_on_the_wire(make_kit: Callable[..., BankKit], bank_dir: Pa
     rejected = next(e for e in stored_events(kit) if e.type == "code.rejected")
     assert rejected.data["source"] == "scanner"
     assert bank.kerong.unlocks, "the unlock crossed the wire"
+
+
+async def test_board_faults_on_command_through_the_control_socket(
+    make_kit: Callable[..., BankKit], bank_dir: Path
+) -> None:
+    wire = bank_dir / "wire"
+    async with wire_bank(wire, parcels=[]) as bank:
+        kit = make_kit([], socket=False, wire=wire)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lockerd.cli.lockerd_cmd", "run", "-c", str(kit.config_path),
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            async with SimClient(bank.paths.socket) as sim:
+                deadline = time.monotonic() + 15
+                while not any(e.type == "daemon.started" for e in stored_events(kit)):
+                    assert time.monotonic() < deadline and proc.returncode is None
+                    await asyncio.sleep(0.05)
+                # Garbage around every reply: the driver resynchronises and the doors still
+                # follow the world.
+                await sim.fault("board:0", "garbage", True)
+                await sim.request({"op": "door", "compartment": "5", "action": "force"})
+                deadline = time.monotonic() + 10
+                while not any(e.type == "door.forced" for e in stored_events(kit)):
+                    assert time.monotonic() < deadline, [e.type for e in stored_events(kit)]
+                    await asyncio.sleep(0.05)
+                await sim.fault("board:0", "garbage", False)
+                # A silent board becomes a fault, and recovers by itself.
+                await sim.fault("board:0", "offline", True)
+                deadline = time.monotonic() + 10
+                while not any(e.type == "hardware.fault" for e in stored_events(kit)):
+                    assert time.monotonic() < deadline, [e.type for e in stored_events(kit)]
+                    await asyncio.sleep(0.05)
+                await sim.fault("board:0", "offline", False)
+                deadline = time.monotonic() + 10
+                while not any(e.type == "hardware.recovered" for e in stored_events(kit)):
+                    assert time.monotonic() < deadline, [e.type for e in stored_events(kit)]
+                    await asyncio.sleep(0.05)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 15)
+    fault = next(e for e in stored_events(kit) if e.type == "hardware.fault")
+    assert fault.data["device"] == "board:0"

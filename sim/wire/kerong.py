@@ -193,7 +193,7 @@ class KerongEmulator:
             if self.bad_checksums > 0:
                 self.bad_checksums -= 1
                 frame = frame[:-1] + bytes(((frame[-1] + 1) & 0xFF,))
-            if self.garbage:
+            if self.garbage or board in self.world.boards_garbage:
                 frame = self._noise() + frame + self._noise()
             self._write(fd, frame)
             self.replies += 1
