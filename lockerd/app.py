@@ -361,47 +361,49 @@ def _build_network(app: App, trusted: TrustedClock) -> None:
     """The MQTT side: link, code sync, outbox, commands, telemetry (when [mqtt] is set)."""
     config, cache, clock, controller = app.config, app.cache, app.clock, app.controller
     broker = broker_from_config(config)
-    if broker is not None and config.mqtt is not None:
-        topics = Topics.for_locker(config.locker.id, config.mqtt.topic_prefix)
+    mqtt = config.mqtt
+    if broker is None or mqtt is None:
+        return
+    topics = Topics.for_locker(config.locker.id, mqtt.topic_prefix)
 
-        async def too_large(topic: str, size: int) -> None:
-            cache.refuse(topic.removeprefix(topics.prefix), "too_large",
-                         f"payload of {size} bytes is over [mqtt] max_payload_bytes "
-                         f"({config.mqtt.max_payload_bytes if config.mqtt else 0})",
-                         source="mqtt")
+    async def too_large(topic: str, size: int) -> None:
+        cache.refuse(topic.removeprefix(topics.prefix), "too_large",
+                     f"payload of {size} bytes is over [mqtt] max_payload_bytes "
+                     f"({mqtt.max_payload_bytes})",
+                     source="mqtt")
 
-        app.link = MqttLink(
-            broker=broker, will_topic=topics.state,
-            will_payload=b'{"status":"offline"}',
-            max_payload_bytes=config.mqtt.max_payload_bytes,
-            backoff=Backoff(min_s=config.mqtt.reconnect_min_s, max_s=config.mqtt.reconnect_max_s),
-            now=clock.wall, on_too_large=too_large,
-        )
-        app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
+    app.link = MqttLink(
+        broker=broker, will_topic=topics.state,
+        will_payload=b'{"status":"offline"}',
+        max_payload_bytes=mqtt.max_payload_bytes,
+        backoff=Backoff(min_s=mqtt.reconnect_min_s, max_s=mqtt.reconnect_max_s),
+        now=clock.wall, on_too_large=too_large,
+    )
+    app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
 
-        def outbox_full(depth: int) -> None:
-            controller.commit_event("hardware.fault", {
-                "device": "outbox", "detail": f"{depth} unacknowledged events, over "
-                f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
+    def outbox_full(depth: int) -> None:
+        controller.commit_event("hardware.fault", {
+            "device": "outbox", "detail": f"{depth} unacknowledged events, over "
+            f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
-        def outbox_shed(count: int) -> None:
-            controller.commit_event("outbox.shed", {"count": count})
+    def outbox_shed(count: int) -> None:
+        controller.commit_event("outbox.shed", {"count": count})
 
-        app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
-                                        locker_id=config.locker.id, on_full=outbox_full,
-                                        on_shed=outbox_shed)
-        app.events.on_append(app.publisher.wake)
-        sync = app.sync
-        app.commands = CommandService(
-            link=app.link, topics=topics, journal=CommandJournal(app.db, app.events),
-            events=app.events, cache=cache, controller=controller, devices=app.device_map,
-            resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
-            now=clock.wall, observe_signed_time=trusted.observe_signed_time)
-        telemetry = TelemetryService(link=app.link, topics=topics,
-                                     interval_s=config.telemetry.interval_s,
-                                     snapshot=app.telemetry)
-        app.services.update({"mqtt": app.link.run, "outbox": app.publisher.run,
-                             "telemetry": telemetry.run})
+    app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
+                                    locker_id=config.locker.id, on_full=outbox_full,
+                                    on_shed=outbox_shed)
+    app.events.on_append(app.publisher.wake)
+    sync = app.sync
+    app.commands = CommandService(
+        link=app.link, topics=topics, journal=CommandJournal(app.db, app.events),
+        events=app.events, cache=cache, controller=controller, devices=app.device_map,
+        resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
+        now=clock.wall, observe_signed_time=trusted.observe_signed_time)
+    telemetry = TelemetryService(link=app.link, topics=topics,
+                                 interval_s=config.telemetry.interval_s,
+                                 snapshot=app.telemetry)
+    app.services.update({"mqtt": app.link.run, "outbox": app.publisher.run,
+                         "telemetry": telemetry.run})
 
 
 def build_cache(
