@@ -36,6 +36,7 @@ from lockerd.mqtt import Topics, broker_from_config
 from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
 from lockerd.services.commands import CommandService
+from lockerd.services.console import console_service
 from lockerd.services.controller import Controller, load_lockout_state
 from lockerd.services.diagnostics import Diagnostics
 from lockerd.services.link import MqttLink
@@ -354,6 +355,10 @@ def build_app(config: Config, *, clock: Clock | None = None,
                             keep_acked=config.outbox.keep_acked),
               notifier=notifier or SdNotifier())
     _build_network(app, trusted)
+    if (console := config.console) is not None:
+        app.services["console"] = console_service(
+            app, socket_path=state_dir / console.socket, serial_url=console.serial_port,
+            section=console).run
     return app
 
 

@@ -116,6 +116,17 @@ class TelemetrySection(_Section, kw_only=True, frozen=True):
     interval_s: Annotated[float, msgspec.Meta(ge=1)] = 60.0
 
 
+class ConsoleSection(_Section, kw_only=True, frozen=True):
+    """[console]: where technicians connect, and how failed logins are throttled."""
+
+    socket: str  # relative paths are taken from [locker] state_dir
+    serial_port: str | None = None
+    idle_timeout_s: PositiveSeconds = 300.0
+    free_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    base_s: PositiveSeconds = 30.0
+    max_s: PositiveSeconds = 3600.0
+
+
 class LoggingSection(_Section, kw_only=True, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -133,6 +144,7 @@ class Config(_Section, kw_only=True, frozen=True):
     logging: LoggingSection = LoggingSection()
     mqtt: MqttSection | None = None
     time: TimeSection = TimeSection()
+    console: ConsoleSection | None = None
     outbox: OutboxSection = OutboxSection()
     telemetry: TelemetrySection = TelemetrySection()
     backends: dict[str, dict[str, Any]] = {}

@@ -47,6 +47,7 @@ from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,
     COMMAND_PAYLOAD_TYPE,
     KEYRING_PAYLOAD_TYPE,
+    TECHNICIAN_PAYLOAD_TYPE,
     Envelope,
     RoleKeys,
     count_valid_signers,
@@ -71,6 +72,7 @@ from lockerd.trust.keys import (
     save_private_key,
     save_public_key,
 )
+from lockerd.trust.technician import build_technician_payload, encode_token
 
 PROG = "lockerctl"
 EXIT_OK = 0
@@ -619,6 +621,22 @@ def cmd_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_technician(args: argparse.Namespace) -> int:
+    now = utcnow()
+    try:
+        payload = build_technician_payload(
+            tech_id=args.tech_id, name=args.name, locker_ids=args.locker, role=args.role,
+            issued_at=now, expires_at=_expiry(args, now))
+    except TrustError as exc:
+        raise InputError(str(exc)) from exc
+    token = encode_token(sign_envelope(TECHNICIAN_PAYLOAD_TYPE, payload,
+                                       _load_signers(args.sign)))
+    _write_output(args.output, token.encode("ascii"))
+    _report(args.output, f"technician token for {args.tech_id} ({args.role}) on "
+            f"{', '.join(args.locker)}; type `login <token>` at the console")
+    return EXIT_OK
+
+
 def cmd_derive_code(args: argparse.Namespace) -> int:
     parcel: str = args.parcel
     if not parcel:
@@ -856,6 +874,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sign(p)
     _add_output(p)
     p.set_defaults(func=cmd_command)
+
+    p = sub.add_parser(
+        "technician",
+        help="sign a technician's console login token",
+        description="Sign a technician token (PROTOCOL section 8) with keys of the technicians "
+        "role and write it as the base64url text the technician types after `login` at a "
+        "bank's console. A viewer may read status and run read-only tests; an operator may "
+        "also open doors, run actuator self-tests and change service state.",
+    )
+    p.add_argument("--tech-id", required=True, help="the technician's id, e.g. t-17")
+    p.add_argument("--name", required=True, help="the technician's name")
+    p.add_argument("--locker", nargs="+", required=True, metavar="ID",
+                   help="locker ids the token is good for, or * for every locker")
+    p.add_argument("--role", choices=("viewer", "operator"), default="viewer")
+    _add_expiry(p)
+    _add_sign(p)
+    _add_output(p)
+    p.set_defaults(func=cmd_technician)
 
     add_broker_commands(sub, InputError)
     return parser
