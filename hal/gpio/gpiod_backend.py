@@ -191,24 +191,22 @@ class GpiodLockDriver(GpioLockDriver):
         return opts, Gpiod(opts.chip)
 
 
-class GpiodDoorSensor(GpioDoorSensor):
+class _GpiodInputs:
+    """The libgpiod choice of schema and library, shared by door and parcel sensors."""
+
+    def _configure(
+        self, options: Mapping[str, Any], where: str
+    ) -> tuple[InputOptions, GpioLibrary]:
+        opts = decode_options(options, GpiodInputOptions, where)
+        return opts, Gpiod(opts.chip)
+
+
+class GpiodDoorSensor(_GpiodInputs, GpioDoorSensor):
     """Door switches on GPIO inputs through libgpiod."""
 
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[InputOptions, GpioLibrary]:
-        opts = decode_options(options, GpiodInputOptions, where)
-        return opts, Gpiod(opts.chip)
 
-
-class GpiodOccupancySensor(GpioOccupancySensor):
+class GpiodOccupancySensor(_GpiodInputs, GpioOccupancySensor):
     """Parcel sensors on GPIO inputs through libgpiod."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[InputOptions, GpioLibrary]:
-        opts = decode_options(options, GpiodInputOptions, where)
-        return opts, Gpiod(opts.chip)
 
 
 class GpiodTamper(GpioTamper):

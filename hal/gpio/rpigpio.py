@@ -197,22 +197,21 @@ class RpiGpioLockDriver(GpioLockDriver):
         return decode_options(options, LockOptions, where), RpiGpio()
 
 
-class RpiGpioDoorSensor(GpioDoorSensor):
+class _RpiGpioInputs:
+    """The RPi.GPIO choice of schema and library, shared by door and parcel sensors."""
+
+    def _configure(
+        self, options: Mapping[str, Any], where: str
+    ) -> tuple[InputOptions, GpioLibrary]:
+        return decode_options(options, InputOptions, where), RpiGpio()
+
+
+class RpiGpioDoorSensor(_RpiGpioInputs, GpioDoorSensor):
     """Door switches on GPIO inputs through RPi.GPIO."""
 
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[InputOptions, GpioLibrary]:
-        return decode_options(options, InputOptions, where), RpiGpio()
 
-
-class RpiGpioOccupancySensor(GpioOccupancySensor):
+class RpiGpioOccupancySensor(_RpiGpioInputs, GpioOccupancySensor):
     """Parcel sensors on GPIO inputs through RPi.GPIO."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[InputOptions, GpioLibrary]:
-        return decode_options(options, InputOptions, where), RpiGpio()
 
 
 class RpiGpioTamper(GpioTamper):
