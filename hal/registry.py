@@ -91,6 +91,10 @@ class HalContext:
     # Relative paths in backend settings are taken from here: the config file's directory.
     config_dir: Path = field(default_factory=Path.cwd)
     backend_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Size label ("S", "M", "L") of each compartment id, from `[[compartments]] size`; an id
+    # missing here (or an empty mapping) means the size is unknown. The simulator's world takes
+    # them; hardware backends have no use for them.
+    compartment_sizes: Mapping[str, str] = field(default_factory=dict)
     _shared: dict[str, object] = field(default_factory=dict)
     _services: dict[str, ServiceFactory] = field(default_factory=dict)
 

@@ -31,7 +31,14 @@ from hal.base import (
 from hal.errors import BackendError, HardwareFault
 from hal.registry import decode_options
 from sim.control import serve_control
-from sim.world import MAX_PULSE_S, STUCK_KEY_REPEAT_S, FaultChanged, SimError, SimWorld
+from sim.world import (
+    MAX_PULSE_S,
+    STUCK_KEY_REPEAT_S,
+    FaultChanged,
+    SimError,
+    SimWorld,
+    check_sizes,
+)
 
 if TYPE_CHECKING:
     from hal.registry import HalContext
@@ -67,11 +74,22 @@ def _build_world(context: HalContext) -> SimWorld:
             raise BackendError(
                 f"[backends.sim]: parcels names unknown compartment {cid!r} (key 'parcels')"
             )
+    # Sizes come from the compartments of the config, not from [backends.sim]: say so.
+    sizes = {
+        cid: size
+        for cid, size in context.compartment_sizes.items()
+        if cid in context.compartments
+    }
+    try:
+        check_sizes(context.compartments, sizes)
+    except SimError as exc:
+        raise BackendError(f"[[compartments]] size: {exc}") from exc
     try:
         world = SimWorld(
             context.compartments,
             spring_delay_s=settings.spring_delay_s,
             parcels=settings.parcels,
+            sizes=sizes,
         )
     except SimError as exc:
         raise BackendError(f"[backends.sim]: {exc}") from exc

@@ -104,6 +104,10 @@ class SimClient:
     async def scan(self, data: str) -> None:
         await self.request({"op": "scan", "data": data})
 
+    async def label(self, parcel_id: str) -> None:
+        """A courier scans the label of parcel `parcel_id`."""
+        await self.request({"op": "label", "parcel_id": parcel_id})
+
     async def door(self, compartment: str, action: str = "open") -> None:
         """`action` is "open" or "close" (a person), or "force" (broken open)."""
         await self.request({"op": "door", "compartment": compartment, "action": action})
@@ -120,7 +124,7 @@ class SimClient:
         await self.request(obj)
 
     async def state(self) -> dict[str, Any]:
-        """The `state` reply without its "ok": compartments, display, faults."""
+        """The `state` reply without its "ok": compartments (with `size`), display, faults."""
         reply = await self.request({"op": "state"})
         reply.pop("ok", None)
         return reply

@@ -21,7 +21,7 @@ from sim.world import SimError, SimWorld
 
 MAX_LINE: Final = 64 * 1024
 """Longest request line accepted, in bytes, newline excluded."""
-OPS: Final = ("press", "scan", "door", "parcel", "fault", "state")
+OPS: Final = ("press", "scan", "label", "door", "parcel", "fault", "state")
 DOOR_ACTIONS: Final = ("open", "close", "force")
 _READ_CHUNK: Final = 64 * 1024
 
@@ -34,6 +34,11 @@ class Press:
 @dataclass(frozen=True, slots=True)
 class Scan:
     data: str
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    parcel_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +66,7 @@ class State:
     pass
 
 
-Request = Press | Scan | Door | Parcel | Fault | State
+Request = Press | Scan | Label | Door | Parcel | Fault | State
 
 
 def _field(obj: dict[str, Any], name: str, kind: type[Any], what: str) -> Any:
@@ -88,6 +93,8 @@ def parse_request(obj: object) -> Request:
         return Press(_field(obj, "keys", str, "a string"))
     if op == "scan":
         return Scan(_field(obj, "data", str, "a string"))
+    if op == "label":
+        return Label(_field(obj, "parcel_id", str, "a string"))
     if op == "door":
         compartment = _field(obj, "compartment", str, "a string")
         action = _field(obj, "action", str, "a string")
@@ -119,6 +126,8 @@ def apply_request(world: SimWorld, request: Request) -> dict[str, Any]:
         world.press(request.keys)
     elif isinstance(request, Scan):
         world.scan(request.data)
+    elif isinstance(request, Label):
+        world.scan_label(request.parcel_id)
     elif isinstance(request, Door):
         if request.action == "open":
             world.open_door(request.compartment)

@@ -26,12 +26,17 @@ KEYS: Final = frozenset("0123456789*#")
 MAX_PULSE_S: Final = 10.0
 MAX_KEYS_PER_PRESS: Final = 256
 MAX_SCAN_CHARS: Final = 4096
+MAX_PARCEL_ID_CHARS: Final = 64
+MAX_SIZE_CHARS: Final = 8
 BACKLOG_LIMIT: Final = 256
 STUCK_KEY_REPEAT_S: Final = 0.1
 BOARD_COUNT: Final = 16
 
 _COMPARTMENT_ID = re.compile(r"[A-Za-z0-9-]{1,16}")
 _BOARD_NUMBER = re.compile(r"[0-9]{1,2}")
+_SIZE_LABEL = re.compile(rf"[A-Za-z0-9]{{1,{MAX_SIZE_CHARS}}}")
+# Printable ASCII without the space: what a courier's label barcode carries as the parcel id.
+_PARCEL_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_PARCEL_ID_CHARS}}}")
 # Characters a broken scanner spits out: C0 and C1 controls, none of them printable.
 _JUNK: Final = "".join(chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)])
 
@@ -123,6 +128,7 @@ class CompartmentView:
     jammed: bool
     sensor_stuck: DoorState | None
     sensed: DoorState
+    size: str | None
 
 
 @dataclass(slots=True)
@@ -134,6 +140,7 @@ class _Compartment:
     released: bool = False  # the lock output is energised
     jammed: bool = False
     sensor_stuck: DoorState | None = None
+    size: str | None = None  # the size label from the config; None when unknown
     pulse_end: asyncio.TimerHandle | None = None
     pulse_end_at: float = 0.0
     spring: asyncio.TimerHandle | None = None
@@ -180,9 +187,9 @@ class Subscription:
 class SimWorld:
     """The simulated bank. Sync methods must be called from the thread running the event loop.
 
-    Person side: `press`, `scan`, `open_door`, `close_door`, `force_door`, `set_parcel`,
-    `set_fault`. Daemon side (through the backends): `release_lock`, `all_off`, `set_display`,
-    `set_in_service`. Observers `subscribe()` to changes instead of polling.
+    Person side: `press`, `scan`, `scan_label`, `open_door`, `close_door`, `force_door`,
+    `set_parcel`, `set_fault`. Daemon side (through the backends): `release_lock`, `all_off`,
+    `set_display`, `set_in_service`. Observers `subscribe()` to changes instead of polling.
     """
 
     def __init__(
@@ -191,6 +198,7 @@ class SimWorld:
         *,
         spring_delay_s: float = 0.05,
         parcels: Iterable[str] = (),
+        sizes: Mapping[str, str] | None = None,
         seed: int | None = None,
     ) -> None:
         ids = list(compartments)
@@ -207,6 +215,8 @@ class SimWorld:
         self.spring_delay_s = float(spring_delay_s)
         for cid in parcels:
             self._get(cid).occupied = True
+        for cid, size in check_sizes(ids, sizes or {}).items():
+            self._compartments[cid].size = size
         self._rng = random.Random(seed)
         self._stuck_key: str | None = None
         self._scanner_dead = False
@@ -225,6 +235,8 @@ class SimWorld:
         """Every message the daemon showed, in order."""
         self.scans: list[str] = []
         """Every string a person scanned, in order, whatever the scanner made of it."""
+        self.labels: list[str] = []
+        """The parcel id of every label a courier scanned (`scan_label`), in order."""
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -244,6 +256,7 @@ class SimWorld:
             jammed=c.jammed,
             sensor_stuck=c.sensor_stuck,
             sensed=c.sensed(),
+            size=c.size,
         )
 
     def sensed_doors(self) -> dict[str, DoorState]:
@@ -301,6 +314,7 @@ class SimWorld:
                     "door_open": c.door_open,
                     "occupied": c.occupied,
                     "in_service": c.in_service,
+                    "size": c.size,
                 }
                 for cid, c in self._compartments.items()
             },
@@ -368,6 +382,19 @@ class SimWorld:
         if self._scanner_garbage:
             data = "".join(self._rng.choice(_JUNK) for _ in range(self._rng.randint(4, 32)))
         self._publish(Scanned(data))
+
+    def scan_label(self, parcel_id: str) -> None:
+        """A courier scans the label of parcel `parcel_id`: the scanner reads exactly that text.
+
+        It goes through `scan`, so scanner faults apply; `labels` records it either way.
+        """
+        if not isinstance(parcel_id, str) or not _PARCEL_ID.fullmatch(parcel_id):
+            raise SimError(
+                f"bad parcel id {_shown(parcel_id)}: 1-{MAX_PARCEL_ID_CHARS} printable ASCII "
+                "characters, no spaces"
+            )
+        _append_bounded(self.labels, parcel_id)
+        self.scan(parcel_id)
 
     def open_door(self, cid: str) -> None:
         """A person pulls the door open; refused while the latch holds it (see force_door)."""
@@ -600,6 +627,34 @@ class SimWorld:
         if not c.door_open:
             self._cancel_spring(c)
             self._set_locked(cid, c, True)
+
+
+def check_sizes(compartments: Iterable[str], sizes: Mapping[str, str]) -> dict[str, str]:
+    """`sizes` (compartment id -> size label) checked against the bank's compartment ids.
+
+    A label is 1-8 of A-Z, a-z and 0-9 ("S", "M", "XL"); raises SimError naming the first
+    unknown id or bad label.
+    """
+    if not isinstance(sizes, Mapping):
+        raise SimError("sizes must map compartment ids to size labels")
+    known = set(compartments)
+    out: dict[str, str] = {}
+    for cid, size in sizes.items():
+        if cid not in known:
+            raise SimError(f"sizes names unknown compartment {_shown(cid)}")
+        if not isinstance(size, str) or not _SIZE_LABEL.fullmatch(size):
+            raise SimError(
+                f"bad size {_shown(size)} of compartment {cid!r}: 1-{MAX_SIZE_CHARS} of "
+                "A-Z, a-z and 0-9"
+            )
+        out[cid] = size
+    return out
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message, cut short: it may come from a socket."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 HISTORY_LIMIT: Final = 1000

@@ -118,6 +118,31 @@ def test_bad_settings_name_the_key(tmp_path: Path, settings: dict[str, Any], mes
     assert message in str(info.value)
 
 
+def test_world_takes_the_compartment_sizes_of_the_context(tmp_path: Path) -> None:
+    ctx = HalContext(
+        compartments=COMPARTMENTS, state_dir=tmp_path, backend_settings={"sim": {}},
+        # "9" is not a compartment of this bank: the backend leaves it out.
+        compartment_sizes={"1": "S", "7": "L", "9": "M"},
+    )
+    world = device(ctx, "lock").world
+    assert [world.compartment(cid).size for cid in COMPARTMENTS] == ["S", None, "L"]
+    sizes = {cid: c["size"] for cid, c in world.state()["compartments"].items()}
+    assert sizes == {"1": "S", "2": None, "7": "L"}
+
+
+def test_without_sizes_every_size_is_unknown(tmp_path: Path) -> None:
+    world = world_of(context(tmp_path))
+    assert [world.compartment(cid).size for cid in COMPARTMENTS] == [None, None, None]
+
+
+def test_a_bad_compartment_size_names_the_compartments_table(tmp_path: Path) -> None:
+    ctx = HalContext(
+        compartments=COMPARTMENTS, state_dir=tmp_path, compartment_sizes={"7": "extra large"}
+    )
+    with pytest.raises(BackendError, match=r"\[\[compartments\]\] size: bad size 'extra large'"):
+        device(ctx, "lock")
+
+
 def test_sim_devices_take_no_options(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match=r"hal\.keypad\.options"):
         device(context(tmp_path), "keypad", {"pin": 4})
@@ -342,6 +367,16 @@ async def test_scanner_events_and_faults(tmp_path: Path) -> None:
     assert isinstance(junk, Scanned) and not any(ch.isprintable() for ch in junk.data)
     assert events[2] == Scanned("after")
     assert (await scanner.health()).ok
+
+
+async def test_scanner_emits_a_scanned_label(tmp_path: Path) -> None:
+    ctx = context(tmp_path)
+    scanner: Scanner = device(ctx, "scanner")
+    world = world_of(ctx)
+    async with running(scanner) as events:
+        world.scan_label("PX123")
+        await until(lambda: events == [Scanned("PX123")])
+    assert world.labels == ["PX123"]
 
 
 async def test_display_show_records_to_the_world(tmp_path: Path) -> None:

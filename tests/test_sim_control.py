@@ -23,6 +23,7 @@ from sim.control import (
     ControlServer,
     Door,
     Fault,
+    Label,
     Parcel,
     Press,
     Scan,
@@ -55,7 +56,7 @@ def exists(path: Path) -> bool:
 
 @pytest.fixture
 def world() -> SimWorld:
-    return SimWorld(["1", "7"], spring_delay_s=0)
+    return SimWorld(["1", "7"], spring_delay_s=0, sizes={"7": "L"})
 
 
 @pytest.fixture
@@ -171,6 +172,9 @@ async def test_every_op_over_the_socket(
         assert [keys.get_nowait() for _ in range(4)] == [KeyPressed(k) for k in "123#"]
         await client.scan("LK1:ABC")
         assert scans.get_nowait() == Scanned("LK1:ABC")
+        await client.label("PX123")
+        assert scans.get_nowait() == Scanned("PX123")
+        assert world.labels == ["PX123"]
 
         with pytest.raises(SimError, match="locked"):
             await client.door("7", "open")
@@ -198,8 +202,10 @@ async def test_every_op_over_the_socket(
     assert reply == {
         "ok": True,
         "compartments": {
-            "1": {"locked": True, "door_open": False, "occupied": False, "in_service": False},
-            "7": {"locked": True, "door_open": False, "occupied": False, "in_service": True},
+            "1": {"locked": True, "door_open": False, "occupied": False, "in_service": False,
+                  "size": None},
+            "7": {"locked": True, "door_open": False, "occupied": False, "in_service": True,
+                  "size": "L"},
         },
         "display": "Enter code",
         "faults": [
@@ -230,7 +236,27 @@ async def test_door_open_after_a_pulse(
             "door_open": False,
             "occupied": False,
             "in_service": True,
+            "size": None,
         }
+
+
+async def test_label_op_end_to_end(
+    world: SimWorld, sock_path: Path, server: ControlServer
+) -> None:
+    with world.subscribe(Scanned) as scans:
+        async with raw(sock_path) as conn:
+            await conn.send(b'{"op": "label", "parcel_id": "PX123"}\n')
+            assert await conn.reader.readline() == b'{"ok": true}\n'
+            assert scans.get_nowait() == Scanned("PX123")
+            # A dead scanner swallows the label; the request itself still succeeds.
+            assert (await conn.ask(b'{"op": "fault", "target": "scanner", "kind": "dead", '
+                                   b'"on": true}\n'))["ok"] is True
+            assert (await conn.ask(b'{"op": "label", "parcel_id": "PX9"}\n')) == {"ok": True}
+            with pytest.raises(asyncio.QueueEmpty):
+                scans.get_nowait()
+    assert world.labels == ["PX123", "PX9"]
+    reply = await asyncio.to_thread(request_sync, sock_path, {"op": "label", "parcel_id": "Q1"})
+    assert reply == {"ok": True} and world.labels[-1] == "Q1"
 
 
 async def test_fault_can_be_cleared(
@@ -290,12 +316,22 @@ BAD_REQUESTS: list[tuple[bytes, str]] = [
     (b"{}\n", "missing field 'op'"),
     (b'{"op": 5}\n', "'op' must be a string"),
     (b'{"op": "dance"}\n', "unknown op 'dance'"),
+    (b'{"op": "dance"}\n', "ops: press, scan, label, door, parcel, fault, state"),
     (b'{"op": "press"}\n', "missing field 'keys'"),
     (b'{"op": "press", "keys": 123}\n', "'keys' must be a string"),
     (b'{"op": "press", "keys": "12a"}\n', "no key 'a'"),
     (b'{"op": "press", "keys": ""}\n', "non-empty"),
     (b'{"op": "scan"}\n', "missing field 'data'"),
     (b'{"op": "scan", "data": null}\n', "'data' must be a string"),
+    (b'{"op": "label"}\n', "'label' request is missing field 'parcel_id'"),
+    (b'{"op": "label", "data": "PX1"}\n', "missing field 'parcel_id'"),
+    (b'{"op": "label", "parcel_id": 123}\n', "field 'parcel_id' must be a string"),
+    (b'{"op": "label", "parcel_id": null}\n', "field 'parcel_id' must be a string"),
+    (b'{"op": "label", "parcel_id": ["PX1"]}\n', "field 'parcel_id' must be a string"),
+    (b'{"op": "label", "parcel_id": ""}\n', "bad parcel id ''"),
+    (b'{"op": "label", "parcel_id": "PX 1"}\n', "bad parcel id 'PX 1'"),
+    (b'{"op": "label", "parcel_id": "PX\\u00e9"}\n', "bad parcel id"),
+    (b'{"op": "label", "parcel_id": "' + b"P" * 65 + b'"}\n', "bad parcel id"),
     (b'{"op": "door", "compartment": "7"}\n', "missing field 'action'"),
     (b'{"op": "door", "compartment": 7, "action": "open"}\n', "'compartment' must be a string"),
     (b'{"op": "door", "compartment": "9", "action": "open"}\n', "unknown compartment '9'"),
@@ -337,6 +373,7 @@ async def test_bad_requests_get_a_clear_error_and_the_server_stays_up(
     async with SimClient(sock_path) as client:  # and a new connection too
         await client.state()
     assert world.faults() == []
+    assert world.labels == [] and world.scans == []
 
 
 async def test_huge_line_gets_one_reply_then_the_next_request_works(
@@ -399,6 +436,7 @@ async def test_client_disconnecting_mid_request_does_not_hurt(
 def test_parse_request_builds_typed_requests() -> None:
     assert parse_request({"op": "press", "keys": "1#"}) == Press("1#")
     assert parse_request({"op": "scan", "data": "x"}) == Scan("x")
+    assert parse_request({"op": "label", "parcel_id": "PX1"}) == Label("PX1")
     assert parse_request({"op": "door", "compartment": "7", "action": "close"}) == Door(
         "7", "close"
     )
@@ -423,10 +461,11 @@ json_values = st.recursive(
     max_leaves=12,
 )
 request_like = st.fixed_dictionaries(
-    {"op": st.sampled_from(["press", "scan", "door", "parcel", "fault", "state", "x"])},
+    {"op": st.sampled_from(["press", "scan", "label", "door", "parcel", "fault", "state", "x"])},
     optional={
         "keys": json_values | st.text("0123456789*#", min_size=1),
         "data": json_values,
+        "parcel_id": json_values | st.sampled_from(["PX1", "PX 1", ""]),
         "compartment": json_values | st.sampled_from(["1", "7", "9"]),
         "action": json_values | st.sampled_from(["open", "close", "force"]),
         "present": json_values,
@@ -450,7 +489,7 @@ def test_validator_only_ever_raises_sim_error(obj: object) -> None:
     except SimError as exc:
         assert str(exc)
     else:
-        assert isinstance(request, Press | Scan | Door | Parcel | Fault | State)
+        assert isinstance(request, Press | Scan | Label | Door | Parcel | Fault | State)
 
 
 @settings(max_examples=300, deadline=None)

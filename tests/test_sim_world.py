@@ -17,6 +17,7 @@ from hal.base import (
     TamperChanged,
 )
 from sim.world import (
+    HISTORY_LIMIT,
     DisplayChanged,
     FaultChanged,
     LockChanged,
@@ -54,9 +55,12 @@ def test_initial_state() -> None:
     world = make(parcels=["7"])
     assert world.state() == {
         "compartments": {
-            "1": {"locked": True, "door_open": False, "occupied": False, "in_service": True},
-            "2": {"locked": True, "door_open": False, "occupied": False, "in_service": True},
-            "7": {"locked": True, "door_open": False, "occupied": True, "in_service": True},
+            "1": {"locked": True, "door_open": False, "occupied": False, "in_service": True,
+                  "size": None},
+            "2": {"locked": True, "door_open": False, "occupied": False, "in_service": True,
+                  "size": None},
+            "7": {"locked": True, "door_open": False, "occupied": True, "in_service": True,
+                  "size": None},
         },
         "display": "",
         "faults": [],
@@ -83,6 +87,36 @@ def test_initial_state() -> None:
 def test_constructor_refuses_bad_layouts(ids: list[str], kwargs: dict[str, object]) -> None:
     with pytest.raises(SimError):
         SimWorld(ids, **kwargs)  # type: ignore[arg-type]
+
+
+def test_sizes_show_in_the_view_and_the_state() -> None:
+    world = make(sizes={"1": "S", "7": "XL"})
+    assert world.compartment("1").size == "S"
+    assert world.compartment("2").size is None  # not configured: unknown
+    assert world.compartment("7").size == "XL"
+    sizes = {cid: c["size"] for cid, c in world.state()["compartments"].items()}
+    assert sizes == {"1": "S", "2": None, "7": "XL"}
+    assert make(sizes={"2": "abc12345"}).compartment("2").size == "abc12345"  # 8 is the limit
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"9": "M"}, "unknown compartment '9'"),
+        ({7: "M"}, "unknown compartment 7"),
+        ({"7": ""}, "bad size '' of compartment '7'"),
+        ({"7": "X L"}, "bad size 'X L'"),
+        ({"7": "M\n"}, "bad size"),
+        ({"7": "XXXXXXXXL"}, "bad size 'XXXXXXXXL'"),
+        ({"7": "Gr\u00f6\u00df"}, "bad size"),
+        ({"7": 3}, "bad size 3"),
+        ({"1": "S", "7": None}, "bad size None of compartment '7'"),
+        (["7"], "sizes must map"),
+    ],
+)
+def test_bad_sizes_are_refused_with_a_clear_message(sizes: object, message: str) -> None:
+    with pytest.raises(SimError, match=message):
+        make(sizes=sizes)
 
 
 def test_sim_error_is_a_value_error() -> None:
@@ -313,6 +347,65 @@ def test_scanner_faults() -> None:
     for bad in ["", "x" * 4097]:
         with pytest.raises(SimError):
             world.scan(bad)
+
+
+def test_scan_label_presents_the_parcel_id_to_the_scanner() -> None:
+    world = make()
+    with world.subscribe(Scanned) as sub:
+        world.scan_label("PX123")
+        world.scan_label("PX-9/A.b_c")
+        assert drain(sub.get_nowait) == [Scanned("PX123"), Scanned("PX-9/A.b_c")]
+    assert world.labels == ["PX123", "PX-9/A.b_c"]
+    assert world.scans == ["PX123", "PX-9/A.b_c"]  # it went through the scanner
+
+
+def test_a_label_scanned_before_anyone_listens_is_kept() -> None:
+    world = make()
+    world.scan_label("PX7")
+    with world.subscribe(Scanned) as sub:
+        assert drain(sub.get_nowait) == [Scanned("PX7")]
+
+
+def test_longest_parcel_id_is_accepted() -> None:
+    world = make()
+    world.scan_label("P" * 64)
+    assert world.labels == ["P" * 64]
+
+
+@pytest.mark.parametrize(
+    "parcel_id", ["", "PX 123", " PX1", "PX1\t", "PX1\n", "P" * 65, "PX\u00e9", "\u00a0", 123, None]
+)
+def test_scan_label_refuses_bad_parcel_ids(parcel_id: object) -> None:
+    world = make()
+    with world.subscribe() as sub:
+        with pytest.raises(SimError, match="bad parcel id"):
+            world.scan_label(parcel_id)  # type: ignore[arg-type]
+        assert drain(sub.get_nowait) == []
+    assert world.labels == [] and world.scans == []
+
+
+def test_scanner_faults_apply_to_labels() -> None:
+    world = make(seed=3)
+    with world.subscribe(Scanned) as sub:
+        world.set_fault("scanner", "dead", True)
+        world.scan_label("PX1")
+        assert drain(sub.get_nowait) == []  # swallowed
+        world.set_fault("scanner", "dead", False)
+        world.set_fault("scanner", "garbage", True)
+        world.scan_label("PX2")
+        [junk] = drain(sub.get_nowait)
+    assert isinstance(junk, Scanned) and junk.data != "PX2"
+    assert not any(ch.isprintable() for ch in junk.data)
+    assert world.labels == ["PX1", "PX2"]  # the courier did scan both
+
+
+def test_label_history_is_bounded() -> None:
+    world = make()
+    with world.subscribe(Scanned):  # claims the scans: no backlog to fill
+        for n in range(HISTORY_LIMIT + 5):
+            world.scan_label(f"PX{n}")
+    assert len(world.labels) == HISTORY_LIMIT
+    assert world.labels[0] == "PX5" and world.labels[-1] == f"PX{HISTORY_LIMIT + 4}"
 
 
 def test_display_is_recorded() -> None:
