@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from hal.base import (
@@ -37,7 +38,7 @@ from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
 from lockerd.services.commands import CommandService
 from lockerd.services.console import console_service
-from lockerd.services.controller import Controller, load_lockout_state
+from lockerd.services.controller import Controller, DepositRules, load_lockout_state
 from lockerd.services.diagnostics import Diagnostics
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
@@ -49,6 +50,7 @@ from lockerd.store.commands import CommandJournal
 from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
 from lockerd.store.outbox import Outbox
+from lockerd.store.parcels import ParcelStore, SpentTokens
 from lockerd.timeutil import format_time
 from lockerd.trust.digest import load_code_key
 from lockerd.trust.dsse import RoleKeys
@@ -149,7 +151,8 @@ class App:
             "keyring_version": self.cache.keyring_version,
             "compartments": {
                 cid: {"door": "open" if c.door_open else "closed", "phase": c.phase.value,
-                      "in_service": c.in_service, "occupied": c.occupied}
+                      "in_service": c.in_service, "occupied": c.occupied, "size": c.size,
+                      "parcel_id": c.parcel_id}
                 for cid, c in self.controller.compartments.items()
             },
         }
@@ -300,6 +303,9 @@ def _build_devices(config: Config, context: HalContext) -> Devices:
     )
 
 
+SPENT_TOKEN_MARGIN = timedelta(days=7)
+
+
 def build_app(config: Config, *, clock: Clock | None = None,
               notifier: SdNotifier | None = None) -> App:
     """Build the whole object graph. Raises LockerdError/HalError with a message to act on."""
@@ -319,11 +325,15 @@ def build_app(config: Config, *, clock: Clock | None = None,
     clock = clock or trusted
     cache = build_cache(config, db=db, codes=codes, events=events, clock=clock,
                         trusted=trusted)
+    # A spent token past its expiry is refused as expired anyway; the margin covers a clock
+    # that is set back a little while it is not synchronised.
+    SpentTokens(db).prune(trusted.wall() - SPENT_TOKEN_MARGIN)
     _import_files(config, cache)
     context = HalContext(
         compartments=config.compartment_ids, state_dir=state_dir,
         config_dir=config.path("."),
         backend_settings=config.backends,
+        compartment_sizes=config.compartment_sizes,
     )
     devices = _build_devices(config, context)
     out_of_service = db.get_meta("out_of_service") or {}
@@ -332,9 +342,13 @@ def build_app(config: Config, *, clock: Clock | None = None,
         held_open_after_s=config.doors.held_open_after_s,
         show_result_s=config.doors.show_result_s,
     )
+    parcels = ParcelStore(db)
+    on_record = parcels.all()
     compartments = {}
-    for cid in config.compartment_ids:
-        comp = Compartment(cid, timings=timings, in_service=cid not in out_of_service)
+    for cid, size in config.compartment_sizes.items():
+        held = on_record.get(cid)
+        comp = Compartment(cid, timings=timings, in_service=cid not in out_of_service,
+                           size=size, parcel_id=held.parcel_id if held else None)
         if cid in out_of_service:
             comp.service_reason = str(out_of_service[cid])
         compartments[cid] = comp
@@ -348,6 +362,10 @@ def build_app(config: Config, *, clock: Clock | None = None,
         rejections=RateLimiter(per_minute=config.lockout.rejected_events_per_minute),
         db=db, events=events, codes=codes, code_key=code_key,
         lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
+        parcels=parcels, tokens=SpentTokens(db), keyring=lambda: cache.keyring,
+        deposits=DepositRules(
+            sizes=tuple(config.deposits.sizes), session_idle_s=config.deposits.session_idle_s,
+            derived_digits=config.codes.derived_digits if config.codes.derived_pickup else None),
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
               devices=devices, controller=controller, clock=clock,

@@ -38,7 +38,20 @@ class TrustSection(_Section, kw_only=True, frozen=True):
 
 class CodesSection(_Section, kw_only=True, frozen=True):
     bundle_file: str | None = None
+    # Derived pickup codes (PROTOCOL section 4): off unless the backend issues them.
+    derived_pickup: bool = False
     derived_digits: Annotated[int, msgspec.Meta(ge=4, le=12)] = 8
+
+
+SizeLabel = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]{1,8}$")]
+
+
+class DepositsSection(_Section, kw_only=True, frozen=True):
+    """[deposits]: compartment sizes, smallest first, and the courier session's idle limit."""
+
+    sizes: Annotated[list[SizeLabel], msgspec.Meta(min_length=1, max_length=9)] = msgspec.field(
+        default_factory=lambda: ["S", "M", "L"])
+    session_idle_s: PositiveSeconds = 60.0
 
 
 class EntrySection(_Section, kw_only=True, frozen=True):
@@ -63,7 +76,7 @@ class DoorsSection(_Section, kw_only=True, frozen=True):
 
 class CompartmentSection(_Section, kw_only=True, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=_COMPARTMENT_ID)]
-    size: str = "M"
+    size: SizeLabel = "M"  # one of [deposits] sizes
 
 
 class DeviceSection(_Section, kw_only=True, frozen=True):
@@ -138,6 +151,7 @@ class Config(_Section, kw_only=True, frozen=True):
     compartments: Annotated[list[CompartmentSection], msgspec.Meta(min_length=1)]
     hal: HalSection
     codes: CodesSection = CodesSection()
+    deposits: DepositsSection = DepositsSection()
     entry: EntrySection = EntrySection()
     lockout: LockoutSection = LockoutSection()
     doors: DoorsSection = DoorsSection()
@@ -155,6 +169,10 @@ class Config(_Section, kw_only=True, frozen=True):
     @property
     def compartment_ids(self) -> tuple[str, ...]:
         return tuple(c.id for c in self.compartments)
+
+    @property
+    def compartment_sizes(self) -> dict[str, str]:
+        return {c.id: c.size for c in self.compartments}
 
     def path(self, value: str) -> Path:
         """A path from the file, relative paths taken from the file's own directory."""
@@ -213,6 +231,14 @@ def _check_consistency(config: Config, source: str) -> None:
             f"{source}: [trust] root_threshold is {config.trust.root_threshold} but only "
             f"{len(set(config.trust.root_keys))} distinct root_keys are given"
         )
+    sizes = config.deposits.sizes
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"{source}: [deposits] sizes lists a size twice: {sizes}")
+    for comp in config.compartments:
+        if comp.size not in sizes:
+            raise ConfigError(
+                f"{source}: [[compartments]] id {comp.id!r}: size {comp.size!r} is not one of "
+                f"[deposits] sizes {sizes} (list the sizes smallest first there)")
     if config.lockout.max_s < config.lockout.base_s:
         raise ConfigError(f"{source}: [lockout] max_s must not be smaller than base_s")
     mqtt = config.mqtt

@@ -29,6 +29,7 @@ from lockerd.trust.dsse import (
 )
 from lockerd.trust.keyring import ROLE_NAMES, build_keyring_payload
 from lockerd.trust.keys import generate_key, public_hex, save_private_key
+from lockerd.trust.qrtoken import mint_qr_token
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,25 @@ class BankKit:
             args=args)
         return sign_envelope(COMMAND_PAYLOAD_TYPE, payload, [signer or self.root_key])
 
+    def qr_token(
+        self,
+        kind: str = "pickup",
+        *,
+        cti: bytes | None = None,
+        compartment: str | None = None,
+        parcel_id: str | None = None,
+        not_before: datetime | None = None,
+        expires_at: datetime | None = None,
+        locker_id: str | None = None,
+        signer: Ed25519PrivateKey | None = None,
+    ) -> str:
+        """A signed QR token (PROTOCOL section 9) of the qr role (the root key in this kit)."""
+        return mint_qr_token(
+            signer=signer or self.root_key, locker_id=locker_id or self.locker_id, kind=kind,
+            cti=cti or secrets.token_bytes(16),
+            expires_at=expires_at or utcnow() + timedelta(hours=1), not_before=not_before,
+            compartment=compartment, parcel_id=parcel_id)
+
     def keyring(self, *, version: int = 1, expires_at: datetime | None = None) -> bytes:
         """A keyring signed by the root key naming the codes key (other roles: the root key)."""
         now = utcnow()
@@ -138,13 +158,15 @@ def make_bank(
     compartments: int = 8,
     codes: Sequence[PlainCode] = (),
     parcels: Sequence[str] = (),
+    sizes: Sequence[str] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     socket: bool = True,
     import_files: bool = True,
     wire: Path | None = None,
 ) -> BankKit:
     """Write keys, code key, keyring, a codes bundle (version 1) and a sim config into
-    `directory`. `overrides` replaces keys of config sections, e.g. {"doors": {...}}.
+    `directory`. `sizes` gives the compartments' sizes in order (default: all "M").
+    `overrides` replaces keys of config sections, e.g. {"doors": {...}}.
     Without `import_files` the config names no keyring or bundle file: the bank starts empty
     and gets both over MQTT. With `wire` (the directory of a running `sim.wire` bank) the
     locks, doors and occupancy use the real `kerong` driver and the keypad and scanner the
@@ -180,7 +202,8 @@ def make_bank(
         "hal": {kind: {"backend": "sim"} for kind in (
             "lock", "door_sensor", "occupancy", "keypad", "scanner", "display", "tamper")},
         "backends": {"sim": {"parcels": list(parcels)}},
-        "compartments": [{"id": cid, "size": "M"} for cid in ids],
+        "compartments": [{"id": cid, "size": size}
+                         for cid, size in zip(ids, list(sizes) or ["M"] * len(ids), strict=True)],
     }
     if socket:
         config["backends"]["sim"]["socket"] = str(kit.socket_path)

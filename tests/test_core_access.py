@@ -47,7 +47,8 @@ def evaluate(
     return evaluate_code(record, now=now, compartments=compartments)
 
 
-GRANTED = Granted(compartment="3", code_id="c-1", digest="d" * 64, kind="pickup")
+GRANTED = Granted(compartment="3", code_id="c-1", digest="d" * 64, kind="pickup",
+                  parcel_id=RECORD.parcel_id)
 
 
 @pytest.mark.parametrize(
@@ -77,8 +78,15 @@ GRANTED = Granted(compartment="3", code_id="c-1", digest="d" * 64, kind="pickup"
                      id="multi-use-with-one-left"),
         pytest.param(replace(RECORD, uses=2, max_uses=2), READY, NOW,
                      Refused(Reason.USED, "c-1", "3"), id="multi-use-used-up"),
-        pytest.param(replace(RECORD, kind="deposit"), READY, NOW,
-                     Refused(Reason.UNSUPPORTED, "c-1", "3"), id="deposit-kind"),
+        # A deposit or courier code is only checked for validity here: the session it starts
+        # assigns the compartment, so the state of the one it names does not matter yet.
+        pytest.param(replace(RECORD, kind="deposit"),
+                     CompartmentView(in_service=False, idle=False, occupied=True), NOW,
+                     replace(GRANTED, kind="deposit"), id="deposit-kind"),
+        pytest.param(replace(RECORD, kind="courier", compartment=None), None, NOW,
+                     replace(GRANTED, kind="courier", compartment=None), id="courier-kind"),
+        pytest.param(replace(RECORD, kind="courier", uses=1), READY, NOW,
+                     Refused(Reason.USED, "c-1", "3"), id="courier-used"),
         pytest.param(replace(RECORD, kind="service"), READY, NOW,
                      Refused(Reason.UNSUPPORTED, "c-1", "3"), id="service-kind"),
         pytest.param(replace(RECORD, compartment="99"), READY, NOW,
@@ -155,7 +163,7 @@ views = st.builds(CompartmentView, in_service=st.booleans(), idle=st.booleans(),
     uses=st.integers(min_value=0, max_value=5),
     max_uses=st.integers(min_value=0, max_value=5),
     offset_s=st.integers(min_value=-10 * 86400, max_value=10 * 86400),
-    kind=st.sampled_from(["pickup", "deposit", "return"]),
+    kind=st.sampled_from(["pickup", "deposit", "courier", "return"]),
 )
 def test_grant_only_when_every_rule_holds(
     view: CompartmentView, uses: int, max_uses: int, offset_s: int, kind: str
@@ -163,15 +171,13 @@ def test_grant_only_when_every_rule_holds(
     now = NOW + timedelta(seconds=offset_s)
     record = replace(RECORD, uses=uses, max_uses=max_uses, kind=kind)
     decision = evaluate(record, view, now=now)
-    all_ok = (
+    valid = (
         record.not_before is not None
         and record.not_before <= now < record.not_after
         and uses < max_uses
-        and kind == "pickup"
-        and view.in_service
-        and view.idle
-        and view.occupied is not False
     )
+    door_ready = view.in_service and view.idle and view.occupied is not False
+    all_ok = valid and (kind in ("deposit", "courier") or (kind == "pickup" and door_ready))
     assert isinstance(decision, Granted) is all_ok
     if isinstance(decision, Refused):
         assert decision.code_id == "c-1"
@@ -184,7 +190,13 @@ def test_every_display_line_fits_a_20_column_lcd() -> None:
     shown = [m.idle(), m.typing(30), m.cleared(), m.timed_out(), m.too_long(),
              m.keypad_fault(), m.opening("12"), m.pickup_open("12"), m.door_open("12"),
              m.pickup_done("12"), m.pickup_incomplete("12"), m.jammed("12"),
-             m.close_door("12"), m.locked_out(3600)]
+             m.close_door("12"), m.locked_out(3600), m.deposit_open("12"),
+             m.deposit_done("12"), m.deposit_aborted("12"), m.deposit_unconfirmed("12"),
+             m.scan_label(0), m.scan_label(1234), m.no_free_door(None),
+             m.no_free_door("XXXXXXXX"), m.session_ended(999),
+             m.choose_size("P" * 64, ("S", "M", "L")),
+             m.choose_size("PX1", tuple(f"SIZE{i:04d}" for i in range(9)))]
+    shown += [m.label_refused(reason) for reason in Reason]
     shown += [m.refused(reason, remaining_s=30) for reason in Reason]
     long = [line for msg in shown for line in msg.lines if len(line) > m.MAX_COLUMNS]
     assert long == []

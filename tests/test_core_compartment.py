@@ -43,6 +43,15 @@ def shape(actions: Sequence[Action]) -> list[str]:
     return out
 
 
+def delta(record: Record) -> int:
+    """The use change a record commits with its event: +1 taken, -1 given back, 0 none."""
+    return 0 if record.use is None else record.use.delta
+
+
+def used_digest(record: Record) -> str | None:
+    return None if record.use is None else record.use.digest
+
+
 def records(actions: Sequence[Action], type_: str | None = None) -> list[Record]:
     return [a for a in actions if isinstance(a, Record) and (type_ is None or a.type == type_)]
 
@@ -202,7 +211,7 @@ def test_begin_access_records_before_it_pulses() -> None:
     rec = actions[0]
     assert rec.compartment == "3"
     assert rec.code_id == "c-1"
-    assert rec.use_delta == 0
+    assert delta(rec) == 0
     assert rec.data == {"attempt": 1, "kind": "pickup", "source": "keypad"}
     assert actions[2] == Show(messages.opening("3"))
     assert comp.phase is Phase.UNLOCKING
@@ -218,10 +227,10 @@ def test_door_seen_open_consumes_one_use() -> None:
     opened = one(actions, "door.opened")
     pickup = one(actions, "pickup.opened")
     assert actions.index(opened) < actions.index(pickup)
-    assert opened.use_delta == 0
+    assert delta(opened) == 0
     assert opened.code_id == "c-1"
-    assert pickup.use_delta == 1
-    assert pickup.digest == "d-1"
+    assert delta(pickup) == 1
+    assert used_digest(pickup) == "d-1"
     assert pickup.code_id == "c-1"
     assert pickup.data == {"attempt": 1, "source": "keypad"}
     assert Pulse("3") not in actions
@@ -238,7 +247,7 @@ def test_close_with_parcel_gone_completes_without_touching_the_use() -> None:
     actions = comp.door_changed(False, 9.0)
     assert one(actions, "door.closed").code_id == "c-1"
     done = one(actions, "pickup.completed")
-    assert done.use_delta == 0
+    assert delta(done) == 0
     assert done.data == {"occupancy_known": True}
     assert Show(messages.pickup_done("3"), hold_s=TIMINGS.show_result_s) in actions
     assert comp.phase is Phase.LOCKED
@@ -252,8 +261,8 @@ def test_close_with_parcel_inside_gives_the_use_back() -> None:
     comp.door_changed(True, 1.0)
     actions = comp.door_changed(False, 9.0)
     back = one(actions, "pickup.incomplete")
-    assert back.use_delta == -1
-    assert back.digest == "d-1"
+    assert delta(back) == -1
+    assert used_digest(back) == "d-1"
     assert back.code_id == "c-1"
     assert records(actions, "pickup.completed") == []
     assert Show(messages.pickup_incomplete("3"), hold_s=TIMINGS.show_result_s) in actions
@@ -285,7 +294,7 @@ def test_no_open_by_the_second_deadline_is_a_jam_that_consumes_nothing() -> None
     assert jammed.data == {"attempts": MAX_ATTEMPTS, "kind": "pickup", "code_still_valid": True}
     assert one(jam, "compartment.out_of_service").data == {"reason": "jammed"}
     assert Show(messages.jammed("3"), hold_s=TIMINGS.show_result_s) in jam
-    assert [r for r in records(log) if r.use_delta != 0] == []
+    assert [r for r in records(log) if delta(r) != 0] == []
     assert sum(isinstance(a, Pulse) for a in log) == MAX_ATTEMPTS == 2
     assert comp.in_service is False
     assert comp.service_reason == "jammed"
@@ -299,7 +308,7 @@ def test_door_opened_without_an_access_is_forced() -> None:
     comp = make()
     actions = comp.door_changed(True, 1.0)
     assert shape(actions) == ["door.opened", "door.forced"]
-    assert all(r.use_delta == 0 and r.code_id is None for r in records(actions))
+    assert all(delta(r) == 0 and r.code_id is None for r in records(actions))
     assert one(actions, "door.forced").data == {"in_service": True}
     assert comp.phase is Phase.OPEN
     closed = comp.door_changed(False, 2.0)
@@ -317,7 +326,7 @@ def test_door_opening_late_after_a_jam_is_forced_and_consumes_nothing() -> None:
     assert one(late, "door.forced").data == {"in_service": False}
     closed = comp.door_changed(False, 12.0)
     assert shape(closed) == ["door.closed"]
-    assert all(r.use_delta == 0 for r in records(late + closed))
+    assert all(delta(r) == 0 for r in records(late + closed))
 
 
 def test_held_open_is_reported_once_per_opening() -> None:
@@ -328,7 +337,7 @@ def test_held_open_is_reported_once_per_opening() -> None:
     held = [r for actions in ticks for r in records(actions, "door.held_open")]
     assert len(held) == 1
     assert held[0].data == {"after_s": TIMINGS.held_open_after_s}
-    assert held[0].use_delta == 0
+    assert delta(held[0]) == 0
     assert comp.deadline() is None
     assert comp.phase is Phase.OPEN  # reporting it does not change the door's state
 
@@ -479,28 +488,28 @@ def check_step(run: Run, step: tuple[Any, ...], actions: list[Action],
     door_opened_at = [i for i, a in enumerate(actions)
                       if isinstance(a, Record) and a.type == "door.opened"]
     for i, a in enumerate(actions):
-        if not isinstance(a, Record) or a.use_delta == 0:
+        if not isinstance(a, Record) or delta(a) == 0:
             continue
-        assert a.use_delta in (1, -1), a
-        assert a.digest is not None
-        if a.use_delta == 1:
+        assert delta(a) in (1, -1), a
+        assert used_digest(a) is not None
+        if delta(a) == 1:
             # (2) consumed only on a door-open input while an access was pending, after the
             # door.opened record of the same step, for that access.
             assert step[0] == "door" and step[1] is True, (step, actions)
             assert phase_before is Phase.UNLOCKING
             assert pending is not None
-            assert a.digest == pending.digest
+            assert used_digest(a) == pending.digest
             assert a.code_id == pending.code_id
             assert any(j < i for j in door_opened_at), actions
-            run.seen_open_for.add(a.digest)
+            run.seen_open_for.add(used_digest(a))
         else:
             # A use is only given back on a door closing after that very access consumed it.
             assert step[0] == "door" and step[1] is False, (step, actions)
-            assert pending is not None and a.digest == pending.digest
-            assert a.digest in run.seen_open_for
-        run.net[a.digest] += a.use_delta
+            assert pending is not None and used_digest(a) == pending.digest
+            assert used_digest(a) in run.seen_open_for
+        run.net[used_digest(a)] += delta(a)
         # (1) per access the net use is 0 or 1, never negative.
-        assert run.net[a.digest] in (0, 1), run.net
+        assert run.net[used_digest(a)] in (0, 1), run.net
 
     for a in records(actions, "door.jammed"):
         # (4) a jam never consumes: the jammed access's net use is 0.
@@ -565,7 +574,7 @@ def test_ticks_alone_never_consume_and_never_pulse_more_than_twice(gaps: list[fl
         t += gap
         log += comp.tick(t)
     assert sum(isinstance(a, Pulse) for a in log) <= MAX_ATTEMPTS
-    assert all(r.use_delta == 0 for r in records(log))
+    assert all(delta(r) == 0 for r in records(log))
     assert records(log, "pickup.opened") == []
     jams = records(log, "door.jammed")
     assert len(jams) <= 1
@@ -583,7 +592,7 @@ def test_out_of_service_during_unlock_then_jam_keeps_the_technicians_reason() ->
     assert "door.jammed" in shape(actions)
     assert "compartment.out_of_service" not in shape(actions)
     assert comp.service_reason == "ticket 81"
-    assert all(r.use_delta == 0 for r in records(actions))
+    assert all(delta(r) == 0 for r in records(actions))
 
 
 def test_an_open_for_a_command_consumes_nothing_and_names_the_command() -> None:
@@ -598,7 +607,7 @@ def test_an_open_for_a_command_consumes_nothing_and_names_the_command() -> None:
     assert one(opened, "door.opened").data == {"kind": "command", "cmd_id": "c-9"}
     closed = comp.door_changed(False, 2.0)
     assert shape(closed) == ["door.closed"]
-    assert all(r.use_delta == 0 for r in records(actions + opened + closed))
+    assert all(delta(r) == 0 for r in records(actions + opened + closed))
 
 
 def test_a_jammed_command_open_says_nothing_about_codes() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -22,6 +22,22 @@ class Reason(enum.Enum):
     UNSUPPORTED = "unsupported_kind"
     LOCKED_OUT = "locked_out"
     UNREADABLE = "unreadable_scan"
+    REVOKED = "revoked"
+    # Deposits: no compartment can take the parcel, or the named one cannot.
+    NO_FREE = "no_free_compartment"
+    OCCUPIED = "occupied"
+    OCCUPANCY_UNKNOWN = "occupancy_unknown"
+    BAD_LABEL = "bad_label"
+    PARCEL_HERE = "parcel_already_here"
+    # QR tokens (lockerd.trust.qrtoken refusal reasons).
+    TOO_LARGE = "too_large"
+    NOT_BASE45 = "not_base45"
+    MALFORMED = "malformed"
+    UNKNOWN_KEY = "unknown_key"
+    SIGNATURE = "signature"
+    WRONG_LOCKER = "wrong_locker"
+    KEYRING_EXPIRED = "keyring_expired"
+    NO_KEYRING = "no_keyring"
 
     @property
     def counts_as_guess(self) -> bool:
@@ -52,14 +68,25 @@ class CompartmentView:
     in_service: bool
     idle: bool
     occupied: bool | None  # None: no occupancy sensor, or it does not know
+    size: str | None = None
+    parcel_id: str | None = None  # the parcel a confirmed deposit left here, not yet picked up
+
+    @property
+    def free(self) -> bool:
+        """May take a deposit: in service, closed and idle, seen empty, no parcel on record."""
+        return self.in_service and self.idle and self.occupied is False and self.parcel_id is None
 
 
 @dataclass(frozen=True, slots=True)
 class Granted:
-    compartment: str
-    code_id: str
-    digest: str
+    """A valid credential. For a pickup `compartment` is the door to open; a deposit or courier
+    credential starts a session that assigns the compartment (None unless one is named)."""
+
+    compartment: str | None
+    code_id: str | None  # None for a QR token (named by its cti)
+    digest: str | None
     kind: str
+    parcel_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +94,13 @@ class Refused:
     reason: Reason
     code_id: str | None = None
     compartment: str | None = None
+    ref: Mapping[str, str] = field(default_factory=dict)  # e.g. {"cti": ...} of a QR token
 
 
 Decision = Granted | Refused
+
+
+KINDS = ("pickup", "deposit", "courier")
 
 
 def evaluate_code(
@@ -81,27 +112,52 @@ def evaluate_code(
     """Decide on one entered code. Pure: the caller has already looked it up and counts uses."""
     if record is None:
         return Refused(Reason.UNKNOWN)
-    refused = _refusal(record, now=now, compartments=compartments)
+    refused = _validity(record, now=now)
     if refused is not None:
         return Refused(refused, code_id=record.id, compartment=record.compartment)
-    assert record.compartment is not None
-    return Granted(
-        compartment=record.compartment, code_id=record.id, digest=record.digest, kind=record.kind
-    )
+    if record.kind != "pickup":
+        return Granted(compartment=record.compartment, code_id=record.id, digest=record.digest,
+                       kind=record.kind, parcel_id=record.parcel_id)
+    return pickup_target(record.id, compartment=record.compartment, parcel_id=record.parcel_id,
+                         digest=record.digest, compartments=compartments)
 
 
-def _refusal(
-    record: CodeRecord, *, now: datetime, compartments: Mapping[str, CompartmentView]
-) -> Reason | None:
+def pickup_target(
+    code_id: str | None,
+    *,
+    compartment: str | None,
+    parcel_id: str | None,
+    compartments: Mapping[str, CompartmentView],
+    digest: str | None = None,
+    ref: Mapping[str, str] | None = None,
+) -> Decision:
+    """The door a valid pickup credential opens: the one it names, else the one holding its
+    parcel; refused when that door cannot be opened for a pickup now."""
+    cid = compartment
+    if cid is None and parcel_id is not None:
+        cid = next((c for c, v in compartments.items() if v.parcel_id == parcel_id), None)
+    view = compartments.get(cid or "")
+    reason = _pickup_refusal(view)
+    if reason is not None or cid is None:
+        return Refused(reason or Reason.NO_COMPARTMENT, code_id=code_id, compartment=cid,
+                       ref=dict(ref or {}))
+    return Granted(compartment=cid, code_id=code_id, digest=digest, kind="pickup",
+                   parcel_id=parcel_id)
+
+
+def _validity(record: CodeRecord, *, now: datetime) -> Reason | None:
     if now >= record.not_after:
         return Reason.EXPIRED
     if record.not_before is not None and now < record.not_before:
         return Reason.NOT_YET_VALID
     if record.uses >= record.max_uses:
         return Reason.USED
-    if record.kind != "pickup":
+    if record.kind not in KINDS:
         return Reason.UNSUPPORTED
-    view = compartments.get(record.compartment or "")
+    return None
+
+
+def _pickup_refusal(view: CompartmentView | None) -> Reason | None:
     if view is None:
         return Reason.NO_COMPARTMENT
     if not view.in_service:

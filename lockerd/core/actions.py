@@ -4,21 +4,53 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hal.base import DisplayMessage
+
+if TYPE_CHECKING:
+    from lockerd.core.credential import Access
+
+
+@dataclass(frozen=True, slots=True)
+class UseChange:
+    """One use of a credential taken (+1) or given back (-1).
+
+    A bundle code is counted per (code_id, digest); a QR token is spent by its cti (kept until
+    `expires`, epoch seconds, after which it is refused as expired anyway). A derived pickup
+    code has no count: the parcel leaving the compartment ends it.
+    """
+
+    delta: int
+    code_id: str | None = None
+    digest: str | None = None
+    cti: str | None = None
+    expires: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParcelIn:
+    """A deposit confirmed: the compartment now holds this parcel."""
+
+    parcel_id: str
+    code_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParcelOut:
+    """The compartment's parcel was taken out."""
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """Commit an event (and, in the same transaction, a change to a code's use count)."""
+    """Commit an event and, in the same transaction, the state changes it reports."""
 
     type: str
     compartment: str | None = None
     code_id: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
-    use_delta: int = 0  # +1 consumes one use of `digest`, -1 gives one back
-    digest: str | None = None
+    use: UseChange | None = None
+    parcel: ParcelIn | ParcelOut | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,4 +68,13 @@ class Show:
     hold_s: float | None = None
 
 
-Action = Record | Pulse | Show
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """Start opening a compartment for a deposit a session has assigned (the compartment's own
+    state machine then reports and pulses)."""
+
+    compartment: str
+    access: Access
+
+
+Action = Record | Pulse | Show | Begin

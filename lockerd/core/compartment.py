@@ -1,14 +1,16 @@
-"""Lifecycle of one compartment: locked, unlocking, open, jammed; the pickup flow on top of it."""
+"""Lifecycle of one compartment: locked, unlocking, open, jammed; pickups and deposits on top."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lockerd.core import messages
 from lockerd.core.access import CompartmentView
-from lockerd.core.actions import Action, Pulse, Record, Show
+from lockerd.core.actions import Action, ParcelIn, ParcelOut, Pulse, Record, Show
+from lockerd.core.credential import Access
+
+__all__ = ["MAX_ATTEMPTS", "Access", "Compartment", "DoorTimings", "Phase"]
 
 MAX_ATTEMPTS = 2  # the first pulse and one retry (safety rule 2)
 
@@ -17,22 +19,6 @@ class Phase(enum.Enum):
     LOCKED = "locked"  # door closed (or not known to be open), nothing pending
     UNLOCKING = "unlocking"  # pulse sent for a credential, waiting for the door sensor
     OPEN = "open"  # door seen open
-
-
-@dataclass(frozen=True, slots=True)
-class Access:
-    """What a door is being opened for: a code (pickup), or a command, a self-test, a
-    technician, named in `ref` (e.g. {"cmd_id": ...}) and carried into every event's data."""
-
-    code_id: str | None
-    digest: str | None
-    kind: str  # pickup | command | selftest | console
-    source: str  # keypad | scanner | mqtt | console
-    ref: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def is_pickup(self) -> bool:
-        return self.kind == "pickup" and self.code_id is not None and self.digest is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +33,7 @@ class Compartment:
 
     The rule it exists to keep: a code's use is consumed only on the transition from UNLOCKING
     to OPEN, that is only when the door sensor saw the door open after a pulse for that code.
+    A deposit is confirmed only when the door closes on a parcel the occupancy sensor sees.
     """
 
     def __init__(
@@ -56,9 +43,13 @@ class Compartment:
         timings: DoorTimings,
         occupied: bool | None = None,
         in_service: bool = True,
+        size: str | None = None,
+        parcel_id: str | None = None,
     ) -> None:
         self.id = compartment_id
         self._timings = timings
+        self.size = size
+        self.parcel_id = parcel_id  # the deposited parcel on record, until it is picked up
         self.phase = Phase.LOCKED
         self.occupied = occupied
         self.in_service = in_service
@@ -74,7 +65,8 @@ class Compartment:
 
     def view(self) -> CompartmentView:
         return CompartmentView(
-            in_service=self.in_service, idle=self.phase is Phase.LOCKED, occupied=self.occupied
+            in_service=self.in_service, idle=self.phase is Phase.LOCKED, occupied=self.occupied,
+            size=self.size, parcel_id=self.parcel_id,
         )
 
     @property
@@ -155,7 +147,8 @@ class Compartment:
                 "lock.pulse",
                 code_id=self.access.code_id,
                 data={"attempt": self.attempt, "kind": self.access.kind,
-                      "source": self.access.source, **self.access.ref},
+                      "source": self.access.source, **self.access.ref,
+                      **({"parcel_id": self.access.parcel_id} if self.access.parcel_id else {})},
             ),
             Pulse(self.id),
         ]
@@ -166,9 +159,11 @@ class Compartment:
         self.phase = Phase.LOCKED
         self.access = None
         self._deadline = None
-        # The code is NOT consumed: no Record here carries a use_delta.
+        # The credential is NOT consumed: no Record here carries a use.
         data: dict[str, object] = {"attempts": self.attempt, "kind": access.kind, **access.ref}
-        if access.is_pickup:
+        if access.parcel_id is not None:
+            data["parcel_id"] = access.parcel_id
+        if access.is_pickup or access.is_deposit:
             data["code_still_valid"] = True
         actions: list[Action] = [self._record("door.jammed", code_id=access.code_id, data=data)]
         # Taken out of service already (by a technician, mid-unlock): keep that reason.
@@ -185,19 +180,26 @@ class Compartment:
             access = self.access
             self.phase = Phase.OPEN
             self._deadline = None
-            opened = self._record("door.opened", code_id=access.code_id,
-                                  data={"kind": access.kind, **access.ref})
+            data: dict[str, object] = {"kind": access.kind, **access.ref}
+            if access.is_deposit:
+                # The deposit or courier credential is used now that a door it opened is open.
+                data.update(parcel_id=access.parcel_id, source=access.source)
+                return [
+                    self._record("door.opened", code_id=access.code_id, data=data,
+                                 use=access.use(+1)),
+                    Show(messages.deposit_open(self.id)),
+                ]
+            opened = self._record("door.opened", code_id=access.code_id, data=data)
             if not access.is_pickup:
                 return [opened, Show(messages.door_open(self.id))]
+            pickup_data: dict[str, object] = {
+                "attempt": self.attempt, "source": access.source, **access.ref}
+            if access.parcel_id is not None:
+                pickup_data["parcel_id"] = access.parcel_id
             return [
                 opened,
-                self._record(
-                    "pickup.opened",
-                    code_id=access.code_id,
-                    data={"attempt": self.attempt, "source": access.source},
-                    use_delta=1,
-                    digest=access.digest,
-                ),
+                self._record("pickup.opened", code_id=access.code_id, data=pickup_data,
+                             use=access.use(+1)),
                 Show(messages.pickup_open(self.id)),
             ]
         # Seen open with no pulse pending: somebody forced it, or the latch failed.
@@ -220,23 +222,70 @@ class Compartment:
         actions: list[Action] = [self._record(
             "door.closed", code_id=access.code_id if access else None,
             data=dict(access.ref) if access else {})]
+        if access is not None and access.is_deposit:
+            return actions + self._deposit_closed(access)
         if access is None or not access.is_pickup:
+            if self.parcel_id is not None and self.occupied is False:
+                # Opened by a technician or a command and emptied: the parcel is gone.
+                actions.append(self._parcel_removed(access))
             return actions
+        ref = dict(access.ref)
+        if access.parcel_id is not None:
+            ref["parcel_id"] = access.parcel_id
         if self.occupied:
             # The customer closed the door on their parcel: give the use back so the same
             # code opens the door again.
             actions += [
                 self._record("pickup.incomplete", code_id=access.code_id,
-                             data={"use_returned": True}, use_delta=-1, digest=access.digest),
+                             data={"use_returned": True, **ref}, use=access.given_back()),
                 Show(messages.pickup_incomplete(self.id), hold_s=self._timings.show_result_s),
             ]
         else:
+            self.parcel_id = None
             actions += [
                 self._record("pickup.completed", code_id=access.code_id,
-                             data={"occupancy_known": self.occupied is not None}),
+                             data={"occupancy_known": self.occupied is not None, **ref},
+                             parcel=ParcelOut()),
                 Show(messages.pickup_done(self.id), hold_s=self._timings.show_result_s),
             ]
         return actions
+
+    def _deposit_closed(self, access: Access) -> list[Action]:
+        data: dict[str, object] = {"parcel_id": access.parcel_id, "kind": access.kind,
+                                   "source": access.source, **access.ref}
+        hold = self._timings.show_result_s
+        if self.occupied is True and access.parcel_id is not None:
+            # Only the occupancy sensor's word confirms a deposit: the backend issues the
+            # customer's pickup code on this event.
+            self.parcel_id = access.parcel_id
+            return [
+                self._record("deposit.confirmed", code_id=access.code_id, data=data,
+                             parcel=ParcelIn(access.parcel_id, access.code_id)),
+                Show(messages.deposit_done(self.id), hold_s=hold),
+            ]
+        if self.occupied is None:
+            # The sensor does not know: the parcel may be inside. Nobody may be assigned this
+            # compartment until a technician has looked.
+            return [
+                self._record("deposit.aborted", code_id=access.code_id,
+                             data={**data, "reason": "occupancy_unknown"}),
+                *self.set_service(False, "occupancy_unknown"),
+                Show(messages.deposit_unconfirmed(self.id), hold_s=hold),
+            ]
+        use = access.given_back()
+        return [
+            self._record("deposit.aborted", code_id=access.code_id,
+                         data={**data, "reason": "empty", "use_returned": use is not None},
+                         use=use),
+            Show(messages.deposit_aborted(self.id), hold_s=hold),
+        ]
+
+    def _parcel_removed(self, access: Access | None) -> Record:
+        parcel_id, self.parcel_id = self.parcel_id, None
+        data: dict[str, object] = {"parcel_id": parcel_id}
+        if access is not None:
+            data.update(kind=access.kind, **access.ref)
+        return self._record("parcel.removed", data=data, parcel=ParcelOut())
 
     def _record(self, type_: str, **kwargs: object) -> Record:
         self.last_event = type_

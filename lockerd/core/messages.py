@@ -73,6 +73,66 @@ def close_door(compartment: str) -> DisplayMessage:
     return DisplayMessage((f"Please close door {compartment}",), "error")
 
 
+def deposit_open(compartment: str) -> DisplayMessage:
+    return DisplayMessage(
+        (f"Door {compartment} is open", "Put the parcel in", "and close the door"), "ok"
+    )
+
+
+def deposit_done(compartment: str) -> DisplayMessage:
+    return DisplayMessage(("Deposit confirmed", f"Door {compartment}. Thank you"), "ok")
+
+
+def deposit_aborted(compartment: str) -> DisplayMessage:
+    return DisplayMessage(
+        (f"Door {compartment} closed empty", "Deposit cancelled"), "error"
+    )
+
+
+def deposit_unconfirmed(compartment: str) -> DisplayMessage:
+    return DisplayMessage(
+        ("Parcel not confirmed", f"Door {compartment} blocked", "Please call support"), "error"
+    )
+
+
+def _clip(text: str, width: int = MAX_COLUMNS) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def scan_label(deposits: int) -> DisplayMessage:
+    first = "Courier: scan label" if deposits == 0 else f"{deposits} deposited. Next?"
+    return DisplayMessage((_clip(first), "Scan parcel label", "*=end session"), "busy")
+
+
+def choose_size(parcel_id: str, sizes: tuple[str, ...]) -> DisplayMessage:
+    """`sizes` in key order: key 1 chooses sizes[0]. Wrapped over as many lines as it takes."""
+    lines = [_clip(f"Parcel {parcel_id}"), "Size? *=end"]
+    line = ""
+    for number, size in enumerate(sizes, start=1):
+        item = _clip(f"{number}={size}", 9)
+        candidate = f"{line} {item}".strip()
+        if len(candidate) > MAX_COLUMNS:
+            lines.append(line)
+            candidate = item
+        line = candidate
+    if line:
+        lines.append(line)
+    return DisplayMessage(tuple(lines), "busy")
+
+
+def no_free_door(size: str | None) -> DisplayMessage:
+    what = "No free door" if size is None else _clip(f"No free door size {size}")
+    return DisplayMessage((what, "Choose another size", "or * to end"), "error")
+
+
+def session_ended(deposits: int) -> DisplayMessage:
+    return DisplayMessage(("Session ended", _clip(f"{deposits} parcel(s) deposited")), "idle")
+
+
+def label_refused(reason: Reason) -> DisplayMessage:
+    return DisplayMessage(_LABEL_REFUSALS.get(reason, ("Label not accepted",)), "error")
+
+
 def locked_out(seconds: float) -> DisplayMessage:
     return DisplayMessage(
         ("Too many wrong codes", f"Try again in {max(1, round(seconds))} s"), "error"
@@ -88,8 +148,28 @@ _REFUSALS: dict[Reason, tuple[str, ...]] = {
     Reason.BUSY: ("Door in use", "Wait, try again"),
     Reason.EMPTY: ("No parcel for code", "Call support"),
     Reason.NO_COMPARTMENT: ("No door for code", "Call support"),
-    Reason.UNSUPPORTED: ("Code not usable", "here yet"),
+    Reason.UNSUPPORTED: ("Code not usable", "Call support"),
     Reason.UNREADABLE: ("Scan not recognised", "Please try again"),
+    Reason.REVOKED: ("Code withdrawn", "Call support"),
+    Reason.NO_FREE: ("No free door", "Call support"),
+    Reason.OCCUPIED: ("Door already in use", "Call support"),
+    Reason.OCCUPANCY_UNKNOWN: ("Door not available", "Call support"),
+    Reason.BAD_LABEL: ("Label not readable", "Scan it again"),
+    Reason.PARCEL_HERE: ("Parcel already here",),
+    Reason.TOO_LARGE: ("QR code too large", "Not a locker code"),
+    Reason.NOT_BASE45: ("QR code damaged", "Try again"),
+    Reason.MALFORMED: ("QR code not valid", "Not a locker code"),
+    Reason.UNKNOWN_KEY: ("QR code not valid", "Unknown issuer"),
+    Reason.SIGNATURE: ("QR code not valid", "Signature wrong"),
+    Reason.WRONG_LOCKER: ("QR code is for", "another locker"),
+    Reason.KEYRING_EXPIRED: ("QR codes paused", "Locker not synced"),
+    Reason.NO_KEYRING: ("QR codes paused", "Locker not set up"),
+}
+
+_LABEL_REFUSALS: dict[Reason, tuple[str, ...]] = {
+    Reason.BAD_LABEL: ("Label not readable", "Scan it again"),
+    Reason.PARCEL_HERE: ("Parcel already in", "this locker"),
+    Reason.UNREADABLE: ("That is not a label", "Scan parcel label"),
 }
 
 

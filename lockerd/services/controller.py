@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import sqlite3
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import datetime
 
 from hal.base import (
     Device,
@@ -23,17 +26,30 @@ from hal.base import (
 from hal.errors import HalError
 from lockerd.core import entry as entry_mod
 from lockerd.core import messages
-from lockerd.core.access import Granted, Reason, Refused, evaluate_code
-from lockerd.core.actions import Action, Pulse, Record, Show
+from lockerd.core.access import (
+    CompartmentView,
+    Decision,
+    Granted,
+    Reason,
+    Refused,
+    evaluate_code,
+    pickup_target,
+)
+from lockerd.core.actions import Action, Begin, ParcelIn, ParcelOut, Pulse, Record, Show
 from lockerd.core.compartment import Access, Compartment
+from lockerd.core.deposit import DepositSession, SessionCredential
 from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
+from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.services.clock import Clock
-from lockerd.store.codes import CodeStore
+from lockerd.store.codes import DERIVED_PREFIX, CodeStore
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog, StoredEvent
-from lockerd.trust.digest import code_digest
+from lockerd.store.parcels import ParcelStore, SpentTokens
+from lockerd.trust.digest import code_digest, derived_pickup_code
+from lockerd.trust.keyring import Keyring
+from lockerd.trust.qrtoken import QR_PREFIX, QrToken, verify_qr_token
 
 log = get_logger("lockerd.controller")
 
@@ -48,6 +64,18 @@ def load_lockout_state(db: Database) -> LockoutState:
         return LockoutState(**raw)
     except TypeError:
         return LockoutState()
+
+
+@dataclass(frozen=True, slots=True)
+class DepositRules:
+    """[deposits] and the derived-code settings of [codes], as the controller needs them."""
+
+    sizes: tuple[str, ...] = ("S", "M", "L")
+    session_idle_s: float = 60.0
+    derived_digits: int | None = None  # None: derived pickup codes are not accepted
+
+
+_TOKEN_REASONS = {r.value: r for r in Reason}
 
 
 class RequestRefused(Exception):
@@ -77,6 +105,10 @@ class Controller:
         display: Display | None,
         pulse_s: float,
         clock: Clock,
+        parcels: ParcelStore | None = None,
+        tokens: SpentTokens | None = None,
+        keyring: Callable[[], Keyring | None] = lambda: None,
+        deposits: DepositRules | None = None,
     ) -> None:
         self.locker_id = locker_id
         self.compartments = dict(compartments)
@@ -91,6 +123,11 @@ class Controller:
         self._display = display
         self._pulse_s = pulse_s
         self._clock = clock
+        self._parcels = parcels or ParcelStore(db)
+        self._tokens = tokens or SpentTokens(db)
+        self._keyring = keyring
+        self.rules = deposits or DepositRules()
+        self.session: DepositSession | None = None
         self._inputs: asyncio.Queue[InputEvent | None] = asyncio.Queue()
         self._display_until: float | None = None
         self._pulses: set[asyncio.Task[None]] = set()
@@ -108,7 +145,7 @@ class Controller:
         self._inputs.put_nowait(event)
 
     async def run(self) -> None:
-        await self._show(messages.idle())
+        await self._show(self._idle_message())
         while True:
             event = await self._next_input()
             self.busy_since = self._clock.monotonic()
@@ -129,6 +166,8 @@ class Controller:
 
     def _next_deadline(self) -> float | None:
         candidates = [self._entry.deadline(), self._display_until]
+        if self.session is not None:
+            candidates.append(self.session.deadline())
         candidates += [c.deadline() for c in self.compartments.values()]
         present = [d for d in candidates if d is not None]
         return min(present) if present else None
@@ -171,6 +210,10 @@ class Controller:
 
     async def _on_key(self, key: str) -> None:
         now = self._clock.monotonic()
+        if self.session is not None:
+            # A deposit session holds the keypad: keys choose sizes, * ends it.
+            await self._execute(self.session.key(key, self._views(), now))
+            return
         remaining = self._lockout.remaining(self._clock.wall().timestamp())
         if remaining > 0:
             await self._show(messages.locked_out(remaining), hold_s=3.0)
@@ -199,11 +242,18 @@ class Controller:
 
     async def _on_scan(self, data: str) -> None:
         text = data.strip()
+        if self.session is not None:
+            # In a deposit session the scanner reads parcel labels.
+            await self._execute(self.session.label(text, self._views(),
+                                                   self._clock.monotonic()))
+            return
         if text.isascii() and text.isdigit() and len(text) <= MAX_SCAN_CODE_LENGTH:
             await self.submit(text, source="scanner")
             return
-        reason = Reason.UNSUPPORTED if text.startswith("LK1:") else Reason.UNREADABLE
-        await self._refuse(Refused(reason), source="scanner")
+        if text.startswith(QR_PREFIX):
+            await self.submit_token(text, source="scanner")
+            return
+        await self._refuse(Refused(Reason.UNREADABLE), source="scanner")
 
     async def _on_door(self, cid: str, state: DoorState) -> None:
         comp = self.compartments.get(cid)
@@ -225,23 +275,110 @@ class Controller:
             await self._refuse(Refused(Reason.LOCKED_OUT), source=source, remaining_s=remaining)
             return
         record = self._codes.lookup(code_digest(self._code_key, self.locker_id, code))
-        views = {cid: c.view() for cid, c in self.compartments.items()}
-        decision = evaluate_code(record, now=wall, compartments=views)
+        views = self._views()
+        decision: Decision = evaluate_code(record, now=wall, compartments=views)
+        if record is None and self.rules.derived_digits is not None:
+            decision = self._derived(code, views) or decision
         if isinstance(decision, Refused):
             await self._refuse(decision, source=source)
             return
-        await self._grant(decision, source=source)
+        if decision.kind == "pickup":
+            await self._grant(decision, source=source)
+            return
+        assert decision.code_id is not None
+        await self._start_session(SessionCredential(
+            kind=decision.kind, source=source, code_id=decision.code_id, digest=decision.digest,
+            parcel_id=decision.parcel_id, compartment=decision.compartment))
 
-    async def _grant(self, granted: Granted, *, source: str) -> None:
+    def _derived(self, code: str, views: Mapping[str, CompartmentView]) -> Decision | None:
+        """A derived pickup code (PROTOCOL section 4) of a parcel that lies here, if `code` is
+        one. Only parcels on record can match, so the cost is one HMAC per occupied door."""
+        digits = self.rules.derived_digits
+        if digits is None or len(code) != digits:
+            return None
+        for cid, view in views.items():
+            parcel_id = view.parcel_id
+            if parcel_id is None:
+                continue
+            expected = derived_pickup_code(self._code_key, self.locker_id, parcel_id, digits)
+            if not hmac.compare_digest(expected, code):
+                continue
+            code_id = DERIVED_PREFIX + parcel_id
+            if self._codes.derived_revoked(parcel_id):
+                return Refused(Reason.REVOKED, code_id=code_id, compartment=cid)
+            return pickup_target(code_id, compartment=cid, parcel_id=parcel_id,
+                                 compartments=views)
+        return None
+
+    async def submit_token(self, text: str, *, source: str) -> None:
+        """A scanned QR token (PROTOCOL section 9): verified offline, then used like a code."""
+        keyring = self._keyring()
+        if keyring is None:
+            await self._refuse(Refused(Reason.NO_KEYRING), source=source)
+            return
+        try:
+            token = verify_qr_token(text, qr_role=keyring.qr,
+                                    keyring_expires_at=keyring.expires_at,
+                                    locker_id=self.locker_id, now=self._clock.wall())
+        except TrustError as exc:
+            log.info("QR token refused", reason=exc.reason, error=str(exc))
+            await self._refuse(Refused(_TOKEN_REASONS.get(exc.reason, Reason.MALFORMED)),
+                               source=source)
+            return
+        await self._use_token(token, source=source)
+
+    async def _use_token(self, token: QrToken, *, source: str) -> None:
+        ref = {"cti": token.cti_hex}
+        if self._tokens.is_spent(token.cti_hex):
+            await self._refuse(Refused(Reason.USED, compartment=token.compartment, ref=ref),
+                               source=source)
+            return
+        expires = int(token.expires_at.timestamp())
+        if token.kind != "pickup":
+            await self._start_session(SessionCredential(
+                kind=token.kind, source=source, cti=token.cti_hex, cti_expires=expires,
+                parcel_id=token.parcel_id, compartment=token.compartment))
+            return
+        decision = pickup_target(None, compartment=token.compartment, parcel_id=token.parcel_id,
+                                 compartments=self._views(), ref=ref)
+        if isinstance(decision, Refused):
+            await self._refuse(decision, source=source)
+            return
+        await self._grant(decision, source=source, ref=ref, cti=token.cti_hex,
+                          cti_expires=expires)
+
+    async def _grant(self, granted: Granted, *, source: str, ref: Mapping[str, str] | None = None,
+                     cti: str | None = None, cti_expires: int | None = None) -> None:
+        self._lockout_success()
+        log.info("access granted", compartment=granted.compartment, code_id=granted.code_id,
+                 kind=granted.kind, source=source, **(ref or {}))
+        assert granted.compartment is not None
+        comp = self.compartments[granted.compartment]
+        access = Access(code_id=granted.code_id, digest=granted.digest, kind=granted.kind,
+                        source=source, ref=dict(ref or {}), parcel_id=granted.parcel_id,
+                        cti=cti, cti_expires=cti_expires)
+        await self._execute(comp.begin_access(access, self._clock.monotonic()))
+
+    async def _start_session(self, credential: SessionCredential) -> None:
+        self._lockout_success()
+        log.info("deposit session started", kind=credential.kind, code_id=credential.code_id,
+                 cti=credential.cti, source=credential.source)
+        now = self._clock.monotonic()
+        self.session = DepositSession(credential, sizes=self.rules.sizes,
+                                      idle_timeout_s=self.rules.session_idle_s, t=now)
+        await self._execute(self.session.start(self._views(), now))
+
+    def _lockout_success(self) -> None:
         if self._lockout.state != LockoutState():
             self._lockout.record_success()
             self._save_lockout()
-        log.info("access granted", compartment=granted.compartment, code_id=granted.code_id,
-                 kind=granted.kind, source=source)
-        comp = self.compartments[granted.compartment]
-        access = Access(code_id=granted.code_id, digest=granted.digest, kind=granted.kind,
-                        source=source)
-        await self._execute(comp.begin_access(access, self._clock.monotonic()))
+
+    def _views(self) -> dict[str, CompartmentView]:
+        return {cid: c.view() for cid, c in self.compartments.items()}
+
+    def _idle_message(self) -> DisplayMessage:
+        prompt = self.session.prompt() if self.session is not None else None
+        return prompt or messages.idle()
 
     async def _refuse(self, refused: Refused, *, source: str, remaining_s: float = 0.0) -> None:
         wall = self._clock.wall()
@@ -257,7 +394,8 @@ class Controller:
                  code_id=refused.code_id, source=source)
         # Rejections are evented, but rate-limited: a flood must not fill the outbox.
         if self._rejections.allow(self._clock.monotonic()):
-            data: dict[str, object] = {"reason": refused.reason.value, "source": source}
+            data: dict[str, object] = {"reason": refused.reason.value, "source": source,
+                                       **refused.ref}
             suppressed = self._rejections.take_suppressed()
             if suppressed:
                 data["suppressed"] = suppressed
@@ -332,18 +470,22 @@ class Controller:
             actions = comp.tick(now)
             if actions:
                 await self._execute(actions)
+        if self.session is not None:
+            await self._execute(self.session.tick(now))
         if self._display_until is not None and now >= self._display_until:
             self._display_until = None
-            await self._show(messages.idle())
+            await self._show(self._idle_message())
 
     # -- outputs ----------------------------------------------------------------------------
 
     async def _execute(self, actions: list[Action]) -> None:
         pending: list[Record] = []
+        follow: list[Action] = []
         for action in actions:
             if isinstance(action, Record):
                 pending.append(action)
                 self._resolve(action)
+                follow += self._session_hook(action)
                 continue
             # Everything recorded so far is durable before the next output (safety rule 1).
             self.commit(*pending)
@@ -353,8 +495,30 @@ class Controller:
                     self._start_pulse(cid)
                 case Show(message=message, hold_s=hold_s):
                     await self._show(message, hold_s=hold_s)
+                case Begin(compartment=cid, access=access):
+                    await self._execute(self.compartments[cid].begin_access(
+                        access, self._clock.monotonic()))
         self.commit(*pending)
+        if follow:
+            await self._execute(follow)
+        if self.session is not None and self.session.ended:
+            log.info("deposit session ended", deposits=self.session.deposits)
+            self.session = None
         await self._save_service_if_changed()
+
+    def _session_hook(self, record: Record) -> list[Action]:
+        """The deposit session learns how the door it opened went."""
+        session = self.session
+        if session is None or record.compartment is None:
+            return []
+        if record.type == "door.opened":
+            session.door_opened(record.compartment)
+            return []
+        outcome = {"deposit.confirmed": "confirmed", "deposit.aborted": "aborted",
+                   "door.jammed": "jammed"}.get(record.type)
+        if outcome is None:
+            return []
+        return session.finished(record.compartment, outcome, self._clock.monotonic())
 
     def commit(self, *records: Record) -> list[StoredEvent]:
         """Make events durable in one transaction (one fsync), each with its code-use change."""
@@ -367,14 +531,25 @@ class Controller:
                 stored.append(self._events.append(
                     conn, type=record.type, at=at, compartment=record.compartment,
                     code_id=record.code_id, data=record.data))
-                if record.use_delta and record.code_id and record.digest:
-                    self._codes.change_uses(conn, record.code_id, record.digest,
-                                            record.use_delta)
+                self._apply_effects(conn, record, at)
         self._events.notify()
         for event in stored:
             log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
                      code_id=event.code_id)
         return stored
+
+    def _apply_effects(self, conn: sqlite3.Connection, record: Record, at: datetime) -> None:
+        use = record.use
+        if use is not None and use.delta:
+            if use.cti is not None:
+                self._tokens.change(conn, use.cti, use.expires or 0, use.delta)
+            elif use.code_id is not None and use.digest is not None:
+                self._codes.change_uses(conn, use.code_id, use.digest, use.delta)
+        match record.parcel:
+            case ParcelIn(parcel_id=parcel_id, code_id=code_id) if record.compartment:
+                self._parcels.put(conn, record.compartment, parcel_id, code_id, at)
+            case ParcelOut() if record.compartment:
+                self._parcels.remove(conn, record.compartment)
 
     def _resolve(self, record: Record) -> None:
         outcome = self._awaiting.get(record.compartment or "")

@@ -27,6 +27,7 @@ def _dt(epoch: int | None) -> datetime | None:
 
 
 APPLY_CACHE_KIB = 65536
+DERIVED_PREFIX = "derived:"
 
 
 class CodeStore:
@@ -55,6 +56,12 @@ class CodeStore:
             id=row[0], kind=row[1], digest=row[2], compartment=row[3], parcel_id=row[4],
             not_before=_dt(row[5]), not_after=not_after, max_uses=row[7], uses=row[8],
         )
+
+    def derived_revoked(self, parcel_id: str) -> bool:
+        """Has a bundle revoked the derived pickup code of this parcel ("derived:<id>")?"""
+        row = self._db.conn.execute(
+            "SELECT 1 FROM revoked_derived WHERE parcel_id = ?", (parcel_id,)).fetchone()
+        return row is not None
 
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
@@ -98,6 +105,9 @@ class CodeStore:
                     conn.execute(stale.format(where=""))
                 else:
                     conn.executemany(stale.format(where="id = ? AND"), touched)
+                derived = [(i.removeprefix(DERIVED_PREFIX), bundle.version)
+                           for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
+                conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)
                 self._db.set_meta("codes_version", bundle.version, conn=conn)
                 self._db.set_meta("codes_expires_at", _epoch(bundle.expires_at), conn=conn)
                 self._db.set_meta("codes_issued_at", _epoch(bundle.issued_at), conn=conn)

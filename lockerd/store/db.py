@@ -64,6 +64,31 @@ CREATE TABLE IF NOT EXISTS code_uses (
     uses   INTEGER NOT NULL,
     PRIMARY KEY (id, digest)
 ) WITHOUT ROWID;
+
+-- Tables added after the first release are additive (CREATE IF NOT EXISTS), so a database
+-- of an older lockerd opens unchanged and keeps schema_version 1.
+
+-- Parcels deposited here and not yet picked up: what derived pickup codes are checked against.
+CREATE TABLE IF NOT EXISTS parcels (
+    compartment  TEXT PRIMARY KEY,
+    parcel_id    TEXT NOT NULL,
+    code_id      TEXT,
+    deposited_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS parcels_by_id ON parcels (parcel_id);
+
+-- QR tokens spent on this locker, by cti; kept until they have expired anyway.
+CREATE TABLE IF NOT EXISTS spent_tokens (
+    cti     TEXT PRIMARY KEY,
+    expires INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Derived pickup codes a bundle revoked (id "derived:<parcel_id>"). Revocation is for good:
+-- a later snapshot that does not repeat it does not bring the code back.
+CREATE TABLE IF NOT EXISTS revoked_derived (
+    parcel_id TEXT PRIMARY KEY,
+    version   INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 
