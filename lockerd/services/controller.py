@@ -147,12 +147,16 @@ class Controller:
     async def run(self) -> None:
         await self._show(self._idle_message())
         while True:
-            event = await self._next_input()
-            self.busy_since = self._clock.monotonic()
-            if event is not None:  # None: woken to look at the deadlines again
-                await self.handle(event)
-            await self._tick()
-            self.busy_since = None
+            await self.step(await self._next_input())
+
+    async def step(self, event: InputEvent | None) -> None:
+        """One turn of the run loop: handle an input (None: woken to look at the deadlines
+        again), then whatever is due. A test with its own clock drives the controller so."""
+        self.busy_since = self._clock.monotonic()
+        if event is not None:
+            await self.handle(event)
+        await self._tick()
+        self.busy_since = None
 
     async def _next_input(self) -> InputEvent | None:
         deadline = self._next_deadline()
