@@ -183,7 +183,7 @@ def _audit(app: App, events: list[StoredEvent]) -> None:
             net[cred] += 1
         elif e.type == "pickup.incomplete" and cred:
             net[cred] -= 1
-        elif e.type == "door.opened" and cred and e.data.get("kind") in ("deposit", "courier"):
+        elif e.type == "deposit.opened" and cred:
             if e.data["kind"] == "deposit":
                 net[cred] += 1
             elif not session_used.get(cred, True):
@@ -214,9 +214,9 @@ def _check_uses(kit: BankKit, events: list[StoredEvent]) -> None:
                 net[e.code_id] += 1
             elif e.type == "pickup.incomplete":
                 net[e.code_id] -= 1
-            elif e.type == "door.opened" and e.data.get("kind") == "deposit":
+            elif e.type == "deposit.opened" and e.data.get("kind") == "deposit":
                 net[e.code_id] += 1
-            elif e.type == "door.opened" and e.data.get("kind") == "courier":
+            elif e.type == "deposit.opened" and e.data.get("kind") == "courier":
                 if not session_used.get(e.code_id, True):
                     session_used[e.code_id] = True
                     net[e.code_id] += 1

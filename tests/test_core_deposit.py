@@ -251,7 +251,9 @@ def opened_for(access: Access, *, occupied: bool | None = False) -> tuple[Compar
     actions = comp.begin_access(access, 0.0)
     assert [a for a in actions if isinstance(a, Pulse)] == [Pulse("4")]
     assert records(actions)[0].use is None, "the pulse uses nothing"
-    opened = records(comp.door_changed(True, 0.1), "door.opened")[0]
+    actions = comp.door_changed(True, 0.1)
+    assert records(actions, "door.opened")[0].use is None, "door.opened is telemetry"
+    opened = records(actions, "deposit.opened")[0]
     return comp, opened
 
 

@@ -182,11 +182,13 @@ class Compartment:
             self._deadline = None
             data: dict[str, object] = {"kind": access.kind, **access.ref}
             if access.is_deposit:
-                # The deposit or courier credential is used now that a door it opened is open.
+                # The deposit or courier credential is used now that a door it opened is open,
+                # reported by an access event (door.opened is telemetry and may be shed).
                 data.update(parcel_id=access.parcel_id, source=access.source)
                 return [
-                    self._record("door.opened", code_id=access.code_id, data=data,
-                                 use=access.use(+1)),
+                    self._record("door.opened", code_id=access.code_id, data=data),
+                    self._record("deposit.opened", code_id=access.code_id,
+                                 data={"attempt": self.attempt, **data}, use=access.use(+1)),
                     Show(messages.deposit_open(self.id)),
                 ]
             opened = self._record("door.opened", code_id=access.code_id, data=data)
