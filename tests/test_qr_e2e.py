@@ -129,6 +129,8 @@ async def test_bad_tokens_are_refused_with_their_reason(
         data = await scan_refused(r, token, count=1)
         assert data["reason"] == reason, name
         assert r.world.pulses == [], name
+        signed = reason in ("expired", "not_yet_valid", "wrong_locker")
+        assert ("cti" in data) is signed, (name, data)
         # The display says why, in words a customer can act on.
         assert r.display() not in ("", "Enter code, press #\nor scan QR code"), name
         # The daemon is still up: a valid token right after works.

@@ -49,7 +49,7 @@ from lockerd.store.events import EventLog, StoredEvent
 from lockerd.store.parcels import ParcelStore, SpentTokens
 from lockerd.trust.digest import code_digest, derived_pickup_code
 from lockerd.trust.keyring import Keyring
-from lockerd.trust.qrtoken import QR_PREFIX, QrToken, verify_qr_token
+from lockerd.trust.qrtoken import QR_PREFIX, QrToken, decode_qr_token, verify_qr_token
 
 log = get_logger("lockerd.controller")
 
@@ -76,6 +76,8 @@ class DepositRules:
 
 
 _TOKEN_REASONS = {r.value: r for r in Reason}
+# Refusals of a token whose signature verified (checked after it): its cti can be trusted.
+_SIGNED_REFUSALS = frozenset({"keyring_expired", "wrong_locker", "expired", "not_yet_valid"})
 
 
 class RequestRefused(Exception):
@@ -326,8 +328,13 @@ class Controller:
                                     locker_id=self.locker_id, now=self._clock.wall())
         except TrustError as exc:
             log.info("QR token refused", reason=exc.reason, error=str(exc))
-            await self._refuse(Refused(_TOKEN_REASONS.get(exc.reason, Reason.MALFORMED)),
-                               source=source)
+            ref = {}
+            if exc.reason in _SIGNED_REFUSALS:
+                # Signed by us but not usable here or now: name it, so the backend can tell
+                # which customer's token it was. A forged token's cti is not worth reporting.
+                ref = {"cti": decode_qr_token(text, qr_role=keyring.qr).cti_hex}
+            await self._refuse(Refused(_TOKEN_REASONS.get(exc.reason, Reason.MALFORMED),
+                                       ref=ref), source=source)
             return
         await self._use_token(token, source=source)
 
