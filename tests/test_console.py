@@ -148,7 +148,7 @@ async def test_viewer_cannot_open_operator_can(make_kit: Callable[..., BankKit])
             out = await t.run("open 2", prompt=r"\(viewer\)> $")
             assert "refused: operator role needed" in out
             out = await t.run("doors", prompt=r"\(viewer\)> $")
-            assert re.search(r"\n3\s+\S+\s+closed\s+yes\s+in", out), out
+            assert re.search(r"\n3\s+M\s+\S+\s+closed\s+yes\s+in", out), out
             await t.run(f"login {token(kit)}", prompt=r"t-17\(operator\)> $")
             out = await t.run("open 3", prompt=r"\(operator\)> $")
             assert "may hold a parcel" in out

@@ -177,13 +177,17 @@ class ConsoleService:
                 "lock": getattr(lock, "value", lock) if lock is not None else c.phase.value,
                 "door": "open" if c.door_open else "closed",
                 "occupied": c.occupied, "in_service": c.in_service,
-                "service_reason": c.service_reason, "last_event": c.last_event}
-        text = [f"{'ID':<6} {'LOCK':<10} {'DOOR':<7} {'PARCEL':<7} {'SERVICE':<22} LAST"]
+                "service_reason": c.service_reason, "last_event": c.last_event,
+                "size": c.size, "parcel_id": c.parcel_id}
+        text = [f"{'ID':<6} {'SIZE':<5} {'LOCK':<10} {'DOOR':<7} {'PARCEL':<7} {'SERVICE':<22} "
+                "LAST"]
         for cid, r in rows.items():
             parcel = {True: "yes", False: "no", None: "?"}[r["occupied"]]
             service = "in" if r["in_service"] else f"out: {r['service_reason']}"[:22]
-            text.append(f"{cid:<6} {str(r['lock'])[:10]:<10} {r['door']:<7} {parcel:<7} "
-                        f"{service:<22} {r['last_event']}")
+            on_record = f"  (parcel {r['parcel_id']})" if r["parcel_id"] else ""
+            text.append(f"{cid:<6} {r['size'] or '-':<5} {str(r['lock'])[:10]:<10} "
+                        f"{r['door']:<7} {parcel:<7} {service:<22} {r['last_event']}"
+                        f"{on_record}")
         return Reply(text, {"compartments": rows})
 
     def _compartment(self, a: Args, usage: str) -> str:
