@@ -11,6 +11,7 @@ import pytest
 from conftest import Running, running, wait_until
 
 from lockerd.provision import BankKit
+from lockerd.store import open_database
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
 from lockerd.trust.qrtoken import MAX_QR_CHARS, QR_PREFIX
@@ -172,3 +173,21 @@ async def test_courier_token_starts_a_session_and_is_spent_by_its_first_door(
         await wait_until(lambda: r.app.controller.session is None, what="the session to end")
         data = await scan_refused(r, token, count=1)
         assert data["reason"] == "used"
+
+
+async def test_token_expiry_follows_the_trusted_time_floor(
+    make_kit: Callable[..., BankKit],
+) -> None:
+    """With an unsynchronised clock the signed time floor decides: a token that the system
+    clock still finds valid is expired once the floor has passed its exp (safety rule 7)."""
+    kit = make_kit(parcels=["1"], overrides={"time": {"trust_system_clock": "never"}})
+    token = kit.qr_token("pickup", compartment="1", expires_at=utcnow() + timedelta(hours=1))
+    db = open_database(kit.state_dir / "lockerd.db")
+    try:
+        db.set_meta("time_floor", (utcnow() + timedelta(hours=2)).timestamp())
+    finally:
+        db.close()
+    async with running(kit) as r:
+        data = await scan_refused(r, token, count=1)
+        assert data["reason"] == "expired"
+        assert r.world.pulses == []
