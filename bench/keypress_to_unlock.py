@@ -28,6 +28,7 @@ from benchlib import (
     stop_process,
 )
 
+from lockerd.core import messages
 from lockerd.provision import BankKit
 from lockerd.store import EventLog, open_database
 from lockerd.timeutil import utcnow
@@ -214,7 +215,8 @@ async def one_pickup(sim: SimClient, code: str, cid: str, daemon: Daemon, phase:
     await sim.door(cid, "close")
     await wait_state(
         sim,
-        lambda s: s["display"].startswith(f"Parcel still in door {cid}"),
+        # Built from the daemon's own message, so a change of wording cannot stall the run.
+        lambda s: s["display"] == messages.pickup_incomplete(cid).text,
         f"door {cid} closed on its parcel",
         daemon,
     )
