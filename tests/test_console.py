@@ -9,7 +9,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from conftest import running
@@ -26,11 +26,12 @@ from lockerd.trust.technician import build_technician_payload, encode_token
 
 def token(kit: BankKit, *, role: str = "operator", tech_id: str = "t-17",
           lockers: tuple[str, ...] = ("L1",), expires_in: timedelta = timedelta(hours=8),
-          signer: Ed25519PrivateKey | None = None) -> str:
+          signer: Ed25519PrivateKey | None = None,
+          issued_at: datetime | None = None) -> str:
     now = utcnow()
     payload = build_technician_payload(
         tech_id=tech_id, name="A. Tech", locker_ids=lockers, role=role,
-        issued_at=now - timedelta(hours=1), expires_at=now + expires_in)
+        issued_at=issued_at or now - timedelta(hours=1), expires_at=now + expires_in)
     return encode_token(sign_envelope(TECHNICIAN_PAYLOAD_TYPE, payload,
                                       [signer or kit.root_key]))
 
@@ -135,6 +136,17 @@ async def test_login_and_refusals_over_a_pty(make_kit: Callable[..., BankKit]) -
         assert [d["reason"] for d in failed] == [
             "expired", "wrong_locker", "signature", "malformed", "malformed"]
         assert [e.data["reason"] for e in r.events("console.logout")] == ["requested"]
+
+
+async def test_a_login_raises_the_trusted_time_floor(make_kit: Callable[..., BankKit]) -> None:
+    kit = make_kit()
+    issued = utcnow().replace(microsecond=0) + timedelta(minutes=30)
+    async with running(kit) as r:
+        factory = lambda url: make_service(r.app, kit, url)  # noqa: E731
+        async with pty_console(factory) as t:
+            await t.until(r"L1> $")
+            await t.run(f"login {token(kit, issued_at=issued)}", prompt=r"t-17\(operator\)> $")
+        assert r.app.db.get_meta("time_floor") == issued.timestamp()
 
 
 async def test_viewer_cannot_open_operator_can(make_kit: Callable[..., BankKit]) -> None:

@@ -51,6 +51,11 @@ class CodeCache:
         self._rejections = RateLimiter(per_minute=rejected_per_minute)
         self.keyring: Keyring | None = self._load_stored_keyring()
 
+    def observe_signed_time(self, issued_at: datetime) -> None:
+        """A document signed under this keyring (a technician token) was issued at
+        `issued_at`: raise the trusted time floor as an accepted bundle does."""
+        self._observe_time(issued_at)
+
     @property
     def keyring_version(self) -> int:
         return self.keyring.version if self.keyring else 0

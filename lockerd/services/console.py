@@ -375,6 +375,8 @@ class ConsoleService:
         if self._lockout.state != LockoutState():
             self._lockout.record_success()
             self._save_lockout()
+        # A verified token is signed time, like a bundle's issued_at (safety rule 7).
+        self._app.cache.observe_signed_time(tech.issued_at)
         log.info("console login", channel=s.channel, tech_id=tech.tech_id, role=tech.role)
         self._event("console.login", {"ok": True, "tech_id": tech.tech_id, "role": tech.role,
                                       "channel": s.channel})

@@ -532,7 +532,8 @@ class Controller:
         return session.finished(record.compartment, outcome, self._clock.monotonic())
 
     def commit(self, *records: Record) -> list[StoredEvent]:
-        """Make events durable in one transaction (one fsync), each with its code-use change."""
+        """Make events durable in one transaction (one fsync), each with the changes it reports
+        (a credential's use, a parcel on record)."""
         if not records:
             return []
         at = self._clock.wall()
