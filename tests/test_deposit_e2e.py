@@ -263,3 +263,18 @@ async def test_labels_that_cannot_be_parcels_are_refused_and_the_session_goes_on
         assert r.app.controller.session is not None
         r.world.press("*")
         await r.wait_event("session.ended")
+
+
+async def test_daemon_stops_when_asked_right_after_a_key(
+    make_kit: Callable[..., BankKit],
+) -> None:
+    """A stop that arrives in the same loop turn as an input must still stop the daemon (on
+    Python 3.11 asyncio.wait_for could swallow that cancellation)."""
+    kit = bank(make_kit, [courier_code()])
+    for _ in range(5):
+        async with running(kit) as r:
+            r.world.press(COURIER + "#")
+            await r.wait_event("session.started")
+            r.world.press("*")
+            r.app.request_stop()
+            # running() waits at most 10 s for the daemon to end and fails otherwise.

@@ -126,7 +126,8 @@ def no_free_door(size: str | None) -> DisplayMessage:
 
 
 def session_ended(deposits: int) -> DisplayMessage:
-    return DisplayMessage(("Session ended", _clip(f"{deposits} parcel(s) deposited")), "idle")
+    what = "1 parcel deposited" if deposits == 1 else f"{deposits} parcels deposited"
+    return DisplayMessage(("Session ended", _clip(what)), "idle")
 
 
 def label_refused(reason: Reason) -> DisplayMessage:

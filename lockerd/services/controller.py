@@ -165,8 +165,11 @@ class Controller:
         if deadline is None:
             return await self._inputs.get()
         timeout = max(0.0, deadline - self._clock.monotonic())
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives in the same loop turn as an input, and the daemon would never stop.
         try:
-            return await asyncio.wait_for(self._inputs.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._inputs.get()
         except TimeoutError:
             return None
 
