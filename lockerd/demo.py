@@ -7,14 +7,17 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from lockerd.app import App, build_app
 from lockerd.config import load_config
+from lockerd.core.deposit import SessionPhase, is_parcel_id
 from lockerd.logs import configure_logging
 from lockerd.provision import BankKit, PlainCode, make_bank, random_code
+from lockerd.store.events import StoredEvent
+from lockerd.trust.digest import derived_pickup_code
 from sim.backend import world_of
 from sim.wire.bank import WireBank
 from sim.world import (
@@ -27,29 +30,42 @@ from sim.world import (
     WorldChange,
 )
 
+T = TypeVar("T")
+
 HELP = """\
 Commands (a compartment is named by its number):
   123456#        press keys on the keypad (* clears, # enters); digits alone get a # added
   scan TEXT      the scanner reads TEXT
+  label PARCEL   the courier scans the label of parcel PARCEL (after typing the courier code)
   open N         open door N by hand (only works once it is unlocked)
   close N        close door N
   take N / put N take the parcel out of / put a parcel into compartment N
   force N        force door N open (the daemon reports door.forced)
   jam N / unjam N  jam the lock of N so the door does not spring open
-  state          what the simulator sees: doors, locks, parcels, display
+  derive PARCEL  the pickup code of a parcel deposited here, as the backend derives it offline
+  qr pickup N    scan a signed pickup QR token for compartment N
+  qr pickup-parcel PARCEL  scan a signed pickup QR token for the compartment holding PARCEL
+  tour           a guided run: a courier deposits a parcel, a customer picks it up
+  state          what the simulator sees: doors, locks, parcels, sizes, display
   codes          the demo codes again
   events [N]     the last N events the daemon recorded (10)
   help           this text
   quit           stop the daemon and leave (Ctrl-D works too)
 """
 
+COURIER_ID = "c-1"
+COURIER_USES = 100
+TOUR_STEP_S = 6.0  # a step of the tour that takes longer than this has failed
+_POLL_S = 0.02
+
 
 def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | None = None,
-             stdout: TextIO | None = None, wire: bool = False) -> int:
+             stdout: TextIO | None = None, wire: bool = False, tour: bool = False) -> int:
     """Provision a demo bank, run the daemon on the simulator, and read commands from stdin.
 
     With `wire`, the simulated hardware runs on pseudo-terminals (Kerong boards, a serial
-    scanner and keypad) and the daemon uses its real drivers for them."""
+    scanner and keypad) and the daemon uses its real drivers for them. With `tour`, run the
+    guided tour instead of reading commands, and return 1 if one of its steps fails."""
     out = stdout or sys.stdout
     temp = directory is None
     base = Path(tempfile.mkdtemp(prefix="lockerd-demo-")) if directory is None else directory
@@ -66,20 +82,33 @@ def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | N
             print(f"Hardware on the wire: Kerong boards on {wire_dir / 'kerong'}, serial "
                   f"scanner on {wire_dir / 'scanner'}, serial keypad on "
                   f"{wire_dir / 'keypad'}; the daemon uses its real drivers.", file=out)
-        print("Pickup codes (the parcels are in their compartments):", file=out)
-        for code in kit.codes:
-            print(f"  compartment {code.compartment}: {code.code}   (code id {code.id})",
-                  file=out)
-        print("Type 'help' for commands, 'quit' to leave.\n", file=out)
+        print("Compartment sizes: " + "  ".join(
+            f"{c.id}:{c.size}" for c in config.compartments), file=out)
+        _print_codes(kit, out)
+        if tour:
+            print("Running the tour ('lockerd demo' without --tour lets you drive the bank "
+                  "yourself).\n", file=out)
+        else:
+            print("Type 'help' for commands, 'tour' for a guided deposit and pickup, 'quit' "
+                  "to leave.\n", file=out)
         try:
-            asyncio.run(_session(config_app=lambda: build_app(config), kit=kit,
-                                 stdin=stdin or sys.stdin, out=out, wire_dir=wire_dir))
+            ok = asyncio.run(_session(config_app=lambda: build_app(config), kit=kit,
+                                      stdin=stdin or sys.stdin, out=out, wire_dir=wire_dir,
+                                      tour=tour))
         finally:
             log_file.close()
-        return 0
+        return 0 if ok else 1
     finally:
         if temp:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def demo_sizes(compartments: int) -> list[str]:
+    """Sizes for a demo bank, in compartment order: a quarter S, three eighths M, the rest L
+    (S, S, M, M, M, L, L, L for eight)."""
+    small = compartments // 4
+    medium = (3 * compartments + 4) // 8
+    return ["S"] * small + ["M"] * medium + ["L"] * (compartments - small - medium)
 
 
 def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> BankKit:
@@ -91,13 +120,40 @@ def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> Ban
                   parcel_id=f"PX{100 + i}")
         for i in range(1, count + 1)
     ]
+    pickup_codes = {c.code for c in codes}
+    courier = random_code(6)
+    while courier in pickup_codes:  # one code, one meaning
+        courier = random_code(6)
+    codes.append(PlainCode(id=COURIER_ID, code=courier, compartment=None, kind="courier",
+                           max_uses=COURIER_USES))
     return make_bank(directory, compartments=compartments, codes=codes,
                      parcels=[c.compartment for c in codes if c.compartment],
-                     overrides={"entry": {"timeout_s": 60.0}}, wire=wire_dir)
+                     sizes=demo_sizes(compartments),
+                     overrides={"entry": {"timeout_s": 60.0},
+                                "codes": {"derived_pickup": True}},
+                     wire=wire_dir)
+
+
+def _courier_code(kit: BankKit) -> PlainCode | None:
+    return next((c for c in kit.codes if c.kind == "courier"), None)
+
+
+def _print_codes(kit: BankKit, out: TextIO) -> None:
+    print("Pickup codes (the parcels are in their compartments):", file=out)
+    for code in kit.codes:
+        if code.kind == "pickup":
+            print(f"  compartment {code.compartment}: {code.code}   (code id {code.id})",
+                  file=out)
+    courier = _courier_code(kit)
+    if courier is not None:
+        print(f"Courier code: {courier.code}   (code id {courier.id}): type it, then 'label "
+              "PX200' scans a parcel, a digit picks the size, 'put N' and 'close N' deposit it, "
+              "* ends the session.", file=out)
 
 
 async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO,
-                   out: TextIO, wire_dir: Path | None = None) -> None:
+                   out: TextIO, wire_dir: Path | None = None, tour: bool = False) -> bool:
+    """Run the daemon and the person's commands (or the tour); False if the tour failed."""
     bank: WireBank | None = None
     bank_task: asyncio.Task[None] | None = None
     if wire_dir is not None:
@@ -114,7 +170,26 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
     # The person acts on the bank's world; the customer display is the daemon's (simulated).
     world = bank.world if bank is not None else world_of(app.hal)
     display = world_of(app.hal)
-    printer = asyncio.create_task(_print_changes(app, world, display, out), name="printer")
+    printer = _Printer(app, out)
+    printing = asyncio.create_task(printer.run(world, display), name="printer")
+    demo = _Demo(world=world, display=display, app=app, kit=kit, out=out, printer=printer)
+    try:
+        if tour:
+            return await _Tour(demo).run()
+        await _read_commands(demo, stdin)
+        return True
+    finally:
+        app.request_stop()
+        await daemon
+        printing.cancel()
+        if bank_task is not None:
+            bank_task.cancel()
+            await asyncio.gather(bank_task, return_exceptions=True)
+        print("lockerd demo stopped.", file=out)
+
+
+async def _read_commands(demo: _Demo, stdin: TextIO) -> None:
+    app = demo.app
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -156,116 +231,367 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
                 get.cancel()
                 break
             text = get.result()
-            if text is None or not _command(text.strip(), world, display, app, kit, out):
+            if text is None or not await demo.command(text.strip()):
                 break
             # Let the daemon react before the next command is read.
             await asyncio.sleep(0.15)
     finally:
         if reader:
             loop.remove_reader(fd)
-        app.request_stop()
-        await daemon
-        printer.cancel()
-        if bank_task is not None:
-            bank_task.cancel()
-            await asyncio.gather(bank_task, return_exceptions=True)
-        print("lockerd demo stopped.", file=out)
 
 
-def _command(line: str, world: SimWorld, display: SimWorld, app: App, kit: BankKit,
-             out: TextIO) -> bool:
-    """Run one typed command; False means leave."""
-    if not line:
-        return True
-    word, _, rest = line.partition(" ")
-    arg = rest.strip()
-    try:
-        if word in ("quit", "exit"):
-            return False
-        if word == "help":
-            print(HELP, file=out)
-        elif set(line) <= set("0123456789*#"):
-            world.press(line if line.endswith(("#", "*")) else line + "#")
-        elif word == "scan":
-            world.scan(arg)
-        elif word == "open":
-            world.open_door(arg)
-        elif word == "close":
-            world.close_door(arg)
-        elif word == "take":
-            world.set_parcel(arg, False)
-        elif word == "put":
-            world.set_parcel(arg, True)
-        elif word == "force":
-            world.force_door(arg)
-        elif word in ("jam", "unjam"):
-            world.set_fault(f"lock:{arg}", "jam", word == "jam")
-        elif word == "state":
-            _print_state(world, display, out)
-        elif word == "codes":
-            for code in kit.codes:
-                print(f"  compartment {code.compartment}: {code.code}", file=out)
-        elif word == "events":
-            n = int(arg) if arg.isdigit() else 10
-            for event in app.events.recent(n):
-                _print_event(event.seq, event.type, event.compartment, event.code_id, out)
-        else:
-            print(f"unknown command {word!r}; type 'help'", file=out)
-    except SimError as exc:
-        print(f"simulator: {exc}", file=out)
-    return True
+class _Demo:
+    """The typed commands: a person's hands on the simulated bank, plus the backend's tools."""
 
+    def __init__(self, *, world: SimWorld, display: SimWorld, app: App, kit: BankKit,
+                 out: TextIO, printer: _Printer) -> None:
+        self.world = world
+        self.display = display
+        self.app = app
+        self.kit = kit
+        self.out = out
+        self.printer = printer
 
-def _print_state(world: SimWorld, display: SimWorld, out: TextIO) -> None:
-    state = world.state()
-    print("  door  lock      door    parcel  service", file=out)
-    for cid, c in state["compartments"].items():
-        print(f"  {cid:>4}  {'locked' if c['locked'] else 'released':8}  "
-              f"{'open' if c['door_open'] else 'closed':6}  {'yes' if c['occupied'] else 'no':6}  "
-              f"{'in' if c['in_service'] else 'OUT'}", file=out)
-    print("  display: " + " | ".join(display.state()["display"].splitlines()), file=out)
+    def say(self, text: str) -> None:
+        print(text, file=self.out)
+        self.out.flush()
 
-
-def _print_event(seq: int, type_: str, compartment: str | None, code_id: str | None,
-                 out: TextIO) -> None:
-    where = f" door {compartment}" if compartment else ""
-    code = f" code {code_id}" if code_id else ""
-    print(f"  event #{seq} {type_}{where}{code}", file=out)
-
-
-async def _print_changes(app: App, world: SimWorld, display: SimWorld, out: TextIO) -> None:
-    """Print what a person at the bank would notice, as it happens."""
-    seen = app.events.last_seq()
-    with world.subscribe(DisplayChanged, DoorMoved, LockChanged) as sub, \
-            display.subscribe(DisplayChanged) as shown:
-        changes: asyncio.Queue[WorldChange] = asyncio.Queue()
-
-        async def forward(source: Subscription) -> None:
-            while True:
-                changes.put_nowait(await source.get())
-
-        tasks = [asyncio.create_task(forward(sub))]
-        if display is not world:
-            tasks.append(asyncio.create_task(forward(shown)))
+    async def command(self, line: str) -> bool:
+        """Run one typed command; False means leave."""
+        if not line:
+            return True
+        word, _, rest = line.partition(" ")
+        arg = rest.strip()
+        world = self.world
         try:
-            await _print_loop(app, changes, seen, out)
-        finally:
-            for task in tasks:
-                task.cancel()
+            if word in ("quit", "exit"):
+                return False
+            if word == "help":
+                self.say(HELP)
+            elif set(line) <= set("0123456789*#"):
+                world.press(line if line.endswith(("#", "*")) else line + "#")
+            elif word == "scan":
+                world.scan(arg)
+            elif word == "label":
+                if not arg:
+                    self.say("usage: label PARCEL (the parcel id on its label, e.g. PX200)")
+                else:
+                    world.scan_label(arg)
+            elif word == "open":
+                world.open_door(arg)
+            elif word == "close":
+                world.close_door(arg)
+            elif word == "take":
+                world.set_parcel(arg, False)
+            elif word == "put":
+                world.set_parcel(arg, True)
+            elif word == "force":
+                world.force_door(arg)
+            elif word in ("jam", "unjam"):
+                world.set_fault(f"lock:{arg}", "jam", word == "jam")
+            elif word == "derive":
+                self._derive(arg)
+            elif word == "qr":
+                self._qr(arg)
+            elif word == "tour":
+                await _Tour(self).run()
+            elif word == "state":
+                self._state()
+            elif word == "codes":
+                _print_codes(self.kit, self.out)
+            elif word == "events":
+                n = int(arg) if arg.isdigit() else 10
+                for event in self.app.events.recent(n):
+                    _print_event(event, self.out)
+            else:
+                self.say(f"unknown command {word!r}; type 'help'")
+        except SimError as exc:
+            self.say(f"simulator: {exc}")
+        return True
+
+    def derived_code(self, parcel_id: str) -> str:
+        return derived_pickup_code(self.kit.code_key, self.kit.locker_id, parcel_id,
+                                   self.app.config.codes.derived_digits)
+
+    def _derive(self, arg: str) -> None:
+        if not arg or " " in arg:
+            self.say("usage: derive PARCEL (the parcel id on its label, e.g. PX200)")
+            return
+        if not is_parcel_id(arg):
+            self.say(f"bad parcel id {arg!r}: 1-64 printable ASCII characters, no spaces")
+            return
+        self.say(f"derived pickup code of parcel {arg}: {self.derived_code(arg)}   (the "
+                 "daemon accepts it while that parcel lies here)")
+
+    def _qr(self, arg: str) -> None:
+        kind, _, target = arg.partition(" ")
+        target = target.strip()
+        usage = "usage: qr pickup N | qr pickup-parcel PARCEL"
+        if kind == "pickup" and target:
+            if target not in self.kit.compartments:
+                self.say(f"no compartment {target!r} in this bank (1-{len(self.kit.compartments)})"
+                         f"; {usage}")
+                return
+            token = self.kit.qr_token("pickup", compartment=target)
+        elif kind == "pickup-parcel" and target:
+            if not is_parcel_id(target):
+                self.say(f"bad parcel id {target!r}: 1-64 printable ASCII characters, no "
+                         f"spaces; {usage}")
+                return
+            token = self.kit.qr_token("pickup", parcel_id=target)
+        else:
+            self.say(usage)
+            return
+        self.say(f"scanning a signed QR token: {_shorten(token)} ({len(token)} characters)")
+        self.world.scan(token)
+
+    def _state(self) -> None:
+        state = self.world.state()
+        compartments = self.app.controller.compartments
+        self.say("  door  size  lock      door    parcel  service  parcel on record")
+        for cid, c in state["compartments"].items():
+            comp = compartments.get(cid)
+            size = (comp.size if comp is not None else None) or "-"
+            parcel_id = (comp.parcel_id if comp is not None else None) or "-"
+            self.say(f"  {cid:>4}  {size:4}  {'locked' if c['locked'] else 'released':8}  "
+                     f"{'open' if c['door_open'] else 'closed':6}  "
+                     f"{'yes' if c['occupied'] else 'no':6}  "
+                     f"{'in' if c['in_service'] else 'OUT':7}  {parcel_id}")
+        self.say("  display: " + " | ".join(self.display.state()["display"].splitlines()))
 
 
-async def _print_loop(app: App, changes: asyncio.Queue[WorldChange], seen: int,
-                      out: TextIO) -> None:
-    while True:
-        change = await changes.get()
+def _shorten(token: str) -> str:
+    return token if len(token) <= 32 else f"{token[:20]}...{token[-8:]}"
+
+
+_HINTS = {
+    "no_free_compartment": "every compartment holds a parcel or is in use; take one out "
+    "with a pickup code first, or run the demo with more compartments",
+    "locked_out": "too many wrong codes were typed; wait for the lockout to end",
+    "parcel_already_here": "that parcel is already in a compartment",
+}
+
+
+class TourFailed(Exception):
+    """A step of the tour did not happen; the message says which and why."""
+
+
+class _Tour:
+    """A courier deposits a parcel, then its customer picks it up with the derived code.
+
+    Every step acts on the world as a person would and then waits, with a deadline, for the
+    daemon's event or the world's change that shows it worked."""
+
+    def __init__(self, demo: _Demo) -> None:
+        self.demo = demo
+        self.app = demo.app
+        self.world = demo.world
+
+    def _say(self, text: str) -> None:
+        self.demo.say(f"[tour] {text}")
+
+    async def run(self) -> bool:
+        try:
+            await self._run()
+        except TourFailed as exc:
+            await self.demo.printer.settle()
+            self._say(f"FAILED: {exc}")
+            if self.app.controller.session is not None and not self.app.stop.is_set():
+                self._say("the courier presses * to end the session")
+                mark = self.app.events.last_seq()
+                self.world.press("*")
+                try:
+                    await self._event(mark, "session.ended", what="the session to end")
+                except TourFailed as again:
+                    self._say(f"FAILED: {again}")
+                await self.demo.printer.settle()
+            return False
+        return True
+
+    async def _run(self) -> None:
+        demo, world, ctl = self.demo, self.world, self.app.controller
+        courier = _courier_code(demo.kit)
+        if courier is None:
+            raise TourFailed("this bank has no courier code")
+        if ctl.session is not None:
+            raise TourFailed("a courier session is already running: press * to end it, then "
+                             "type 'tour' again")
+        parcel = self._parcel_id()
+        self._say(f"a courier arrives with parcel {parcel}")
+        await self._step(f"the courier types code {courier.code}#")
+        mark = self.app.events.last_seq()
+        world.press(courier.code + "#")
+        await self._event(mark, "session.started", what="the courier session to start",
+                          fail=("code.rejected",))
+
+        await self._step(f"the display asks for a label: the courier scans parcel {parcel}")
+        world.scan_label(parcel)
+        sizes = ctl.rules.sizes
+        if len(sizes) > 1:
+            def asks_size() -> bool | None:
+                session = ctl.session
+                if (session is not None and session.phase is SessionPhase.SIZE
+                        and session.parcel_id == parcel):
+                    return True
+                self._find(mark, "deposit.refused", fail=("deposit.refused",))
+                return None
+
+            await self._until("the display to ask for a size", asks_size)
+            await self._step(f"the parcel is small: the courier presses 1 (size {sizes[0]}); "
+                             f"the daemon opens the smallest free door of size {sizes[0]} "
+                             "or larger")
+            world.press("1")
+        pulse = await self._event(mark, "lock.pulse", what="a door to be assigned",
+                                  fail=("deposit.refused", "session.ended"))
+        cid = pulse.compartment or ""
+        await self._event(mark, "door.opened", compartment=cid, what=f"door {cid} to open",
+                          fail=("door.jammed",))
+        size = ctl.compartments[cid].size or "?"
+        await self._step(f"door {cid} (size {size}) is open: the courier puts parcel {parcel} "
+                         "in")
+        world.set_parcel(cid, True)
+        await self._until(f"the occupancy sensor of {cid} to see the parcel",
+                          lambda: True if ctl.compartments[cid].occupied else None)
+        await self._step(f"the courier closes door {cid}")
+        world.close_door(cid)
+        await self._event(mark, "deposit.confirmed", compartment=cid,
+                          what="the deposit to be confirmed", fail=("deposit.aborted",))
+        # No person is quicker than the lock pulse: let the latch catch the door first.
+        await self._until(f"the latch of door {cid} to engage",
+                          lambda: True if world.compartment(cid).locked else None)
+        await self._step(f"deposit.confirmed is on its way to the backend: parcel {parcel} "
+                         f"lies in compartment {cid}")
+        await self._step("the courier presses * to end the session")
+        world.press("*")
+        await self._event(mark, "session.ended", what="the courier session to end")
+
+        code = demo.derived_code(parcel)
+        await self._step(f"the backend derives the customer's pickup code from the parcel id "
+                         f"alone (nothing sent to the locker): {code}")
+        await self._step(f"the customer types code {code}#")
+        mark = self.app.events.last_seq()
+        world.press(code + "#")
+        await self._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
+                          fail=("code.rejected", "door.jammed"))
+        await self._step(f"door {cid} is open: the customer takes parcel {parcel} out")
+        world.set_parcel(cid, False)
+        await self._until(f"the occupancy sensor of {cid} to see it empty",
+                          lambda: True if ctl.compartments[cid].occupied is False else None)
+        await self._step(f"the customer closes door {cid}")
+        world.close_door(cid)
+        await self._event(mark, "pickup.completed", compartment=cid,
+                          what="the pickup to complete", fail=("pickup.incomplete",))
+        await self._until(f"the latch of door {cid} to engage",
+                          lambda: True if world.compartment(cid).locked else None)
+        await self._step(f"pickup completed with code derived:{parcel}. End of the tour.")
+
+    def _parcel_id(self) -> str:
+        """PX-TOUR-1, or the next number if that parcel is already here."""
+        on_record = {c.parcel_id for c in self.app.controller.compartments.values()}
+        n = 1
+        while f"PX-TOUR-{n}" in on_record:
+            n += 1
+        return f"PX-TOUR-{n}"
+
+    async def _step(self, text: str) -> None:
+        # What the last step made the daemon print comes before the next line of narration.
+        await self.demo.printer.settle()
+        self._say(text)
+
+    def _find(self, since: int, *types: str, compartment: str | None = None,
+              fail: Collection[str] = ()) -> StoredEvent | None:
+        for event in self.app.events.since(since):
+            if compartment is not None and event.compartment not in (None, compartment):
+                continue
+            if event.type in fail:
+                reason = event.data.get("reason")
+                hint = _HINTS.get(reason) if isinstance(reason, str) else None
+                raise TourFailed(f"the daemon recorded {event.type}"
+                                 + (f" ({reason})" if reason else "")
+                                 + (f" for door {event.compartment}" if event.compartment
+                                    else "")
+                                 + (f": {hint}" if hint else ""))
+            if event.type in types and (compartment is None or event.compartment == compartment):
+                return event
+        return None
+
+    async def _event(self, since: int, type_: str, *, what: str,
+                     compartment: str | None = None, fail: Collection[str] = ()) -> StoredEvent:
+        return await self._until(what, lambda: self._find(since, type_, compartment=compartment,
+                                                          fail=fail))
+
+    async def _until(self, what: str, check: Callable[[], T | None]) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TOUR_STEP_S
+        while True:
+            result = check()
+            if result is not None:
+                return result
+            if loop.time() >= deadline or self.app.stop.is_set():
+                shown = " | ".join(self.demo.display.display.lines)
+                raise TourFailed(f"waited {TOUR_STEP_S:.0f} s for {what}, in vain "
+                                 f"(the display shows: {shown or 'nothing'})")
+            await asyncio.sleep(_POLL_S)
+
+
+def _print_event(event: StoredEvent, out: TextIO) -> None:
+    where = f" door {event.compartment}" if event.compartment else ""
+    code = f" code {event.code_id}" if event.code_id else ""
+    parcel = event.data.get("parcel_id")
+    what = f" parcel {parcel}" if isinstance(parcel, str) else ""
+    print(f"  event #{event.seq} {event.type}{where}{code}{what}", file=out)
+
+
+class _Printer:
+    """Prints what a person at the bank would notice, as it happens."""
+
+    def __init__(self, app: App, out: TextIO) -> None:
+        self.app = app
+        self.out = out
+        self.seen = app.events.last_seq()
+        self.changes: asyncio.Queue[WorldChange] = asyncio.Queue()
+        self._sources: list[Subscription] = []
+
+    async def run(self, world: SimWorld, display: SimWorld) -> None:
+        with world.subscribe(DisplayChanged, DoorMoved, LockChanged) as sub, \
+                display.subscribe(DisplayChanged) as shown:
+
+            async def forward(source: Subscription) -> None:
+                while True:
+                    self.changes.put_nowait(await source.get())
+
+            self._sources = [sub] if display is world else [sub, shown]
+            tasks = [asyncio.create_task(forward(s)) for s in self._sources]
+            try:
+                while True:
+                    self._print(await self.changes.get())
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+    def _print(self, change: WorldChange) -> None:
         if isinstance(change, DisplayChanged):
-            if change.message.lines[0].startswith("Code: "):
-                continue  # one masked line per digit typed adds nothing here
-            print("  [display] " + " | ".join(change.message.lines), file=out)
+            if not change.message.lines[0].startswith("Code: "):
+                # (one masked line per digit typed adds nothing here)
+                print("  [display] " + " | ".join(change.message.lines), file=self.out)
         elif isinstance(change, DoorMoved):
             print(f"  [door {change.compartment}] {'opened' if change.open else 'closed'}",
-                  file=out)
-        for event in app.events.since(seen):
-            _print_event(event.seq, event.type, event.compartment, event.code_id, out)
-            seen = event.seq
-        out.flush()
+                  file=self.out)
+        self.catch_up()
+
+    def catch_up(self) -> None:
+        """Print the events recorded since the last ones printed."""
+        for event in self.app.events.since(self.seen):
+            _print_event(event, self.out)
+            self.seen = event.seq
+        self.out.flush()
+
+    async def settle(self) -> None:
+        """Print the changes already made before going on (a few loop turns at most)."""
+        for _ in range(50):
+            if self.changes.empty() and all(s.queue.empty() for s in self._sources):
+                break
+            await asyncio.sleep(0)
+        while not self.changes.empty():
+            self._print(self.changes.get_nowait())
+        self.catch_up()

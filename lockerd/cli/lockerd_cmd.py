@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Start lockerd on the simulated bank with a freshly generated demo key set "
         "and codes bundle (no broker needed), print a few pickup codes, and read commands "
         "from the terminal: type a code ending in # to enter it, 'open 3' / 'close 3' to move "
-        "a door, 'take 3' to take a parcel out, 'help' for the rest.")
+        "a door, 'take 3' to take a parcel out, 'tour' for a guided courier deposit and "
+        "pickup, 'help' for the rest. A courier code is printed too.")
     demo.add_argument("--dir", type=Path, default=None,
                       help="keep the demo's keys, config and database here (default: a "
                       "temporary directory removed at exit)")
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--wire", action="store_true",
                       help="run the simulated hardware on pseudo-terminals (Kerong lock boards, "
                       "serial scanner and keypad) and the daemon with its real drivers")
+    demo.add_argument("--tour", action="store_true",
+                      help="run the guided tour (a courier deposits a parcel, its customer "
+                      "picks it up with the derived pickup code) and exit; exit status 1 if a "
+                      "step of it fails")
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit",
                            description="Validate a configuration file: syntax, types, keys, "
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from lockerd.demo import run_demo
 
-            return run_demo(directory=args.dir, compartments=args.compartments, wire=args.wire)
+            return run_demo(directory=args.dir, compartments=args.compartments, wire=args.wire,
+                            tour=args.tour)
         config = load_config(args.config)
         configure_logging(config.logging.level, config.logging.format)
         if args.command == "run":
