@@ -514,7 +514,9 @@ class ConsoleService:
                          writer: asyncio.StreamWriter) -> None:
         async def read() -> bytes | None:
             try:
-                data = await asyncio.wait_for(reader.read(4096), POLL_S * 5)
+                # asyncio.timeout: wait_for (3.11) can swallow a cancellation racing the read.
+                async with asyncio.timeout(POLL_S * 5):
+                    data = await reader.read(4096)
             except TimeoutError:
                 return b""
             except OSError:

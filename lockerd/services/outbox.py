@@ -78,8 +78,10 @@ class OutboxPublisher:
             except NotConnected as exc:
                 log.info("outbox paused", error=str(exc))
             # Down: wait for the next session. Still up (a PUBACK timed out): retry shortly.
+            # asyncio.timeout: wait_for (3.11) can swallow a cancellation racing the event.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._link.disconnected.wait(), RETRY_S)
+                async with asyncio.timeout(RETRY_S):
+                    await self._link.disconnected.wait()
 
     async def _drain(self) -> None:
         window = asyncio.Semaphore(self._link.max_inflight)
