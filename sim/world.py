@@ -519,6 +519,10 @@ class SimWorld:
                 self._set_locked(cid, c, False)
                 if not c.door_open:
                     self._schedule_spring(cid, c, loop)
+        elif not c.jammed and not c.door_open and c.spring is None:
+            # Shut while still released (closed during the pulse): the latch never caught it,
+            # so the new pulse lets the spring push it open again.
+            self._schedule_spring(cid, c, loop)
         await asyncio.sleep(duration_s)
         # Timers due at the same moment run in no set order: end the pulse here if its timer
         # has not yet, so that a returned pulse is an ended one (unless another extended it).

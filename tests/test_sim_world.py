@@ -535,3 +535,14 @@ def test_subscriptions_filter_and_close() -> None:
     only_locks.close()
     world.close_door("1")
     assert drain(everything.get_nowait) == []
+
+
+async def test_a_new_pulse_springs_a_door_shut_during_the_last_one() -> None:
+    world = make(spring_delay_s=0)
+    first = asyncio.create_task(world.release_lock("1", 0.3))
+    await until(lambda: world.compartment("1").door_open)
+    world.close_door("1")  # shut while still released: the latch has not caught it
+    assert not world.compartment("1").door_open
+    await world.release_lock("1", 0.05)  # the daemon pulses again (a retry, a new code)
+    await until(lambda: world.compartment("1").door_open)
+    await first
