@@ -191,3 +191,20 @@ async def test_token_expiry_follows_the_trusted_time_floor(
         data = await scan_refused(r, token, count=1)
         assert data["reason"] == "expired"
         assert r.world.pulses == []
+
+
+async def test_digits_typed_before_a_courier_scan_do_not_time_out_over_the_session(
+    make_kit: Callable[..., BankKit],
+) -> None:
+    kit = make_kit(overrides={"entry": {"timeout_s": 0.3},
+                              "deposits": {"session_idle_s": 0.8}})
+    async with running(kit) as r:
+        r.world.press("12")
+        await wait_until(lambda: r.display().startswith("Code: **"), what="the typed digits")
+        r.world.scan(kit.qr_token("courier"))
+        await r.wait_event("session.started")
+        shown_before = len(r.world.display_history)
+        # The half-typed code's timeout (0.3 s) falls inside the session (0.8 s).
+        await r.wait_event("session.ended")
+        later = [m.lines[0] for m in r.world.display_history[shown_before:]]
+        assert "Entry timed out" not in later, later

@@ -77,6 +77,10 @@ class CodeEntry:
             return None
         return self._last_key_at + self._timeout_s
 
+    def discard(self) -> None:
+        """Forget a half-typed code without a message (the keypad is taken over)."""
+        self._buffer = ""
+
     def tick(self, now: float) -> TimedOut | None:
         deadline = self.deadline()
         if deadline is not None and now >= deadline:

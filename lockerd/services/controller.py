@@ -378,6 +378,8 @@ class Controller:
         log.info("deposit session started", kind=credential.kind, code_id=credential.code_id,
                  cti=credential.cti, source=credential.source)
         now = self._clock.monotonic()
+        # Digits typed before a scan started the session would time out over its prompt.
+        self._entry.discard()
         self.session = DepositSession(credential, sizes=self.rules.sizes,
                                       idle_timeout_s=self.rules.session_idle_s, t=now)
         await self._execute(self.session.start(self._views(), now))
