@@ -5,17 +5,21 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from lockerd.logs import configure_logging
 from lockerd.provision import BankKit, PlainCode, make_bank, to_toml
 from sim.client import request_sync
 
@@ -33,6 +37,25 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def work_directory(directory: Path | None) -> Iterator[Path]:
+    """Where a benchmark works: `directory`, which must be empty, or a temporary directory
+    removed afterwards. The logs of a daemon run in-process go to `lockerd.log` in it (JSON
+    lines at info, as an installation logs to journald). Raises RuntimeError to report."""
+    temp = directory is None
+    work = Path(tempfile.mkdtemp(prefix="lkbench-")) if directory is None else directory
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        if not temp and any(work.iterdir()):
+            raise RuntimeError(f"{work} is not empty: give --dir a fresh directory")
+        with (work / "lockerd.log").open("w", encoding="utf-8") as log_file:
+            configure_logging("info", "json", stream=log_file)
+            yield work
+    finally:
+        if temp:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def unique_codes(count: int, digits: int = 8) -> list[str]:

@@ -13,22 +13,19 @@ import hmac
 import os
 import random
 import resource
-import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TypeVar
 
-from benchlib import Summary, exit_on_sigterm, filesystem_of, machine_line
+from benchlib import Summary, exit_on_sigterm, filesystem_of, machine_line, work_directory
 
-from lockerd.logs import configure_logging
 from lockerd.provision import BankKit, make_bank
 from lockerd.services.cache import CodeCache
 from lockerd.store import CodeStore, Database, EventLog, open_database
@@ -673,22 +670,11 @@ def report_targets(results: Sequence[SizeResult], lookups: LookupResult) -> None
 # -- main -------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    exit_on_sigterm()
-    temp = args.dir is None
-    work = Path(tempfile.mkdtemp(prefix="lkbench-")) if temp else args.dir
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Every measurement and its report, in `work`."""
     started = time.perf_counter()
-    status = 0
     kept: Kept | None = None
-    log_file: TextIO | None = None
     try:
-        work.mkdir(parents=True, exist_ok=True)
-        if any(work.iterdir()):
-            raise RuntimeError(f"{work} is not empty: give --dir a fresh directory")
-        # The daemon logs one line per bundle; here to a file, as to journald.
-        log_file = (work / "lockerd.log").open("w", encoding="utf-8")
-        configure_logging("info", "json", stream=log_file)
         largest = args.sizes[-1]
         total = largest + args.deltas * DELTA_CODES + args.unknown
         m = make_material(work, total, args.seed)
@@ -735,20 +721,27 @@ def main(argv: list[str] | None = None) -> int:
             f"\n  whole run: {time.perf_counter() - started:.0f} s; load average "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the start: {load_start})"
         )
+    finally:
+        # Closed before the work directory goes.
+        if kept is not None:
+            kept.db.close()
+            kept.bare.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exit_on_sigterm()
+    status = 0
+    try:
+        # The daemon logs one line per bundle: to the work directory's log file.
+        with work_directory(args.dir) as work:
+            run(args, work)
     except RuntimeError as exc:
         print(f"bundle_apply: {exc}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
         print("bundle_apply: interrupted", file=sys.stderr)
         status = 130
-    finally:
-        if kept is not None:
-            kept.db.close()
-            kept.bare.close()
-        if log_file is not None:
-            log_file.close()
-        if temp:
-            shutil.rmtree(work, ignore_errors=True)
     return status
 
 

@@ -15,15 +15,12 @@ import hmac
 import os
 import random
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
 
 import base45  # type: ignore[import-untyped]  # no type hints shipped
 import cbor2
@@ -36,6 +33,7 @@ from benchlib import (
     provision,
     start_daemon,
     stop_process,
+    work_directory,
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from keypress_to_unlock import (
@@ -55,7 +53,6 @@ from lockerd.core.access import CompartmentView
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.deposit import assign
 from lockerd.errors import TrustError
-from lockerd.logs import configure_logging
 from lockerd.provision import BankKit, PlainCode, make_bank
 from lockerd.timeutil import utcnow
 from lockerd.trust.digest import code_digest, derived_pickup_code
@@ -833,54 +830,42 @@ def report_assign(results: Sequence[AssignResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
-    temp = args.dir is None
-    work = Path(tempfile.mkdtemp(prefix="lkbench-")) if temp else args.dir
     started = time.perf_counter()
     status = 0
-    log_file: TextIO | None = None
     try:
-        work.mkdir(parents=True, exist_ok=True)
-        if any(work.iterdir()):
-            raise RuntimeError(f"{work} is not empty: give --dir a fresh directory")
-        # Part 3's controller logs every refusal: to a file, as to journald.
-        log_file = (work / "lockerd.log").open("w", encoding="utf-8")
-        configure_logging("info", "json", stream=log_file)
-        load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"credentials: parts {', '.join(args.parts)}{' (--quick)' if args.quick else ''}")
-        print(f"  {machine_line()}")
-        print(
-            f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; banks in {work} "
-            f"({filesystem_of(work)}); load average {load_start}"
-        )
-        print(
-            "  nearest-rank percentiles; in-process figures timed one call at a time with "
-            "time.perf_counter, interleaved"
-        )
-        print(flush=True)
-        if "qr" in args.parts:
-            report_qr(measure_qr(args.verifies))
-        if "scan" in args.parts:
-            report_scan(measure_scan(work, args), args)
-        if "derived" in args.parts:
-            derived = [asyncio.run(measure_derived(work, n, args)) for n in args.derived]
-            report_derived(derived)
-        if "assign" in args.parts:
-            report_assign([measure_assign(n, args.assigns, args.seed) for n in args.assign])
-        print(
-            f"  whole run: {time.perf_counter() - started:.0f} s; load average "
-            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the start: {load_start})"
-        )
+        # Part 3's controller logs every refusal: to the work directory's log file.
+        with work_directory(args.dir) as work:
+            load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(f"credentials: parts {', '.join(args.parts)}{' (--quick)' if args.quick else ''}")
+            print(f"  {machine_line()}")
+            print(
+                f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; banks in {work} "
+                f"({filesystem_of(work)}); load average {load_start}"
+            )
+            print(
+                "  nearest-rank percentiles; in-process figures timed one call at a time with "
+                "time.perf_counter, interleaved"
+            )
+            print(flush=True)
+            if "qr" in args.parts:
+                report_qr(measure_qr(args.verifies))
+            if "scan" in args.parts:
+                report_scan(measure_scan(work, args), args)
+            if "derived" in args.parts:
+                derived = [asyncio.run(measure_derived(work, n, args)) for n in args.derived]
+                report_derived(derived)
+            if "assign" in args.parts:
+                report_assign([measure_assign(n, args.assigns, args.seed) for n in args.assign])
+            print(
+                f"  whole run: {time.perf_counter() - started:.0f} s; load average "
+                f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the start: {load_start})"
+            )
     except RuntimeError as exc:
         print(f"credentials: {exc}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
         print("credentials: interrupted", file=sys.stderr)
         status = 130
-    finally:
-        if log_file is not None:
-            log_file.close()
-        if temp:
-            shutil.rmtree(work, ignore_errors=True)
     return status
 
 

@@ -16,11 +16,9 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,13 +28,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiomqtt
-from benchlib import Summary, cpu_seconds, exit_on_sigterm, filesystem_of, machine_line
+from benchlib import (
+    Summary,
+    cpu_seconds,
+    exit_on_sigterm,
+    filesystem_of,
+    machine_line,
+    work_directory,
+)
 from broker import Broker
 
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.core.actions import Record
-from lockerd.logs import configure_logging
 from lockerd.mqtt import BrokerSettings, Topics
 from lockerd.provision import BankKit, make_bank
 from lockerd.timeutil import format_time, utcnow
@@ -682,39 +686,30 @@ def report(args: argparse.Namespace, work: Path, drain: DrainResults | None,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
-    temp = args.dir is None
-    work = Path(tempfile.mkdtemp(prefix="lkbench-")) if temp else args.dir
     broker: Broker | None = None
     status = 0
-    log_file: TextIO | None = None
     try:
-        work.mkdir(parents=True, exist_ok=True)
-        if any(work.iterdir()):
-            raise RuntimeError(f"{work} is not empty: give --dir a fresh directory")
-        # The daemon's log (JSON lines at info, as an installation logs) goes to a file.
-        log_file = (work / "lockerd.log").open("w", encoding="utf-8")
-        configure_logging("info", "json", stream=log_file)
-        drain = None
-        if not args.skip_drain:
-            (work / "broker").mkdir()
-            broker = Broker(work / "broker", extra_config=BROKER_CONFIG)
-            broker.start()
-            drain = asyncio.run(measure_drain(args, work, broker))
-        commits = None if args.skip_commit else measure_commits(work, args.commits)
-        report(args, work, drain, commits)
+        # The daemon's log goes to the work directory's log file.
+        with work_directory(args.dir) as work:
+            try:
+                drain = None
+                if not args.skip_drain:
+                    (work / "broker").mkdir()
+                    broker = Broker(work / "broker", extra_config=BROKER_CONFIG)
+                    broker.start()
+                    drain = asyncio.run(measure_drain(args, work, broker))
+                commits = None if args.skip_commit else measure_commits(work, args.commits)
+                report(args, work, drain, commits)
+            finally:
+                # Stopped before its directory goes.
+                if broker is not None:
+                    broker.stop()
     except RuntimeError as exc:
         print(f"outbox_drain: {exc}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
         print("outbox_drain: interrupted", file=sys.stderr)
         status = 130
-    finally:
-        if broker is not None:
-            broker.stop()
-        if log_file is not None:
-            log_file.close()
-        if temp:
-            shutil.rmtree(work, ignore_errors=True)
     return status
 
 
