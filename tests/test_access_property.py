@@ -24,7 +24,6 @@ from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scann
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.provision import BankKit, PlainCode, make_bank
-from lockerd.store import CodeStore, open_database
 from lockerd.store.events import StoredEvent
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
@@ -107,7 +106,7 @@ steps = st.lists(
 )
 
 
-async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> list[StoredEvent]:
+async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
     clock = ManualClock()
     app = build_app(load_config(kit.config_path), clock=clock)
     ctl = app.controller
@@ -147,91 +146,77 @@ async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> list[StoredEvent]:
                     released.discard(event.compartment)  # the latch held: it stays shut
         await ctl.wait_pulses()
         events = app.events.recent(100_000)
-        _audit(app, events)
-        return events
+        _audit(app, kit, events)
     finally:
         app.db.close()
 
 
-def _audit(app: App, events: list[StoredEvent]) -> None:
-    deposited: set[str] = set()
-    # Net uses per credential, from the events alone.
+def _credential(e: StoredEvent) -> str | None:
+    """The credential an event names: its code id, or "cti:<hex>" for a QR token."""
+    cti = e.data.get("cti")
+    return e.code_id or (f"cti:{cti}" if cti else None)
+
+
+def _net_uses(events: list[StoredEvent]) -> Counter[str]:
+    """Uses per credential as the events account for them: a pickup opened and not given
+    back, a drop-off's door opened and not given back, a courier session's first door."""
     net: Counter[str] = Counter()
     session_used: dict[str, bool] = {}
     for e in events:
-        cti = e.data.get("cti")
-        cred = e.code_id or (f"cti:{cti}" if cti else None)
-        if e.type == "lock.pulse":
-            # (1) Every pulse is for a valid credential, and a pickup for its own door.
-            assert cred is not None, e
-            if e.code_id is not None:
-                if e.code_id.startswith("derived:"):
-                    assert e.code_id.removeprefix("derived:") in deposited, e
-                else:
-                    assert e.code_id in ISSUED, e
-                    issued = ISSUED[e.code_id]
-                    assert e.data["kind"] == issued.kind, e
-                    if issued.kind == "pickup":
-                        assert e.compartment == issued.compartment, e
-            else:
-                assert cti in BANK.valid_ctis, e
-        elif e.type == "deposit.confirmed":
-            deposited.add(str(e.data["parcel_id"]))
-        elif e.type == "session.started" and cred:
+        cred = _credential(e)
+        if cred is None:
+            continue
+        if e.type == "session.started":
             session_used[cred] = False
-        elif e.type == "pickup.opened" and cred:
+        elif e.type == "pickup.opened":
             net[cred] += 1
-        elif e.type == "pickup.incomplete" and cred:
+        elif e.type == "pickup.incomplete":
             net[cred] -= 1
-        elif e.type == "deposit.opened" and cred:
+        elif e.type == "deposit.opened":
             if e.data["kind"] == "deposit":
                 net[cred] += 1
             elif not session_used.get(cred, True):
                 session_used[cred] = True
                 net[cred] += 1
-        elif e.type == "deposit.aborted" and cred and e.data.get("use_returned"):
+        elif e.type == "deposit.aborted" and e.data.get("use_returned"):
             net[cred] -= 1
-    # (2) A QR token is spent exactly when the events say its door was seen open (and not
-    # given back); codes are checked the same way in _check_uses.
+    return net
+
+
+def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
+    # (1) Every pulse is for a valid credential, and a pickup for its own door.
+    deposited: set[str] = set()
+    for e in events:
+        if e.type == "deposit.confirmed":
+            deposited.add(str(e.data["parcel_id"]))
+        if e.type != "lock.pulse":
+            continue
+        assert _credential(e) is not None, e
+        if e.code_id is None:
+            assert e.data.get("cti") in BANK.valid_ctis, e
+        elif e.code_id.startswith("derived:"):
+            assert e.code_id.removeprefix("derived:") in deposited, e
+        else:
+            assert e.code_id in ISSUED, e
+            issued = ISSUED[e.code_id]
+            assert e.data["kind"] == issued.kind, e
+            if issued.kind == "pickup":
+                assert e.compartment == issued.compartment, e
+    # (2) Every use on record, codes and spent QR tokens alike, is one the events account
+    # for with its door seen open, and no credential is used more than it may be.
+    net = _net_uses(events)
+    for code in ISSUED.values():
+        record = app.codes.lookup(kit.digest(code.code))
+        assert record is not None
+        assert record.uses == net[code.id], (code.id, record.uses, net)
+        assert 0 <= record.uses <= code.max_uses, (code.id, record.uses)
+        if record.uses:
+            opened = [e for e in events if e.type == "door.opened" and e.code_id == code.id]
+            assert opened, f"{code.id} used without its door seen open"
     spent = SpentTokens(app.db)
     for cti in BANK.valid_ctis:
         assert spent.is_spent(cti) == (net[f"cti:{cti}"] == 1), (cti, net)
         assert net[f"cti:{cti}"] in (0, 1)
-
-
-def _check_uses(kit: BankKit, events: list[StoredEvent]) -> None:
-    db = open_database(kit.state_dir / "lockerd.db")
-    try:
-        codes = CodeStore(db)
-        net: Counter[str] = Counter()
-        session_used: dict[str, bool] = {}
-        for e in events:
-            if e.code_id is None:
-                continue
-            if e.type == "session.started":
-                session_used[e.code_id] = False
-            elif e.type == "pickup.opened":
-                net[e.code_id] += 1
-            elif e.type == "pickup.incomplete":
-                net[e.code_id] -= 1
-            elif e.type == "deposit.opened" and e.data.get("kind") == "deposit":
-                net[e.code_id] += 1
-            elif e.type == "deposit.opened" and e.data.get("kind") == "courier":
-                if not session_used.get(e.code_id, True):
-                    session_used[e.code_id] = True
-                    net[e.code_id] += 1
-            elif e.type == "deposit.aborted" and e.data.get("use_returned"):
-                net[e.code_id] -= 1
-        for code in ISSUED.values():
-            record = codes.lookup(kit.digest(code.code))
-            assert record is not None
-            assert record.uses == net[code.id], (code.id, record.uses, net)
-            assert 0 <= record.uses <= code.max_uses, (code.id, record.uses)
-            if record.uses:
-                opened = [e for e in events if e.type == "door.opened" and e.code_id == code.id]
-                assert opened, f"{code.id} used without its door seen open"
-    finally:
-        db.close()
 
 
 @settings(max_examples=60, deadline=None,
@@ -246,7 +231,6 @@ def test_no_door_opens_without_a_valid_credential_and_no_use_without_a_door(
         shutil.copytree(BANK.kit.directory, kit_dir)
         kit = replace(BANK.kit, directory=kit_dir, config_path=kit_dir / "lockerd.toml",
                       state_dir=kit_dir / "state")
-        events = asyncio.run(_play(kit, plan))
-        _check_uses(kit, events)
+        asyncio.run(_play(kit, plan))
     finally:
         shutil.rmtree(work, ignore_errors=True)
