@@ -157,13 +157,22 @@ def _validity(record: CodeRecord, *, now: datetime) -> Reason | None:
     return None
 
 
-def _pickup_refusal(view: CompartmentView | None) -> Reason | None:
+def door_unavailable(view: CompartmentView | None) -> Reason | None:
+    """Why no credential may open this compartment now (missing, out of service, busy)."""
     if view is None:
         return Reason.NO_COMPARTMENT
     if not view.in_service:
         return Reason.OUT_OF_SERVICE
     if not view.idle:
         return Reason.BUSY
+    return None
+
+
+def _pickup_refusal(view: CompartmentView | None) -> Reason | None:
+    unavailable = door_unavailable(view)
+    if unavailable is not None:
+        return unavailable
+    assert view is not None
     if view.occupied is False:
         # The occupancy sensor sees no parcel: opening would burn the code for nothing.
         return Reason.EMPTY

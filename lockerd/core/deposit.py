@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from hal.base import DisplayMessage
 from lockerd.core import messages
-from lockerd.core.access import CompartmentView, Reason
+from lockerd.core.access import CompartmentView, Reason, door_unavailable
 from lockerd.core.actions import Action, Begin, Record, Show
 from lockerd.core.credential import Access
 
@@ -38,12 +38,10 @@ def assign(
     """
     if named is not None:
         view = views.get(named)
-        if view is None:
-            return Reason.NO_COMPARTMENT
-        if not view.in_service:
-            return Reason.OUT_OF_SERVICE
-        if not view.idle:
-            return Reason.BUSY
+        unavailable = door_unavailable(view)
+        if unavailable is not None:
+            return unavailable
+        assert view is not None
         if view.occupied is None and view.parcel_id is None:
             return Reason.OCCUPANCY_UNKNOWN
         if not view.free:
