@@ -7,13 +7,15 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from broker import Broker
 
 from lockerd.app import App, build_app
+from lockerd.cli.lockerctl_cmd import main as lockerctl_main
 from lockerd.config import load_config
 from lockerd.logs import configure_logging
 from lockerd.provision import BankKit, PlainCode, make_bank
@@ -117,3 +119,25 @@ def stored_events(kit: BankKit) -> list[StoredEvent]:
         return EventLog(db).recent(100_000)
     finally:
         db.close()
+
+
+@dataclass
+class Run:
+    status: int
+    out: str
+    err: str
+
+
+class RunFn(Protocol):
+    def __call__(self, *argv: str | Path) -> Run: ...
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> RunFn:
+    """lockerctl run in-process: its exit status and what it printed."""
+    def _run(*argv: str | Path) -> Run:
+        status = lockerctl_main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return Run(status, captured.out, captured.err)
+
+    return _run

@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import stat
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
 
 import pytest
+from conftest import Run, RunFn
 
-from lockerd.cli.lockerctl_cmd import main, parse_duration
+from lockerd.cli.lockerctl_cmd import parse_duration
 from lockerd.errors import TrustError
 from lockerd.timeutil import utcnow
 from lockerd.trust.bundle import CodesBundle, verify_bundle
@@ -26,25 +25,6 @@ SUBCOMMANDS = ["keygen", "code-key", "keyring", "bundle", "derive-code", "inspec
 CSV_HEADER = "id,code,kind,compartment,parcel_id,not_before,not_after,max_uses\n"
 
 
-@dataclass
-class Run:
-    status: int
-    out: str
-    err: str
-
-
-class RunFn(Protocol):
-    def __call__(self, *argv: str | Path) -> Run: ...
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> RunFn:
-    def _run(*argv: str | Path) -> Run:
-        status = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return Run(status, captured.out, captured.err)
-
-    return _run
 
 
 def _keygen(run: RunFn, path: Path) -> Path:

@@ -7,10 +7,10 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 import segno
+from conftest import Run, RunFn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lockerd.cli.lockerctl_cmd import main
@@ -22,27 +22,6 @@ from lockerd.trust.keys import keyid_of, load_private_key, public_hex, save_priv
 from lockerd.trust.qrtoken import QR_PREFIX, QrToken, verify_qr_token
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass
-class Run:
-    status: int
-    out: str
-    err: str
-
-
-class RunFn(Protocol):
-    def __call__(self, *argv: str | Path) -> Run: ...
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> RunFn:
-    def _run(*argv: str | Path) -> Run:
-        status = main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        return Run(status, captured.out, captured.err)
-
-    return _run
 
 
 @dataclass
