@@ -30,7 +30,6 @@ from benchlib import (
     exit_on_sigterm,
     filesystem_of,
     machine_line,
-    provision,
     start_daemon,
     stop_process,
     work_directory,
@@ -43,6 +42,7 @@ from keypress_to_unlock import (
     Pickup,
     daemon_marks,
     intervals,
+    provision_bank,
     wait_state,
 )
 
@@ -503,15 +503,9 @@ async def drive_scans(kit: BankKit, daemon: Daemon, args: argparse.Namespace) ->
 
 
 def measure_scan(work: Path, args: argparse.Namespace) -> ScanResult:
-    kit = provision(
-        work / "scan-bank",
-        compartments=args.compartments,
-        # As many codes as keypress_to_unlock.py holds for the same --pickups, so that its
-        # keypad figures and these look codes up in a cache of the same size.
-        codes=args.pickups + args.warmup,
-        doors={"pulse_s": PULSE_S},
-        sim={"spring_delay_s": SPRING_DELAY_S},
-    )
+    # The bank keypress_to_unlock.py times, so that its keypad figures and these look codes up
+    # in a cache of the same size.
+    kit = provision_bank(work / "scan-bank", args)
     daemon = start_daemon(kit)
     try:
         result = asyncio.run(drive_scans(kit, daemon, args))

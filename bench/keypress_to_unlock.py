@@ -367,6 +367,18 @@ def report(
     )
 
 
+def provision_bank(directory: Path, args: argparse.Namespace) -> BankKit:
+    """The timed bank: short pulses, doors that spring at once, and one pickup code for every
+    timed and warm-up pickup (the size of the code cache the lookups run against)."""
+    return provision(
+        directory,
+        compartments=args.compartments,
+        codes=args.pickups + args.warmup,
+        doors={"pulse_s": PULSE_S},
+        sim={"spring_delay_s": SPRING_DELAY_S},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
@@ -378,13 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if (work / "bank").exists():
             raise RuntimeError(f"{work / 'bank'} exists: give --dir a fresh directory")
         work.mkdir(parents=True, exist_ok=True)
-        kit = provision(
-            work / "bank",
-            compartments=args.compartments,
-            codes=args.pickups + args.warmup,
-            doors={"pulse_s": PULSE_S},
-            sim={"spring_delay_s": SPRING_DELAY_S},
-        )
+        kit = provision_bank(work / "bank", args)
         daemon = start_daemon(kit)
         results = asyncio.run(measure(kit, daemon, args, work))
         commits = commit_times(work, args.pickups)
