@@ -49,7 +49,7 @@ from lockerd.store.events import EventLog, StoredEvent
 from lockerd.store.parcels import ParcelStore, SpentTokens
 from lockerd.trust.digest import code_digest, derived_pickup_code
 from lockerd.trust.keyring import Keyring
-from lockerd.trust.qrtoken import QR_PREFIX, QrToken, decode_qr_token, verify_qr_token
+from lockerd.trust.qrtoken import QR_PREFIX, QrToken, check_qr_token, decode_qr_token
 
 log = get_logger("lockerd.controller")
 
@@ -76,8 +76,6 @@ class DepositRules:
 
 
 _TOKEN_REASONS = {r.value: r for r in Reason}
-# Refusals of a token whose signature verified (checked after it): its cti can be trusted.
-_SIGNED_REFUSALS = frozenset({"keyring_expired", "wrong_locker", "expired", "not_yet_valid"})
 
 
 class RequestRefused(Exception):
@@ -325,17 +323,16 @@ class Controller:
         if keyring is None:
             await self._refuse(Refused(Reason.NO_KEYRING), source=source)
             return
+        ref: dict[str, str] = {}
         try:
-            token = verify_qr_token(text, qr_role=keyring.qr,
-                                    keyring_expires_at=keyring.expires_at,
-                                    locker_id=self.locker_id, now=self._clock.wall())
+            token = decode_qr_token(text, qr_role=keyring.qr)
+            # Signed by a qr key from here on: a refusal names the token, so the backend can
+            # tell whose it was. A forged or broken token's claimed cti is never reported.
+            ref = {"cti": token.cti_hex}
+            check_qr_token(token, keyring_expires_at=keyring.expires_at,
+                           locker_id=self.locker_id, now=self._clock.wall())
         except TrustError as exc:
             log.info("QR token refused", reason=exc.reason, error=str(exc))
-            ref = {}
-            if exc.reason in _SIGNED_REFUSALS:
-                # Signed by us but not usable here or now: name it, so the backend can tell
-                # which customer's token it was. A forged token's cti is not worth reporting.
-                ref = {"cti": decode_qr_token(text, qr_role=keyring.qr).cti_hex}
             await self._refuse(Refused(_TOKEN_REASONS.get(exc.reason, Reason.MALFORMED),
                                        ref=ref), source=source)
             return

@@ -337,6 +337,15 @@ def verify_qr_token(
     keyring_expired, wrong_locker, expired, not_yet_valid.
     """
     token = decode_qr_token(text, qr_role=qr_role)
+    check_qr_token(token, keyring_expires_at=keyring_expires_at, locker_id=locker_id, now=now)
+    return token
+
+
+def check_qr_token(
+    token: QrToken, *, keyring_expires_at: datetime, locker_id: str, now: datetime
+) -> None:
+    """The checks of `verify_qr_token` after the signature, on a token `decode_qr_token`
+    returned. Reasons, in order: keyring_expired, wrong_locker, expired, not_yet_valid."""
     if now >= keyring_expires_at:
         raise TrustError("the keyring has expired: no QR token is accepted until a fresh "
                          "keyring arrives", reason="keyring_expired")
@@ -349,7 +358,6 @@ def verify_qr_token(
     if token.not_before is not None and now < token.not_before:
         raise TrustError(f"QR token is not valid before {format_time(token.not_before)}",
                          reason="not_yet_valid")
-    return token
 
 
 def _seconds(dt: datetime, *, name: str, round_up: bool) -> int:
