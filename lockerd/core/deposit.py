@@ -12,6 +12,7 @@ from lockerd.core import messages
 from lockerd.core.access import CompartmentView, Reason, door_unavailable
 from lockerd.core.actions import Action, Begin, Record, Show
 from lockerd.core.credential import Access
+from lockerd.trust.qrtoken import is_qr_token
 
 # A parcel label's text is the parcel id: printable ASCII, no spaces, as the backend writes it.
 _PARCEL_ID = re.compile(r"[\x21-\x7e]{1,64}")
@@ -161,7 +162,7 @@ class DepositSession:
             # The credential names its parcel; a stray scan must not swap it for another.
             return [Show(messages.label_refused(Reason.UNREADABLE), hold_s=3.0)]
         parcel_id = text.strip()
-        if not is_parcel_id(parcel_id) or parcel_id.startswith("LK1:"):
+        if not is_parcel_id(parcel_id) or is_qr_token(parcel_id):
             return [Show(messages.label_refused(Reason.BAD_LABEL), hold_s=3.0)]
         if any(v.parcel_id == parcel_id for v in views.values()):
             return [

@@ -49,7 +49,7 @@ from lockerd.store.events import EventLog, StoredEvent
 from lockerd.store.parcels import ParcelStore, SpentTokens
 from lockerd.trust.digest import code_digest, derived_pickup_code
 from lockerd.trust.keyring import Keyring
-from lockerd.trust.qrtoken import QR_PREFIX, QrToken, check_qr_token, decode_qr_token
+from lockerd.trust.qrtoken import QrToken, check_qr_token, decode_qr_token, is_qr_token
 
 log = get_logger("lockerd.controller")
 
@@ -257,7 +257,7 @@ class Controller:
         if text.isascii() and text.isdigit() and len(text) <= MAX_SCAN_CODE_LENGTH:
             await self.submit(text, source="scanner")
             return
-        if text.startswith(QR_PREFIX):
+        if is_qr_token(text):
             await self.submit_token(text, source="scanner")
             return
         await self._refuse(Refused(Reason.UNREADABLE), source="scanner")
