@@ -1,6 +1,8 @@
 """The access property of the whole controller: no sequence of keys, scans, door and parcel
 actions and waiting ever opens a compartment without a valid credential, or uses a credential
-without its door seen open.
+without its door seen open; and the keypad's wrong-code count is reset only by a use consumed
+for good (a pickup completed, a deposit confirmed), never by a credential that can be
+presented again.
 
 The real controller, code store and SQLite database run with a clock the test moves; the test
 plays the physical world (a door opens only after a pulse released its lock) and then audits
@@ -17,13 +19,15 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scanned
 from lockerd.app import App, build_app
 from lockerd.config import load_config
+from lockerd.core.lockout import CONSUMED_USE_EVENTS, LockoutState
 from lockerd.provision import BankKit, PlainCode, make_bank
+from lockerd.services.controller import load_lockout_state
 from lockerd.store.events import StoredEvent
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
@@ -114,6 +118,7 @@ async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
     occupied = {"1": True, "2": True, "3": False, "4": False}
     released: set[str] = set()
     seen = 0
+    lockout = load_lockout_state(app.db)
     try:
         for cid in CIDS:
             await ctl.step(OccupancyChanged(cid, occupied[cid]))
@@ -138,17 +143,33 @@ async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
                 case "wait":
                     clock.t += float(arg)
                     await ctl.step(None)
-            for event in app.events.since(seen):
+            new = app.events.since(seen)
+            for event in new:
                 seen = event.seq
                 if event.type == "lock.pulse" and event.compartment:
                     released.add(event.compartment)
                 elif event.type == "door.jammed" and event.compartment:
                     released.discard(event.compartment)  # the latch held: it stays shut
+            lockout = _audit_lockout(lockout, load_lockout_state(app.db), new, (action, arg))
         await ctl.wait_pulses()
         events = app.events.recent(100_000)
         _audit(app, kit, events)
     finally:
         app.db.close()
+
+
+def _audit_lockout(before: LockoutState, after: LockoutState, new: list[StoredEvent],
+                   step: tuple[str, str]) -> LockoutState:
+    """(3) The persisted wrong-code count falls only in a step that consumed a use for good
+    (a pickup completed, a deposit confirmed, each naming its credential), and such a step
+    always clears it. No step of the plan waits long enough for the count to be forgotten."""
+    consumed = [e for e in new if e.type in CONSUMED_USE_EVENTS and _credential(e)]
+    if consumed:
+        assert after == LockoutState(), (step, after, [e.type for e in consumed])
+    else:
+        assert after.failures >= before.failures, (step, before, after, [e.type for e in new])
+        assert after.lockouts >= before.lockouts, (step, before, after)
+    return after
 
 
 def _credential(e: StoredEvent) -> str | None:
@@ -219,9 +240,21 @@ def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
         assert net[f"cti:{cti}"] in (0, 1)
 
 
+WRONG = ("press", "999999#")
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(plan=steps)
+# Credentials that can be presented again, after a wrong code: none may forgive it.
+@example(plan=[WRONG, ("press", "333333#")])  # a courier code starts a session
+@example(plan=[WRONG, ("press", "444444#")])  # a deposit code starts a session
+@example(plan=[WRONG, ("scan", BANK.scans[1])])  # a courier QR token starts a session
+@example(plan=[WRONG, ("press", "111111#"), ("open", "1"), ("close", "1")])  # left inside
+# Uses consumed for good forgive it.
+@example(plan=[WRONG, ("press", "111111#"), ("open", "1"), ("take", "1"), ("close", "1")])
+@example(plan=[WRONG, ("press", "444444#"), ("press", "3"), ("open", "3"), ("put", "3"),
+               ("close", "3")])
 def test_no_door_opens_without_a_valid_credential_and_no_use_without_a_door(
     plan: list[tuple[str, str]],
 ) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
+from lockerd.core.lockout import CONSUMED_USE_EVENTS, Lockout, LockoutState, RateLimiter
 
 T0 = 1_700_000_000.0  # a wall-clock time, seconds since the epoch
 
@@ -90,6 +90,32 @@ def test_success_and_clear_reset_everything(reset: str) -> None:
     assert lock.remaining(T0 + 100) == 0.0
     # The free attempts are back and the next lockout starts again at base_s.
     assert fail(lock, [T0 + 200, T0 + 201]) == [None, 30.0]
+
+
+@pytest.mark.parametrize(
+    ("event", "resets"),
+    [
+        # Consumed for good: the parcel left with its customer, or went in for good.
+        ("pickup.completed", True),
+        ("deposit.confirmed", True),
+        # A credential granted or a door opened is not a use consumed: the same credential
+        # can be presented again (a courier or deposit code, a deposit token, a pickup closed
+        # on its parcel), so none of these may forgive wrong codes.
+        ("session.started", False),
+        ("lock.pulse", False),
+        ("door.opened", False),
+        ("pickup.opened", False),
+        ("pickup.incomplete", False),
+        ("deposit.opened", False),
+        ("deposit.aborted", False),
+        ("session.ended", False),
+        ("door.jammed", False),
+        ("parcel.removed", False),
+        ("command.result", False),
+    ],
+)
+def test_only_a_use_consumed_for_good_resets_the_lockout(event: str, resets: bool) -> None:
+    assert (event in CONSUMED_USE_EVENTS) is resets
 
 
 def test_a_long_quiet_spell_forgets_the_history() -> None:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+# The events that report a use consumed for good: a parcel taken out by its customer, a parcel
+# confirmed in by the occupancy sensor. Only these reset the lockout. A granted credential does
+# not: a courier or deposit code, a deposit token or a pickup closed on its parcel can be
+# presented again, and resetting on them would give a guesser a fresh set of free attempts
+# after every few wrong codes (safety rule 6).
+CONSUMED_USE_EVENTS = frozenset({"pickup.completed", "deposit.confirmed"})
+
 
 @dataclass(frozen=True, slots=True)
 class LockoutState:
@@ -17,8 +24,9 @@ class LockoutState:
 
 class Lockout:
     """The `free_attempts`-th wrong code in a row locks the keypad for base_s seconds, and each
-    further wrong code locks it again for twice as long as the last (capped at max_s). A right
-    code, a technician, or a long quiet spell (`forget_after_s`) resets it."""
+    further wrong code locks it again for twice as long as the last (capped at max_s). A use
+    consumed for good (CONSUMED_USE_EVENTS), a technician's or the backend's clear, or a long
+    quiet spell (`forget_after_s`) resets it; nothing else does."""
 
     def __init__(
         self,

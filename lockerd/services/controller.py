@@ -39,7 +39,7 @@ from lockerd.core.actions import Action, Begin, ParcelIn, ParcelOut, Pulse, Reco
 from lockerd.core.compartment import Access, Compartment
 from lockerd.core.deposit import DepositSession, SessionCredential
 from lockerd.core.entry import CodeEntry
-from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
+from lockerd.core.lockout import CONSUMED_USE_EVENTS, Lockout, LockoutState, RateLimiter
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.services.clock import Clock
@@ -360,7 +360,7 @@ class Controller:
 
     async def _grant(self, granted: Granted, *, source: str, ref: Mapping[str, str] | None = None,
                      cti: str | None = None, cti_expires: int | None = None) -> None:
-        self._lockout_success()
+        # No lockout reset here: the door has not opened, and the parcel may stay inside.
         log.info("access granted", compartment=granted.compartment, code_id=granted.code_id,
                  kind=granted.kind, source=source, **(ref or {}))
         assert granted.compartment is not None
@@ -371,7 +371,7 @@ class Controller:
         await self._execute(comp.begin_access(access, self._clock.monotonic()))
 
     async def _start_session(self, credential: SessionCredential) -> None:
-        self._lockout_success()
+        # No lockout reset here: a deposit or courier credential can be presented again.
         log.info("deposit session started", kind=credential.kind, code_id=credential.code_id,
                  cti=credential.cti, source=credential.source)
         now = self._clock.monotonic()
@@ -382,6 +382,8 @@ class Controller:
         await self._execute(self.session.start(self._views(), now))
 
     def _lockout_success(self) -> None:
+        """A use was consumed for good (CONSUMED_USE_EVENTS): the keypad's failures are
+        forgiven."""
         if self._lockout.state != LockoutState():
             self._lockout.record_success()
             self._save_lockout()
@@ -494,9 +496,11 @@ class Controller:
     async def _execute(self, actions: list[Action]) -> None:
         pending: list[Record] = []
         follow: list[Action] = []
+        consumed = False
         for action in actions:
             if isinstance(action, Record):
                 pending.append(action)
+                consumed = consumed or action.type in CONSUMED_USE_EVENTS
                 self._resolve(action)
                 follow += self._session_hook(action)
                 continue
@@ -512,6 +516,8 @@ class Controller:
                     await self._execute(self.compartments[cid].begin_access(
                         access, self._clock.monotonic()))
         self.commit(*pending)
+        if consumed:
+            self._lockout_success()
         if follow:
             await self._execute(follow)
         if self.session is not None and self.session.ended:
