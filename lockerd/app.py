@@ -28,6 +28,7 @@ from hal.registry import HalContext, build_device
 from lockerd import __version__
 from lockerd.config import Config, DeviceSection
 from lockerd.core.backoff import Backoff
+from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, RateLimiter
@@ -38,7 +39,12 @@ from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
 from lockerd.services.commands import CommandService
 from lockerd.services.console import console_service
-from lockerd.services.controller import Controller, DepositRules, load_lockout_state
+from lockerd.services.controller import (
+    Controller,
+    DepositRules,
+    load_budget_state,
+    load_lockout_state,
+)
 from lockerd.services.diagnostics import Diagnostics
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
@@ -366,6 +372,8 @@ def build_app(config: Config, *, clock: Clock | None = None,
         deposits=DepositRules(
             sizes=tuple(config.deposits.sizes), session_idle_s=config.deposits.session_idle_s,
             derived_digits=config.codes.derived_digits if config.codes.derived_pickup else None),
+        open_budget=OpenBudget(per_hour=config.commands.max_opens_per_hour,
+                               state=load_budget_state(db)),
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
               devices=devices, controller=controller, clock=clock,

@@ -67,6 +67,12 @@ class LockoutSection(_Section, kw_only=True, frozen=True):
     rejected_events_per_minute: Annotated[int, msgspec.Meta(ge=1)] = 20
 
 
+class CommandsSection(_Section, kw_only=True, frozen=True):
+    """[commands]: the open budget of remote and console opens (PROTOCOL section 7)."""
+
+    max_opens_per_hour: Annotated[int, msgspec.Meta(ge=0)] = 10
+
+
 class DoorsSection(_Section, kw_only=True, frozen=True):
     pulse_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
     open_timeout_s: PositiveSeconds = 4.0
@@ -154,6 +160,7 @@ class Config(_Section, kw_only=True, frozen=True):
     deposits: DepositsSection = DepositsSection()
     entry: EntrySection = EntrySection()
     lockout: LockoutSection = LockoutSection()
+    commands: CommandsSection = CommandsSection()
     doors: DoorsSection = DoorsSection()
     logging: LoggingSection = LoggingSection()
     mqtt: MqttSection | None = None

@@ -106,14 +106,18 @@ class BankKit:
         expires_at: datetime | None = None,
         locker_id: str | None = None,
         signer: Ed25519PrivateKey | None = None,
+        signers: Sequence[Ed25519PrivateKey] = (),
+        override: bool = False,
     ) -> bytes:
-        """A remote command signed by the commands role (the root key in this kit)."""
+        """A remote command signed by the commands role (the root key in this kit), or by each
+        of `signers`; `override` asks to open past the open budget."""
         now = utcnow()
         payload = build_command_payload(
             cmd_id=cmd_id or str(uuid.uuid4()), locker_id=locker_id or self.locker_id,
             issued_at=now, expires_at=expires_at or now + timedelta(minutes=5), action=action,
-            args=args)
-        return sign_envelope(COMMAND_PAYLOAD_TYPE, payload, [signer or self.root_key])
+            args=args, override=override)
+        return sign_envelope(COMMAND_PAYLOAD_TYPE, payload,
+                             list(signers) or [signer or self.root_key])
 
     def qr_token(
         self,
@@ -134,12 +138,16 @@ class BankKit:
             expires_at=expires_at or utcnow() + timedelta(hours=1), not_before=not_before,
             compartment=compartment, parcel_id=parcel_id)
 
-    def keyring(self, *, version: int = 1, expires_at: datetime | None = None) -> bytes:
-        """A keyring signed by the root key naming the codes key (other roles: the root key)."""
+    def keyring(self, *, version: int = 1, expires_at: datetime | None = None,
+                commands: RoleKeys | None = None) -> bytes:
+        """A keyring signed by the root key naming the codes key (other roles: the root key,
+        or `commands` for the commands role)."""
         now = utcnow()
         root = RoleKeys.from_keys([self.root_key.public_key()], 1)
         roles = {name: root for name in ROLE_NAMES}
         roles["codes"] = RoleKeys.from_keys([self.codes_key.public_key()], 1)
+        if commands is not None:
+            roles["commands"] = commands
         payload = build_keyring_payload(
             version=version, issued_at=now, expires_at=expires_at or now + timedelta(days=365),
             roles=roles,

@@ -15,12 +15,12 @@ from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
 from lockerd.services.cache import CodeCache
-from lockerd.services.controller import Controller, RequestRefused
+from lockerd.services.controller import Controller, OpenBudgetSpent, RequestRefused
 from lockerd.services.link import MqttLink, NotConnected
 from lockerd.services.sync import payload_bytes
 from lockerd.store.commands import CommandJournal, CommandResult
 from lockerd.store.events import EventLog
-from lockerd.trust.command import Command, peek_cmd_id, verify_command
+from lockerd.trust.command import Command, override_authorised, peek_cmd_id, verify_command
 
 log = get_logger("lockerd.commands")
 
@@ -103,6 +103,9 @@ class CommandService:
                  compartment=cmd.compartment, code_id=None)
         try:
             status, detail, data = await self._run(cmd)
+        except OpenBudgetSpent as exc:
+            status, detail, data = "rejected", "open_budget", {"reason": "open_budget",
+                                                                "message": str(exc)}
         except RequestRefused as exc:
             status, detail, data = "error", str(exc), {}
         except Exception as exc:  # the journal must record how it ended, whatever happened
@@ -118,8 +121,11 @@ class CommandService:
         ref = {"cmd_id": cmd.cmd_id}
         if cmd.action == "open":
             assert cmd.compartment is not None
+            keyring = self._cache.keyring
+            override = keyring is not None and override_authorised(cmd, keyring.commands)
             outcome = await self._controller.open_for(cmd.compartment, kind="command",
-                                                      source="mqtt", ref=ref)
+                                                      source="mqtt", ref=ref, budgeted=True,
+                                                      override=override)
             if outcome == "opened":
                 return "ok", f"compartment {cmd.compartment} opened", {}
             return "error", (f"compartment {cmd.compartment} did not open (jammed); it is now "

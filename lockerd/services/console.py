@@ -30,7 +30,7 @@ from lockerd.core.console import (
 from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
-from lockerd.services.controller import RequestRefused
+from lockerd.services.controller import OpenBudgetSpent, RequestRefused
 from lockerd.timeutil import format_time
 from lockerd.trust.bundle import is_compartment_id
 from lockerd.trust.technician import Technician, verify_technician
@@ -52,6 +52,12 @@ def load_console_lockout(raw: Any) -> LockoutState:
         return LockoutState(**raw)
     except TypeError:
         return LockoutState()
+
+
+def _no_override(per_hour: int) -> OpenBudgetSpent:
+    # One line that fits the terminal; docs/console.md says how the backend overrides it.
+    return OpenBudgetSpent(f"open budget spent ({per_hour} opens/hour); the console has no "
+                           "override")
 
 
 @dataclass(eq=False)
@@ -208,15 +214,21 @@ class ConsoleService:
         ref = {"tech_id": s.tech.tech_id}
         if a.force:
             ref["reason"] = a.force
-        outcome = await self._app.controller.open_for(cid, kind="console", source="console",
-                                                      ref=ref)
+        try:
+            outcome = await self._app.controller.open_for(cid, kind="console", source="console",
+                                                          ref=ref, budgeted=True)
+        except OpenBudgetSpent as exc:
+            raise _no_override(self._app.controller.open_budget.per_hour) from exc
         return Reply([f"compartment {cid}: {outcome}"], {"compartment": cid, "result": outcome})
 
     async def _pulse(self, s: Session, a: Args) -> Reply:
         cid = self._compartment(a, "pulse ID [--force REASON]")
         assert s.tech is not None
-        outcome = await self._app.diagnostics.pulse_test(cid, tech_id=s.tech.tech_id,
-                                                         force=a.force is not None)
+        try:
+            outcome = await self._app.diagnostics.pulse_test(cid, tech_id=s.tech.tech_id,
+                                                             force=a.force is not None)
+        except OpenBudgetSpent as exc:
+            raise _no_override(self._app.controller.open_budget.per_hour) from exc
         return Reply([f"compartment {cid}: {outcome}"], {"compartment": cid, "result": outcome})
 
     async def _selftest(self, s: Session, a: Args) -> Reply:

@@ -36,6 +36,7 @@ from lockerd.core.access import (
     pickup_target,
 )
 from lockerd.core.actions import Action, Begin, ParcelIn, ParcelOut, Pulse, Record, Show
+from lockerd.core.budget import BudgetState, OpenBudget
 from lockerd.core.compartment import Access, Compartment
 from lockerd.core.deposit import DepositSession, SessionCredential
 from lockerd.core.entry import CodeEntry
@@ -66,6 +67,21 @@ def load_lockout_state(db: Database) -> LockoutState:
         return LockoutState()
 
 
+BUDGET_META = "open_budget"
+DEFAULT_OPENS_PER_HOUR = 10
+
+
+def load_budget_state(db: Database) -> BudgetState:
+    raw = db.get_meta(BUDGET_META)
+    if not isinstance(raw, dict):
+        return BudgetState()
+    try:
+        opens = tuple(float(at) for at in raw.get("opens", ()))
+        return BudgetState(opens=opens, reported_at=float(raw.get("reported_at", 0.0)))
+    except (TypeError, ValueError):
+        return BudgetState()
+
+
 @dataclass(frozen=True, slots=True)
 class DepositRules:
     """[deposits] and the derived-code settings of [codes], as the controller needs them."""
@@ -80,6 +96,10 @@ _TOKEN_REASONS = {r.value: r for r in Reason}
 
 class RequestRefused(Exception):
     """A command or technician asked for something the bank cannot do now; says why."""
+
+
+class OpenBudgetSpent(RequestRefused):
+    """An open past `[commands] max_opens_per_hour` without an authorised override."""
 
 
 class Controller:
@@ -109,6 +129,7 @@ class Controller:
         tokens: SpentTokens | None = None,
         keyring: Callable[[], Keyring | None] = lambda: None,
         deposits: DepositRules | None = None,
+        open_budget: OpenBudget | None = None,
     ) -> None:
         self.locker_id = locker_id
         self.compartments = dict(compartments)
@@ -127,6 +148,8 @@ class Controller:
         self._tokens = tokens or SpentTokens(db)
         self._keyring = keyring
         self.rules = deposits or DepositRules()
+        self.open_budget = open_budget or OpenBudget(per_hour=DEFAULT_OPENS_PER_HOUR,
+                                                     state=load_budget_state(db))
         self.session: DepositSession | None = None
         self._inputs: asyncio.Queue[InputEvent | None] = asyncio.Queue()
         self._display_until: float | None = None
@@ -423,11 +446,13 @@ class Controller:
 
     # -- requests from commands and technicians --------------------------------------------
 
-    async def open_for(self, cid: str, *, kind: str, source: str,
-                       ref: Mapping[str, str]) -> str:
+    async def open_for(self, cid: str, *, kind: str, source: str, ref: Mapping[str, str],
+                       budgeted: bool = False, override: bool = False) -> str:
         """Open a compartment under the same door rules as a code: report, pulse, wait for
         the door sensor, one retry, then jammed. Returns "opened" or "jammed"; raises
-        RequestRefused when the compartment cannot be opened now."""
+        RequestRefused when the compartment cannot be opened now, OpenBudgetSpent when a
+        `budgeted` open (a remote or console open) is past the open budget and not an
+        authorised `override`."""
         comp = self.compartments.get(cid)
         if comp is None:
             raise RequestRefused(f"no compartment {cid!r} in this bank")
@@ -436,6 +461,10 @@ class Controller:
                                  f"({comp.service_reason}); put it back in service first")
         if not comp.view().idle:
             raise RequestRefused(f"compartment {cid} is busy ({comp.phase.value})")
+        if budgeted:
+            # Counted only now that the door will be pulsed: an open refused for any reason,
+            # the budget included, does not count.
+            ref = self._spend_budget(cid, source=source, ref=ref, override=override)
         outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._awaiting[cid] = outcome
         try:
@@ -448,6 +477,31 @@ class Controller:
             return await outcome
         finally:
             self._awaiting.pop(cid, None)
+
+    def _spend_budget(self, cid: str, *, source: str, ref: Mapping[str, str],
+                      override: bool) -> Mapping[str, str]:
+        """Count one open against the budget (safety rule 8), or refuse it. The first refusal
+        of an hour, remote or console alike, is evented as `security.open_budget`."""
+        budget = self.open_budget
+        now = self._clock.wall().timestamp()
+        within = budget.left(now) > 0
+        if budget.take(now, override=override):
+            self._save_budget()
+            # An override is named in every event of its open, so the backend sees it.
+            return ref if within else {**ref, "open_budget": "override"}
+        if budget.report_due(now):
+            self.commit(Record("security.open_budget", compartment=cid, data={
+                "max_opens_per_hour": budget.per_hour, "source": source, **ref}))
+        self._save_budget()
+        log.warning("open refused: open budget spent", compartment=cid, source=source, **ref)
+        raise OpenBudgetSpent(
+            f"the open budget is spent: {budget.used(now)} remote and console opens in the "
+            f"last hour, [commands] max_opens_per_hour is {budget.per_hour}")
+
+    def _save_budget(self) -> None:
+        state = self.open_budget.state
+        self._db.set_meta(BUDGET_META, {"opens": list(state.opens),
+                                        "reported_at": state.reported_at})
 
     async def set_service(self, cid: str, in_service: bool, reason: str) -> bool:
         """Take a compartment out of service or back in; False when nothing changed."""

@@ -49,7 +49,8 @@ class Diagnostics:
     async def pulse_test(self, compartment: str, *, tech_id: str,
                          force: bool = False) -> str:
         """Pulse one lock under the door rules (events, retry, jam); refuses a compartment that
-        may hold a parcel unless forced. Returns "opened" or "jammed"."""
+        may hold a parcel unless forced. Returns "opened" or "jammed". A forced pulse can hand
+        out a parcel, so it counts against the open budget like a console `open`."""
         comp = self._controller.compartments.get(compartment)
         if comp is None:
             raise RequestRefused(f"no compartment {compartment!r} in this bank")
@@ -57,7 +58,7 @@ class Diagnostics:
             raise RequestRefused(f"compartment {compartment} may hold a parcel; force it with "
                                  "a reason to open it anyway")
         return await self._controller.open_for(compartment, kind="console", source="console",
-                                               ref={"tech_id": tech_id})
+                                               ref={"tech_id": tech_id}, budgeted=force)
 
     async def echo(self, device: str, seconds: float) -> list[EchoLine]:
         """What `device` ("keypad", "scanner" or "doors") sends for `seconds`."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +13,13 @@ import msgspec
 from lockerd.errors import TrustError
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.bundle import is_compartment_id
-from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
+from lockerd.trust.dsse import (
+    COMMAND_PAYLOAD_TYPE,
+    RoleKeys,
+    count_valid_signers,
+    parse_envelope,
+    verify_role,
+)
 
 ACTIONS = ("open", "set_service", "selftest", "resync", "clear_lockout")
 MAX_CMD_ID = 128
@@ -28,6 +34,9 @@ class _CommandWire(msgspec.Struct, kw_only=True):
     expires_at: str
     action: str
     args: dict[str, Any] = {}
+    # Asks to open past the open budget (PROTOCOL section 7); honoured only with more
+    # distinct commands signatures than the role's threshold.
+    override: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +47,8 @@ class Command:
     expires_at: datetime
     action: str
     args: Mapping[str, Any] = field(default_factory=dict)
+    override: bool = False
+    signers: frozenset[str] = frozenset()  # the commands keyids whose signature verified
 
     @property
     def compartment(self) -> str | None:
@@ -72,7 +83,8 @@ def parse_command_payload(payload: bytes) -> Command:
                          reason="unknown_action")
     _check_args(wire.action, wire.args)
     return Command(cmd_id=wire.cmd_id, locker_id=wire.locker_id, issued_at=issued,
-                   expires_at=expires, action=wire.action, args=dict(wire.args))
+                   expires_at=expires, action=wire.action, args=dict(wire.args),
+                   override=wire.override)
 
 
 def _check_args(action: str, args: Mapping[str, Any]) -> None:
@@ -106,7 +118,7 @@ def verify_command(
     now: datetime,
 ) -> Command:
     """Reasons: malformed, payload_type, signature, keyring_expired, unknown_action,
-    wrong_locker, expired."""
+    wrong_locker, expired. The command names the commands keys that signed it."""
     env = parse_envelope(raw_envelope)
     payload = verify_role(env, expected_type=COMMAND_PAYLOAD_TYPE, role=commands_role)
     if now >= keyring_expires_at:
@@ -118,16 +130,25 @@ def verify_command(
                          reason="wrong_locker")
     if now >= cmd.expires_at:
         raise TrustError(f"command expired at {format_time(cmd.expires_at)}", reason="expired")
-    return cmd
+    return replace(cmd, signers=count_valid_signers(env, commands_role.keys))
+
+
+def override_authorised(cmd: Command, commands_role: RoleKeys) -> bool:
+    """An open past the budget: asked for, and signed by more distinct commands keys than the
+    threshold, so that no single stolen key (nor a threshold's worth) can empty a bank."""
+    return cmd.override and len(cmd.signers & commands_role.keyids) > commands_role.threshold
 
 
 def build_command_payload(
     *, cmd_id: str, locker_id: str, issued_at: datetime, expires_at: datetime, action: str,
-    args: Mapping[str, Any] | None = None,
+    args: Mapping[str, Any] | None = None, override: bool = False,
 ) -> bytes:
-    doc = {"type": "command", "cmd_id": cmd_id, "locker_id": locker_id,
-           "issued_at": format_time(issued_at), "expires_at": format_time(expires_at),
-           "action": action, "args": dict(args or {})}
+    doc: dict[str, Any] = {"type": "command", "cmd_id": cmd_id, "locker_id": locker_id,
+                           "issued_at": format_time(issued_at),
+                           "expires_at": format_time(expires_at), "action": action,
+                           "args": dict(args or {})}
+    if override:
+        doc["override"] = True
     payload = msgspec.json.encode(doc)
     parse_command_payload(payload)
     return payload
