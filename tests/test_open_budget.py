@@ -5,6 +5,7 @@ override signed by more commands keys than the threshold goes past it, and a res
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +17,9 @@ from test_console import make_service, pty_console, token
 from test_sync_mqtt import mqtt_overrides, raw_publish, watching
 
 from lockerd.provision import BankKit
-from lockerd.trust.dsse import RoleKeys
+from lockerd.timeutil import utcnow
+from lockerd.trust.command import build_command_payload
+from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, RoleKeys, sign_envelope
 from lockerd.trust.keys import generate_key
 
 CMD = "lockers/L1/cmd"
@@ -148,6 +151,25 @@ async def test_console_opens_count_against_the_same_budget(
         assert r.world.pulses == ["5", "5"]
         # A pulse test of a door known to be empty is not an open that can hand out a parcel.
         assert "compartment 6: opened" in await t.run("pulse 6", prompt=prompt)
+
+
+async def test_a_mistyped_override_is_refused_and_the_daemon_stays_up(
+    make_kit: Callable[..., BankKit], broker: Broker
+) -> None:
+    b = bank(make_kit, broker, max_opens_per_hour=0)
+    payload = build_command_payload(
+        cmd_id="c-bad", locker_id="L1", issued_at=utcnow(),
+        expires_at=utcnow() + timedelta(minutes=5), action="open", args={"compartment": "5"})
+    payload = payload.replace(b'"action"', b'"override":"yes","action"')
+    raw = sign_envelope(COMMAND_PAYLOAD_TYPE, payload, b.keys)
+    async with watching(broker) as w, running(b.kit) as r:
+        await connected(r)
+        bad = await remote_open(r, w, broker, raw, "c-bad")
+        assert bad == {"cmd_id": "c-bad", "status": "rejected", "detail": "malformed"}
+        assert r.world.pulses == []
+        ok = await remote_open(r, w, broker, b.open("c-ok", "5", signers=3, override=True),
+                               "c-ok")
+        assert ok["status"] == "ok"
 
 
 @pytest.mark.parametrize("value", [-1, "10", 2.5])
