@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from broker import Broker
-from conftest import Running, running
+from conftest import RunFn, Running, running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_commands import connected, results
 from test_console import make_service, pty_console, token
@@ -20,7 +20,7 @@ from lockerd.provision import BankKit
 from lockerd.timeutil import utcnow
 from lockerd.trust.command import build_command_payload
 from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, RoleKeys, sign_envelope
-from lockerd.trust.keys import generate_key
+from lockerd.trust.keys import generate_key, save_private_key
 
 CMD = "lockers/L1/cmd"
 
@@ -170,6 +170,28 @@ async def test_a_mistyped_override_is_refused_and_the_daemon_stays_up(
         ok = await remote_open(r, w, broker, b.open("c-ok", "5", signers=3, override=True),
                                "c-ok")
         assert ok["status"] == "ok"
+
+
+async def test_lockerctl_signs_an_override(make_kit: Callable[..., BankKit], broker: Broker,
+                                           run: RunFn) -> None:
+    b = bank(make_kit, broker, max_opens_per_hour=0)
+    files = [b.kit.directory / "keys" / "root.key"]
+    for i, key in enumerate(b.keys[1:]):
+        files.append(b.kit.directory / "keys" / f"ops-{i}.key")
+        save_private_key(key, files[-1], overwrite=True)
+    out = b.kit.directory / "override.json"
+    signed = run("command", "--locker", "L1", "--action", "open", "--compartment", "5",
+                 "--cmd-id", "c-ctl", "--override", "--expires-in", "5m", "--sign", *files,
+                 "-o", out)
+    assert signed.status == 0, signed.err
+    refused = run("command", "--locker", "L1", "--action", "resync", "--override",
+                  "--expires-in", "5m", "--sign", files[0], "-o", b.kit.directory / "x.json")
+    assert refused.status == 2 and "--override is for --action open only" in refused.err
+    async with watching(broker) as w, running(b.kit) as r:
+        await connected(r)
+        result = await remote_open(r, w, broker, out.read_bytes(), "c-ctl")
+        assert result["status"] == "ok"
+        assert r.events("lock.pulse")[0].data["open_budget"] == "override"
 
 
 @pytest.mark.parametrize("value", [-1, "10", 2.5])

@@ -620,11 +620,13 @@ def cmd_command(args: argparse.Namespace) -> int:
         cmd_args["in_service"] = args.in_service == "yes"
     if args.action in ("open", "set_service") and args.compartment is None:
         raise InputError(f"{args.action} needs --compartment")
+    if args.override and args.action != "open":
+        raise InputError("--override is for --action open only")
     cmd_id = args.cmd_id or str(uuid.uuid4())
     try:
         payload = build_command_payload(
             cmd_id=cmd_id, locker_id=args.locker, issued_at=now, expires_at=_expiry(args, now),
-            action=args.action, args=cmd_args)
+            action=args.action, args=cmd_args, override=args.override)
     except TrustError as exc:
         raise InputError(str(exc)) from exc
     envelope = sign_envelope(COMMAND_PAYLOAD_TYPE, payload, _load_signers(args.sign))
@@ -1012,6 +1014,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-service", choices=("yes", "no"), help="for set_service")
     p.add_argument("--reason", default="", help="why (a ticket number): kept in the events")
     p.add_argument("--cmd-id", default="", help="the command's id (default: a new UUID)")
+    p.add_argument("--override", action="store_true",
+                   help="open past the bank's open budget ([commands] max_opens_per_hour); "
+                   "the bank accepts it only when --sign gives more distinct commands keys "
+                   "than the commands threshold")
     _add_expiry(p)
     _add_sign(p)
     _add_output(p)
