@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from lockerd import jsonsafe
 from lockerd.core.lockout import RateLimiter
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
@@ -163,7 +163,7 @@ def _is_repeat(exc: TrustError, raw: bytes, held_version: int) -> bool:
     if exc.reason != "rollback":
         return False
     try:
-        version = json.loads(parse_envelope(raw).payload).get("version")
-    except (TrustError, ValueError, AttributeError):
+        version = jsonsafe.loads(parse_envelope(raw).payload).get("version")
+    except (TrustError, jsonsafe.JsonInputError, AttributeError):
         return False
     return bool(version == held_version)

@@ -10,6 +10,7 @@ from typing import Annotated, Literal, get_args
 
 import msgspec
 
+from lockerd import jsonsafe
 from lockerd.errors import TrustError
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
@@ -150,8 +151,8 @@ def _time(text: str, where: str) -> datetime:
 def parse_bundle_payload(payload: bytes) -> CodesBundle:
     """Validate a codes bundle payload's JSON (no signature check); TrustError("malformed")."""
     try:
-        wire = msgspec.json.decode(payload, type=_BundleWire)
-    except msgspec.MsgspecError as exc:
+        wire = jsonsafe.decode(payload, type=_BundleWire)
+    except jsonsafe.JsonInputError as exc:
         raise _malformed(str(exc)) from exc
     if not is_locker_id(wire.locker_id):
         raise _malformed(f"locker_id {wire.locker_id!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
