@@ -140,7 +140,7 @@ def test_verify_command_and_peek_cmd_id(raw: bytes) -> None:
 @FUZZ
 @given(raw=envelopes(TECHNICIAN_PAYLOAD_TYPE, TECHNICIAN),
        as_text=st.text(max_size=64))
-@example(raw=b'{"x": ' + b"[" * 2_000 + b"]" * 2_000 + b"}", as_text="")
+@example(raw=b'{"x": ' + b"[" * 3_000, as_text="")
 def test_verify_technician(raw: bytes, as_text: str) -> None:
     for token in (encode_token(raw), as_text):
         only_trust_error(partial(verify_technician, token, technicians_role=ROLE,
