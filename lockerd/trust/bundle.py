@@ -248,11 +248,14 @@ def verify_bundle(
     locker_id: str,
     held_version: int,
     now: datetime,
+    floor_reset: bool = False,
 ) -> CodesBundle:
     """Check a received codes bundle envelope against PROTOCOL section 4.
 
     Reasons: malformed, payload_type, signature, keyring_expired, wrong_locker,
     rollback, expired, gap (a delta not based on the held version: ask for a resync).
+    With `floor_reset` (the codes keys were replaced since the last snapshot) a snapshot is
+    accepted at any version and a delta is a gap: only a full snapshot sets the new floor.
     """
     env = parse_envelope(raw_envelope)
     payload = verify_role(env, expected_type=CODES_PAYLOAD_TYPE, role=codes_role)
@@ -268,7 +271,7 @@ def verify_bundle(
             f"codes bundle is for locker {bundle.locker_id!r} but this locker is {locker_id!r}",
             reason="wrong_locker",
         )
-    if bundle.version <= held_version:
+    if bundle.version <= held_version and not floor_reset:
         raise TrustError(
             f"codes bundle version {bundle.version} is not newer than the held version "
             f"{held_version}; ignored",
@@ -278,6 +281,13 @@ def verify_bundle(
         raise TrustError(
             f"codes bundle version {bundle.version} expired at {format_time(bundle.expires_at)}",
             reason="expired",
+        )
+    if bundle.base_version is not None and floor_reset:
+        raise TrustError(
+            f"codes delta version {bundle.version} refused: the codes keys were replaced, so "
+            "only a full snapshot (base_version null) is accepted until one is applied; a "
+            "resync is needed",
+            reason="gap",
         )
     if bundle.base_version is not None and bundle.base_version != held_version:
         raise TrustError(
