@@ -212,6 +212,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{p}: the file is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        # tomllib parses nested arrays and tables by recursion in Python.
+        raise ConfigError(f"{p}: not valid TOML: arrays or tables nested too deeply") from exc
     return parse_config(data, source=str(p))
 
 

@@ -152,6 +152,40 @@ def test_delta_on_another_version_is_a_gap(base_version: int) -> None:
     assert "resync" in str(err)
 
 
+MAX_VERSION = 2**63 - 1
+
+
+@pytest.mark.parametrize("version", [5, 0, MAX_VERSION])
+def test_after_a_floor_reset_a_snapshot_is_accepted_at_any_version(version: int) -> None:
+    raw = sign_bundle(bundle_doc(version=version), CODES_KEYS)
+    _refused(raw, "rollback", held_version=MAX_VERSION)
+    bundle = verify_bundle(raw, codes_role=CODES_ROLE, keyring_expires_at=KEYRING_EXPIRES,
+                           locker_id="L1", held_version=MAX_VERSION, now=NOW, floor_reset=True)
+    assert bundle.version == version and bundle.is_snapshot
+
+
+@pytest.mark.parametrize("base_version", [MAX_VERSION - 1, 16])
+def test_after_a_floor_reset_a_delta_is_a_gap(base_version: int) -> None:
+    raw = sign_bundle(bundle_doc(version=base_version + 1, base_version=base_version), CODES_KEYS)
+    with pytest.raises(TrustError) as err:
+        verify_bundle(raw, codes_role=CODES_ROLE, keyring_expires_at=KEYRING_EXPIRES,
+                      locker_id="L1", held_version=base_version, now=NOW, floor_reset=True)
+    assert err.value.reason == "gap"
+    assert "full snapshot" in str(err.value)
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (sign_bundle(bundle_doc(version=5), keys(1)), "signature"),
+    (sign_bundle(bundle_doc(version=5, locker_id="L2"), CODES_KEYS), "wrong_locker"),
+    (sign_bundle(bundle_doc(version=5, expires_at=NOW), CODES_KEYS), "expired"),
+])
+def test_a_floor_reset_lifts_only_the_version_check(raw: bytes, reason: str) -> None:
+    with pytest.raises(TrustError) as err:
+        verify_bundle(raw, codes_role=CODES_ROLE, keyring_expires_at=KEYRING_EXPIRES,
+                      locker_id="L1", held_version=MAX_VERSION, now=NOW, floor_reset=True)
+    assert err.value.reason == reason
+
+
 def _with_entry(**overrides: object) -> dict[str, object]:
     return bundle_doc(upsert=[code_entry_doc(**overrides)])
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import base64
 import json
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from trustkit import NOW, keyring_doc, keys, role, role_doc, sign_doc
+from trustkit import NOW, bundle_doc, keyring_doc, keys, role, role_doc, sign_bundle, sign_doc
 
 from lockerd.errors import TrustError
+from lockerd.services.cache import CodeCache
+from lockerd.store.codes import CodeStore
+from lockerd.store.db import open_database
+from lockerd.store.events import EventLog
 from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, KEYRING_PAYLOAD_TYPE, RoleKeys
 from lockerd.trust.keyring import (
     ROLE_NAMES,
@@ -283,3 +289,86 @@ def test_stored_keyring_with_wrong_type() -> None:
         load_stored_keyring(raw)
     assert err.value.reason == "payload_type"
     assert KEYRING_PAYLOAD_TYPE in str(err.value)
+
+
+# -- codes key rotation lifts the codes version floor (a real SQLite file) ------------------
+
+MAX_VERSION = 2**63 - 1
+
+
+def _cache(path: Path, root: list[Ed25519PrivateKey]) -> tuple[CodeCache, EventLog]:
+    db = open_database(path)
+    events = EventLog(db)
+    return CodeCache(db=db, codes=CodeStore(db), events=events, locker_id="L1",
+                     pinned_root=role(root), now=lambda: NOW), events
+
+
+def _codes_keyring(version: int, root: list[Ed25519PrivateKey],
+                   codes: list[Ed25519PrivateKey], threshold: int = 1) -> bytes:
+    doc = keyring_doc(version=version, root=root, others=root)
+    doc["codes"] = role_doc(codes, threshold)
+    return sign_doc(doc, root)
+
+
+def _events(events: EventLog, type_: str) -> list[dict[str, Any]]:
+    return [dict(e.data) for e in events.recent(100, type_prefix=type_)]
+
+
+def test_replacing_the_codes_keys_resets_the_codes_version_floor(tmp_path: Path) -> None:
+    root, stolen, fresh = keys(1), keys(1), keys(1)
+    cache, events = _cache(tmp_path / "bank.db", root)
+    cache.load_keyring(_codes_keyring(1, root, stolen), source="test")
+    assert not cache.codes_floor_reset  # the first keyring replaces nothing
+    cache.load_bundle(sign_bundle(bundle_doc(version=MAX_VERSION), stolen), source="test")
+    with pytest.raises(TrustError) as err:
+        cache.load_bundle(sign_bundle(bundle_doc(version=5), stolen), source="test")
+    assert err.value.reason == "rollback"
+
+    cache.load_keyring(_codes_keyring(2, root, fresh), source="test")
+    assert cache.codes_floor_reset
+    assert _events(events, "codes.floor_reset") == [
+        {"keyring_version": 2, "codes_version": MAX_VERSION, "source": "test"}]
+    # Durable with the keyring: a restart before the snapshot still accepts it.
+    cache, events = _cache(tmp_path / "bank.db", root)
+    assert cache.codes_floor_reset
+    for raw, reason in [(sign_bundle(bundle_doc(version=6), stolen), "signature"),
+                        (sign_bundle(bundle_doc(version=6, base_version=MAX_VERSION), fresh),
+                         "gap")]:
+        with pytest.raises(TrustError) as err:
+            cache.load_bundle(raw, source="test")
+        assert err.value.reason == reason
+    assert cache.codes_version == MAX_VERSION
+
+    bundle = cache.load_bundle(sign_bundle(bundle_doc(version=5), fresh), source="test")
+    assert bundle.version == cache.codes_version == 5
+    assert not cache.codes_floor_reset
+    updated = _events(events, "cache.updated")[-1]
+    assert (updated["floor_reset"], updated["previous_version"]) == (True, MAX_VERSION)
+    # The snapshot is the new floor.
+    with pytest.raises(TrustError) as err:
+        cache.load_bundle(sign_bundle(bundle_doc(version=4), fresh), source="test")
+    assert err.value.reason == "rollback"
+    cache.load_bundle(sign_bundle(bundle_doc(version=6, base_version=5), fresh), source="test")
+    assert cache.codes_version == 6
+    assert "floor_reset" not in _events(events, "cache.updated")[-1]
+
+
+def test_keyrings_that_keep_the_codes_keys_do_not_reset_the_floor(tmp_path: Path) -> None:
+    root, codes = keys(1), keys(2)
+    cache, events = _cache(tmp_path / "bank.db", root)
+    cache.load_keyring(_codes_keyring(1, root, codes), source="test")
+    cache.load_bundle(sign_bundle(bundle_doc(version=MAX_VERSION), codes), source="test")
+    same_keys = [
+        _codes_keyring(2, root, codes[::-1]),  # listed in another order
+        _codes_keyring(3, root, codes, threshold=2),  # only the threshold changes
+    ]
+    doc = keyring_doc(version=4, root=root, others=root)  # other roles' keys change
+    doc["codes"] = role_doc(codes, 2)
+    doc["commands"] = role_doc(keys(1))
+    for raw in [*same_keys, sign_doc(doc, root)]:
+        cache.load_keyring(raw, source="test")
+        assert not cache.codes_floor_reset
+    assert _events(events, "codes.floor_reset") == []
+    with pytest.raises(TrustError) as err:
+        cache.load_bundle(sign_bundle(bundle_doc(version=5), codes), source="test")
+    assert err.value.reason == "rollback"

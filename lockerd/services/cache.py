@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from lockerd import jsonsafe
 from lockerd.core.lockout import RateLimiter
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
@@ -88,6 +88,10 @@ class CodeCache:
             if not _is_repeat(exc, raw, self.keyring_version):
                 self._reject("keyring", exc, source)
             raise
+        # As in TUF, replacing the codes keys lifts the codes version floor: a bundle a stolen
+        # codes key signed at the highest version would otherwise block every later one.
+        # Another threshold alone is no rotation, nor is the first keyring.
+        rotated = self.keyring is not None and keyring.codes.keyids != self.keyring.codes.keyids
         with self._db.transaction() as conn:
             self._db.set_meta("keyring", raw.decode("utf-8"), conn=conn)
             self._events.append(
@@ -96,14 +100,33 @@ class CodeCache:
                 at=self._now(),
                 data={"version": keyring.version, "source": source},
             )
+            if rotated:
+                self._codes.reset_floor(conn, keyring_version=keyring.version)
+                self._events.append(
+                    conn,
+                    type="codes.floor_reset",
+                    at=self._now(),
+                    data={"keyring_version": keyring.version,
+                          "codes_version": self._codes.version(), "source": source},
+                )
         self._events.notify()
         self.keyring = keyring
         self._observe_time(keyring.issued_at)
         log.info("keyring accepted", version=keyring.version, source=source)
+        if rotated:
+            log.warning("codes keys replaced: the next full snapshot is accepted at any version",
+                        keyring_version=keyring.version, codes_version=self._codes.version())
         return keyring
+
+    @property
+    def codes_floor_reset(self) -> bool:
+        """True from a codes key rotation until the next full snapshot is applied."""
+        return self._codes.floor_reset_pending()
 
     def load_bundle(self, raw: bytes, *, source: str) -> CodesBundle:
         """Verify and apply a codes bundle; on any refusal the codes held stay in force."""
+        held = self._codes.version()
+        floor_reset = self._codes.floor_reset_pending()
         try:
             if self.keyring is None:
                 raise TrustError(
@@ -116,26 +139,26 @@ class CodeCache:
                 codes_role=self.keyring.roles["codes"],
                 keyring_expires_at=self.keyring.expires_at,
                 locker_id=self._locker_id,
-                held_version=self._codes.version(),
+                held_version=held,
                 now=self._now(),
+                floor_reset=floor_reset,
             )
             self._codes.apply(bundle)
             self._observe_time(bundle.issued_at)
         except TrustError as exc:
-            if not _is_repeat(exc, raw, self._codes.version()):
+            if not _is_repeat(exc, raw, held):
                 self._reject("codes", exc, source)
             raise
-        self._events.record(
-            type="cache.updated",
-            at=self._now(),
-            data={
-                "version": bundle.version,
-                "base_version": bundle.base_version,
-                "upserted": len(bundle.upsert),
-                "revoked": len(bundle.revoke),
-                "source": source,
-            },
-        )
+        data: dict[str, Any] = {
+            "version": bundle.version,
+            "base_version": bundle.base_version,
+            "upserted": len(bundle.upsert),
+            "revoked": len(bundle.revoke),
+            "source": source,
+        }
+        if floor_reset:
+            data.update(floor_reset=True, previous_version=held)
+        self._events.record(type="cache.updated", at=self._now(), data=data)
         log.info("codes bundle applied", version=bundle.version, base_version=bundle.base_version,
                  upserted=len(bundle.upsert), revoked=len(bundle.revoke), source=source)
         return bundle
@@ -163,7 +186,7 @@ def _is_repeat(exc: TrustError, raw: bytes, held_version: int) -> bool:
     if exc.reason != "rollback":
         return False
     try:
-        version = json.loads(parse_envelope(raw).payload).get("version")
-    except (TrustError, ValueError, AttributeError):
+        version = jsonsafe.loads(parse_envelope(raw).payload).get("version")
+    except (TrustError, jsonsafe.JsonInputError, AttributeError):
         return False
     return bool(version == held_version)

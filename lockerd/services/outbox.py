@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 
+from lockerd import jsonsafe
 from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
 from lockerd.services.link import MqttLink, NotConnected
@@ -168,8 +168,8 @@ class OutboxPublisher:
 
 def _parse_ack(raw: bytes) -> int | None:
     try:
-        body: Any = json.loads(raw)
-    except ValueError:
+        body: Any = jsonsafe.loads(raw)
+    except jsonsafe.JsonInputError:
         return None
     if not isinstance(body, dict):
         return None

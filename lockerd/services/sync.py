@@ -73,6 +73,9 @@ class SyncService:
         except TrustError:
             return  # logged and evented by the cache; nothing changed
         await self.publish_state()
+        if self._cache.codes_floor_reset:
+            # New codes keys: ask for the full snapshot that sets the new version floor.
+            await self.request_sync("codes_floor_reset")
 
     async def _on_codes(self, message: aiomqtt.Message) -> None:
         try:

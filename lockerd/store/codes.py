@@ -28,6 +28,9 @@ def _dt(epoch: int | None) -> datetime | None:
 
 APPLY_CACHE_KIB = 65536
 DERIVED_PREFIX = "derived:"
+# Set (to the keyring version that did it) when a keyring replaced the codes role's keys;
+# cleared by the snapshot that is then accepted at any version.
+FLOOR_RESET_META = "codes_floor_reset"
 
 
 class CodeStore:
@@ -38,6 +41,15 @@ class CodeStore:
 
     def version(self) -> int:
         return int(self._db.get_meta("codes_version") or 0)
+
+    def floor_reset_pending(self) -> bool:
+        """Has a codes key rotation lifted the version floor, with no snapshot applied since?"""
+        return self._db.get_meta(FLOOR_RESET_META) is not None
+
+    def reset_floor(self, conn: sqlite3.Connection, *, keyring_version: int) -> None:
+        """Lift the version floor, inside the caller's keyring transaction: a bundle signed
+        by a stolen codes key at the highest version must not block the new key's bundles."""
+        self._db.set_meta(FLOOR_RESET_META, keyring_version, conn=conn)
 
     def expires_at(self) -> datetime | None:
         value = self._db.get_meta("codes_expires_at")
@@ -109,6 +121,9 @@ class CodeStore:
                            for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
                 conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)
                 self._db.set_meta("codes_version", bundle.version, conn=conn)
+                if bundle.base_version is None:
+                    # This snapshot is the new floor.
+                    conn.execute("DELETE FROM meta WHERE key = ?", (FLOOR_RESET_META,))
                 self._db.set_meta("codes_expires_at", _epoch(bundle.expires_at), conn=conn)
                 self._db.set_meta("codes_issued_at", _epoch(bundle.issued_at), conn=conn)
         except sqlite3.IntegrityError as exc:

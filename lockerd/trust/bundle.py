@@ -10,6 +10,7 @@ from typing import Annotated, Literal, get_args
 
 import msgspec
 
+from lockerd import jsonsafe
 from lockerd.errors import TrustError
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
@@ -150,8 +151,8 @@ def _time(text: str, where: str) -> datetime:
 def parse_bundle_payload(payload: bytes) -> CodesBundle:
     """Validate a codes bundle payload's JSON (no signature check); TrustError("malformed")."""
     try:
-        wire = msgspec.json.decode(payload, type=_BundleWire)
-    except msgspec.MsgspecError as exc:
+        wire = jsonsafe.decode(payload, type=_BundleWire)
+    except jsonsafe.JsonInputError as exc:
         raise _malformed(str(exc)) from exc
     if not is_locker_id(wire.locker_id):
         raise _malformed(f"locker_id {wire.locker_id!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
@@ -247,11 +248,14 @@ def verify_bundle(
     locker_id: str,
     held_version: int,
     now: datetime,
+    floor_reset: bool = False,
 ) -> CodesBundle:
     """Check a received codes bundle envelope against PROTOCOL section 4.
 
     Reasons: malformed, payload_type, signature, keyring_expired, wrong_locker,
     rollback, expired, gap (a delta not based on the held version: ask for a resync).
+    With `floor_reset` (the codes keys were replaced since the last snapshot) a snapshot is
+    accepted at any version and a delta is a gap: only a full snapshot sets the new floor.
     """
     env = parse_envelope(raw_envelope)
     payload = verify_role(env, expected_type=CODES_PAYLOAD_TYPE, role=codes_role)
@@ -267,7 +271,7 @@ def verify_bundle(
             f"codes bundle is for locker {bundle.locker_id!r} but this locker is {locker_id!r}",
             reason="wrong_locker",
         )
-    if bundle.version <= held_version:
+    if bundle.version <= held_version and not floor_reset:
         raise TrustError(
             f"codes bundle version {bundle.version} is not newer than the held version "
             f"{held_version}; ignored",
@@ -277,6 +281,13 @@ def verify_bundle(
         raise TrustError(
             f"codes bundle version {bundle.version} expired at {format_time(bundle.expires_at)}",
             reason="expired",
+        )
+    if bundle.base_version is not None and floor_reset:
+        raise TrustError(
+            f"codes delta version {bundle.version} refused: the codes keys were replaced, so "
+            "only a full snapshot (base_version null) is accepted until one is applied; a "
+            "resync is needed",
+            reason="gap",
         )
     if bundle.base_version is not None and bundle.base_version != held_version:
         raise TrustError(

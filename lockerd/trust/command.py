@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -10,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from lockerd import jsonsafe
 from lockerd.errors import TrustError
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.bundle import is_compartment_id
@@ -67,8 +67,8 @@ def _malformed(message: str) -> TrustError:
 
 def parse_command_payload(payload: bytes) -> Command:
     try:
-        wire = msgspec.json.decode(payload, type=_CommandWire)
-    except msgspec.DecodeError as exc:
+        wire = jsonsafe.decode(payload, type=_CommandWire)
+    except jsonsafe.JsonInputError as exc:
         raise _malformed(str(exc)) from exc
     if wire.type != "command":
         raise _malformed(f"type is {wire.type!r}, expected 'command'")
@@ -102,8 +102,8 @@ def _check_args(action: str, args: Mapping[str, Any]) -> None:
 def peek_cmd_id(raw: bytes) -> str | None:
     """The cmd_id of a command that may not verify, only to address the refusal to it."""
     try:
-        body = json.loads(parse_envelope(raw).payload)
-    except (TrustError, ValueError):
+        body = jsonsafe.loads(parse_envelope(raw).payload)
+    except (TrustError, jsonsafe.JsonInputError):
         return None
     cmd_id = body.get("cmd_id") if isinstance(body, dict) else None
     return cmd_id if isinstance(cmd_id, str) and 0 < len(cmd_id) <= MAX_CMD_ID else None

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from lockerd import jsonsafe
 from lockerd.errors import TrustError
 from lockerd.trust.keys import keyid_of, parse_public_hex, public_hex
 
@@ -132,16 +133,14 @@ def _b64decode(text: str, *, where: str) -> bytes:
 def parse_envelope(raw: bytes) -> Envelope:
     """Parse an envelope's JSON; any wrong shape raises TrustError(reason="malformed")."""
     try:
-        wire = msgspec.json.decode(raw, type=_EnvelopeWire)
-    except msgspec.DecodeError as exc:
-        raise TrustError(
-            f"malformed envelope: not valid UTF-8 JSON ({exc})", reason="malformed"
-        ) from exc
-    except msgspec.ValidationError as exc:
+        wire = jsonsafe.decode(raw, type=_EnvelopeWire)
+    except jsonsafe.JsonShapeError as exc:
         raise TrustError(
             f"malformed envelope: {exc} (expected payloadType, payload, signatures)",
             reason="malformed",
         ) from exc
+    except jsonsafe.JsonInputError as exc:
+        raise TrustError(f"malformed envelope: {exc}", reason="malformed") from exc
     payload = _b64decode(wire.payload, where="payload")
     signatures = tuple(
         Signature(keyid=s.keyid, sig=_b64decode(s.sig, where=f"signatures[{i}].sig"))

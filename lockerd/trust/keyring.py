@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from lockerd import jsonsafe
 from lockerd.errors import TrustError
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.dsse import (
@@ -92,8 +93,8 @@ def _malformed(message: str) -> TrustError:
 def parse_keyring_payload(payload: bytes, *, raw: bytes = b"") -> Keyring:
     """Validate a keyring payload's JSON (no signature check); TrustError("malformed")."""
     try:
-        wire = msgspec.json.decode(payload, type=_KeyringWire)
-    except msgspec.MsgspecError as exc:
+        wire = jsonsafe.decode(payload, type=_KeyringWire)
+    except jsonsafe.JsonInputError as exc:
         raise _malformed(str(exc)) from exc
     try:
         issued_at = parse_time(wire.issued_at)

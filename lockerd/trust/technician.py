@@ -11,6 +11,7 @@ from typing import Literal
 
 import msgspec
 
+from lockerd import jsonsafe
 from lockerd.errors import TrustError
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.dsse import TECHNICIAN_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
@@ -67,8 +68,8 @@ def encode_token(envelope: bytes) -> str:
 
 def parse_technician_payload(payload: bytes) -> Technician:
     try:
-        wire = msgspec.json.decode(payload, type=_TechnicianWire)
-    except msgspec.DecodeError as exc:
+        wire = jsonsafe.decode(payload, type=_TechnicianWire)
+    except jsonsafe.JsonInputError as exc:
         raise _malformed(str(exc)) from exc
     if wire.type != "technician":
         raise _malformed(f"type is {wire.type!r}, expected 'technician'")
