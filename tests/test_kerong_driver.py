@@ -346,11 +346,19 @@ async def test_a_port_that_will_not_open_at_startup_is_a_fault_not_a_crash(
         assert [e.ok for e in b.health_events()] == [False, True]
 
 
-async def test_a_bad_port_url_is_a_fault_too(tmp_path: Path) -> None:
-    async with bank(tmp_path, plugged=False, port="nosuchproto://x") as b:
-        await until(lambda: bool(b.health_events()))
-        assert "not known" in b.health_events()[0].detail
-        assert not (await b.doors.health()).ok
+def test_a_port_url_scheme_pyserial_does_not_know_is_refused_at_startup(
+    tmp_path: Path,
+) -> None:
+    # A mistyped scheme never works, unlike a device that is not plugged in yet: refused when
+    # the backend is built (as `check-config` builds it), naming the key; nothing is opened.
+    ctx = make_context(tmp_path, "nosuchproto://x")
+    with pytest.raises(BackendError) as info:
+        build(ctx, "lock")
+    assert str(info.value) == ("[backends.kerong]: port 'nosuchproto://x': pyserial has no "
+                               "handler for nosuchproto:// (key 'port')")
+    # A known scheme whose device is missing passes the check: that is a run-time fault.
+    assert isinstance(build(make_context(tmp_path, "spy:///dev/nonexistent"), "lock"),
+                      KerongLockDriver)
 
 
 # -- diagnostics and the cut-cable case -------------------------------------------------------

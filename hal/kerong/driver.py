@@ -17,6 +17,7 @@ from hal.base import DeviceHealth, DoorChanged, DoorState, HealthChanged, Occupa
 from hal.errors import BackendError, HardwareFault
 from hal.kerong.codec import MAX_BOARD, MAX_LOCK, StatusReply
 from hal.kerong.transport import DEFAULT_BAUDRATE, KerongTransport, PortUnavailable
+from hal.serial_url import check_port_url
 
 if TYPE_CHECKING:
     from hal.registry import HalContext
@@ -148,6 +149,8 @@ class KerongBus:
     ) -> None:
         self.settings = settings
         self.layout = parse_layout(settings, compartments)
+        # A mistyped URL scheme never works: refuse it now rather than fault forever.
+        check_port_url(settings.port, f"backends.{SETTINGS_KEY}")
         self.transport = transport or KerongTransport(
             resolve_port(settings.port, config_dir or Path.cwd()),
             baudrate=settings.baudrate,
