@@ -141,6 +141,11 @@ def _describe(exc: msgspec.ValidationError) -> str:
     # msgspec says "... - at `$.port`"; turn the path into a key name.
     text, _, path = msg.partition(" - at `$")
     path = path.rstrip("`").lstrip(".")
+    # msgspec calls a missing key a "field" of an "Object": say which key the table needs.
+    missing = "Object missing required field `"
+    if text.startswith(missing):
+        key = text[len(missing):].rstrip("`")
+        return f"missing required key '{f'{path}.{key}' if path else key}'"
     return f"{text} (key '{path}')" if path else text
 
 

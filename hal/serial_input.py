@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -25,8 +24,8 @@ from hal.base import (
     Scanned,
     Scanner,
 )
-from hal.errors import BackendError
 from hal.registry import decode_options
+from hal.serial_url import check_port_url
 
 if TYPE_CHECKING:
     from hal.registry import HalContext
@@ -220,24 +219,6 @@ def _close_quietly(port: _Port) -> None:
         log.debug("closing a serial port failed", error=str(exc))
 
 
-def _check_port(port: str, where: str) -> None:
-    """Refuse, at startup, a port URL whose scheme pyserial has no handler for."""
-    if "\x00" in port:
-        raise BackendError(f"[{where}]: the port must not contain a NUL character (key 'port')")
-    if "://" not in port:
-        return  # a device path: whether it exists is a run-time matter (USB is hot-plugged)
-    scheme = port.split("://", 1)[0].lower()
-    for package in serial.protocol_handler_packages:
-        try:
-            importlib.import_module(f"{package}.protocol_{scheme}")
-        except ImportError:
-            continue
-        return
-    raise BackendError(
-        f"[{where}]: port {port!r}: pyserial has no handler for {scheme}:// (key 'port')"
-    )
-
-
 class _SerialInput(Device):
     """The loop both serial input devices share: open, read in a worker thread, reopen after a
     cooldown forever, and report the device dead once its port has been unusable long enough.
@@ -255,7 +236,7 @@ class _SerialInput(Device):
         where: str,
     ) -> None:
         super().__init__(options=options, context=context, config_key=config_key)
-        _check_port(settings.port, where)
+        check_port_url(settings.port, f"[{where}]")
         self._settings = settings
         self._drops = _Drops(self.DEVICE, settings.port)
         self._port_open = False

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from hal.base import (
     Device,
@@ -24,7 +24,8 @@ from hal.base import (
     Tamper,
 )
 from hal.errors import HalError
-from hal.registry import HalContext, build_device
+from hal.registry import BACKENDS, HalContext, build_device
+from hal.serial_url import check_port_url
 from lockerd import __version__
 from lockerd.config import Config, DeviceSection
 from lockerd.core.backoff import Backoff
@@ -34,7 +35,7 @@ from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, RateLimiter
 from lockerd.errors import ConfigError, LockerdError, TrustError
 from lockerd.logs import get_logger
-from lockerd.mqtt import Topics, broker_from_config
+from lockerd.mqtt import BrokerSettings, Topics, broker_from_config
 from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
 from lockerd.services.commands import CommandService
@@ -64,6 +65,7 @@ from lockerd.trust.dsse import RoleKeys
 log = get_logger("lockerd.app")
 
 DB_NAME = "lockerd.db"
+T = TypeVar("T")
 
 
 class ShutdownRequested(Exception):
@@ -309,13 +311,24 @@ def _build_devices(config: Config, context: HalContext) -> Devices:
     )
 
 
-SPENT_TOKEN_MARGIN = timedelta(days=7)
+@dataclass
+class Prepared:
+    """What `prepare` checked and built; `build_app` goes on from here."""
+
+    code_key: bytes
+    context: HalContext
+    devices: Devices
+    broker: BrokerSettings | None
 
 
-def build_app(config: Config, *, clock: Clock | None = None,
-              notifier: SdNotifier | None = None) -> App:
-    """Build the whole object graph. Raises LockerdError/HalError with a message to act on."""
-    state_dir = config.state_dir
+def prepare(config: Config) -> Prepared:
+    """Every check `lockerd run` makes before it starts anything; `check-config` runs this too.
+
+    Reads the code key file and the [mqtt] password file, and builds every hal backend with
+    its options: a backend's constructor validates and opens nothing (no port, no GPIO line;
+    a serial URL's scheme is only looked up), so this touches neither hardware nor the
+    database. Raises ConfigError naming the file.
+    """
     code_key_path = config.path(config.trust.code_key_file)
     try:
         code_key = load_code_key(code_key_path)
@@ -324,6 +337,49 @@ def build_app(config: Config, *, clock: Clock | None = None,
                         path=str(code_key_path))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{config.source}: [trust] code_key_file: {exc}") from exc
+    broker = broker_from_config(config)
+    _check_backend_sections(config)
+    if config.console is not None and config.console.serial_port:
+        _naming_file(config, functools.partial(check_port_url, key="serial_port"),
+                     config.console.serial_port, "console")
+    context = HalContext(
+        compartments=config.compartment_ids, state_dir=config.state_dir,
+        config_dir=config.path("."),
+        backend_settings=config.backends,
+        compartment_sizes=config.compartment_sizes,
+    )
+    devices = _naming_file(config, _build_devices, config, context)
+    return Prepared(code_key=code_key, context=context, devices=devices, broker=broker)
+
+
+def _check_backend_sections(config: Config) -> None:
+    known = sorted({name for table in BACKENDS.values() for name in table})
+    for name in config.backends:
+        if name not in known:
+            raise ConfigError(f"{config.source}: unknown section [backends.{name}]; "
+                              f"backends are {', '.join(known)}")
+
+
+def _naming_file(config: Config, fn: Callable[..., T], *args: Any) -> T:
+    """Call `fn`; a hal error that does not name the configuration file yet is made to."""
+    try:
+        return fn(*args)
+    except HalError as exc:
+        text = str(exc)
+        if text.startswith(f"{config.source}: "):
+            raise
+        raise ConfigError(f"{config.source}: {text}") from exc
+
+
+SPENT_TOKEN_MARGIN = timedelta(days=7)
+
+
+def build_app(config: Config, *, clock: Clock | None = None,
+              notifier: SdNotifier | None = None) -> App:
+    """Build the whole object graph. Raises LockerdError/HalError with a message to act on."""
+    state_dir = config.state_dir
+    prepared = prepare(config)
+    code_key, context, devices = prepared.code_key, prepared.context, prepared.devices
     db = open_database(state_dir / DB_NAME)
     events = EventLog(db)
     codes = CodeStore(db)
@@ -335,13 +391,6 @@ def build_app(config: Config, *, clock: Clock | None = None,
     # that is set back a little while it is not synchronised.
     SpentTokens(db).prune(trusted.wall() - SPENT_TOKEN_MARGIN)
     _import_files(config, cache)
-    context = HalContext(
-        compartments=config.compartment_ids, state_dir=state_dir,
-        config_dir=config.path("."),
-        backend_settings=config.backends,
-        compartment_sizes=config.compartment_sizes,
-    )
-    devices = _build_devices(config, context)
     out_of_service = db.get_meta("out_of_service") or {}
     timings = DoorTimings(
         open_timeout_s=config.doors.open_timeout_s,
@@ -380,7 +429,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
               outbox=Outbox(db, max_events=config.outbox.max_events,
                             keep_acked=config.outbox.keep_acked),
               notifier=notifier or SdNotifier())
-    _build_network(app, trusted)
+    _build_network(app, trusted, prepared.broker)
     if (console := config.console) is not None:
         app.services["console"] = console_service(
             app, socket_path=state_dir / console.socket, serial_url=console.serial_port,
@@ -388,10 +437,9 @@ def build_app(config: Config, *, clock: Clock | None = None,
     return app
 
 
-def _build_network(app: App, trusted: TrustedClock) -> None:
+def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | None) -> None:
     """The MQTT side: link, code sync, outbox, commands, telemetry (when [mqtt] is set)."""
     config, cache, clock, controller = app.config, app.cache, app.clock, app.controller
-    broker = broker_from_config(config)
     mqtt = config.mqtt
     if broker is None or mqtt is None:
         return

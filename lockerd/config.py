@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -10,10 +11,29 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lockerd.errors import ConfigError
+from lockerd.ids import (
+    COMPARTMENT_ID_PATTERN,
+    COMPARTMENT_ID_RULE,
+    LOCKER_ID_PATTERN,
+    LOCKER_ID_RULE,
+    anchored,
+)
 
-_LOCKER_ID = r"^[A-Za-z0-9_-]{1,64}$"
-_COMPARTMENT_ID = r"^[A-Za-z0-9-]{1,16}$"
-_HEX_KEY = r"^[0-9a-f]{64}$"
+# msgspec applies a pattern with re.search: `anchored` ends it with \Z, not `$` ("L1\n").
+_LOCKER_ID = anchored(LOCKER_ID_PATTERN)
+_COMPARTMENT_ID = anchored(COMPARTMENT_ID_PATTERN)
+_HEX_KEY = anchored(r"[0-9a-f]{64}")
+_SIZE_LABEL = anchored(r"[A-Za-z0-9]{1,8}")
+# What an error says instead of the raw pattern.
+_PATTERN_RULES = {
+    _LOCKER_ID: LOCKER_ID_RULE,
+    _COMPARTMENT_ID: COMPARTMENT_ID_RULE,
+    _HEX_KEY: "64 characters of 0-9 a-f",
+    _SIZE_LABEL: "1-8 characters of A-Z a-z 0-9",
+}
+# No setting needs more; anything deeper or bigger is refused before it reaches the schema.
+MAX_NESTING = 32
+_MAX_INT64 = 2**63 - 1
 
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 HexKey = Annotated[str, msgspec.Meta(pattern=_HEX_KEY)]
@@ -43,7 +63,7 @@ class CodesSection(_Section, kw_only=True, frozen=True):
     derived_digits: Annotated[int, msgspec.Meta(ge=4, le=12)] = 8
 
 
-SizeLabel = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9]{1,8}$")]
+SizeLabel = Annotated[str, msgspec.Meta(pattern=_SIZE_LABEL)]
 
 
 class DepositsSection(_Section, kw_only=True, frozen=True):
@@ -212,9 +232,12 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{p}: the file is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    except ValueError as exc:
+        # tomllib's int() refuses an integer of thousands of digits with a plain ValueError.
+        what = "an integer has far too many digits" if "digits" in str(exc) else str(exc)
+        raise ConfigError(f"{p}: not valid TOML: {what}") from exc
     except RecursionError as exc:
-        # tomllib parses nested arrays and tables by recursion in Python.
-        raise ConfigError(f"{p}: not valid TOML: arrays or tables nested too deeply") from exc
+        raise ConfigError(f"{p}: not valid TOML: arrays or tables are nested too deeply") from exc
     return parse_config(data, source=str(p))
 
 
@@ -222,6 +245,7 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Config:
     """Validate an already parsed TOML document."""
     if "source" in data:
         raise ConfigError(f"{source}: unknown key 'source' at the top level")
+    _check_values(data, source)
     try:
         config = msgspec.convert(data, Config, strict=True)
     except msgspec.ValidationError as exc:
@@ -266,6 +290,43 @@ def _check_consistency(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: [mqtt] topic_prefix must not contain '#' or '+'")
 
 
+def _check_values(data: dict[str, Any], source: str) -> None:
+    """Refuse what no setting can mean, anywhere in the file (backend tables included):
+    inf and nan, integers beyond 64 bits, nesting deeper than MAX_NESTING."""
+    stack: list[tuple[list[str | int], Any]] = [([key], value) for key, value in data.items()]
+    while stack:
+        parts, value = stack.pop()
+        problem = ""
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = f"must be a finite number, not {value}"
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_INT64:
+            problem = "integer out of range (it must fit in 64 bits)"
+        elif isinstance(value, dict | list) and len(parts) > MAX_NESTING:
+            # Named by the key that holds the whole nest, not by thirty-odd indexes.
+            first_index = next((i for i, p in enumerate(parts) if isinstance(p, int)), 2)
+            parts = parts[:max(1, first_index)]
+            problem = f"nested more than {MAX_NESTING} levels deep"
+        if problem:
+            raise ConfigError(f"{source}: {_where(parts)}: {problem}")
+        if isinstance(value, dict):
+            stack.extend(([*parts, str(k)], v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(([*parts, i], v) for i, v in enumerate(value))
+
+
+def _where(parts: list[str | int]) -> str:
+    """["doors", "pulse_s"] -> "[doors] 'pulse_s'"; list indexes count from 1 ("#2")."""
+    section = ""
+    for part in parts[:-1]:
+        if isinstance(part, int):
+            section += f" #{part + 1}"
+        else:
+            section += f".{part}" if section else part
+    last = parts[-1]
+    key = f"item {last + 1}" if isinstance(last, int) else repr(last)
+    return f"[{section}] {key}" if section else key
+
+
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 
@@ -278,7 +339,14 @@ def _explain(exc: msgspec.ValidationError, data: dict[str, Any]) -> str:
     parts = [p for p in re.split(r"\.|\[(\d+)\]", path) if p]
     missing = re.match(r"Object missing required field `(?P<key>[^`]+)`", text)
     unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", text)
+    pattern = re.fullmatch(r"Expected `str` matching regex (?P<re>'.*')", text)
     key = None
+    if pattern:
+        rule = {repr(p): r for p, r in _PATTERN_RULES.items()}.get(pattern.group("re"))
+        text = f"must be {rule}" if rule else "is not in the allowed form"
+    if unknown and _is_table(data, [*parts, unknown.group("key")]):
+        section = ".".join([_section_name(parts, data), unknown.group("key")]).lstrip(".")
+        return f"unknown section [{section}] (check the spelling; see config/lockerd.example.toml)"
     if missing:
         key = missing.group("key")
         text = "missing required key"
@@ -294,6 +362,21 @@ def _explain(exc: msgspec.ValidationError, data: dict[str, Any]) -> str:
     if key.isdigit():
         return f"{where}item {int(key) + 1}: {text}"
     return f"{where}{key!r}: {text}"
+
+
+def _is_table(data: dict[str, Any], parts: list[str]) -> bool:
+    """Whether the value at msgspec's path is a table (or an array of tables): a section."""
+    node: Any = data
+    for part in parts:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    if isinstance(node, list):
+        return bool(node) and all(isinstance(item, dict) for item in node)
+    return isinstance(node, dict)
 
 
 def _section_name(parts: list[str], data: dict[str, Any]) -> str:

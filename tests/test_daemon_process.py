@@ -219,11 +219,28 @@ def test_missing_config_file_is_one_clear_line(tmp_path: Path) -> None:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_shipped_configs_validate() -> None:
-    for name in ("sim.toml", "wire.toml", "lockerd.example.toml"):
+def test_shipped_configs_validate(tmp_path: Path) -> None:
+    for name in ("sim.toml", "wire.toml"):
         res = lockerd("check-config", "-c", str(REPO / "config" / name))
         assert res.returncode == 0, res.stderr
         assert res.stdout.rstrip().endswith("locker L1)")
+    # The example names the files of an installation; where they are missing `run` would
+    # refuse to start, and so does the check.
+    example = REPO / "config" / "lockerd.example.toml"
+    res = lockerd("check-config", "-c", str(example))
+    assert res.returncode == 1
+    assert "[trust] code_key_file: code key file '/etc/lockerd/code_key' does not exist" in (
+        res.stderr)
+    # With those files in place it passes.
+    from lockerd.trust.digest import save_code_key
+
+    save_code_key(bytes(range(32)), tmp_path / "code_key")
+    (tmp_path / "mqtt_password").write_text("secret\n")
+    installed = tmp_path / "lockerd.toml"
+    installed.write_text(example.read_text().replace("/etc/lockerd/", f"{tmp_path}/"))
+    res = lockerd("check-config", "-c", str(installed))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().endswith("locker L1)")
 
 
 def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
@@ -250,3 +267,90 @@ def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+KERONG = ('[backends.kerong]\n{port}boards = [{{ address = 0, engaged_bit = 1 }}]\n'
+          'compartments = {{ ' + ", ".join(f'"{i}" = "0/{i - 1}"' for i in range(1, 9))
+          + ' }}\n\n[backends.sim]')
+
+
+def _edit(kit: BankKit, old: str, new: str) -> None:
+    text = kit.config_path.read_text()
+    assert old in text, old
+    kit.config_path.write_text(text.replace(old, new, 1))
+
+
+def _kerong_lock(port: str) -> Callable[[BankKit], None]:
+    def edit(kit: BankKit) -> None:
+        _edit(kit, '[hal.lock]\nbackend = "sim"', '[hal.lock]\nbackend = "kerong"')
+        _edit(kit, "[backends.sim]", KERONG.format(port=port))
+    return edit
+
+
+def _prepend(text: str) -> Callable[[BankKit], None]:
+    def edit(kit: BankKit) -> None:
+        kit.config_path.write_text(text + kit.config_path.read_text())
+    return edit
+
+
+def _code_key(content: bytes | None) -> Callable[[BankKit], None]:
+    def edit(kit: BankKit) -> None:
+        path = kit.directory / "keys" / "code_key"
+        if content is None:
+            path.unlink()
+        else:
+            path.write_bytes(content)
+    return edit
+
+
+# Configurations `run` refuses before it starts anything: `check-config` must refuse them too,
+# with the same line, or the unit's ExecStartPre passes and the daemon restarts in a loop.
+REFUSED: dict[str, tuple[Callable[[BankKit], None], str]] = {
+    "code key file missing": (_code_key(None), "[trust] code_key_file:"),
+    "code key file malformed": (_code_key(b"not hex\n"), "[trust] code_key_file:"),
+    "kerong without port": (_kerong_lock(""), "[backends.kerong]: missing required key 'port'"),
+    "kerong port scheme unknown": (
+        _kerong_lock('port = "nosuch:///dev/ttyUSB0"\n'),
+        "[backends.kerong]: port 'nosuch:///dev/ttyUSB0': pyserial has no handler for nosuch://"),
+    "serial scanner port scheme unknown": (
+        lambda kit: _edit(kit, '[hal.scanner]\nbackend = "sim"',
+                          '[hal.scanner]\nbackend = "serial"\noptions = { port = "nosuch://x" }'),
+        "pyserial has no handler for nosuch://"),
+    "console serial port scheme unknown": (
+        _prepend('[console]\nsocket = "console.sock"\nserial_port = "nosuch://x"\n'),
+        "[console]: port 'nosuch://x': pyserial has no handler for nosuch:// (key 'serial_port')"),
+    "sim parcel in an unknown compartment": (
+        lambda kit: _edit(kit, "parcels = []", 'parcels = ["99"]'),
+        "[backends.sim]: parcels names unknown compartment '99'"),
+    "mqtt password file missing": (
+        _prepend('[mqtt]\nhost = "127.0.0.1"\nusername = "bank"\npassword_file = "absent"\n'),
+        "[mqtt] password_file: cannot read"),
+    "unknown section": (_prepend("[foo]\nbar = 1\n"), "unknown section [foo]"),
+    "unknown backend section": (_prepend('[backends.nosuch]\nport = "x"\n'),
+                                "unknown section [backends.nosuch]"),
+    "locker id with a newline": (lambda kit: _edit(kit, 'id = "L1"', 'id = "L1\\n"'),
+                                 "[locker] 'id': must be 1-64 characters of A-Z a-z 0-9 _ -"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_check_config_refuses_what_run_refuses_with_the_same_line(
+    make_kit: Callable[..., BankKit], case: str
+) -> None:
+    kit = make_kit([])
+    edit, message = REFUSED[case]
+    edit(kit)
+    lines = {}
+    for command in ("check-config", "run"):
+        res = lockerd(command, "-c", str(kit.config_path))
+        assert res.returncode == 1, (command, res.stdout, res.stderr)
+        assert "Traceback" not in res.stderr and "OK" not in res.stdout, (command, res)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("lockerd: ")]
+        assert len(errors) == 1, (command, res.stderr)
+        lines[command] = errors[0]
+    assert lines["check-config"] == lines["run"]
+    assert lines["run"].startswith(f"lockerd: {kit.config_path}: "), lines["run"]
+    assert message in lines["run"], lines["run"]
+    assert "regex" not in lines["run"] and "field" not in lines["run"], lines["run"]
+    # `run` refused before it started anything: no database was created.
+    assert not (kit.state_dir / "lockerd.db").exists()

@@ -64,6 +64,14 @@ def test_a_hand_built_reply_decodes_lock_1_in_bit_0() -> None:
     assert encode_reply(reply) == HAND_REPLY
 
 
+def test_a_reply_to_an_unlock_naming_the_lock_decodes_to_its_board() -> None:
+    # Some boards answer an unlock with a status reply whose ADDR carries the lock number.
+    reply = StatusReply(board=2, lock_bits=0x8100, ir_bits=0x0004)
+    frame = encode_reply(reply, lock=5)
+    assert frame[1] == 0x25
+    assert FrameDecoder().feed(frame) == [reply]
+
+
 def test_checksum_is_the_low_byte_of_the_sum() -> None:
     assert checksum(b"") == 0
     assert checksum(bytes.fromhex("02 05 31 03")) == 0x3B

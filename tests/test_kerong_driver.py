@@ -122,13 +122,13 @@ def build(ctx: HalContext, kind: str, options: Mapping[str, Any] | None = None) 
 async def bank(
     tmp_path: Path, *, plugged: bool = True, parcels: tuple[str, ...] = (),
     emulator_polarity: Mapping[int, int] | int = POLARITY, port: str | None = None,
-    **overrides: Any,
+    emulator_options: Mapping[str, Any] | None = None, **overrides: Any,
 ) -> AsyncIterator[Bank]:
     """A bank of four compartments on two boards, its daemon side running: devices started,
     the `kerong.poll` service and both sensors' `run` loops in tasks."""
     world = SimWorld(COMPARTMENTS, spring_delay_s=0.0, parcels=parcels)
     emulator = KerongEmulator(world, boards=WIRING, engaged_bit=emulator_polarity, pulse_s=0.3,
-                              seed=7)
+                              seed=7, **(emulator_options or {}))
     cable = Cable(tmp_path / "ttyKERONG", emulator)
     if plugged:
         cable.plug()
@@ -346,11 +346,112 @@ async def test_a_port_that_will_not_open_at_startup_is_a_fault_not_a_crash(
         assert [e.ok for e in b.health_events()] == [False, True]
 
 
-async def test_a_bad_port_url_is_a_fault_too(tmp_path: Path) -> None:
-    async with bank(tmp_path, plugged=False, port="nosuchproto://x") as b:
-        await until(lambda: bool(b.health_events()))
-        assert "not known" in b.health_events()[0].detail
-        assert not (await b.doors.health()).ok
+def test_a_port_url_scheme_pyserial_does_not_know_is_refused_at_startup(
+    tmp_path: Path,
+) -> None:
+    # A mistyped scheme never works, unlike a device that is not plugged in yet: refused when
+    # the backend is built (as `check-config` builds it), naming the key; nothing is opened.
+    ctx = make_context(tmp_path, "nosuchproto://x")
+    with pytest.raises(BackendError) as info:
+        build(ctx, "lock")
+    assert str(info.value) == ("[backends.kerong]: port 'nosuchproto://x': pyserial has no "
+                               "handler for nosuchproto:// (key 'port')")
+    # A known scheme whose device is missing passes the check: that is a run-time fault.
+    assert isinstance(build(make_context(tmp_path, "spy:///dev/nonexistent"), "lock"),
+                      KerongLockDriver)
+
+
+# -- boards that answer an unlock --------------------------------------------------------------
+
+# The poll loop polls once when it starts and then not for a minute: whatever the driver knows
+# after an unlock comes from the unlock's own reply.
+QUIET_POLL = {"poll_interval_s": 60.0, "reply_timeout_s": 1.0}
+ANSWERING = {"unlock_reply": True, "unlock_reply_s": 0.2}
+
+
+async def _polled_twice(b: Bank) -> None:
+    # start() and the poll loop's first round, both boards each: the bus is quiet from now on.
+    await until(lambda: b.emulator.replies >= 4)
+
+
+@pytest.mark.parametrize("mode", ["auto", "status"])
+async def test_an_unlock_reply_is_waited_for_and_its_latch_state_used(
+    tmp_path: Path, mode: str
+) -> None:
+    async with bank(tmp_path, emulator_options=ANSWERING, unlock_reply=mode,
+                    **QUIET_POLL) as b:
+        await _polled_twice(b)
+        assert b.doors_now()["1"] is DoorState.CLOSED
+        await b.lock.pulse("1", 0.5)
+        # The reply came while the bus was held, and its released latch is the door state
+        # now, before any poll.
+        assert b.emulator.unlock_replies == 1
+        assert b.doors_now()["1"] is DoorState.OPEN
+        assert b.lock.bus.unlock_reply_of(0) == "status"
+        # A status query right after the unlock gets its own board's reply: no collision.
+        reply = await b.lock.bus.transport.query_status(1)
+        assert reply is not None and reply.board == 1
+        assert b.emulator.collisions == 0
+        assert b.lock.bus.transport.decoder.bad_checksums == 0
+        await until(lambda: DoorState.OPEN in b.door_events("1"))
+        # A second unlock of the same board waits for its reply again.
+        await b.lock.pulse("2", 0.5)
+        assert b.emulator.unlock_replies == 2 and b.doors_now()["2"] is DoorState.OPEN
+        assert b.emulator.collisions == 0
+
+
+async def test_an_unlock_reply_not_waited_for_collides_with_the_next_query(
+    tmp_path: Path,
+) -> None:
+    # What "none" means on a board that does answer: the next frame lands on its reply.
+    async with bank(tmp_path, emulator_options=ANSWERING, unlock_reply="none",
+                    **QUIET_POLL) as b:
+        await _polled_twice(b)
+        await b.lock.pulse("1", 0.5)
+        assert b.doors_now()["1"] is DoorState.CLOSED, "nothing was read after the unlock"
+        assert await b.lock.bus.transport.query_status(1) is None
+        assert b.emulator.collisions == 1
+        await until(lambda: b.lock.bus.transport.decoder.bad_checksums == 1)
+
+
+async def test_auto_stops_waiting_for_a_board_that_never_answers_an_unlock(
+    tmp_path: Path,
+) -> None:
+    async with bank(tmp_path, poll_interval_s=60.0) as b:
+        await _polled_twice(b)
+        assert b.lock.bus.unlock_reply_of(0) == "auto"
+        await b.lock.pulse("1", 0.5)
+        # One reply window of silence: board 0 is not waited for any more; board 1, never
+        # unlocked yet, still is.
+        assert b.lock.bus.unlock_reply_of(0) == "none"
+        assert b.lock.bus.unlock_reply_of(1) == "auto"
+        await b.lock.pulse("2", 0.5)
+        assert b.lock.bus.transport.stats.unlocks == 2
+        assert b.lock.bus.transport.stats.unlock_replies == 0
+        await until(lambda: len(b.emulator.unlocks) == 2)
+        assert list(b.emulator.unlocks) == [(0, 0), (0, 1)] and b.emulator.unlock_replies == 0
+
+
+async def test_auto_learns_nothing_from_a_board_that_is_silent_altogether(
+    tmp_path: Path,
+) -> None:
+    async with bank(tmp_path, poll_interval_s=60.0) as b:
+        await _polled_twice(b)
+        b.world.set_fault("board:0", "offline", True)
+        for _ in range(3):
+            await b.lock.bus.poll_once()
+        assert [e.device for e in b.health_events()] == ["board:0"]
+        await b.lock.pulse("1", 0.5)
+        assert b.lock.bus.unlock_reply_of(0) == "auto"
+
+
+def test_unlock_reply_settings_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="unlock_reply"):
+        build(make_context(tmp_path, "/dev/null", unlock_reply="sometimes"), "lock")
+    boards = [{"address": 0, "engaged_bit": 1, "unlock_reply": "status"},
+              {"address": 1, "engaged_bit": 0}]
+    lock = build(make_context(tmp_path, "/dev/null", unlock_reply="none", boards=boards), "lock")
+    assert lock.bus.unlock_reply_of(0) == "status" and lock.bus.unlock_reply_of(1) == "none"
 
 
 # -- diagnostics and the cut-cable case -------------------------------------------------------
@@ -425,6 +526,10 @@ async def test_a_port_without_a_descriptor_is_read_in_a_thread(tmp_path: Path) -
         assert ticks >= 5
         await transport.send_unlock(0, 5)
         assert transport.stats.timeouts == 1 and transport.stats.unlocks == 1
+        # Waiting for an unlock's reply reads in the thread too; silence is not a timeout.
+        assert await transport.send_unlock(0, 5, reply_window_s=0.05) is None
+        assert transport.stats.timeouts == 1 and transport.stats.unlocks == 2
+        assert transport.stats.unlock_replies == 0
     finally:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import stored_events
 
 from lockerd.provision import BankKit, PlainCode
@@ -45,9 +46,14 @@ async def wait_state(sim: SimClient, cond: Callable[[dict[str, Any]], bool], wha
         await asyncio.sleep(0.02)
 
 
-async def test_pickup_on_the_wire(make_kit: Callable[..., BankKit], bank_dir: Path) -> None:
+@pytest.mark.parametrize("unlock_reply", [False, True], ids=["silent-unlock", "unlock-reply"])
+async def test_pickup_on_the_wire(
+    make_kit: Callable[..., BankKit], bank_dir: Path, unlock_reply: bool
+) -> None:
     wire = bank_dir / "wire"
     async with wire_bank(wire, parcels=["3"]) as bank:
+        # Both kinds of board: one that never answers an unlock, one that sends its status.
+        bank.kerong.unlock_reply = unlock_reply
         kit = make_kit([PlainCode("p-1", CODE, "3", parcel_id="PX1")], parcels=["3"],
                        socket=False, wire=wire)
         proc = await asyncio.create_subprocess_exec(
@@ -87,6 +93,9 @@ async def test_pickup_on_the_wire(make_kit: Callable[..., BankKit], bank_dir: Pa
     rejected = next(e for e in stored_events(kit) if e.type == "code.rejected")
     assert rejected.data["source"] == "scanner"
     assert bank.kerong.unlocks, "the unlock crossed the wire"
+    # The daemon's poll never spoke over a board's unlock reply.
+    assert bank.kerong.collisions == 0
+    assert bank.kerong.unlock_replies == (len(bank.kerong.unlocks) if unlock_reply else 0)
 
 
 async def test_board_faults_on_command_through_the_control_socket(

@@ -44,7 +44,10 @@ def _frame(addr: int, cmd: int) -> bytes:
 
 
 def encode_unlock(board: int, lock: int) -> bytes:
-    """`02 ((b<<4)|n) 31 03 SUM`: release lock `lock` of board `board`; the board sends no reply."""
+    """`02 ((b<<4)|n) 31 03 SUM`: release lock `lock` of board `board`.
+
+    Boards differ in what follows: most send nothing, some send a status reply (the same
+    9-byte frame as for a status query, ADDR possibly carrying the lock number)."""
     _check_board(board)
     _check_lock(lock)
     return _frame((board << 4) | lock, CMD_UNLOCK)
@@ -82,12 +85,16 @@ class StatusReply:
         return (self.ir_bits >> lock) & 1
 
 
-def encode_reply(reply: StatusReply) -> bytes:
-    """`02 ADDR 35 L1-8 L9-16 IR1-8 IR9-16 03 SUM`, as a board sends it (emulators, tests)."""
+def encode_reply(reply: StatusReply, *, lock: int = 0) -> bytes:
+    """`02 ADDR 35 L1-8 L9-16 IR1-8 IR9-16 03 SUM`, as a board sends it (emulators, tests).
+
+    `lock` goes into the low nibble of ADDR, as some boards do when answering an unlock;
+    decoding takes the board from the high nibble and ignores it."""
+    _check_lock(lock)
     body = bytes(
         (
             STX,
-            reply.board << 4,
+            (reply.board << 4) | lock,
             CMD_REPLY,
             reply.lock_bits & 0xFF,
             reply.lock_bits >> 8,

@@ -17,6 +17,7 @@ from hal.base import DeviceHealth, DoorChanged, DoorState, HealthChanged, Occupa
 from hal.errors import BackendError, HardwareFault
 from hal.kerong.codec import MAX_BOARD, MAX_LOCK, StatusReply
 from hal.kerong.transport import DEFAULT_BAUDRATE, KerongTransport, PortUnavailable
+from hal.serial_url import check_port_url
 
 if TYPE_CHECKING:
     from hal.registry import HalContext
@@ -34,6 +35,11 @@ BusEvent = DoorChanged | OccupancyChanged | HealthChanged
 
 _SLOT = re.compile(r"\s*([0-9]{1,2})\s*/\s*([0-9]{1,2})\s*")
 
+UnlockReply = Literal["none", "status", "auto"]
+"""Whether a board answers an unlock with a status reply: "none" never (the bus is free at
+once), "status" always (wait up to reply_timeout_s for it), "auto" find out: wait after the
+first unlock, and keep waiting only if the board answered."""
+
 
 class BoardSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One `[[backends.kerong.boards]]` table."""
@@ -42,6 +48,8 @@ class BoardSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The board's address (its DIP switches), 0-15."""
     engaged_bit: Literal[0, 1]
     """The latch-bit value that means "engaged" (door shut) on this board's revision."""
+    unlock_reply: UnlockReply | None = None
+    """This board's answer to an unlock; None: the bus's `unlock_reply`."""
 
 
 class KerongSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,6 +64,7 @@ class KerongSettings(msgspec.Struct, forbid_unknown_fields=True):
     reply_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.2
     poll_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.25
     reopen_cooldown_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 2.0
+    unlock_reply: UnlockReply = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +129,9 @@ def resolve_port(port: str, config_dir: Path) -> str:
 class _Board:
     address: int
     engaged_bit: int
+    unlock_reply: UnlockReply = "auto"
+    # Learnt in "auto" mode: None until the first unlock of this run.
+    answers_unlock: bool | None = None
     reply: StatusReply | None = None  # None: state unknown (never heard, faulted, port down)
     misses: int = 0
     faulted: bool = False
@@ -148,6 +160,8 @@ class KerongBus:
     ) -> None:
         self.settings = settings
         self.layout = parse_layout(settings, compartments)
+        # A mistyped URL scheme never works: refuse it now rather than fault forever.
+        check_port_url(settings.port, f"backends.{SETTINGS_KEY}")
         self.transport = transport or KerongTransport(
             resolve_port(settings.port, config_dir or Path.cwd()),
             baudrate=settings.baudrate,
@@ -155,7 +169,7 @@ class KerongBus:
             reopen_cooldown_s=settings.reopen_cooldown_s,
         )
         self._boards = {
-            b.address: _Board(b.address, b.engaged_bit)
+            b.address: _Board(b.address, b.engaged_bit, b.unlock_reply or settings.unlock_reply)
             for b in sorted(settings.boards, key=lambda b: b.address)
         }
         self._bus_ok: bool | None = None  # None until the first attempt to open the port
@@ -187,6 +201,14 @@ class KerongBus:
             if reply is not None:
                 out[cid] = bool(reply.ir_bit(slot.lock))
         return out
+
+    def unlock_reply_of(self, address: int) -> UnlockReply:
+        """How an unlock of board `address` is sent now: "status" (its reply is waited for),
+        "none" (not waited for) or "auto" (not known yet: the next unlock finds out)."""
+        board = self._boards[address]
+        if board.unlock_reply != "auto" or board.answers_unlock is None:
+            return board.unlock_reply
+        return "status" if board.answers_unlock else "none"
 
     def faults(self) -> list[HealthChanged]:
         """The faults active now, as the events that reported them."""
@@ -231,6 +253,8 @@ class KerongBus:
         The frame is sent even when the latch already reads released: a cut feedback cable
         reads "released" forever, and a customer must not be refused because of it. The
         mismatch is logged and shown by `health()` until the latch reads engaged again.
+        A board that answers unlocks (`unlock_reply`) is waited for, and its status reply is
+        taken like a polled one: the latch it reports is known before the next poll.
         Raises HardwareFault when the frame could not be written (port unavailable).
         """
         slot = self.layout.get(compartment)
@@ -241,12 +265,29 @@ class KerongBus:
             self._suspects[compartment] = why
             log.warning("unlocking a compartment whose latch already reads released",
                         compartment=compartment, board=slot.board, lock=slot.lock)
+        board = self._boards[slot.board]
+        wait = board.unlock_reply == "status" or (
+            board.unlock_reply == "auto" and board.answers_unlock is not False)
         try:
-            await self.transport.send_unlock(slot.board, slot.lock)
+            reply = await self.transport.send_unlock(
+                slot.board, slot.lock,
+                reply_window_s=self.settings.reply_timeout_s if wait else 0.0)
         except PortUnavailable as exc:
             self._set_bus(False)
             detail = f"kerong: unlock of compartment {compartment} not sent: {exc}"
             raise HardwareFault(detail) from exc
+        if reply is not None:
+            board.answers_unlock = True
+            self._on_reply(board, reply)
+            self._publish_changes()
+        elif (wait and board.unlock_reply == "auto" and board.answers_unlock is None
+              and board.reply is not None):
+            # Silence after the first unlock from a board that answers its status queries: it
+            # does not answer unlocks, and later ones are not slowed down waiting for it. (A
+            # board that is silent altogether says nothing either way.)
+            board.answers_unlock = False
+            log.info("kerong board does not answer unlocks; not waiting for it again",
+                     board=board.address)
 
     async def scan(self) -> dict[str, bool]:
         """Diagnostics: probe every address 0-15 with a status query; {"board:<n>": answered}."""

@@ -41,6 +41,8 @@ class TransportStats:
     timeouts: int = 0
     """Status queries that got no valid reply in time."""
     unlocks: int = 0
+    unlock_replies: int = 0
+    """Status replies received after an unlock, within the window asked for."""
     stray_replies: int = 0
     """Valid replies nobody was waiting for (late, or from another board)."""
 
@@ -70,8 +72,9 @@ class KerongTransport:
 
     `query_status` writes a status query and waits (without blocking the event loop) for the
     reply of that board, or returns None after `reply_timeout_s`. `send_unlock` writes an
-    unlock frame; boards never answer those. Requests are serialised: RS-485 is half duplex,
-    and an unlock written while a board is answering would collide with the answer.
+    unlock frame and, if asked to, waits a bounded window for the status reply some boards
+    send after an unlock. Requests are serialised: RS-485 is half duplex, and a frame written
+    while a board is answering would collide with the answer.
 
     A port that fails (USB adapter unplugged: EIO, ENXIO, ENOENT on reopen; a SerialException)
     is closed, and reopened on the next request once `reopen_cooldown_s` has passed; meanwhile
@@ -135,30 +138,33 @@ class KerongTransport:
         async with self._lock:
             port = await self._ensure_open_locked()
             self.stats.queries += 1
-            if self._fd is None:
-                return await self._query_threaded(port, board, frame)
             self._write(port, frame)
-            # The waiter is set after the write: a reply can only be delivered by the reader
-            # callback, which cannot run before this task awaits.
-            future: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
-            self._waiter = (board, future)
-            try:
-                async with asyncio.timeout(self.reply_timeout_s):
-                    return await future
-            except TimeoutError:
+            reply = await self._await_reply(port, board, self.reply_timeout_s)
+            if reply is None:
                 self.stats.timeouts += 1
-                return None
-            finally:
-                self._waiter = None
+            return reply
 
-    async def send_unlock(self, board: int, lock: int) -> None:
-        """Write the unlock frame of `lock` on `board`. The board times the pulse and never
-        answers; raises PortUnavailable when the frame could not be written."""
+    async def send_unlock(
+        self, board: int, lock: int, *, reply_window_s: float = 0.0
+    ) -> StatusReply | None:
+        """Write the unlock frame of `lock` on `board`; the board times the pulse.
+
+        With `reply_window_s` > 0 the bus stays held for up to that long, for the status reply
+        some boards send after an unlock: it is returned as soon as it arrives (None if it did
+        not), and cannot collide with the next request. Raises PortUnavailable when the frame
+        could not be written.
+        """
         frame = encode_unlock(board, lock)
         async with self._lock:
             port = await self._ensure_open_locked()
             self._write(port, frame)
             self.stats.unlocks += 1
+            if reply_window_s <= 0:
+                return None
+            reply = await self._await_reply(port, board, reply_window_s)
+            if reply is not None:
+                self.stats.unlock_replies += 1
+            return reply
 
     async def close(self) -> None:
         """Close the port; a later request opens it again without waiting for a cooldown."""
@@ -304,10 +310,25 @@ class KerongTransport:
             else:
                 self.stats.stray_replies += 1
 
-    async def _query_threaded(self, port: Any, board: int, frame: bytes) -> StatusReply | None:
+    async def _await_reply(self, port: Any, board: int, timeout_s: float) -> StatusReply | None:
+        """The next reply of `board` within `timeout_s` of a frame just written, or None."""
+        if self._fd is None:
+            return await self._read_threaded(port, board, timeout_s)
+        # The waiter is set after the write: a reply can only be delivered by the reader
+        # callback, which cannot run before this task awaits.
+        future: asyncio.Future[StatusReply] = asyncio.get_running_loop().create_future()
+        self._waiter = (board, future)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            return None
+        finally:
+            self._waiter = None
+
+    async def _read_threaded(self, port: Any, board: int, timeout_s: float) -> StatusReply | None:
         loop = asyncio.get_running_loop()
-        self._write(port, frame)
-        deadline = loop.time() + self.reply_timeout_s
+        deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             try:
                 data: bytes = await asyncio.to_thread(port.read, READ_CHUNK)
@@ -321,5 +342,4 @@ class KerongTransport:
                     self.stats.stray_replies += 1
             if found is not None:
                 return found
-        self.stats.timeouts += 1
         return None

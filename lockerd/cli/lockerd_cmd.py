@@ -56,8 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                       "step of it fails")
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit",
-                           description="Validate a configuration file: syntax, types, keys, "
-                           "and that every configured hal backend can be loaded.")
+                           description="Validate a configuration file with every check "
+                           "'run' makes before it starts: syntax, types, keys, the code key "
+                           "and password files, and every hal backend built with its options "
+                           "(no port or GPIO line is opened, no database touched).")
     check.add_argument("-c", "--config", required=True, type=Path)
 
     for name, what in (("import-keyring", "keyring"), ("import-bundle", "codes bundle")):
@@ -114,13 +116,10 @@ def _run(config: Config) -> int:
 
 
 def _check(config: Config) -> int:
-    from hal.registry import load_backend_class
+    from lockerd.app import prepare
 
-    for kind in ("lock", "door_sensor", "occupancy", "keypad", "scanner", "display", "tamper"):
-        section = getattr(config.hal, kind)
-        if section is not None:
-            load_backend_class(kind, section.backend,
-                               config_key=f"{config.source}: [hal.{kind}]")
+    # The very checks `run` makes before it starts anything: what passes here starts.
+    prepare(config)
     print(f"{config.source}: OK ({len(config.compartments)} compartments, "
           f"locker {config.locker.id})")
     return EXIT_OK

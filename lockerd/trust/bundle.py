@@ -12,14 +12,20 @@ import msgspec
 
 from lockerd import jsonsafe
 from lockerd.errors import TrustError
+from lockerd.ids import (
+    COMPARTMENT_ID_PATTERN,
+    COMPARTMENT_ID_RULE,
+    LOCKER_ID_PATTERN,
+    LOCKER_ID_RULE,
+)
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
 
 CodeKind = Literal["pickup", "deposit", "courier"]
 CODE_KINDS: tuple[str, ...] = get_args(CodeKind)
 
-_LOCKER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_COMPARTMENT_ID = re.compile(r"[A-Za-z0-9-]{1,16}")
+_LOCKER_ID = re.compile(LOCKER_ID_PATTERN)
+_COMPARTMENT_ID = re.compile(COMPARTMENT_ID_PATTERN)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _MAX_INT64 = 2**63 - 1
 
@@ -31,12 +37,12 @@ _Uses = Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT64)]
 
 
 def is_locker_id(text: str) -> bool:
-    """1-64 characters of [A-Za-z0-9_-] (PROTOCOL section 1)."""
+    """LOCKER_ID_RULE (PROTOCOL section 1); fullmatch, so a trailing newline is refused."""
     return isinstance(text, str) and _LOCKER_ID.fullmatch(text) is not None
 
 
 def is_compartment_id(text: str) -> bool:
-    """1-16 characters of [A-Za-z0-9-] (PROTOCOL section 1)."""
+    """COMPARTMENT_ID_RULE (PROTOCOL section 1); fullmatch, so a trailing newline is refused."""
     return isinstance(text, str) and _COMPARTMENT_ID.fullmatch(text) is not None
 
 
@@ -64,8 +70,8 @@ class CodeEntry:
             raise ValueError(f"code {self.id!r}: digest must be 64 lowercase hex characters")
         if self.compartment is not None and not is_compartment_id(self.compartment):
             raise ValueError(
-                f"code {self.id!r}: compartment {self.compartment!r} is not 1-16 characters "
-                "of A-Z a-z 0-9 -"
+                f"code {self.id!r}: compartment {self.compartment!r} is not "
+                f"{COMPARTMENT_ID_RULE}"
             )
         if self.parcel_id is not None and (
             not isinstance(self.parcel_id, str) or not self.parcel_id
@@ -155,7 +161,7 @@ def parse_bundle_payload(payload: bytes) -> CodesBundle:
     except jsonsafe.JsonInputError as exc:
         raise _malformed(str(exc)) from exc
     if not is_locker_id(wire.locker_id):
-        raise _malformed(f"locker_id {wire.locker_id!r} is not 1-64 characters of A-Z a-z 0-9 _ -")
+        raise _malformed(f"locker_id {wire.locker_id!r} is not {LOCKER_ID_RULE}")
     entries: list[CodeEntry] = []
     seen: dict[str, int] = {}
     for index, item in enumerate(wire.upsert):

@@ -47,9 +47,15 @@ class KerongEmulator:
     whose world fault `board:<n>` offline is on hears nothing and says nothing; so does an
     address with no board.
 
+    With `unlock_reply` on, the boards answer an unlock too, the way some CU16 revisions do:
+    a status reply (latch already released, ADDR carrying the lock number) `unlock_reply_s`
+    after the unlock frame. RS-485 is half duplex, so a frame heard while that reply is still
+    due collides with it: the frame is lost, the reply goes out garbled (a bad checksum), and
+    `collisions` counts it.
+
     Test-side controls: `garbage = True` sends random bytes before and after every reply;
-    `bad_checksums = n` gives the next n replies a wrong checksum. `requests`, `unlocks` and
-    `replies` record what crossed the wire.
+    `bad_checksums = n` gives the next n replies a wrong checksum. `requests`, `unlocks`,
+    `replies` and `unlock_replies` record what crossed the wire.
     """
 
     def __init__(
@@ -60,6 +66,8 @@ class KerongEmulator:
         engaged_bit: Mapping[int, int] | int = 1,
         pulse_s: float = 0.5,
         seed: int | None = None,
+        unlock_reply: bool = False,
+        unlock_reply_s: float = 0.005,
     ) -> None:
         known = set(world.compartment_ids)
         wired: dict[int, dict[int, str]] = {}
@@ -87,6 +95,8 @@ class KerongEmulator:
                 raise SimError(f"engaged_bit of board {board} must be 0 or 1, not {bit!r}")
         if not (isinstance(pulse_s, int | float) and 0 < pulse_s <= MAX_PULSE_S):
             raise SimError(f"pulse_s must be in (0, {MAX_PULSE_S}], not {pulse_s!r}")
+        if not (isinstance(unlock_reply_s, int | float) and 0 <= unlock_reply_s <= MAX_PULSE_S):
+            raise SimError(f"unlock_reply_s must be in [0, {MAX_PULSE_S}], not {unlock_reply_s!r}")
         self.world = world
         self.boards = wired
         self.engaged_bit = {board: polarity.get(board, 1) for board in wired}
@@ -101,6 +111,15 @@ class KerongEmulator:
         """(board, lock) of every unlock a present, online board obeyed."""
         self.replies = 0
         """Status replies sent."""
+        self.unlock_reply = unlock_reply
+        """Answer every unlock with a status reply."""
+        self.unlock_reply_s = float(unlock_reply_s)
+        """How long after an unlock frame its reply goes out."""
+        self.unlock_replies = 0
+        """Status replies sent after an unlock (garbled ones included)."""
+        self.collisions = 0
+        """Frames heard while an unlock reply was due: both were lost."""
+        self._due: tuple[asyncio.TimerHandle, int, int, int] | None = None  # timer, fd, board, lock
         self._rng = random.Random(seed)
         self._decoder = RequestDecoder()
         self._pulses: set[asyncio.Task[None]] = set()
@@ -168,6 +187,9 @@ class KerongEmulator:
         finally:
             if retry is not None:
                 retry.cancel()
+            if self._due is not None:
+                self._due[0].cancel()
+                self._due = None
             with contextlib.suppress(OSError, ValueError):
                 loop.remove_reader(master_fd)
             for task in list(self._pulses):
@@ -175,6 +197,13 @@ class KerongEmulator:
                 task.cancel()
 
     def _handle(self, fd: int, request: Request) -> None:
+        if self._due is not None:
+            # Another frame on the line while a board is about to answer: both are garbled.
+            self.collisions += 1
+            timer, due_fd, due_board, due_lock = self._due
+            timer.cancel()
+            self._send_unlock_reply(due_fd, due_board, due_lock, garbled=True)
+            return
         self.requests.append(request)
         board = request.board
         if board not in self.boards or board in self.world.boards_offline:
@@ -188,6 +217,12 @@ class KerongEmulator:
                 )
                 self._pulses.add(task)
                 task.add_done_callback(self._pulse_done)
+            if self.unlock_reply:
+                # A timer, not an immediate write: it also runs after the pulse task's first
+                # step, so the reply shows the latch released.
+                timer = asyncio.get_running_loop().call_later(
+                    self.unlock_reply_s, self._send_unlock_reply, fd, board, request.lock)
+                self._due = (timer, fd, board, request.lock)
         elif request.cmd == CMD_STATUS:
             frame = encode_reply(self.status(board))
             if self.bad_checksums > 0:
@@ -197,6 +232,14 @@ class KerongEmulator:
                 frame = self._noise() + frame + self._noise()
             self._write(fd, frame)
             self.replies += 1
+
+    def _send_unlock_reply(self, fd: int, board: int, lock: int, *, garbled: bool = False) -> None:
+        self._due = None
+        frame = encode_reply(self.status(board), lock=lock)
+        if garbled:
+            frame = frame[:-1] + bytes(((frame[-1] + 1) & 0xFF,))
+        self._write(fd, frame)
+        self.unlock_replies += 1
 
     def _pulse_done(self, task: asyncio.Task[None]) -> None:
         self._pulses.discard(task)
