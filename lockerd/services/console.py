@@ -472,7 +472,8 @@ class ConsoleService:
             # A session has the rights of its token only while the token is valid: checked
             # on every command by the trusted clock, not only at login.
             until = format_time(s.tech.expires_at)
-            await self._refuse(s, words[0][:32], "expired",
+            found = self.registry.find(words)
+            await self._refuse(s, found[0].name if found else words[0][:32], "expired",
                                f"your token expired at {until}; log in again (login TOKEN)")
             self._logout(s, "expired")
             return
