@@ -52,6 +52,11 @@ MAX_ECHO_S = 60
 POLL_S = 0.2
 
 
+def _short(issuer: str) -> str:
+    """An issuer for an 80-column line: a keyid is 64 hex characters, its start is enough."""
+    return issuer if len(issuer) <= 28 else issuer[:25] + "..."
+
+
 @dataclass(eq=False)
 class Session:
     """One connection: its line editor, who is logged in, and how to write to it."""
@@ -408,7 +413,7 @@ class ConsoleService:
         if issuer is not None:
             data["issuer"] = issuer
         self._refusal_event("console.login", data)
-        who = "this connection" if issuer is None else issuer
+        who = "this connection" if issuer is None else _short(issuer)
         return (f"login refused: too many failed logins from {who}; try again in "
                 f"{left:.0f} s")
 
@@ -425,8 +430,8 @@ class ConsoleService:
             msg += (f"\r\nnon-tokens refused here for {started:.0f} s; a valid token is still "
                     "accepted")
         elif started:
-            msg += (f"\r\nlogin locked for {started:.0f} s after repeated failures "
-                    f"({'this connection' if scope == 'connection' else issuer})")
+            who = "this connection" if scope == "connection" else _short(issuer or "")
+            msg += f"\r\nlogin locked for {started:.0f} s after repeated failures ({who})"
         return msg
 
     def _verify(self, env: Envelope, wall: Any) -> Technician:
