@@ -66,6 +66,10 @@ log = get_logger("lockerd.app")
 
 DB_NAME = "lockerd.db"
 T = TypeVar("T")
+# Restart backoff of a crashed task; a run this long counts as recovered.
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_RUN_S = 60.0
 
 
 class ShutdownRequested(Exception):
@@ -114,6 +118,9 @@ class App:
     started_at: float = field(default_factory=time.monotonic)
     # Supervised tasks that are running now (False while one waits to be restarted).
     task_up: dict[str, bool] = field(default_factory=dict)
+    # The tasks the watchdog vouches for: the controller and the hardware's own tasks. A
+    # console or network task that crash-loops is restarted with backoff, never the bank.
+    watchdog_tasks: set[str] = field(default_factory=set)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Run until SIGTERM/SIGINT or `stop` is set; outputs are off before and after."""
@@ -128,10 +135,12 @@ class App:
             self.controller.commit_event("daemon.started", {
                 "codes_version": self.codes.version(),
                 "keyring_version": self.cache.keyring_version})
+            inputs = self._input_runners()
+            self.watchdog_tasks = {"controller", *inputs, *self.hal.services}
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._supervise("controller", self.controller.run),
                                name="controller")
-                for name, runner in self._input_runners().items():
+                for name, runner in inputs.items():
                     tg.create_task(self._supervise(name, runner), name=name)
                 for name, factory in {**self.services, **self.hal.services}.items():
                     tg.create_task(self._supervise(name, factory), name=name)
@@ -197,10 +206,16 @@ class App:
                                           "scanner", "display", "tamper")
                 if (device := getattr(self.devices, name)) is not None}
 
+    def watchdog_tasks_down(self) -> list[str]:
+        return sorted(n for n, up in self.task_up.items() if not up and n in self.watchdog_tasks)
+
     def alive(self, *, stuck_after_s: float = 30.0) -> bool:
-        """What the watchdog vouches for: every supervised task running, and the controller
-        not stuck in one input for long. (That this runs at all shows the loop is alive.)"""
-        if not all(self.task_up.values()):
+        """What the watchdog vouches for: the controller and the hardware tasks running, and
+        the controller not stuck in one input for long. (That this runs at all shows the loop
+        is alive; the store is written on every controller turn, so a failing database stops
+        the controller.) Console and network tasks do not count: a restart of the whole bank
+        would not mend them and would take the doors down meanwhile."""
+        if self.watchdog_tasks_down():
             return False
         busy = self.controller.busy_since
         return busy is None or time.monotonic() - busy < stuck_after_s
@@ -211,7 +226,7 @@ class App:
                 self.notifier.notify("WATCHDOG=1")
             else:
                 log.error("not feeding the watchdog: a task is down or the controller is stuck",
-                          tasks_down=[n for n, up in self.task_up.items() if not up])
+                          tasks_down=self.watchdog_tasks_down())
             await asyncio.sleep(interval_s / 2)
 
     def request_stop(self) -> None:
@@ -232,10 +247,16 @@ class App:
         return runners
 
     async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        """Run a task forever: a crash is logged, evented and restarted with capped backoff."""
-        delay = 0.5
+        """Run a task forever: a crash is logged, evented and restarted with capped backoff.
+
+        The first crash after a stable run is also a `hardware.fault` naming the task; a run
+        of `STABLE_RUN_S` or more starts the backoff and the count again."""
+        delay = RESTART_MIN_S
+        crashes = 0
         while True:
             self.task_up[name] = True
+            started = time.monotonic()
+            error: BaseException | None = None
             try:
                 await factory()
                 log.warning("task ended by itself; restarting", task=name)
@@ -248,17 +269,34 @@ class App:
                 # A CancelledError nobody asked for (a library's internal future leaking
                 # out) must not silently end a service: treat it as a crash.
                 log.error("task stopped by a stray cancellation; restarting", task=name)
-                with contextlib.suppress(Exception):
-                    self.controller.commit_event(
-                        "daemon.task_failed", {"task": name, "error": repr(exc)[:500]})
+                error = exc
             except Exception as exc:
-                log.exception("task crashed; restarting", task=name, delay_s=delay)
-                with contextlib.suppress(Exception):
-                    self.controller.commit_event(
-                        "daemon.task_failed", {"task": name, "error": repr(exc)[:500]})
+                log.exception("task crashed; restarting", task=name,
+                              watchdog=name in self.watchdog_tasks)
+                error = exc
             self.task_up[name] = False
+            if time.monotonic() - started >= STABLE_RUN_S:
+                delay, crashes = RESTART_MIN_S, 0
+            if error is not None:
+                crashes += 1
+                self._task_failed(name, error, delay_s=delay, first=crashes == 1)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, RESTART_MAX_S)
+
+    def _task_failed(self, name: str, error: BaseException, *, delay_s: float,
+                     first: bool) -> None:
+        gates = name in self.watchdog_tasks
+        with contextlib.suppress(Exception):
+            self.controller.commit_event("daemon.task_failed", {
+                "task": name, "error": repr(error)[:500], "delay_s": delay_s})
+        if first:
+            then = ("the watchdog is held until it runs again" if gates
+                    else "the doors keep working meanwhile")
+            with contextlib.suppress(Exception):
+                self.controller.commit_event("hardware.fault", {
+                    "device": f"task:{name}", "task": name,
+                    "detail": f"task {name} crashed ({repr(error)[:200]}); restarting it with "
+                              f"backoff; {then}"})
 
     async def _start_devices(self) -> None:
         for device in self.devices.all():

@@ -30,3 +30,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet -e '.[test]'
     echo "$want" > "$stamp"
 fi
+# git keeps no file modes but the executable bit, so a fresh clone leaves the simulator's demo
+# private keys readable by everyone and the daemon warns about it on every run. 0600 here
+# keeps that warning for a key that really is exposed.
+if [ -d config/sim/keys ]; then
+    chmod 600 config/sim/keys/code_key config/sim/keys/*.key
+fi

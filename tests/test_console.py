@@ -15,9 +15,12 @@ from pathlib import Path
 from conftest import running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from lockerd.app import build_app
+from lockerd.config import load_config
 from lockerd.core.console import LineEditor
 from lockerd.provision import BankKit
 from lockerd.services.console import ConsoleService, console_service
+from lockerd.store import EventLog
 from lockerd.timeutil import utcnow
 from lockerd.trust.dsse import TECHNICIAN_PAYLOAD_TYPE, sign_envelope
 from lockerd.trust.keys import generate_key
@@ -212,9 +215,10 @@ async def test_lockout_survives_a_restart(make_kit: Callable[..., BankKit]) -> N
         await asyncio.wait_for(svc.listening.wait(), 5)
         t, w = await socket_client(sock)
         await t.until(r"L1> $")
-        await t.run("login garbage")
-        out = await t.run("login garbage")
-        assert "login locked for 600 s" in out
+        stale = token(kit, expires_in=timedelta(seconds=-5))
+        await t.run(f"login {stale}")
+        out = await t.run(f"login {stale}")
+        assert "login locked for 600 s" in out and "tech:t-17" in out
         out = await t.run(f"login {token(kit)}")
         assert "too many failed logins" in out and "L1> " in out
         w.close()
@@ -228,12 +232,112 @@ async def test_lockout_survives_a_restart(make_kit: Callable[..., BankKit]) -> N
         t, w = await socket_client(sock)
         await t.until(r"L1> $")
         out = await t.run(f"login {token(kit)}")
-        assert "too many failed logins" in out
-        assert r.events("console.login")[-1].data["reason"] == "locked_out"
+        assert "too many failed logins from tech:t-17" in out
+        refused = r.events("console.login")[-1].data
+        assert refused["reason"] == "locked_out" and refused["issuer"] == "tech:t-17"
+        # The lockout is t-17's: another technician, even on the same connection, gets in.
+        out = await t.run(f"login {token(kit, tech_id='t-18')}", prompt=r"t-18\(operator\)> $")
+        assert "welcome" in out
         w.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_junk_logins_do_not_keep_a_valid_token_out(
+        make_kit: Callable[..., BankKit]) -> None:
+    kit = make_kit()
+    async with running(kit) as r:
+        factory = lambda url: make_service(r.app, kit, url, free_attempts=5)  # noqa: E731
+        async with pty_console(factory) as t:
+            await t.until(r"L1> $")
+            for i in range(5):
+                out = await t.run(f"login junk{i}!!")
+                assert "login refused (malformed)" in out
+            assert "non-tokens refused here for 30 s; a valid token is still accepted" in out
+            out = await t.run("login more-junk!!")
+            assert "too many failed logins from this connection" in out
+            out = await t.run(f"login {token(kit)}", prompt=r"t-17\(operator\)> $")
+            assert "welcome A. Tech (operator)" in out
+        assert r.events("console.login")[-1].data["ok"] is True
+        assert r.app.db.get_meta("console_lockout") in (None, {"issuers": {}})
+
+
+async def test_forged_tokens_lock_their_connection_not_the_bank(
+        make_kit: Callable[..., BankKit]) -> None:
+    kit = make_kit()
+    sock = kit.state_dir / "console.sock"
+    async with running(kit) as r:
+        svc = make_service(r.app, kit, None, free_attempts=3, base_s=600.0)
+        task = asyncio.create_task(svc.run())
+        await asyncio.wait_for(svc.listening.wait(), 5)
+        attacker, wa = await socket_client(sock)
+        await attacker.until(r"L1> $")
+        forged = token(kit, signer=generate_key())
+        for _ in range(3):
+            out = await attacker.run(f"login {forged}")
+            assert "login refused (signature)" in out
+        assert "login locked for 600 s" in out
+        out = await attacker.run(f"login {token(kit)}")
+        assert "too many failed logins from this connection" in out
+        tech, wt = await socket_client(sock)
+        await tech.until(r"L1> $")
+        out = await tech.run(f"login {token(kit)}", prompt=r"t-17\(operator\)> $")
+        assert "welcome" in out
+        issuers = [e.data.get("issuer") for e in r.events("console.login")
+                   if e.data.get("reason") == "signature"]
+        assert issuers == ["key:unknown"] * 3
+        wa.close()
+        wt.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class ShiftedClock:
+    """The system clock, with wall time moved on by the test (monotonic time is real)."""
+
+    def __init__(self) -> None:
+        self.ahead = timedelta(0)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> datetime:
+        return utcnow() + self.ahead
+
+
+async def test_a_session_loses_its_rights_when_its_token_expires(
+        make_kit: Callable[..., BankKit]) -> None:
+    kit = make_kit()
+    clock = ShiftedClock()
+    app = build_app(load_config(kit.config_path), clock=clock)
+    run = asyncio.create_task(app.run(install_signal_handlers=False))
+    try:
+        await asyncio.wait_for(app.ready.wait(), 10)
+        factory = lambda url: make_service(app, kit, url)  # noqa: E731
+        async with pty_console(factory) as t:
+            await t.until(r"L1> $")
+            await t.run(f"login {token(kit, expires_in=timedelta(seconds=30))}",
+                        prompt=r"t-17\(operator\)> $")
+            out = await t.run("status", prompt=r"t-17\(operator\)> $")
+            assert "bank L1" in out
+            clock.ahead = timedelta(seconds=31)
+            out = await t.run("open 2", prompt=r"L1> $")
+            assert "refused: your token expired at" in out and "log in again" in out
+            assert "compartment 2" not in out
+            out = await t.run("status", prompt=r"L1> $")
+            assert "log in first" in out
+        events = EventLog(app.db)
+        action = events.recent(100, type_prefix="console.action")[0].data
+        assert action["reason"] == "expired" and action["tech_id"] == "t-17"
+        assert action["command"] == "open"
+        logouts = [e.data["reason"] for e in events.recent(100, type_prefix="console.logout")]
+        assert logouts == ["expired"]
+        assert not events.recent(100, type_prefix="lock.pulse")
+    finally:
+        app.request_stop()
+        await asyncio.wait_for(run, 10)
 
 
 async def test_noise_long_lines_and_binary_do_not_crash(

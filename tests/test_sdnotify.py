@@ -121,3 +121,50 @@ def test_notifier_without_systemd_does_nothing_and_handles_abstract_sockets() ->
         assert sock.recv(100) == b"READY=1\nSTATUS=x"
     finally:
         sock.close()
+
+
+async def test_a_crash_looping_console_does_not_starve_the_watchdog(
+    make_kit: Callable[..., BankKit], notify_socket: tuple[socket.socket, Path]
+) -> None:
+    sock, path = notify_socket
+    # A USB serial adapter that is not there: every start of the console fails to open it.
+    gone = path.parent / "unplugged" / "ttyACM0"
+    kit = make_kit([], overrides={"console": {"socket": "console.sock",
+                                              "serial_port": str(gone)}})
+    notifier = SdNotifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000"})
+    app = build_app(load_config(kit.config_path), notifier=notifier)
+    task = asyncio.create_task(app.run(install_signal_handlers=False))
+    events = app.events
+    try:
+        await asyncio.wait_for(app.ready.wait(), 10)
+        assert "console" not in app.watchdog_tasks and "controller" in app.watchdog_tasks
+        pings_while_down = 0
+
+        def count() -> bool:
+            nonlocal pings_while_down
+            got = drain(sock)
+            if not app.task_up.get("console", True):
+                pings_while_down += sum("WATCHDOG=1" in m for m in got)
+            return pings_while_down >= 3 and len(
+                events.recent(100, type_prefix="daemon.task_failed")) >= 2
+
+        await wait_until(count, timeout=10, what="pings while the console is down")
+        failed = events.recent(100, type_prefix="daemon.task_failed")
+        assert {e.data["task"] for e in failed} == {"console"}
+        assert [e.data["delay_s"] for e in failed[:2]] == [0.5, 1.0]  # backoff
+        assert str(gone) in failed[0].data["error"]
+        faults = events.recent(100, type_prefix="hardware.fault")
+        assert [(f.data["device"], f.data["task"]) for f in faults] == [
+            ("task:console", "console")], "one fault for the crash loop, not one per crash"
+        assert "doors keep working" in faults[0].data["detail"]
+        # The controller stuck in one input does stop the pings.
+        app.controller.busy_since = time.monotonic() - 120
+        assert not app.alive()
+        await asyncio.sleep(0.1)
+        drain(sock)
+        await asyncio.sleep(0.3)  # three watchdog periods
+        assert not any("WATCHDOG=1" in m for m in drain(sock))
+    finally:
+        app.controller.busy_since = None
+        app.request_stop()
+        await asyncio.wait_for(task, 10)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from hal.errors import HalError
 from lockerd import __version__
 from lockerd.config import Config, load_config
-from lockerd.errors import LockerdError, TrustError
+from lockerd.errors import LockerdError, StoreError, TrustError
 from lockerd.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -169,7 +169,13 @@ def _events(config: Config, n: int) -> int:
     from lockerd.app import DB_NAME
     from lockerd.store import EventLog, open_database
 
-    db = open_database(config.state_dir / DB_NAME)
+    path = config.state_dir / DB_NAME
+    if not path.is_file():
+        # Opening would create an empty database (and its directory): a wrong state_dir
+        # would look like a bank with no events.
+        raise StoreError(f"{path}: no database there; is [locker] state_dir in {config.source} "
+                         "right? (the daemon creates it on its first run)")
+    db = open_database(path)
     try:
         for event in EventLog(db).recent(n):
             print(json.dumps(event.wire(config.locker.id)))

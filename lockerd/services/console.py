@@ -27,13 +27,20 @@ from lockerd.core.console import (
     parse_args,
     split_line,
 )
-from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
+from lockerd.core.lockout import RateLimiter
+from lockerd.core.loginthrottle import ConnectionThrottle, IssuerLockouts, ThrottleSettings
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.services.controller import OpenBudgetSpent, RequestRefused
 from lockerd.timeutil import format_time
 from lockerd.trust.bundle import is_compartment_id
-from lockerd.trust.technician import Technician, verify_technician
+from lockerd.trust.dsse import Envelope
+from lockerd.trust.technician import (
+    Technician,
+    parse_token,
+    token_issuer,
+    verify_technician_envelope,
+)
 
 if TYPE_CHECKING:
     from lockerd.app import App
@@ -45,13 +52,9 @@ MAX_ECHO_S = 60
 POLL_S = 0.2
 
 
-def load_console_lockout(raw: Any) -> LockoutState:
-    if not isinstance(raw, dict):
-        return LockoutState()
-    try:
-        return LockoutState(**raw)
-    except TypeError:
-        return LockoutState()
+def _short(issuer: str) -> str:
+    """An issuer for an 80-column line: a keyid is 64 hex characters, its start is enough."""
+    return issuer if len(issuer) <= 28 else issuer[:25] + "..."
 
 
 def _no_override(per_hour: int) -> OpenBudgetSpent:
@@ -68,6 +71,7 @@ class Session:
     write: Callable[[bytes], Awaitable[None]]
     editor: LineEditor
     idle: IdleTimer
+    throttle: ConnectionThrottle
     tech: Technician | None = None
     closed: bool = False
 
@@ -96,8 +100,10 @@ class ConsoleService:
         self.socket_path = socket_path
         self.serial_url = serial_url
         self._idle_s = idle_timeout_s
-        self._lockout = Lockout(free_attempts=free_attempts, base_s=base_s, max_s=max_s,
-                                state=load_console_lockout(app.db.get_meta(LOCKOUT_META)))
+        self._throttle = ThrottleSettings(free_attempts=free_attempts, base_s=base_s,
+                                          max_s=max_s)
+        self._issuers = IssuerLockouts.from_meta(self._throttle,
+                                                 app.db.get_meta(LOCKOUT_META))
         self._rejections = RateLimiter(per_minute=events_per_minute)
         self.registry: Registry[Session] = Registry()
         self._register()
@@ -336,7 +342,9 @@ class ConsoleService:
 
     async def _lockout_clear(self, s: Session, a: Args) -> Reply:
         self._app.controller.clear_lockout()
-        self._lockout.clear()
+        self._issuers.clear()
+        for session in self.sessions:
+            session.throttle.clear()
         self._save_lockout()
         return Reply(["keypad and console lockouts cleared"], {"cleared": True})
 
@@ -355,37 +363,50 @@ class ConsoleService:
             self._event(type_, {**data, **({"suppressed": held} if held else {})})
 
     def _save_lockout(self) -> None:
-        self._app.db.set_meta(LOCKOUT_META, asdict(self._lockout.state))
+        self._app.db.set_meta(LOCKOUT_META, self._issuers.to_meta())
 
     # -- login --------------------------------------------------------------------------------
 
     def _login(self, s: Session, token: str) -> str:
+        """Failures count per connection and per issuer: a line that is not even a token
+        throttles only such lines on its connection, so it never keeps a valid token out."""
         wall = self._app.clock.wall()
-        left = self._lockout.remaining(wall.timestamp())
-        if left > 0:
-            log.warning("console login refused: locked out", channel=s.channel,
-                        seconds=round(left))
-            self._refusal_event("console.login", {"ok": False, "reason": "locked_out",
-                                                  "channel": s.channel})
-            return f"login refused: too many failed logins; try again in {left:.0f} s"
+        now = wall.timestamp()
         try:
-            tech = self._verify(token, wall)
+            env = parse_token(token)
         except TrustError as exc:
-            started = self._lockout.record_failure(wall.timestamp())
+            left = s.throttle.junk.remaining(now)
+            if left > 0:
+                return self._locked_out(s, "connection", left)
+            started = s.throttle.junk.record_failure(now)
+            return self._login_refused(s, exc, started=started, scope="connection")
+        left = s.throttle.refused.remaining(now)
+        if left > 0:
+            return self._locked_out(s, "connection", left)
+        keyring = self._app.cache.keyring
+        try:
+            tech = self._verify(env, wall)
+        except TrustError as exc:
+            issuer = ("key:unknown" if keyring is None
+                      else token_issuer(env, technicians_role=keyring.technicians))
+            left = self._issuers.remaining(issuer, now)
+            if left > 0:
+                return self._locked_out(s, "issuer", left, issuer=issuer)
+            started = self._issuers.record_failure(issuer, now)
             self._save_lockout()
-            log.warning("console login refused", channel=s.channel, reason=exc.reason,
-                        error=str(exc))
-            self._refusal_event("console.login", {"ok": False, "reason": exc.reason,
-                                                  "channel": s.channel})
-            msg = f"login refused ({exc.reason}): {exc}"
-            if started:
-                msg += f"\r\nlogin locked for {started:.0f} s after repeated failures"
-            return msg
+            started_here = s.throttle.refused.record_failure(now)
+            return self._login_refused(s, exc, started=started or started_here,
+                                       scope="issuer" if started else "connection",
+                                       issuer=issuer)
+        issuer = f"tech:{tech.tech_id}"
+        left = self._issuers.remaining(issuer, now)
+        if left > 0:
+            return self._locked_out(s, "issuer", left, issuer=issuer)
         if s.tech is not None:
             self._logout(s, "relogin")
         s.tech = tech
-        if self._lockout.state != LockoutState():
-            self._lockout.record_success()
+        s.throttle.clear()
+        if self._issuers.record_success(issuer):
             self._save_lockout()
         # A verified token is signed time, like a bundle's issued_at (safety rule 7).
         self._app.cache.observe_signed_time(tech.issued_at)
@@ -395,14 +416,47 @@ class ConsoleService:
         return (f"welcome {tech.name or tech.tech_id} ({tech.role}); token valid until "
                 f"{format_time(tech.expires_at)}")
 
-    def _verify(self, token: str, wall: Any) -> Technician:
+    def _locked_out(self, s: Session, scope: str, left: float, *,
+                    issuer: str | None = None) -> str:
+        log.warning("console login refused: locked out", channel=s.channel, scope=scope,
+                    issuer=issuer, seconds=round(left))
+        data: dict[str, object] = {"ok": False, "reason": "locked_out", "scope": scope,
+                                   "channel": s.channel}
+        if issuer is not None:
+            data["issuer"] = issuer
+        self._refusal_event("console.login", data)
+        who = "this connection" if issuer is None else _short(issuer)
+        return (f"login refused: too many failed logins from {who}; try again in "
+                f"{left:.0f} s")
+
+    def _login_refused(self, s: Session, exc: TrustError, *, started: float | None,
+                       scope: str, issuer: str | None = None) -> str:
+        log.warning("console login refused", channel=s.channel, reason=exc.reason,
+                    issuer=issuer, error=str(exc))
+        data: dict[str, object] = {"ok": False, "reason": exc.reason, "channel": s.channel}
+        if issuer is not None:
+            data["issuer"] = issuer
+        self._refusal_event("console.login", data)
+        msg = f"login refused ({exc.reason}): {exc}"
+        if started and issuer is None:
+            msg += (f"\r\nnon-tokens refused here for {started:.0f} s; a valid token is still "
+                    "accepted")
+        elif started:
+            who = "this connection" if scope == "connection" else _short(issuer or "")
+            msg += f"\r\nlogin locked for {started:.0f} s after repeated failures ({who})"
+        return msg
+
+    def _verify(self, env: Envelope, wall: Any) -> Technician:
         keyring = self._app.cache.keyring
         if keyring is None:
             raise TrustError("this bank holds no keyring yet: no token can be checked",
                              reason="no_keyring")
-        return verify_technician(token, technicians_role=keyring.technicians,
-                                 keyring_expires_at=keyring.expires_at,
-                                 locker_id=self._app.config.locker.id, now=wall)
+        return verify_technician_envelope(env, technicians_role=keyring.technicians,
+                                          keyring_expires_at=keyring.expires_at,
+                                          locker_id=self._app.config.locker.id, now=wall)
+
+    def _expired(self, tech: Technician) -> bool:
+        return self._app.clock.wall() >= tech.expires_at
 
     def _logout(self, s: Session, reason: str) -> None:
         if s.tech is None:
@@ -430,6 +484,15 @@ class ConsoleService:
             words = split_line(line)
         except ConsoleError as exc:
             await self._say(s, [str(exc)])
+            return
+        if s.tech is not None and words[0] != "login" and self._expired(s.tech):
+            # A session has the rights of its token only while the token is valid: checked
+            # on every command by the trusted clock, not only at login.
+            until = format_time(s.tech.expires_at)
+            found = self.registry.find(words)
+            await self._refuse(s, found[0].name if found else words[0][:32], "expired",
+                               f"your token expired at {until}; log in again (login TOKEN)")
+            self._logout(s, "expired")
             return
         if words[0] == "login":
             if len(words) != 2:
@@ -489,6 +552,7 @@ class ConsoleService:
         """One session: `read` returns b"" when nothing came within a poll, None at EOF."""
         loop = asyncio.get_running_loop()
         s = Session(channel=channel, write=write, editor=LineEditor(),
+                    throttle=ConnectionThrottle.new(self._throttle),
                     idle=IdleTimer(timeout_s=self._idle_s, now=loop.time()))
         self.sessions.add(s)
         try:

@@ -14,7 +14,14 @@ import msgspec
 from lockerd import jsonsafe
 from lockerd.errors import TrustError
 from lockerd.timeutil import format_time, parse_time
-from lockerd.trust.dsse import TECHNICIAN_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
+from lockerd.trust.dsse import (
+    TECHNICIAN_PAYLOAD_TYPE,
+    Envelope,
+    RoleKeys,
+    count_valid_signers,
+    parse_envelope,
+    verify_role,
+)
 
 ROLES = ("viewer", "operator")
 MAX_TOKEN_CHARS = 4096
@@ -90,6 +97,11 @@ def parse_technician_payload(payload: bytes) -> Technician:
                       role=role, issued_at=issued, expires_at=expires)
 
 
+def parse_token(token: str) -> Envelope:
+    """The signed envelope a token carries; TrustError(reason="malformed") when it is none."""
+    return parse_envelope(decode_token(token))
+
+
 def verify_technician(
     token: str,
     *,
@@ -99,7 +111,20 @@ def verify_technician(
     now: datetime,
 ) -> Technician:
     """Reasons: malformed, payload_type, signature, keyring_expired, wrong_locker, expired."""
-    env = parse_envelope(decode_token(token))
+    return verify_technician_envelope(
+        parse_token(token), technicians_role=technicians_role,
+        keyring_expires_at=keyring_expires_at, locker_id=locker_id, now=now)
+
+
+def verify_technician_envelope(
+    env: Envelope,
+    *,
+    technicians_role: RoleKeys,
+    keyring_expires_at: datetime,
+    locker_id: str,
+    now: datetime,
+) -> Technician:
+    """`verify_technician` of a token already parsed by `parse_token`."""
     payload = verify_role(env, expected_type=TECHNICIAN_PAYLOAD_TYPE, role=technicians_role)
     if now >= keyring_expires_at:
         raise TrustError("the keyring has expired: no token is accepted until a fresh keyring "
@@ -111,6 +136,21 @@ def verify_technician(
     if now >= tech.expires_at:
         raise TrustError(f"token expired at {format_time(tech.expires_at)}", reason="expired")
     return tech
+
+
+def token_issuer(env: Envelope, *, technicians_role: RoleKeys) -> str:
+    """Whom a refused token counts against in the console's login throttle: `tech:<tech_id>`
+    when its signature verifies and its payload names a technician, else `key:<keyids>` for
+    the keys of the role it claims to be signed by (`key:unknown` when it claims none)."""
+    signers = count_valid_signers(env, technicians_role.keys)
+    if env.payload_type == TECHNICIAN_PAYLOAD_TYPE and len(signers) >= technicians_role.threshold:
+        try:
+            return "tech:" + parse_technician_payload(env.payload).tech_id
+        except TrustError:
+            return "key:" + ",".join(sorted(signers))
+    # A keyid is only a claim here; limiting it to the role's keyids keeps the set small.
+    claimed = sorted({s.keyid for s in env.signatures if s.keyid in technicians_role.keys})
+    return "key:" + (",".join(claimed) or "unknown")
 
 
 def build_technician_payload(
