@@ -245,7 +245,9 @@ HOSTILE = {
     "random bytes": os.urandom(512),
     "empty": b"",
     "json array": b"[1, 2, 3]",
-    "huge": b"{" + b" " * (80 * 1024) + b"}",
+    # Over [mqtt] max_payload_bytes (64 KiB here) but within the packet size the daemon
+    # announces: the broker sends it, and the daemon refuses it at receipt.
+    "huge": b"{" + b" " * (64 * 1024 + 100) + b"}",
 }
 
 
@@ -266,6 +268,25 @@ async def test_hostile_payloads_are_refused_and_the_daemon_stays_up(
         await raw_publish(broker, "lockers/L1/sync/request", os.urandom(64))
         await raw_publish(broker, "lockers/L1/state", b"garbage")
         assert (r.app.codes.version(), r.app.cache.keyring_version) == (5, 1)
+        r.world.press(CODE + "#")
+        await r.wait_event("pickup.opened")
+
+
+async def test_the_broker_never_sends_a_packet_over_the_announced_maximum(
+    kit: BankKit, broker: Broker
+) -> None:
+    async with running(kit) as r:
+        await synced(kit, broker, r)
+        assert r.app.link is not None
+        status = r.app.link.status
+        received, refused = status.received, status.refused_too_large
+        # Far over max_payload_bytes + PACKET_OVERHEAD: the broker drops it for this client
+        # (MQTT 5 Maximum Packet Size), so it is never even read off the socket.
+        await raw_publish(broker, "lockers/L1/codes", b"{" + b" " * (200 * 1024) + b"}")
+        await raw_publish(broker, "lockers/L1/codes", b"[]")  # a small marker behind it
+        ev = await r.wait_event("cache.rejected")
+        assert ev.data["reason"] == "malformed"
+        assert (status.received, status.refused_too_large) == (received + 1, refused)
         r.world.press(CODE + "#")
         await r.wait_event("pickup.opened")
 
