@@ -318,3 +318,47 @@ async def test_state_is_retained_and_the_will_says_offline(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_clean_stop_leaves_the_state_offline_and_reports_stopping(
+    make_kit: Callable[..., BankKit], broker: Broker
+) -> None:
+    """A clean DISCONNECT discards the will: the daemon says offline itself, after its last
+    event has reached the broker."""
+    kit = make_kit([], overrides=mqtt_overrides(broker))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockerd.cli.lockerd_cmd", "run", "-c", str(kit.config_path),
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with watching(broker) as w:
+            await wait_until(lambda: any(s.get("status") == "online" for s in w.on("state")),
+                             timeout=15, what="online state")
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+            await wait_until(lambda: w.on("state")[-1] == {"status": "offline"},
+                             what="offline state before the disconnect")
+            await wait_until(lambda: any(e["type"] == "daemon.stopping" for e in w.on("events")),
+                             what="daemon.stopping received")
+            stopping = next(e for e in w.on("events") if e["type"] == "daemon.stopping")
+            assert stopping["seq"] == max(e["seq"] for e in w.on("events"))
+        async with watching(broker) as late:
+            await wait_until(lambda: bool(late.on("state")), what="retained state")
+            assert late.on("state") == [{"status": "offline"}]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_the_apps_own_stop_says_offline_too(kit: BankKit, broker: Broker) -> None:
+    async with watching(broker) as w:
+        async with running(kit) as r:
+            assert r.app.link is not None
+            await asyncio.wait_for(r.app.link.subscribed.wait(), 10)
+            await wait_until(lambda: any(s.get("status") == "online" for s in w.on("state")),
+                             what="online state")
+        # running() has returned: the app's stop ran to the end.
+        await wait_until(lambda: w.on("state")[-1] == {"status": "offline"},
+                         what="offline state")
+        await wait_until(lambda: "daemon.stopping" in [e["type"] for e in w.on("events")],
+                         what="daemon.stopping received")
