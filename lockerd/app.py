@@ -178,7 +178,8 @@ class App:
             "link": None if link is None else {
                 "connects": link.connects, "last_error": link.last_error,
                 "refused_too_large": link.refused_too_large,
-                "dropped_qos0": link.dropped_qos0},
+                "dropped_qos0": link.dropped_qos0, "deferred": link.deferred,
+                "inbox_peak": link.inbox_peak},
             "out_of_service": {cid: c.service_reason
                                for cid, c in self.controller.compartments.items()
                                if not c.in_service},

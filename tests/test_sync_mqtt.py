@@ -291,6 +291,30 @@ async def test_the_broker_never_sends_a_packet_over_the_announced_maximum(
         await r.wait_event("pickup.opened")
 
 
+async def test_a_flood_on_cmd_stays_within_the_inbox_and_every_message_is_answered(
+    kit: BankKit, broker: Broker
+) -> None:
+    """More QoS 1 messages than the inbox holds, as fast as the broker takes them: the queue
+    stays capped, and what it could not take the broker delivers again after a reconnect."""
+    from lockerd.services.inbox import QOS1_CAP
+
+    count = 120
+    async with watching(broker) as w, running(kit) as r:
+        await synced(kit, broker, r)
+        assert r.app.link is not None
+        async with aiomqtt.Client(broker.host, broker.port, max_inflight_messages=count) as c:
+            await asyncio.gather(*(c.publish("lockers/L1/cmd", b"\x00" * 32 * 1024, qos=1)
+                                   for _ in range(count)))
+        await wait_until(lambda: len(w.on("cmd/result")) >= count, timeout=60,
+                         what=f"{count} answers on cmd/result")
+        assert {(x["status"], x["detail"]) for x in w.on("cmd/result")} == {
+            ("rejected", "malformed")}
+        status = r.app.link.status
+        assert 0 < status.inbox_peak <= QOS1_CAP
+        r.world.press(CODE + "#")
+        await r.wait_event("pickup.opened")
+
+
 async def test_state_is_retained_and_the_will_says_offline(
     make_kit: Callable[..., BankKit], broker: Broker
 ) -> None:

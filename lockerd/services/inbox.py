@@ -1,4 +1,4 @@
-"""The MQTT session's bounded inbox: oversize payloads refused at receipt, QoS 0 capped."""
+"""The MQTT session's bounded inbox: oversize payloads refused at receipt, its length capped."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import aiomqtt
 WINDOW = 10
 # Room kept for QoS 0 messages (no flow control applies to them; they are dropped beyond it).
 QOS0_ROOM = WINDOW
+# A broker that ignores the Receive Maximum (Mosquitto 2.0.11 sends more each time the daemon
+# publishes) is not followed: QoS 1 messages beyond this are left unacknowledged.
+QOS1_CAP = 2 * WINDOW
 
 
 @dataclass
@@ -20,6 +23,9 @@ class InboxCounts:
 
     refused_too_large: int = 0
     dropped_qos0: int = 0
+    deferred: int = 0  # QoS 1 messages left unacknowledged for the broker to send again
+    awaiting_redelivery: int = 0  # of those, the ones of the current connection
+    peak: int = 0  # the most messages one queue has held
 
 
 class Refused(aiomqtt.Message):
@@ -38,9 +44,11 @@ class Refused(aiomqtt.Message):
 class Inbox(asyncio.Queue[aiomqtt.Message]):
     """A queue that applies the receipt rules in `put_nowait`, so nothing big is buffered.
 
-    QoS 1 messages are always queued: they are bounded by the Receive Maximum (WINDOW), since
-    they are acknowledged only once handled. A QoS 0 message finding QOS0_ROOM messages queued
-    is dropped (counted). A payload over `max_payload` is replaced by a `Refused` marker.
+    QoS 1 messages are bounded by the Receive Maximum (WINDOW), since they are acknowledged
+    only once handled; one finding QOS1_CAP queued all the same is not queued and not
+    acknowledged (the link reconnects later and the broker delivers it again). A QoS 0 message
+    finding QOS0_ROOM queued is dropped. A payload over `max_payload` is replaced by a
+    `Refused` marker. All three are counted.
     aiomqtt builds its incoming queue with `queue_type(maxsize=...)`: `factory` gives it one.
     """
 
@@ -68,7 +76,12 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
         if item.qos == 0 and self.qsize() >= QOS0_ROOM:
             self.counts.dropped_qos0 += 1
             return
+        if item.qos > 0 and self.qsize() >= QOS1_CAP:
+            self.counts.deferred += 1
+            self.counts.awaiting_redelivery += 1
+            return
         super().put_nowait(item)
+        self.counts.peak = max(self.counts.peak, self.qsize())
 
 
 def _size(payload: object) -> int:

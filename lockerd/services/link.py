@@ -42,6 +42,8 @@ class LinkStatus:
     received: int = 0
     refused_too_large: int = 0
     dropped_qos0: int = 0
+    deferred: int = 0
+    inbox_peak: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,7 +53,9 @@ class MqttLink:
     Other services register topic handlers and on-connect callbacks before `run`, and
     publish through `publish`, which fails fast with NotConnected while the link is down.
     What comes in is bounded (see lockerd.services.inbox): a QoS 1 message is acknowledged
-    only once its handler has run, and the broker sends at most WINDOW unacknowledged ones.
+    only once its handler has run (a command as it starts), the broker is asked to send at
+    most WINDOW unacknowledged ones, and what a broker sends beyond twice that is left
+    unacknowledged and fetched again by reconnecting once the inbox has drained.
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class MqttLink:
             # so whoever sees the bank online can talk to it. The inbox applies the same
             # receipt rules as aiomqtt's own queue, so neither grows without bound.
             inbox = Inbox(max_payload=self._max_payload, counts=self._counts)
+            self._counts.awaiting_redelivery = 0  # a new connection delivers them again
             worker: asyncio.Task[None] | None = None
             try:
                 for topic in self._handlers:
@@ -216,6 +221,15 @@ class MqttLink:
             if not early:
                 ack(client, message)
             _raise_if_cancelling()
+            if self._counts.awaiting_redelivery and inbox.empty() and not len(client.messages):
+                # Messages left unacknowledged when the inbox was full: a new connection of
+                # the same session has the broker deliver them again (MQTT 5, 4.4).
+                log.warning("inbox overflowed; reconnecting to have the broker deliver the "
+                            "messages left unacknowledged again",
+                            messages=self._counts.awaiting_redelivery)
+                self._counts.awaiting_redelivery = 0
+                await self._disconnect(client)
+                return
 
     async def _guarded(self, work: Awaitable[None], *, what: str) -> None:
         try:
@@ -239,6 +253,8 @@ class MqttLink:
             return
         self.status.refused_too_large = self._counts.refused_too_large
         self.status.dropped_qos0 = self._counts.dropped_qos0
+        self.status.deferred = self._counts.deferred
+        self.status.inbox_peak = self._counts.peak
         if isinstance(message, Refused):
             # Refused at receipt (lockerd.services.inbox): only its size was kept.
             log.warning("payload over the configured limit; refused", topic=topic,
