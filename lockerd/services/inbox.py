@@ -9,7 +9,7 @@ import aiomqtt
 
 # QoS 1 messages held unacknowledged at once: the Receive Maximum the daemon announces, so the
 # broker never sends more before the daemon has handled (and only then acknowledged) them.
-WINDOW = 10
+WINDOW = 8
 # Room kept for QoS 0 messages (no flow control applies to them; they are dropped beyond it).
 QOS0_ROOM = WINDOW
 # A broker that ignores the Receive Maximum (Mosquitto 2.0.11 sends more each time the daemon
