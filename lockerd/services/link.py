@@ -137,7 +137,9 @@ class MqttLink:
             async with asyncio.timeout(timeout_s):
                 await client.publish(will.topic, will.payload, qos=1, retain=True)
         except (aiomqtt.MqttError, TimeoutError) as exc:
-            log.warning("offline state not confirmed by the broker; the will stays armed",
+            # If the link is really gone the broker publishes the will (the same state) once
+            # it notices; if the DISCONNECT does get through, the state may stay online.
+            log.warning("offline state not confirmed by the broker before disconnecting",
                         error=str(exc) or type(exc).__name__)
             return False
         return True
