@@ -441,8 +441,10 @@ def _build_network(app: App, trusted: TrustedClock) -> None:
             "device": "outbox", "detail": f"{depth} unacknowledged events, over "
             f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
-    def outbox_shed(count: int) -> None:
-        controller.commit_event("outbox.shed", {"count": count})
+    def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
+        # `seqs` names the gaps for good: a backend must not acknowledge past a gap otherwise.
+        controller.commit_event("outbox.shed", {"count": count,
+                                                "seqs": [list(run) for run in runs]})
 
     app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
                                     locker_id=config.locker.id, on_full=outbox_full,

@@ -34,6 +34,17 @@ def test_ack_tracker_never_passes_a_gap_and_prints_each_seq_once() -> None:
     assert (t.upto, t.gap) == (10, False)
 
 
+def test_ack_tracker_passes_the_gaps_an_outbox_shed_event_names() -> None:
+    t = AckTracker(0)
+    assert [e["seq"] for e in t.offer(event(1), 1)] == [1]
+    assert t.offer(event(4), 4) == []  # 2 and 3 are missing: held back
+    shed = {**event(6), "type": "outbox.shed", "data": {"count": 3, "seqs": [[2, 3], [5, 5]]}}
+    assert [e["seq"] for e in t.offer(shed, 6)] == [4, 6]
+    assert (t.upto, t.gap) == (6, False)
+    junk = {**event(8), "type": "outbox.shed", "data": {"seqs": [[7, True], "x", [9, 7]]}}
+    assert t.offer(junk, 8) == [] and t.upto == 6, "a malformed run names no gap"
+
+
 async def test_events_with_a_gap_are_asked_again_and_acked_in_order(
     broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -109,11 +109,14 @@ class AckTracker:
 
     Events after a gap are held back, unprinted, until the gap is filled; a seq at or below S
     is a re-publish and is not printed again. Only S may be acknowledged (PROTOCOL section 5).
+    The seqs an `outbox.shed` event names (`data.seqs`, runs [first, last]) were dropped by
+    the bank for good: they count as seen, so a shed gap does not stop acknowledgements.
     """
 
     def __init__(self, upto: int = 0, *, max_held: int = 10_000) -> None:
         self.upto = upto
         self._held: dict[int, dict[str, Any]] = {}
+        self._gone: list[tuple[int, int]] = []
         self._max_held = max_held
 
     @property
@@ -125,16 +128,36 @@ class AckTracker:
         """The events that can be printed now, in seq order (none while a gap is open)."""
         if seq <= self.upto:
             return []
-        if seq != self.upto + 1:
-            if len(self._held) < self._max_held:  # beyond it they come again on a resend
-                self._held.setdefault(seq, event)
-            return []
-        ready = [event]
-        self.upto = seq
-        while (following := self._held.pop(self.upto + 1, None)) is not None:
-            ready.append(following)
-            self.upto += 1
+        if event.get("type") == "outbox.shed":
+            self._gone.extend(_runs_of(event.get("data")))
+        if seq == self.upto + 1 or len(self._held) < self._max_held:
+            self._held.setdefault(seq, event)  # past max_held they come again on a resend
+        ready: list[dict[str, Any]] = []
+        while True:
+            following = self._held.pop(self.upto + 1, None)
+            if following is not None:
+                ready.append(following)
+                self.upto += 1
+                continue
+            run = next((r for r in self._gone if r[0] <= self.upto + 1 <= r[1]), None)
+            if run is None:
+                break
+            self.upto = run[1]
+        for stale in [s for s in self._held if s <= self.upto]:
+            del self._held[stale]
         return ready
+
+
+def _runs_of(data: Any) -> list[tuple[int, int]]:
+    """The [first, last] runs of an outbox.shed event's data.seqs; anything malformed is none."""
+    seqs = data.get("seqs") if isinstance(data, dict) else None
+    runs: list[tuple[int, int]] = []
+    for run in seqs if isinstance(seqs, list) else []:
+        if (isinstance(run, list) and len(run) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in run)
+                and 0 < run[0] <= run[1]):
+            runs.append((run[0], run[1]))
+    return runs
 
 
 class AckState:

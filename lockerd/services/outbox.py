@@ -39,7 +39,7 @@ class OutboxPublisher:
         topics: Topics,
         outbox: Outbox,
         locker_id: str,
-        on_shed: Callable[[int], None] | None = None,
+        on_shed: Callable[[int, tuple[tuple[int, int], ...]], None] | None = None,
         on_full: Callable[[int], None] | None = None,
     ) -> None:
         self._link = link
@@ -162,7 +162,7 @@ class OutboxPublisher:
             log.warning("outbox over its limit: telemetry events shed", shed=pressure.shed,
                         depth=pressure.depth, limit=self._outbox.max_events)
             if self._on_shed is not None:
-                self._on_shed(pressure.shed)
+                self._on_shed(pressure.shed, pressure.shed_runs)
         if pressure.over_limit and not self._full_reported:
             self._full_reported = True
             log.error("outbox full of access and fault events; none is dropped",
