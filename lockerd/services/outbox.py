@@ -188,7 +188,6 @@ class OutboxPublisher:
         if after > before:
             log.debug("events acknowledged", upto_seq=after)
 
-
     async def _on_resend(self, message: aiomqtt.Message) -> None:
         raw = payload_bytes(message)
         from_seq = _parse_resend(raw)
