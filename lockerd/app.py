@@ -70,6 +70,8 @@ T = TypeVar("T")
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 STABLE_RUN_S = 60.0
+# How long a clean stop waits for `daemon.stopping` and the offline state to reach the broker.
+GOODBYE_S = 3.0
 
 
 class ShutdownRequested(Exception):
@@ -121,6 +123,7 @@ class App:
     # The tasks the watchdog vouches for: the controller and the hardware's own tasks. A
     # console or network task that crash-loops is restarted with backoff, never the bank.
     watchdog_tasks: set[str] = field(default_factory=set)
+    stopping_recorded: bool = False
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Run until SIGTERM/SIGINT or `stop` is set; outputs are off before and after."""
@@ -191,7 +194,9 @@ class App:
             "tasks_down": sorted(name for name, up in self.task_up.items() if not up),
             "link": None if link is None else {
                 "connects": link.connects, "last_error": link.last_error,
-                "refused_too_large": link.refused_too_large},
+                "refused_too_large": link.refused_too_large,
+                "dropped_qos0": link.dropped_qos0, "deferred": link.deferred,
+                "inbox_peak": link.inbox_peak},
             "out_of_service": {cid: c.service_reason
                                for cid, c in self.controller.compartments.items()
                                if not c.in_service},
@@ -234,7 +239,35 @@ class App:
 
     async def _wait_stop(self) -> None:
         await self.stop.wait()
+        await self._goodbye()
         raise ShutdownRequested
+
+    async def _goodbye(self) -> None:
+        """While every service still runs: record `daemon.stopping`, let it reach the broker,
+        then leave the retained state `offline` (a clean disconnect discards the will)."""
+        seq = self._record_stopping()
+        link, publisher = self.link, self.publisher
+        if link is None or not link.connected.is_set():
+            return
+        try:
+            async with asyncio.timeout(GOODBYE_S):
+                if publisher is not None and seq is not None:
+                    await publisher.wait_delivered(seq)
+        except TimeoutError:
+            log.warning("daemon.stopping not confirmed by the broker before stopping; it "
+                        "stays in the outbox for the next start")
+        await link.close(timeout_s=GOODBYE_S)
+
+    def _record_stopping(self) -> int | None:
+        """Commit `daemon.stopping` once; its seq, or None (already recorded, or it failed)."""
+        if self.stopping_recorded:
+            return None
+        self.stopping_recorded = True
+        try:
+            return self.controller.commit_event("daemon.stopping", {}).seq
+        except Exception:
+            log.exception("could not record daemon.stopping")
+            return None
 
     def _input_runners(self) -> dict[str, Callable[[], Awaitable[None]]]:
         emit = self.controller.emit
@@ -314,8 +347,7 @@ class App:
 
     async def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        with contextlib.suppress(Exception):
-            self.controller.commit_event("daemon.stopping", {})
+        self._record_stopping()  # when the stop did not come through _wait_stop
         await self.controller.wait_pulses()
         try:
             await self.devices.lock.all_off()
@@ -503,8 +535,10 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
             "device": "outbox", "detail": f"{depth} unacknowledged events, over "
             f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
-    def outbox_shed(count: int) -> None:
-        controller.commit_event("outbox.shed", {"count": count})
+    def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
+        # `seqs` names the gaps for good: a backend must not acknowledge past a gap otherwise.
+        controller.commit_event("outbox.shed", {"count": count,
+                                                "seqs": [list(run) for run in runs]})
 
     app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
                                     locker_id=config.locker.id, on_full=outbox_full,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from lockerd.config import Config
 from lockerd.errors import ConfigError
@@ -14,6 +17,13 @@ from lockerd.errors import ConfigError
 # aiomqtt warns whenever more than ten publishes await their PUBACK, which the outbox's
 # pipelining does by design; configure_logging keeps this logger to errors.
 CLIENT_LOGGER = "lockerd.mqtt.client"
+
+# The broker keeps the daemon's session (subscriptions, queued QoS 1 messages) this long after
+# the link drops. MQTT 5 ends a session at disconnect unless the interval is above zero.
+SESSION_EXPIRY_S = 7 * 24 * 3600
+# Room for the fixed header, topic, packet id and properties around a payload.
+PACKET_OVERHEAD = 4096
+MQTT_MAX_PACKET = 268_435_455  # the largest packet MQTT can express
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,10 @@ class Topics:
         return self.prefix + "events/ack"
 
     @property
+    def events_resend(self) -> str:
+        return self.prefix + "events/resend"
+
+    @property
     def cmd(self) -> str:
         return self.prefix + "cmd"
 
@@ -77,6 +91,49 @@ class BrokerSettings:
     key_file: str | None = None
     keepalive_s: int = 30
 
+    def session_client(
+        self,
+        *,
+        will: aiomqtt.Will,
+        max_payload_bytes: int,
+        receive_maximum: int,
+        queue_type: type[asyncio.Queue[aiomqtt.Message]],
+        max_inflight: int,
+        timeout_s: float = 10.0,
+    ) -> aiomqtt.Client:
+        """The daemon's MQTT 5 client: a persistent session with flow control on what comes in.
+
+        Clean start false plus a Session Expiry Interval keep the session across reconnects.
+        Receive Maximum bounds the QoS 1 messages the broker sends before they are acknowledged,
+        and messages are acknowledged by `ack` once handled, not on receipt. Maximum Packet Size
+        lets the broker drop an oversize message instead of sending it.
+        """
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = receive_maximum
+        props.MaximumPacketSize = min(max_payload_bytes + PACKET_OVERHEAD, MQTT_MAX_PACKET)
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id or None,
+            username=self.username,
+            password=self.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            will=will,
+            keepalive=self.keepalive_s,
+            tls_params=self._tls(),
+            timeout=timeout_s,
+            max_inflight_messages=max_inflight,
+            queue_type=queue_type,
+            logger=logging.getLogger(CLIENT_LOGGER),
+        )
+        # aiomqtt 2.x does not expose paho's application-controlled acknowledgements yet
+        # (aiomqtt issue #345); they are switched on before connecting, as that issue shows.
+        client._client.manual_ack_set(True)
+        return client
+
     def client(
         self,
         *,
@@ -85,11 +142,6 @@ class BrokerSettings:
         timeout_s: float = 10.0,
         max_inflight: int | None = None,
     ) -> aiomqtt.Client:
-        tls = None
-        if self.ca_file is not None:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=self.ca_file, certfile=self.cert_file, keyfile=self.key_file
-            )
         return aiomqtt.Client(
             self.host,
             self.port,
@@ -99,11 +151,23 @@ class BrokerSettings:
             clean_session=clean_session,
             will=will,
             keepalive=self.keepalive_s,
-            tls_params=tls,
+            tls_params=self._tls(),
             timeout=timeout_s,
             max_inflight_messages=max_inflight,
             logger=logging.getLogger(CLIENT_LOGGER),
         )
+
+    def _tls(self) -> aiomqtt.TLSParameters | None:
+        if self.ca_file is None:
+            return None
+        return aiomqtt.TLSParameters(ca_certs=self.ca_file, certfile=self.cert_file,
+                                     keyfile=self.key_file)
+
+
+def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    """Acknowledge a handled QoS 1 message of a `session_client` (a no-op for QoS 0)."""
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
 
 
 def read_password(path: Path, *, where: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from broker import Broker
-from conftest import Running, running, wait_until
+from conftest import Running, running, stored_events, wait_until
 from test_sync_mqtt import mqtt_overrides, publish, raw_publish, watching
 
 from lockerd.provision import BankKit, PlainCode
@@ -41,40 +41,67 @@ async def connected(r: Running) -> None:
     await asyncio.wait_for(r.app.link.subscribed.wait(), 10)
 
 
-REFUSALS: dict[str, tuple[str, Callable[[BankKit], bytes], bool]] = {
+REFUSALS: dict[str, tuple[str, Callable[[BankKit], bytes]]] = {
     "expired": ("expired", lambda k: k.command("clear_lockout", cmd_id="c-exp",
-                                               expires_at=utcnow() - timedelta(seconds=1)),
-                False),
+                                               expires_at=utcnow() - timedelta(seconds=1))),
     "another locker": ("wrong_locker", lambda k: k.command("clear_lockout", cmd_id="c-oth",
-                                                           locker_id="L2"), False),
+                                                           locker_id="L2")),
     "signed by the codes key": ("signature", lambda k: k.command(
-        "clear_lockout", cmd_id="c-sig", signer=k.codes_key), False),
-    "retained": ("retained", lambda k: k.command("clear_lockout", cmd_id="c-ret"), True),
+        "clear_lockout", cmd_id="c-sig", signer=k.codes_key)),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 async def test_refusals_are_answered_with_the_reason(kit: BankKit, broker: Broker,
                                                      case: str) -> None:
-    reason, make, retain = REFUSALS[case]
+    reason, make = REFUSALS[case]
     raw = make(kit)
     cmd_id = json.loads(__import__("base64").b64decode(json.loads(raw)["payload"]))["cmd_id"]
+    async with watching(broker) as w, running(kit) as r:
+        await connected(r)
+        await raw_publish(broker, "lockers/L1/cmd", raw)
+        [result] = await results(w, cmd_id)
+        assert result == {"cmd_id": cmd_id, "status": "rejected", "detail": reason}
+        event = await r.wait_event("command.result")
+        assert (event.data["status"], event.data["reason"]) == ("rejected", reason)
+        assert r.events("command.started") == []
+
+
+async def test_a_retained_command_is_refused_once_whether_live_or_queued(
+    kit: BankKit, broker: Broker
+) -> None:
+    """Retain As Published shows the publisher's flag on a live and on a queued delivery, and
+    Retain Handling 2 keeps the subscription from delivering the retained copy again."""
+    live = kit.command("open", cmd_id="c-ret-live", args={"compartment": "5"})
+    away = kit.command("open", cmd_id="c-ret-away", args={"compartment": "6"})
+    refused = {"status": "rejected", "detail": "retained"}
     async with watching(broker) as w:
-        if retain:
-            # The retain flag is only visible on a delivery caused by subscribing: this is
-            # how a retained command reaches a bank that (re)connects.
-            await raw_publish(broker, "lockers/L1/cmd", raw, retain=True)
         async with running(kit) as r:
             await connected(r)
-            if not retain:
-                await raw_publish(broker, "lockers/L1/cmd", raw)
-            [result] = await results(w, cmd_id)
-            assert result == {"cmd_id": cmd_id, "status": "rejected", "detail": reason}
-            event = await r.wait_event("command.result")
-            assert (event.data["status"], event.data["reason"]) == ("rejected", reason)
-            assert r.events("command.started") == []
-    if retain:
-        await raw_publish(broker, "lockers/L1/cmd", b"", retain=True)  # clear it
+            await raw_publish(broker, "lockers/L1/cmd", live, retain=True)
+            [result] = await results(w, "c-ret-live")
+            assert result == {"cmd_id": "c-ret-live", **refused}
+        # The bank is away: its persistent session queues the next one, retained too.
+        await raw_publish(broker, "lockers/L1/cmd", away, retain=True)
+        async with running(kit) as r:
+            await connected(r)
+            [result] = await results(w, "c-ret-away")
+            assert result == {"cmd_id": "c-ret-away", **refused}
+            # A command behind it: anything the subscription delivered came before it.
+            await raw_publish(broker, "lockers/L1/cmd",
+                              kit.command("clear_lockout", cmd_id="c-after"))
+            [after] = await results(w, "c-after")
+            assert after["status"] == "ok"
+            assert [e.data["cmd_id"] for e in r.events("command.started")] == ["c-after"]
+            assert r.world.pulses == []
+            # Clearing the retained copy is no command: it gets no result.
+            await raw_publish(broker, "lockers/L1/cmd", b"", retain=True)
+            await raw_publish(broker, "lockers/L1/cmd",
+                              kit.command("clear_lockout", cmd_id="c-after-2"))
+            await results(w, "c-after-2")
+    by_id = [x["cmd_id"] for x in w.on("cmd/result")]
+    assert sorted(by_id) == ["c-after", "c-after-2", "c-ret-away", "c-ret-live"]
+    assert [e for e in stored_events(kit) if e.type == "lock.pulse"] == []
 
 
 async def test_garbage_on_cmd_is_refused_and_the_daemon_stays_up(kit: BankKit,

@@ -75,6 +75,8 @@ def test_shedding_drops_telemetry_only_and_reports_access_overflow(tmp_path: Pat
     assert (pressure.shed, pressure.depth, pressure.over_limit) == (20, 100, False)
     left = [r[0] for r in db.conn.execute("SELECT type FROM events")]
     assert left.count("pickup.opened") == 30 and left.count("pickup.completed") == 30
+    # door.opened and door.closed alternate with access events: every other seq, from 1.
+    assert pressure.shed_runs == tuple((s, s) for s in range(1, 41, 2))[:20]
     box2, _ = filled(tmp_path / "b", ["pickup.opened"] * 120, max_events=100)
     pressure = box2.shed()
     assert (pressure.shed, pressure.depth, pressure.over_limit) == (0, 120, True)

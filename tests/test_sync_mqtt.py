@@ -245,7 +245,9 @@ HOSTILE = {
     "random bytes": os.urandom(512),
     "empty": b"",
     "json array": b"[1, 2, 3]",
-    "huge": b"{" + b" " * (80 * 1024) + b"}",
+    # Over [mqtt] max_payload_bytes (64 KiB here) but within the packet size the daemon
+    # announces: the broker sends it, and the daemon refuses it at receipt.
+    "huge": b"{" + b" " * (64 * 1024 + 100) + b"}",
 }
 
 
@@ -266,6 +268,49 @@ async def test_hostile_payloads_are_refused_and_the_daemon_stays_up(
         await raw_publish(broker, "lockers/L1/sync/request", os.urandom(64))
         await raw_publish(broker, "lockers/L1/state", b"garbage")
         assert (r.app.codes.version(), r.app.cache.keyring_version) == (5, 1)
+        r.world.press(CODE + "#")
+        await r.wait_event("pickup.opened")
+
+
+async def test_the_broker_never_sends_a_packet_over_the_announced_maximum(
+    kit: BankKit, broker: Broker
+) -> None:
+    async with running(kit) as r:
+        await synced(kit, broker, r)
+        assert r.app.link is not None
+        status = r.app.link.status
+        received, refused = status.received, status.refused_too_large
+        # Far over max_payload_bytes + PACKET_OVERHEAD: the broker drops it for this client
+        # (MQTT 5 Maximum Packet Size), so it is never even read off the socket.
+        await raw_publish(broker, "lockers/L1/codes", b"{" + b" " * (200 * 1024) + b"}")
+        await raw_publish(broker, "lockers/L1/codes", b"[]")  # a small marker behind it
+        ev = await r.wait_event("cache.rejected")
+        assert ev.data["reason"] == "malformed"
+        assert (status.received, status.refused_too_large) == (received + 1, refused)
+        r.world.press(CODE + "#")
+        await r.wait_event("pickup.opened")
+
+
+async def test_a_flood_on_cmd_stays_within_the_inbox_and_every_message_is_answered(
+    kit: BankKit, broker: Broker
+) -> None:
+    """More QoS 1 messages than the inbox holds, as fast as the broker takes them: the queue
+    stays capped, and what it could not take the broker delivers again after a reconnect."""
+    from lockerd.services.inbox import QOS1_CAP
+
+    count = 120
+    async with watching(broker) as w, running(kit) as r:
+        await synced(kit, broker, r)
+        assert r.app.link is not None
+        async with aiomqtt.Client(broker.host, broker.port, max_inflight_messages=count) as c:
+            await asyncio.gather(*(c.publish("lockers/L1/cmd", b"\x00" * 32 * 1024, qos=1)
+                                   for _ in range(count)))
+        await wait_until(lambda: len(w.on("cmd/result")) >= count, timeout=60,
+                         what=f"{count} answers on cmd/result")
+        assert {(x["status"], x["detail"]) for x in w.on("cmd/result")} == {
+            ("rejected", "malformed")}
+        status = r.app.link.status
+        assert 0 < status.inbox_peak <= QOS1_CAP
         r.world.press(CODE + "#")
         await r.wait_event("pickup.opened")
 
@@ -297,3 +342,47 @@ async def test_state_is_retained_and_the_will_says_offline(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_clean_stop_leaves_the_state_offline_and_reports_stopping(
+    make_kit: Callable[..., BankKit], broker: Broker
+) -> None:
+    """A clean DISCONNECT discards the will: the daemon says offline itself, after its last
+    event has reached the broker."""
+    kit = make_kit([], overrides=mqtt_overrides(broker))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockerd.cli.lockerd_cmd", "run", "-c", str(kit.config_path),
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with watching(broker) as w:
+            await wait_until(lambda: any(s.get("status") == "online" for s in w.on("state")),
+                             timeout=15, what="online state")
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+            await wait_until(lambda: w.on("state")[-1] == {"status": "offline"},
+                             what="offline state before the disconnect")
+            await wait_until(lambda: any(e["type"] == "daemon.stopping" for e in w.on("events")),
+                             what="daemon.stopping received")
+            stopping = next(e for e in w.on("events") if e["type"] == "daemon.stopping")
+            assert stopping["seq"] == max(e["seq"] for e in w.on("events"))
+        async with watching(broker) as late:
+            await wait_until(lambda: bool(late.on("state")), what="retained state")
+            assert late.on("state") == [{"status": "offline"}]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_the_apps_own_stop_says_offline_too(kit: BankKit, broker: Broker) -> None:
+    async with watching(broker) as w:
+        async with running(kit) as r:
+            assert r.app.link is not None
+            await asyncio.wait_for(r.app.link.subscribed.wait(), 10)
+            await wait_until(lambda: any(s.get("status") == "online" for s in w.on("state")),
+                             what="online state")
+        # running() has returned: the app's stop ran to the end.
+        await wait_until(lambda: w.on("state")[-1] == {"status": "offline"},
+                         what="offline state")
+        await wait_until(lambda: "daemon.stopping" in [e["type"] for e in w.on("events")],
+                         what="daemon.stopping received")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -103,54 +105,190 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 class AckTracker:
-    """Acknowledges the highest seq up to which every event has been seen, in order."""
+    """The highest seq S such that every event from 1 (or the state file's mark) to S was printed.
 
-    def __init__(self) -> None:
-        self.upto: int | None = None
+    Events after a gap are held back, unprinted, until the gap is filled; a seq at or below S
+    is a re-publish and is not printed again. Only S may be acknowledged (PROTOCOL section 5).
+    The seqs an `outbox.shed` event names (`data.seqs`, runs [first, last]) were dropped by
+    the bank for good: they count as seen, so a shed gap does not stop acknowledgements.
+    """
 
-    def seen(self, seq: int) -> bool:
-        """True when `seq` moves the acknowledgement forward."""
-        if self.upto is None or seq == self.upto + 1:
-            self.upto = seq
-            return True
-        return False
+    def __init__(self, upto: int = 0, *, max_held: int = 10_000) -> None:
+        self.upto = upto
+        self._held: dict[int, dict[str, Any]] = {}
+        self._gone: list[tuple[int, int]] = []
+        self._max_held = max_held
+
+    @property
+    def gap(self) -> bool:
+        """Events past a missing seq are waiting."""
+        return bool(self._held)
+
+    def offer(self, event: dict[str, Any], seq: int) -> list[dict[str, Any]]:
+        """The events that can be printed now, in seq order (none while a gap is open)."""
+        if seq <= self.upto:
+            return []
+        if event.get("type") == "outbox.shed":
+            self._gone.extend(_runs_of(event.get("data")))
+        if seq == self.upto + 1 or len(self._held) < self._max_held:
+            self._held.setdefault(seq, event)  # past max_held they come again on a resend
+        ready: list[dict[str, Any]] = []
+        while True:
+            following = self._held.pop(self.upto + 1, None)
+            if following is not None:
+                ready.append(following)
+                self.upto += 1
+                continue
+            run = next((r for r in self._gone if r[0] <= self.upto + 1 <= r[1]), None)
+            if run is None:
+                break
+            self.upto = run[1]
+        for stale in [s for s in self._held if s <= self.upto]:
+            del self._held[stale]
+        return ready
+
+
+def _runs_of(data: Any) -> list[tuple[int, int]]:
+    """The [first, last] runs of an outbox.shed event's data.seqs; anything malformed is none."""
+    seqs = data.get("seqs") if isinstance(data, dict) else None
+    runs: list[tuple[int, int]] = []
+    for run in seqs if isinstance(seqs, list) else []:
+        if (isinstance(run, list) and len(run) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in run)
+                and 0 < run[0] <= run[1]):
+            runs.append((run[0], run[1]))
+    return runs
+
+
+class AckState:
+    """The state file of `lockerctl events --state`: one bank's acknowledged seq, kept durably."""
+
+    def __init__(self, path: Path, locker_id: str) -> None:
+        self.path = path
+        self.locker_id = locker_id
+
+    def load(self) -> int:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise BrokerError(f"--state {self.path}: cannot read it: {exc.strerror}") from exc
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        upto = body.get("upto_seq") if isinstance(body, dict) else None
+        if isinstance(upto, bool) or not isinstance(upto, int) or upto < 0:
+            raise BrokerError(f"--state {self.path}: not a lockerctl events state file "
+                              "(expected {\"locker_id\": ..., \"upto_seq\": N})")
+        if body.get("locker_id") != self.locker_id:
+            raise BrokerError(f"--state {self.path} belongs to locker "
+                              f"{body.get('locker_id')!r}, not {self.locker_id!r}: use one "
+                              "state file per bank")
+        return upto
+
+    def save(self, upto: int) -> None:
+        """Written and synced before the acknowledgement that relies on it is sent."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump({"locker_id": self.locker_id, "upto_seq": upto}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+RESEND_AGAIN_S = 5.0  # a gap still open this long after asking is asked about again
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     settings, topics = _settings(args)
     out: TextIO = sys.stdout
+    state = AckState(args.state, args.locker) if args.state is not None else None
+    if args.ack and state is None:
+        print("lockerctl: --ack without --state acknowledges nothing: the bank keeps every "
+              "event until a backend that stores them acknowledges", file=sys.stderr)
+    tracker = AckTracker(state.load()) if state is not None else None
+    acked = tracker.upto if tracker is not None else 0
+    printed = 0
 
-    async def go() -> int:
-        tracker = AckTracker()
-        count = 0
+    async def go() -> None:
+        nonlocal printed, acked
         # A fixed client id keeps a persistent session, so events published while this
         # tool was not running are delivered when it comes back.
         persistent = bool(args.client_id)
         async with settings.client(clean_session=not persistent,
                                    timeout_s=args.timeout) as client:
             await client.subscribe(topics.events, qos=1)
+            asked: list[float] = []  # when the open gap was last asked about
+
+            async def resend(why: str) -> None:
+                assert tracker is not None
+                print(f"lockerctl: {why}: asking {topics.events_resend} from seq "
+                      f"{tracker.upto + 1}", file=sys.stderr)
+                asked[:] = [time.monotonic()]
+                await client.publish(topics.events_resend,
+                                     json.dumps({"from_seq": tracker.upto + 1}), qos=1)
+
+            if tracker is not None:
+                await resend("start" if tracker.upto == 0 else f"start after seq {tracker.upto}")
             try:
                 async with asyncio.timeout(args.wait if args.wait > 0 else None):
-                    async for message in client.messages:
+                    async for message in _messages(client, RESEND_AGAIN_S):
+                        if tracker is not None and tracker.gap and \
+                                time.monotonic() - asked[0] >= RESEND_AGAIN_S:
+                            await resend("gap still open")
+                        if message is None:
+                            continue
                         event = _decode_event(message)
                         if event is None:
                             continue
-                        print(json.dumps(event, separators=(",", ":")), file=out, flush=True)
-                        count += 1
-                        seq = event.get("seq")
-                        if args.ack and isinstance(seq, int) and tracker.seen(seq):
-                            await client.publish(topics.events_ack,
-                                                 json.dumps({"upto_seq": seq}), qos=1)
-                        if args.count and count >= args.count:
+                        ready = [event]
+                        if tracker is not None:
+                            seq = event.get("seq")
+                            if isinstance(seq, bool) or not isinstance(seq, int):
+                                print(f"lockerctl: ignored a message without a seq on "
+                                      f"{message.topic}", file=sys.stderr)
+                                continue
+                            before, was_gap = tracker.upto, tracker.gap
+                            ready = tracker.offer(event, seq)
+                            if tracker.gap and not was_gap and not ready:
+                                await resend(f"gap: seq {seq} came after {before}")
+                        for item in ready:
+                            print(json.dumps(item, separators=(",", ":")), file=out,
+                                  flush=True)
+                            printed += 1
+                        if ready and tracker is not None and state is not None:
+                            state.save(tracker.upto)
+                            if args.ack:
+                                await client.publish(
+                                    topics.events_ack,
+                                    json.dumps({"upto_seq": tracker.upto}), qos=1)
+                                acked = tracker.upto
+                        if args.count and printed >= args.count:
                             break
             except TimeoutError:
                 pass
-        return count
 
-    got = _run(go(), settings)
-    if args.ack and got:
-        print(f"lockerctl: {got} event(s) printed and acknowledged", file=sys.stderr)
+    _run(go(), settings)
+    if args.ack and state is not None:
+        print(f"lockerctl: {printed} event(s) printed; acknowledged up to seq {acked}",
+              file=sys.stderr)
     return 0
+
+
+async def _messages(client: aiomqtt.Client,
+                    idle_s: float) -> AsyncIterator[aiomqtt.Message | None]:
+    """The client's messages, with a None after every `idle_s` without one."""
+    stream = aiter(client.messages)
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                message = await anext(stream)
+        except TimeoutError:
+            yield None
+            continue
+        yield message
 
 
 def _decode_event(message: aiomqtt.Message) -> dict[str, Any] | None:
@@ -208,11 +346,17 @@ def add_commands(sub: Any, error_type: Callable[[str], Exception]) -> None:
     p = sub.add_parser(
         "events", help="print a locker's events from the broker, and acknowledge them",
         description="Subscribe to lockers/<id>/events and print each event as one JSON line. "
-        "With --ack, publish {\"upto_seq\": N} on lockers/<id>/events/ack as events arrive in "
-        "order, so the locker can prune them. With --client-id, a persistent session keeps "
-        "events that arrive while lockerctl is not running.")
+        "With --state FILE, events are printed in seq order without duplicates, the highest "
+        "seq up to which all were printed is kept in FILE (one per bank), and the bank is "
+        "asked on lockers/<id>/events/resend for what is missing: at start and on a gap. "
+        "With --ack as well, {\"upto_seq\": N} is published on lockers/<id>/events/ack for "
+        "that seq, never past a gap, so the locker can prune them. With --client-id, a "
+        "persistent session keeps events that arrive while lockerctl is not running.")
     add_broker_arguments(p)
-    p.add_argument("--ack", action="store_true", help="acknowledge what was printed")
+    p.add_argument("--ack", action="store_true",
+                   help="acknowledge what was printed (needs --state)")
+    p.add_argument("--state", type=Path, default=None, metavar="FILE",
+                   help="file keeping the highest contiguous seq printed, for this bank")
     p.add_argument("--count", type=int, default=0, help="stop after N events (default: never)")
     p.add_argument("--wait", type=float, default=0.0,
                    help="stop after this many seconds (default: never)")

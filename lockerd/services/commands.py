@@ -58,7 +58,10 @@ class CommandService:
         self._now = now
         self._observe_time = observe_signed_time
         self._rejections = RateLimiter(per_minute=20)
-        link.handle(topics.cmd, self._on_command)
+        # Retain As Published: a retained command is seen as retained even when delivered
+        # live, and none is sent because of the subscription (PROTOCOL section 5). Acked as
+        # it starts: a crash mid-command is reported `unknown`, not delivered and refused again.
+        link.handle(topics.cmd, self._on_command, publisher_retain=True, at_most_once=True)
         link.on_connect(self.send_unsent_results)
 
     def recover(self) -> list[CommandResult]:
@@ -78,6 +81,10 @@ class CommandService:
 
     async def _on_command(self, message: aiomqtt.Message) -> None:
         raw = payload_bytes(message)
+        if message.retain and not raw:
+            # An empty retained message clears a retained one: it is no command to answer.
+            log.info("retained command cleared on the broker", topic=str(message.topic))
+            return
         if message.retain:
             # A retained command would run again for every bank that subscribes later.
             await self._reject(peek_cmd_id(raw), "retained",

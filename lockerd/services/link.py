@@ -10,10 +10,12 @@ from datetime import datetime
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lockerd.core.backoff import Backoff
 from lockerd.logs import get_logger
-from lockerd.mqtt import BrokerSettings
+from lockerd.mqtt import BrokerSettings, ack
+from lockerd.services.inbox import WINDOW, Inbox, InboxCounts, Refused
 
 log = get_logger("lockerd.link")
 
@@ -39,14 +41,21 @@ class LinkStatus:
     last_error_at: datetime | None = None
     received: int = 0
     refused_too_large: int = 0
+    dropped_qos0: int = 0
+    deferred: int = 0
+    inbox_peak: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MqttLink:
-    """A persistent session (clean_session false, fixed client id) that comes back by itself.
+    """A persistent MQTT 5 session (clean start false, fixed client id) that comes back by itself.
 
     Other services register topic handlers and on-connect callbacks before `run`, and
     publish through `publish`, which fails fast with NotConnected while the link is down.
+    What comes in is bounded (see lockerd.services.inbox): a QoS 1 message is acknowledged
+    only once its handler has run (a command as it starts), the broker is asked to send at
+    most WINDOW unacknowledged ones, and what a broker sends beyond twice that is left
+    unacknowledged and fetched again by reconnecting once the inbox has drained.
     """
 
     def __init__(
@@ -62,11 +71,15 @@ class MqttLink:
     ) -> None:
         self._broker = broker
         self._will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
+        self._closing = False
         self._max_payload = max_payload_bytes
         self._backoff = backoff
         self._now = now
         self._on_too_large = on_too_large
         self._handlers: dict[str, Handler] = {}
+        self._publisher_retain: set[str] = set()
+        self._at_most_once: set[str] = set()
+        self._counts = InboxCounts()
         self._on_connect: list[OnConnect] = []
         self._client: aiomqtt.Client | None = None
         # Goodbyes still running after their session ended, kept so they are not collected.
@@ -79,8 +92,20 @@ class MqttLink:
         self.subscribed = asyncio.Event()  # connected, and every handled topic subscribed
         self.status = LinkStatus(broker=f"{broker.host}:{broker.port}")
 
-    def handle(self, topic: str, handler: Handler) -> None:
+    def handle(self, topic: str, handler: Handler, *, publisher_retain: bool = False,
+               at_most_once: bool = False) -> None:
+        """Route `topic` to `handler`. With `publisher_retain`, the topic is subscribed with
+        Retain As Published and Retain Handling 2: the retain flag a handler sees is the one
+        the publisher set, and no retained message is sent because of the subscription.
+
+        A message is acknowledged once its handler has run, so one the daemon did not get to
+        finish is delivered again; with `at_most_once` it is acknowledged as the handler
+        starts, for handlers that journal what they do (a command must never run twice)."""
         self._handlers[topic] = handler
+        if publisher_retain:
+            self._publisher_retain.add(topic)
+        if at_most_once:
+            self._at_most_once.add(topic)
 
     def on_connect(self, callback: OnConnect) -> None:
         self._on_connect.append(callback)
@@ -89,7 +114,7 @@ class MqttLink:
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> None:
         client = self._client
-        if client is None or not self.connected.is_set():
+        if client is None or not self.connected.is_set() or self._closing:
             raise NotConnected(f"not connected to {self.status.broker}")
         try:
             await client.publish(topic, payload, qos=qos, retain=retain)
@@ -99,8 +124,30 @@ class MqttLink:
     async def publish_json(self, topic: str, body: Any, **kwargs: Any) -> None:
         await self.publish(topic, json.dumps(body, separators=(",", ":")), **kwargs)
 
+    async def close(self, *, timeout_s: float = _SETTLE_S) -> bool:
+        """Leave the broker as a bank that died would: the will's retained `offline` state is
+        published (a clean DISCONNECT discards the will), and nothing is published after it.
+        Returns whether the broker acknowledged it within `timeout_s`."""
+        client = self._client
+        self._closing = True
+        if client is None or not self.connected.is_set():
+            return False
+        will = self._will
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.publish(will.topic, will.payload, qos=1, retain=True)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            # If the link is really gone the broker publishes the will (the same state) once
+            # it notices; if the DISCONNECT does get through, the state may stay online.
+            log.warning("offline state not confirmed by the broker before disconnecting",
+                        error=str(exc) or type(exc).__name__)
+            return False
+        return True
+
     async def run(self) -> None:
         while True:
+            if self._closing:
+                await asyncio.Event().wait()  # closed for good: wait to be cancelled
             try:
                 await self._session()
             except aiomqtt.MqttError as exc:
@@ -111,8 +158,10 @@ class MqttLink:
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        client = self._broker.client(clean_session=False, will=self._will,
-                                     max_inflight=self.max_inflight)
+        client = self._broker.session_client(
+            will=self._will, max_payload_bytes=self._max_payload, receive_maximum=WINDOW,
+            queue_type=Inbox.factory(max_payload=self._max_payload, counts=self._counts),
+            max_inflight=self.max_inflight)
         await self._connect(client)
         try:
             self._client = client
@@ -128,15 +177,17 @@ class MqttLink:
             # waiting for a PUBACK that will never come (the broker just died) must not keep
             # the reader from noticing the disconnect. The worker is cancelled with the session.
             # On-connect callbacks (state, sync request) run once every topic is subscribed,
-            # so whoever sees the bank online can talk to it.
-            inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+            # so whoever sees the bank online can talk to it. The inbox applies the same
+            # receipt rules as aiomqtt's own queue, so neither grows without bound.
+            inbox = Inbox(max_payload=self._max_payload, counts=self._counts)
+            self._counts.awaiting_redelivery = 0  # a new connection delivers them again
             worker: asyncio.Task[None] | None = None
             try:
                 for topic in self._handlers:
-                    await client.subscribe(topic, qos=1)
+                    await client.subscribe(topic, options=self._options(topic))
                     _raise_if_cancelling()
                 self.subscribed.set()
-                worker = asyncio.create_task(self._work(inbox), name="mqtt.handlers")
+                worker = asyncio.create_task(self._work(client, inbox), name="mqtt.handlers")
                 async for message in client.messages:
                     inbox.put_nowait(message)
                     _raise_if_cancelling()
@@ -151,14 +202,36 @@ class MqttLink:
         finally:
             await self._disconnect(client)
 
-    async def _work(self, inbox: asyncio.Queue[aiomqtt.Message]) -> None:
+    def _options(self, topic: str) -> SubscribeOptions:
+        if topic in self._publisher_retain:
+            return SubscribeOptions(qos=1, retainAsPublished=True,
+                                    retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        return SubscribeOptions(qos=1)
+
+    async def _work(self, client: aiomqtt.Client, inbox: Inbox) -> None:
         for callback in self._on_connect:
             await self._guarded(callback(), what="on-connect callback")
             _raise_if_cancelling()
         while True:
             message = await inbox.get()
+            # Acknowledged once handled: a message the daemon did not get to (a crash, a
+            # dropped link) is delivered again by the broker, from the persistent session.
+            early = str(message.topic) in self._at_most_once
+            if early:
+                ack(client, message)
             await self._guarded(self._dispatch(message), what=f"handler of {message.topic}")
+            if not early:
+                ack(client, message)
             _raise_if_cancelling()
+            if self._counts.awaiting_redelivery and inbox.empty() and not len(client.messages):
+                # Messages left unacknowledged when the inbox was full: a new connection of
+                # the same session has the broker deliver them again (MQTT 5, 4.4).
+                log.warning("inbox overflowed; reconnecting to have the broker deliver the "
+                            "messages left unacknowledged again",
+                            messages=self._counts.awaiting_redelivery)
+                self._counts.awaiting_redelivery = 0
+                await self._disconnect(client)
+                return
 
     async def _guarded(self, work: Awaitable[None], *, what: str) -> None:
         try:
@@ -180,15 +253,16 @@ class MqttLink:
         if handler is None:
             log.warning("message on a topic nobody handles; ignored", topic=topic)
             return
-        payload = message.payload
-        size = len(payload) if isinstance(payload, bytes | bytearray | str) else 0
-        if size > self._max_payload:
-            # Refused before any parsing: a huge payload must not cost more than its receipt.
-            self.status.refused_too_large += 1
-            log.warning("payload over the configured limit; refused", topic=topic, size=size,
-                        limit=self._max_payload)
+        self.status.refused_too_large = self._counts.refused_too_large
+        self.status.dropped_qos0 = self._counts.dropped_qos0
+        self.status.deferred = self._counts.deferred
+        self.status.inbox_peak = self._counts.peak
+        if isinstance(message, Refused):
+            # Refused at receipt (lockerd.services.inbox): only its size was kept.
+            log.warning("payload over the configured limit; refused", topic=topic,
+                        size=message.size, limit=self._max_payload)
             if self._on_too_large is not None:
-                await self._on_too_large(topic, size)
+                await self._on_too_large(topic, message.size)
             return
         await handler(message)
 

@@ -20,12 +20,16 @@ log = get_logger("lockerd.outbox")
 
 BATCH = 500
 RETRY_S = 5.0
+MAX_RESEND_BYTES = 128  # {"from_seq": N} with N up to 2**63 fits many times over
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 
 
 class OutboxPublisher:
     """Publishes unacknowledged events at QoS 1, pipelined: up to the link's in-flight window
     of PUBACKs outstanding at once, sent in seq order. After a reconnect it starts again
-    from the last acknowledged seq; the backend deduplicates by event_id.
+    from the last acknowledged seq; the backend deduplicates by event_id. A backend that
+    missed events asks `events/resend` (PROTOCOL section 5): publishing goes back to that
+    seq at once, in the same session, and carries on in order from there.
     """
 
     def __init__(
@@ -35,7 +39,7 @@ class OutboxPublisher:
         topics: Topics,
         outbox: Outbox,
         locker_id: str,
-        on_shed: Callable[[int], None] | None = None,
+        on_shed: Callable[[int, tuple[tuple[int, int], ...]], None] | None = None,
         on_full: Callable[[int], None] | None = None,
     ) -> None:
         self._link = link
@@ -47,14 +51,28 @@ class OutboxPublisher:
         self._wake = asyncio.Event()
         self._check_pressure = asyncio.Event()
         self._full_reported = False
+        self._rewind: int | None = None  # publish again everything after this seq
+        self._delivered: dict[int, asyncio.Event] = {}  # seqs someone waits to see PUBACKed
         self.published_upto = 0  # highest seq handed to the broker in this process
         self.confirmed = 0
+        self.resends = 0
         link.handle(topics.events_ack, self._on_ack)
+        link.handle(topics.events_resend, self._on_resend)
 
     def wake(self) -> None:
         """New events were committed (EventLog.on_append)."""
         self._wake.set()
         self._check_pressure.set()
+
+    async def wait_delivered(self, seq: int) -> None:
+        """Return once the event `seq` is acknowledged by the broker (PUBACK), from now on.
+
+        Called right after the event is committed, before the publisher can have sent it."""
+        event = self._delivered.setdefault(seq, asyncio.Event())
+        try:
+            await event.wait()
+        finally:
+            self._delivered.pop(seq, None)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -88,10 +106,13 @@ class OutboxPublisher:
         inflight: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
         sent = self._outbox.acked_upto()
+        self._rewind = None  # a new session starts from the acknowledged seq anyway
         try:
             while self._link.connected.is_set():
                 if failure:
                     raise NotConnected(str(failure[0]))
+                if self._rewind is not None:
+                    sent, self._rewind = min(sent, self._rewind), None
                 self._wake.clear()
                 batch = self._outbox.pending_wire(sent, BATCH, self._locker_id)
                 if not batch:
@@ -99,12 +120,12 @@ class OutboxPublisher:
                     continue
                 for seq, body in batch:
                     await window.acquire()
-                    if failure:
+                    if failure or self._rewind is not None:
                         window.release()
                         break
                     # Tasks start in creation order, and each hands its message to the MQTT
                     # client before its first await: the broker receives them in seq order.
-                    task = asyncio.create_task(self._publish_one(body, window, failure))
+                    task = asyncio.create_task(self._publish_one(seq, body, window, failure))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
                     sent = seq
@@ -114,11 +135,13 @@ class OutboxPublisher:
                 task.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
 
-    async def _publish_one(self, body: str, window: asyncio.Semaphore,
+    async def _publish_one(self, seq: int, body: str, window: asyncio.Semaphore,
                            failure: list[BaseException]) -> None:
         try:
             await self._link.publish(self._topics.events, body, qos=1)
             self.confirmed += 1
+            if (waiting := self._delivered.get(seq)) is not None:
+                waiting.set()
         except NotConnected as exc:
             failure.append(exc)
         finally:
@@ -139,7 +162,7 @@ class OutboxPublisher:
             log.warning("outbox over its limit: telemetry events shed", shed=pressure.shed,
                         depth=pressure.depth, limit=self._outbox.max_events)
             if self._on_shed is not None:
-                self._on_shed(pressure.shed)
+                self._on_shed(pressure.shed, pressure.shed_runs)
         if pressure.over_limit and not self._full_reported:
             self._full_reported = True
             log.error("outbox full of access and fault events; none is dropped",
@@ -164,6 +187,37 @@ class OutboxPublisher:
         after = self._outbox.ack(upto)
         if after > before:
             log.debug("events acknowledged", upto_seq=after)
+
+    async def _on_resend(self, message: aiomqtt.Message) -> None:
+        raw = payload_bytes(message)
+        from_seq = _parse_resend(raw)
+        if from_seq is None:
+            log.warning("events/resend payload refused: expected {\"from_seq\": N}, N >= 0",
+                        payload=raw[:80].decode("utf-8", "replace"), size=len(raw))
+            return
+        acked = self._outbox.acked_upto()
+        # Below the acknowledged seq there is nothing owed: start at the oldest unacknowledged.
+        self._rewind = max(from_seq - 1, acked)
+        self.resends += 1
+        self._wake.set()
+        log.info("events/resend: publishing again", from_seq=from_seq,
+                 starting_after=self._rewind, published_upto=self.published_upto)
+
+
+def _parse_resend(raw: bytes) -> int | None:
+    """`{"from_seq": N}` -> N; None for anything else (too long, not JSON, bool, negative)."""
+    if len(raw) > MAX_RESEND_BYTES:
+        return None
+    try:
+        body: Any = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    seq = body.get("from_seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+        return None
+    return seq
 
 
 def _parse_ack(raw: bytes) -> int | None:

@@ -18,6 +18,9 @@ class Pressure:
     depth: int
     shed: int  # telemetry-class events dropped in this pass
     over_limit: bool  # still over max_events: only access and fault events left to keep
+    # The seqs dropped, as inclusive (first, last) runs: a backend that must not acknowledge
+    # past a gap learns from them (in `outbox.shed`) which gaps will never be filled.
+    shed_runs: tuple[tuple[int, int], ...] = ()
 
 
 class Outbox:
@@ -97,10 +100,23 @@ class Outbox:
         if over <= 0:
             return Pressure(depth=depth, shed=0, over_limit=False)
         with self._db.transaction() as conn:
-            cur = conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq > ?"
-                " AND class = 'telemetry' ORDER BY seq LIMIT ?)",
-                (self.acked_upto(), over))
-            shed = cur.rowcount
-        depth -= shed
-        return Pressure(depth=depth, shed=shed, over_limit=depth > self.max_events)
+            seqs = [int(r[0]) for r in conn.execute(
+                "SELECT seq FROM events WHERE seq > ? AND class = 'telemetry' ORDER BY seq"
+                " LIMIT ?", (self.acked_upto(), over))]
+            if seqs:
+                conn.execute("DELETE FROM events WHERE class = 'telemetry' AND seq BETWEEN ? AND ?"
+                             " AND seq > ?", (seqs[0], seqs[-1], self.acked_upto()))
+        depth -= len(seqs)
+        return Pressure(depth=depth, shed=len(seqs), over_limit=depth > self.max_events,
+                        shed_runs=_runs(seqs))
+
+
+def _runs(seqs: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted seqs as inclusive (first, last) runs of consecutive numbers."""
+    runs: list[tuple[int, int]] = []
+    for seq in seqs:
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return tuple(runs)
