@@ -209,8 +209,8 @@ def _parse_resend(raw: bytes) -> int | None:
     if len(raw) > MAX_RESEND_BYTES:
         return None
     try:
-        body: Any = json.loads(raw)
-    except ValueError:
+        body: Any = jsonsafe.loads(raw)
+    except jsonsafe.JsonInputError:
         return None
     if not isinstance(body, dict):
         return None
