@@ -15,10 +15,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import Broker
+from broker import Broker, free_port
 from conftest import running, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from test_mqtt_security import make_pki
 
 from lockerd.provision import BankKit
 
@@ -60,27 +61,33 @@ def acl_broker(d: Path) -> Broker:
     return Broker(d, anonymous=False, extra_config=f"password_file {passwd}\nacl_file {ACL}")
 
 
-def dynsec_script(broker: Broker, d: Path, *args: str) -> None:
+def dynsec_script(broker: Broker, d: Path, *args: str, ca_file: Path | None = None) -> None:
     """Run the shipped lockerd-dynsec.sh against `broker` as its admin."""
     (d / "new-password").write_text("pw-" + (args[1] if len(args) > 1 else "backend") + "\n")
+    tls = f" --cafile {ca_file}" if ca_file else ""
     env = {**os.environ, "PASSWORD_FILE": str(d / "new-password"),
-           "CTRL_OPTS": f"-h {broker.host} -p {broker.port} -u admin -P pw-admin"}
+           "CTRL_OPTS": f"-h {broker.host} -p {broker.port} -u admin -P pw-admin{tls}"}
     subprocess.run(["sh", str(DYNSEC_SCRIPT), *args], env=env, check=True, capture_output=True,
                    timeout=60)
 
 
 def dynsec_broker(d: Path) -> Broker:
-    config = d / "dynamic-security.json"
-    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(config), "admin", "pw-admin"],
-                   check=True, capture_output=True)
+    config = dynsec_init(d)
     return Broker(d, anonymous=False, extra_config="\n".join([
         f"plugin {dynsec_plugin()}", f"plugin_opt_config_file {config}"]))
 
 
-def provision_dynsec(broker: Broker, d: Path) -> None:
-    dynsec_script(broker, d, "init")
-    dynsec_script(broker, d, "add-bank", "L1")
-    dynsec_script(broker, d, "add-bank", "L2")
+def dynsec_init(d: Path) -> Path:
+    config = d / "dynamic-security.json"
+    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(config), "admin", "pw-admin"],
+                   check=True, capture_output=True)
+    return config
+
+
+def provision_dynsec(broker: Broker, d: Path, ca_file: Path | None = None) -> None:
+    dynsec_script(broker, d, "init", ca_file=ca_file)
+    dynsec_script(broker, d, "add-bank", "L1", ca_file=ca_file)
+    dynsec_script(broker, d, "add-bank", "L2", ca_file=ca_file)
 
 
 # Module-wide brokers: no test changes their users or rules, and every client of a test has
@@ -421,3 +428,53 @@ async def test_without_access_control_a_forged_ack_prunes_events(
         anonymous.close()
     assert forged in ACCEPTED
     assert pruned == last
+
+
+def adapt(fragment: Path, port: int, files: dict[str, Path]) -> str:
+    """A shipped listener fragment as an operator would install it, with its listener on a
+    loopback port and the files it names in this test's directory instead."""
+    lines = []
+    for line in fragment.read_text().splitlines():
+        key = line.split(" ", 1)[0]
+        if key == "listener":
+            line = f"listener {port} 127.0.0.1"
+        elif key in files:
+            line = f"{key} {files[key]}"
+        elif not line.startswith("#"):
+            assert "/" not in line, f"{fragment.name}: a path the test does not replace: {line}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("fragment", ["lockerd.conf", "lockerd-dynsec.conf"])
+def test_shipped_listener_fragments_serve_tls_and_guard_the_topics(
+    bank_dir: Path, fragment: str
+) -> None:
+    pki = make_pki(bank_dir)
+    files = {"cafile": pki["ca"], "certfile": pki["server"], "keyfile": pki["server_key"]}
+    if fragment == "lockerd.conf":
+        files |= {"password_file": make_password_file(bank_dir), "acl_file": ACL}
+    else:
+        files |= {"plugin": dynsec_plugin(), "plugin_opt_config_file": dynsec_init(bank_dir)}
+    port = free_port()
+    broker = Broker(bank_dir, port=port, listener=adapt(SHIPPED / fragment, port, files))
+    broker.start()
+    peers: list[Peer] = []
+    try:
+        if fragment == "lockerd-dynsec.conf":
+            provision_dynsec(broker, bank_dir, ca_file=pki["ca"])
+        for user in ("L1", "backend", "L2"):
+            peers.append(Peer(broker, user, ca_file=pki["ca"]))
+            assert peers[-1].connect() == 0, user
+        l1, backend, l2 = peers
+        l1.subscribe("lockers/L1/events/ack")
+        assert l2.publish("lockers/L1/events/ack", b'{"upto_seq": 7}') == NOT_AUTHORIZED
+        barrier(backend, l1, "lockers/L1/events/ack")
+        assert b'{"upto_seq": 7}' not in l1.payloads("lockers/L1/events/ack")
+        anonymous = Peer(broker, None, ca_file=pki["ca"])
+        peers.append(anonymous)
+        assert anonymous.connect() in (0x86, NOT_AUTHORIZED)
+    finally:
+        for peer in peers:
+            peer.close()
+        broker.stop()
