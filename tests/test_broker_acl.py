@@ -125,7 +125,7 @@ class Peer:
     broker answered its publishes and subscriptions with."""
 
     def __init__(self, broker: Broker, user: str | None, *, v5: bool = True,
-                 ca_file: Path | None = None) -> None:
+                 ca_file: Path | None = None, client_id: str | None = None) -> None:
         self.user = user
         self.v5 = v5
         self.received: list[tuple[str, bytes]] = []
@@ -133,8 +133,12 @@ class Peer:
         self._acks: dict[int, int] = {}
         self._subacks: dict[int, list[int]] = {}
         self._connack: int | None = None
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"test-{user or 'anonymous'}-{id(self):x}",
+        if client_id is None:
+            # A bank as the daemon connects (dynamic security ties the user to this id); any
+            # other client with an id of its own, so two of them never take each other over.
+            client_id = (f"lockerd-{user}" if user in USERS[1:]
+                         else f"test-{user or 'anonymous'}-{id(self):x}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
         if user is not None:
             self.client.username_pw_set(user, password(user))
@@ -252,7 +256,8 @@ def test_bank_outputs_reach_the_backend(peers: Callable[..., Peer]) -> None:
 @pytest.mark.parametrize("forger", ["L2", "L1"])
 def test_no_bank_writes_what_a_bank_reads(peers: Callable[..., Peer], forger: str) -> None:
     """Another bank's user, and L1's own: a forged ack would prune events never stored."""
-    l1, backend, forged = peers("L1"), peers("backend"), peers(forger)
+    l1, backend = peers("L1"), peers("backend")
+    forged = l1 if forger == "L1" else peers(forger)
     l1.subscribe(*(f"lockers/L1/{t}" for t in TO_BANK))
     for t in TO_BANK:
         topic = f"lockers/L1/{t}"
@@ -318,6 +323,17 @@ def test_anonymous_and_unknown_clients_are_refused(guarded: Broker, v5: bool) ->
         # 0x87 Not authorized or 0x86 Bad user name or password (paho maps the 3.1.1 return
         # codes 5 and 4 to these).
         assert reason in {0x86, NOT_AUTHORIZED}, (user, reason)
+
+
+def test_a_bank_cannot_take_over_another_banks_session(dynsec_guarded: Broker) -> None:
+    """With dynamic security a bank's user connects only with its own client id: as
+    `lockerd-L1`, L2 would disconnect L1 and drop what is queued for it."""
+    for user, client_id in (("L2", "lockerd-L1"), ("L1", "lockerd-L2"), ("L1", "other")):
+        peer = Peer(dynsec_guarded, user, client_id=client_id)
+        try:
+            assert peer.connect() in (0x86, NOT_AUTHORIZED), (user, client_id)
+        finally:
+            peer.close()
 
 
 def test_wrong_password_is_refused(guarded: Broker) -> None:

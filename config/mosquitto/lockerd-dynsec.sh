@@ -3,7 +3,10 @@
 # the same access as the `acl` file beside this script, one role per bank.
 #
 #   lockerd-dynsec.sh init            the backend's role and user `backend`; deny by default
-#   lockerd-dynsec.sh add-bank L1     the role `bank-L1` and the user `L1` (the locker id)
+#   lockerd-dynsec.sh add-bank L1 [CLIENT_ID]
+#                                     the role `bank-L1` and the user `L1` (the locker id),
+#                                     who may only connect as CLIENT_ID (default lockerd-L1,
+#                                     the daemon's default `[mqtt] client_id`)
 #   lockerd-dynsec.sh remove-bank L1  delete both
 #
 # Connection options for mosquitto_ctrl come from CTRL_OPTS, for example
@@ -24,11 +27,12 @@ ctrl() {
     mosquitto_ctrl ${CTRL_OPTS:-} dynsec "$@"
 }
 
+# new_client USERNAME [-c CLIENT_ID]
 new_client() {
     if [ -n "${PASSWORD_FILE:-}" ]; then
-        ctrl createClient "$1" -p "$(head -n 1 "$PASSWORD_FILE")"
+        ctrl createClient "$@" -p "$(head -n 1 "$PASSWORD_FILE")"
     else
-        ctrl createClient "$1"
+        ctrl createClient "$@"
     fi
 }
 
@@ -77,7 +81,9 @@ add-bank)
     ctrl createRole "bank-$id"
     for t in $TO_BANK; do allow "bank-$id" "lockers/$id/$t" receive; done
     for t in $FROM_BANK; do allow "bank-$id" "lockers/$id/$t" send; done
-    new_client "$id"
+    # Tied to its client id, a bank's user cannot connect as another bank's client id, which
+    # would take over that bank's session and drop what is queued for it.
+    new_client "$id" -c "${3:-lockerd-$id}"
     ctrl addClientRole "$id" "bank-$id"
     ;;
 remove-bank)
@@ -87,7 +93,7 @@ remove-bank)
     ctrl deleteRole "bank-$id"
     ;;
 *)
-    echo "usage: $0 init | add-bank LOCKER_ID | remove-bank LOCKER_ID" >&2
+    echo "usage: $0 init | add-bank LOCKER_ID [CLIENT_ID] | remove-bank LOCKER_ID" >&2
     exit 2
     ;;
 esac
