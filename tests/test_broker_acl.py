@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -125,7 +126,8 @@ class Peer:
     broker answered its publishes and subscriptions with."""
 
     def __init__(self, broker: Broker, user: str | None, *, v5: bool = True,
-                 ca_file: Path | None = None, client_id: str | None = None) -> None:
+                 ca_file: Path | None = None, client_id: str | None = None,
+                 port: int | None = None) -> None:
         self.user = user
         self.v5 = v5
         self.received: list[tuple[str, bytes]] = []
@@ -133,6 +135,7 @@ class Peer:
         self._acks: dict[int, int] = {}
         self._subacks: dict[int, list[int]] = {}
         self._connack: int | None = None
+        self.disconnects = 0
         if client_id is None:
             # A bank as the daemon connects (dynamic security ties the user to this id); any
             # other client with an id of its own, so two of them never take each other over.
@@ -148,12 +151,20 @@ class Peer:
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
         self.broker = broker
+        self.port = port or broker.port
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
                     reason: ReasonCode, properties: object) -> None:
         with self._cond:
             self._connack = reason.value
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                       reason: ReasonCode, properties: object) -> None:
+        with self._cond:
+            self.disconnects += 1
             self._cond.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: object,
@@ -181,7 +192,7 @@ class Peer:
 
     def connect(self) -> int:
         """Connect; the CONNACK's reason code (0 when accepted)."""
-        self.client.connect(self.broker.host, self.broker.port)
+        self.client.connect(self.broker.host, self.port)
         self.client.loop_start()
         self._wait(lambda: self._connack is not None, "CONNACK")
         assert self._connack is not None
@@ -194,7 +205,7 @@ class Peer:
     def subscribe(self, *topics: str) -> list[int]:
         """Subscribe at QoS 1; the SUBACK's reason code per topic (>= 0x80 is refused)."""
         rc, mid = self.client.subscribe([(t, 1) for t in topics])
-        assert rc == mqtt.MQTT_ERR_SUCCESS
+        assert rc == mqtt.MQTT_ERR_SUCCESS and mid is not None
         self._wait(lambda: mid in self._subacks, "SUBACK")
         return self._subacks[mid]
 
@@ -367,7 +378,7 @@ def peer_on(broker: Broker, user: str | None) -> Peer:
     return peer
 
 
-def bank_overrides(broker: Broker, password_file: Path | None) -> dict[str, object]:
+def bank_overrides(broker: Broker, password_file: Path | None) -> dict[str, dict[str, object]]:
     mqtt_section: dict[str, object] = {"host": broker.host, "port": broker.port,
                                        "reconnect_min_s": 0.05, "reconnect_max_s": 0.3}
     if password_file is not None:
@@ -446,49 +457,133 @@ async def test_without_access_control_a_forged_ack_prunes_events(
     assert pruned == last
 
 
-def adapt(fragment: Path, port: int, files: dict[str, Path]) -> str:
-    """A shipped listener fragment as an operator would install it, with its listener on a
-    loopback port and the files it names in this test's directory instead."""
+def adapt(fragment: Path, ports: list[int], files: dict[str, Path]) -> str:
+    """A shipped listener fragment as an operator would install it, with its listeners on
+    loopback ports (in order) and each file it names (`files`: by the path written there)
+    in this test's directory instead."""
     lines = []
+    free = iter(ports)
     for line in fragment.read_text().splitlines():
-        key = line.split(" ", 1)[0]
+        key, _, value = line.partition(" ")
         if key == "listener":
-            line = f"listener {port} 127.0.0.1"
-        elif key in files:
-            line = f"{key} {files[key]}"
+            line = f"listener {next(free)} 127.0.0.1"
+        elif value in files:
+            line = f"{key} {files[value]}"
         elif not line.startswith("#"):
             assert "/" not in line, f"{fragment.name}: a path the test does not replace: {line}"
         lines.append(line)
+    assert next(free, None) is None, f"{fragment.name}: fewer listeners than expected"
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("fragment", ["lockerd.conf", "lockerd-dynsec.conf"])
-def test_shipped_listener_fragments_serve_tls_and_guard_the_topics(
-    bank_dir: Path, fragment: str
+def tls_files(d: Path) -> tuple[dict[str, Path], Path]:
+    pki = make_pki(d)
+    return {"/etc/mosquitto/certs/ca.pem": pki["ca"],
+            "/etc/mosquitto/certs/broker.pem": pki["server"],
+            "/etc/mosquitto/certs/broker-key.pem": pki["server_key"]}, pki["ca"]
+
+
+@dataclass
+class Listeners:
+    """The shipped lockerd.conf running: the banks' and the backend's listener, over TLS."""
+
+    broker: Broker
+    banks_port: int
+    backend_port: int
+    ca: Path
+    peers: list[Peer] = field(default_factory=list)
+
+    def connect(self, user: str | None, port: int, **kwargs: object) -> tuple[Peer, int]:
+        """A client of `user` on `port`, and the CONNACK's reason code."""
+        peer = Peer(self.broker, user, ca_file=self.ca, port=port, **kwargs)  # type: ignore[arg-type]
+        self.peers.append(peer)
+        return peer, peer.connect()
+
+
+@pytest.fixture
+def shipped_listeners(bank_dir: Path) -> Iterator[Listeners]:
+    files, ca = tls_files(bank_dir)
+    passwd = make_password_file(bank_dir)
+    banks_passwd, backend_passwd = bank_dir / "banks.passwd", bank_dir / "backend.passwd"
+    lines = passwd.read_text().splitlines()
+    banks_passwd.write_text("".join(f"{x}\n" for x in lines if not x.startswith("backend:")))
+    backend_passwd.write_text("".join(f"{x}\n" for x in lines if x.startswith("backend:")))
+    files |= {"/etc/mosquitto/lockerd-banks.passwd": banks_passwd,
+              "/etc/mosquitto/lockerd-backend.passwd": backend_passwd,
+              "/etc/mosquitto/lockerd.acl": ACL}
+    banks_port, backend_port = free_port(), free_port()
+    broker = Broker(bank_dir, port=banks_port, listener=adapt(
+        SHIPPED / "lockerd.conf", [banks_port, backend_port], files))
+    broker.start()
+    listeners = Listeners(broker, banks_port, backend_port, ca)
+    yield listeners
+    for peer in listeners.peers:
+        peer.close()
+    broker.stop()
+
+
+def test_shipped_acl_fragment_gives_banks_and_backend_a_listener_each(
+    shipped_listeners: Listeners
 ) -> None:
-    pki = make_pki(bank_dir)
-    files = {"cafile": pki["ca"], "certfile": pki["server"], "keyfile": pki["server_key"]}
-    if fragment == "lockerd.conf":
-        files |= {"password_file": make_password_file(bank_dir), "acl_file": ACL}
-    else:
-        files |= {"plugin": dynsec_plugin(), "plugin_opt_config_file": dynsec_init(bank_dir)}
+    on = shipped_listeners
+    (l1, ok1), (l2, ok2) = on.connect("L1", on.banks_port), on.connect("L2", on.banks_port)
+    backend, ok3 = on.connect("backend", on.backend_port)
+    assert (ok1, ok2, ok3) == (0, 0, 0)
+    assert l1.subscribe("lockers/L1/events/ack") == [1]
+    assert l2.publish("lockers/L1/events/ack", b'{"upto_seq": 7}') == NOT_AUTHORIZED
+    barrier(backend, l1, "lockers/L1/events/ack")
+    assert b'{"upto_seq": 7}' not in l1.payloads("lockers/L1/events/ack")
+    # Each listener knows only its own users; nobody gets in anonymously.
+    for user, port in (("backend", on.banks_port), ("L1", on.backend_port),
+                       (None, on.banks_port), (None, on.backend_port)):
+        assert on.connect(user, port)[1] in (0x86, NOT_AUTHORIZED), (user, port)
+    # L2 asking for L1's client id gets its own: L1 is not disconnected, and a marker sent
+    # after still reaches it (had it been, the marker would come only after the disconnect
+    # and a reconnect).
+    l2.close()  # the L2 below would take this one's session over
+    assert on.connect("L2", on.banks_port, client_id="lockerd-L1")[1] == 0
+    barrier(backend, l1, "lockers/L1/events/ack")
+    assert l1.disconnects == 0
+
+
+async def test_daemon_through_the_shipped_listeners(
+    make_kit: Callable[..., BankKit], bank_dir: Path, shipped_listeners: Listeners
+) -> None:
+    """The daemon over TLS on the banks' listener, where its client id is its username, and
+    the backend on its own listener: events and acks flow, L2's forged ack is refused."""
+    on = shipped_listeners
+    password_file = bank_dir / "L1.password"
+    password_file.write_text(password("L1") + "\n")
+    overrides = bank_overrides(on.broker, password_file)
+    overrides["mqtt"] |= {"port": on.banks_port, "tls": {"ca_file": str(on.ca)}}
+    kit = make_kit([], import_files=False, overrides=overrides)
+    (backend, ok1), (l2, ok2) = (on.connect("backend", on.backend_port),
+                                 on.connect("L2", on.banks_port))
+    assert (ok1, ok2) == (0, 0)
+    forged, last, pruned = await forged_ack_outcome(kit, backend, l2)
+    assert (forged, pruned) == (NOT_AUTHORIZED, 1)
+    assert last >= 2
+
+
+def test_shipped_dynsec_fragment_serves_tls_and_guards_the_topics(bank_dir: Path) -> None:
+    files, ca = tls_files(bank_dir)
+    files |= {"/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so": dynsec_plugin(),
+              "/var/lib/mosquitto/dynamic-security.json": dynsec_init(bank_dir)}
     port = free_port()
-    broker = Broker(bank_dir, port=port, listener=adapt(SHIPPED / fragment, port, files))
+    broker = Broker(bank_dir, port=port,
+                    listener=adapt(SHIPPED / "lockerd-dynsec.conf", [port], files))
     broker.start()
     peers: list[Peer] = []
     try:
-        if fragment == "lockerd-dynsec.conf":
-            provision_dynsec(broker, bank_dir, ca_file=pki["ca"])
-        for user in ("L1", "backend", "L2"):
-            peers.append(Peer(broker, user, ca_file=pki["ca"]))
-            assert peers[-1].connect() == 0, user
-        l1, backend, l2 = peers
+        provision_dynsec(broker, bank_dir, ca_file=ca)
+        for user in ("L1", "backend", "L2", None):
+            peers.append(Peer(broker, user, ca_file=ca))
+        l1, backend, l2, anonymous = peers
+        assert (l1.connect(), backend.connect(), l2.connect()) == (0, 0, 0)
         l1.subscribe("lockers/L1/events/ack")
         assert l2.publish("lockers/L1/events/ack", b'{"upto_seq": 7}') == NOT_AUTHORIZED
         barrier(backend, l1, "lockers/L1/events/ack")
         assert b'{"upto_seq": 7}' not in l1.payloads("lockers/L1/events/ack")
-        anonymous = Peer(broker, None, ca_file=pki["ca"])
-        peers.append(anonymous)
         assert anonymous.connect() in (0x86, NOT_AUTHORIZED)
     finally:
         for peer in peers:
