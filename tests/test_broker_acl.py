@@ -219,6 +219,10 @@ class Peer:
     def wait_for(self, topic: str, payload: bytes) -> None:
         self._wait(lambda: (topic, payload) in self.received, f"{payload!r} on {topic}")
 
+    def wait_for_match(self, topic: str, fragment: bytes) -> None:
+        self._wait(lambda: any(fragment in p for t, p in self.received if t == topic),
+                   f"{fragment!r} in a message on {topic}")
+
     def payloads(self, topic: str) -> list[bytes]:
         with self._cond:
             return [p for t, p in self.received if t == topic]
@@ -404,9 +408,7 @@ async def forged_ack_outcome(kit: BankKit, backend: Peer, forger: Peer) -> tuple
             return seqs >= set(range(1, last + 1))
 
         await wait_until(backend_has_all, timeout=WAIT_S, what="the backend has every event")
-        await wait_until(lambda: any(b'"online"' in p for p in
-                                     backend.payloads("lockers/L1/state")),
-                         timeout=WAIT_S, what="state online")
+        await asyncio.to_thread(backend.wait_for_match, "lockers/L1/state", b'"online"')
         forged = await asyncio.to_thread(forger.publish, "lockers/L1/events/ack",
                                          json.dumps({"upto_seq": last}))
         # The bank handles messages in arrival order: once the backend's ack below is applied,
@@ -589,3 +591,33 @@ def test_shipped_dynsec_fragment_serves_tls_and_guards_the_topics(bank_dir: Path
         for peer in peers:
             peer.close()
         broker.stop()
+
+
+
+
+@pytest.mark.parametrize("user", ["L1", "L2"])
+def test_only_the_bank_itself_leaves_its_will_on_state(
+    peers: Callable[..., Peer], guarded: Broker, user: str
+) -> None:
+    """The will is the backend's word that a bank vanished; L2 cannot leave one for L1."""
+    backend = peers("backend")
+    backend.subscribe("lockers/L1/state")
+    will = f'{{"status":"offline","by":"{user}"}}'.encode()
+    vanishing = Peer(guarded, user)
+    vanishing.client.will_set("lockers/L1/state", will, qos=1, retain=True)
+    assert vanishing.connect() == 0  # Mosquitto checks a will's topic when it sends it
+    vanishing.client.loop_stop()  # so that it does not reconnect
+    # A second connection with the same client id: Mosquitto closes the first one, sending
+    # its will, before it accepts this one.
+    peers(user)  # connected (and its CONNACK checked) by the fixture
+    try:
+        if user == "L1":
+            backend.wait_for("lockers/L1/state", will)
+        else:
+            # A publish routed after the takeover: the will, had it been sent, came first.
+            barrier_state = b'{"status":"online"}'
+            assert peers("L1").publish("lockers/L1/state", barrier_state) in ACCEPTED
+            backend.wait_for("lockers/L1/state", barrier_state)
+            assert will not in backend.payloads("lockers/L1/state")
+    finally:
+        vanishing.client.disconnect()
