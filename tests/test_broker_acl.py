@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from test_mqtt_security import make_pki
 
+from lockerd.cli.lockerctl_cmd import main as lockerctl
 from lockerd.provision import BankKit
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "mosquitto"
@@ -442,6 +443,30 @@ async def test_daemon_runs_as_its_bank_user_and_a_forged_ack_prunes_nothing(
     assert forged == NOT_AUTHORIZED
     assert last >= 2
     assert pruned == 1
+
+
+
+async def test_lockerctl_as_the_backend_serves_the_daemon(
+    make_kit: Callable[..., BankKit], bank_dir: Path, guarded: Broker,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    for user in ("L1", "backend"):
+        (bank_dir / f"{user}.password").write_text(password(user) + "\n")
+    kit = make_kit([], import_files=False,
+                   overrides=bank_overrides(guarded, bank_dir / "L1.password"))
+    as_backend = ["--broker", guarded.address, "--locker", "L1", "--username", "backend",
+                  "--password-file", str(bank_dir / "backend.password")]
+    async with running(kit) as r:
+        assert r.app.link is not None
+        await asyncio.wait_for(r.app.link.subscribed.wait(), WAIT_S)
+        keyring = kit.directory / "keyring2.json"
+        keyring.write_bytes(kit.keyring(version=2))
+        assert await asyncio.to_thread(lockerctl, ["publish", *as_backend, str(keyring)]) == 0
+        await wait_until(lambda: r.app.cache.keyring_version == 2, timeout=WAIT_S,
+                         what="the keyring lockerctl published")
+        capsys.readouterr()
+        assert await asyncio.to_thread(lockerctl, ["state", *as_backend]) == 0
+        assert json.loads(capsys.readouterr().out)["status"] == "online"
 
 
 async def test_without_access_control_a_forged_ack_prunes_events(
