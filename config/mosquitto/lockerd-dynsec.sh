@@ -12,9 +12,10 @@
 # Connection options for mosquitto_ctrl come from CTRL_OPTS, for example
 #   CTRL_OPTS="-h broker.example -p 8883 --cafile ca.pem -u admin" ./lockerd-dynsec.sh add-bank L1
 # (mosquitto_ctrl asks for the admin's password unless CTRL_OPTS has -P; `init` also sends
-# one command with mosquitto_pub, which takes the same options but never asks, so give -P). A new user's password
-# is read from the file named by PASSWORD_FILE, else mosquitto_ctrl asks for it. It is then
-# passed to mosquitto_ctrl as an argument, so run this where no one else can list processes.
+# one command with mosquitto_pub, which takes the same options but never asks, so give -P).
+# A new user's password is read from the file named by PASSWORD_FILE, else mosquitto_ctrl
+# asks for it. It is then passed to mosquitto_ctrl as an argument, so run this where no one
+# else can list processes.
 #
 # Why these rules: whoever may publish on a bank's `events/ack` can make it prune events the
 # backend never stored (docs/broker.md). Only `backend` writes what banks read; a bank writes
