@@ -28,18 +28,20 @@ class Broker:
     """One mosquitto process; `stop()` and `start()` keep the same port, like a real outage."""
 
     def __init__(self, directory: Path, *, extra_config: str = "", port: int | None = None,
-                 persistence: bool = False, anonymous: bool = True) -> None:
+                 persistence: bool = False, anonymous: bool = True,
+                 listener: str | None = None) -> None:
+        """`listener`, when given, is a configuration of its own (a shipped fragment, with its
+        `listener` line on `port`) in place of the plain listener that allows or refuses
+        anonymous clients; the user, persistence and log lines are added either way."""
         self.directory = directory
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.log = directory / "mosquitto.log"
         self.config = directory / "mosquitto.conf"
         lines = [
-            f"listener {self.port} 127.0.0.1",
             # Run as whoever runs the suite: as root, mosquitto would otherwise switch to its
             # own user and lose access to the test's private directory.
             f"user {getpass.getuser()}",
-            f"allow_anonymous {'true' if anonymous else 'false'}",
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {directory}/",
             f"log_dest file {self.log}",
@@ -47,6 +49,11 @@ class Broker:
             "log_type warning",
             "log_type notice",
         ]
+        if listener is None:
+            lines += [f"listener {self.port} 127.0.0.1",
+                      f"allow_anonymous {'true' if anonymous else 'false'}"]
+        else:
+            lines.append(listener)
         if extra_config:
             lines.append(extra_config)
         self.config.write_text("\n".join(lines) + "\n")
