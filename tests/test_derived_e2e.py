@@ -3,13 +3,17 @@ computed from its parcel id alone (PROTOCOL section 4)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
+import aiomqtt
 from broker import Broker
 from conftest import Running, running, wait_until
-from test_sync_mqtt import mqtt_overrides, watching
+from test_sync_mqtt import Watcher, mqtt_overrides, watching
 
 from lockerd.provision import BankKit, PlainCode
 
@@ -92,14 +96,29 @@ async def test_parcel_deposited_offline_is_picked_up_with_its_derived_code(
         # Back online, the backend learns of the deposit and the pickup.
         broker.start()
         async with watching(broker) as w:
-            await wait_until(lambda: any(e["event_id"] == done.event_id for e in w.on("events")),
-                             timeout=15, what="the pickup published after the outage")
+            # The bank may have reconnected and published before this subscriber was there:
+            # like any backend that came late, it asks for a resend (PROTOCOL section 5).
+            await until_resent(broker, w, from_seq=confirmed.seq, event_id=done.event_id)
             types = [e["type"] for e in w.on("events")]
             assert "deposit.confirmed" in types
             deposit_event = next(e for e in w.on("events")
                                  if e["event_id"] == confirmed.event_id)
             assert deposit_event["data"]["parcel_id"] == "PX-OFF"
             assert deposit_event["code_id"] == "c-1"
+
+
+async def until_resent(broker: Broker, w: Watcher, *, from_seq: int, event_id: str,
+                       timeout: float = 15.0) -> None:
+    """Ask `events/resend` from `from_seq` every second until `event_id` arrives."""
+    deadline = time.monotonic() + timeout
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        while not any(e["event_id"] == event_id for e in w.on("events")):
+            assert time.monotonic() < deadline, "the pickup was not published after the outage"
+            await client.publish("lockers/L1/events/resend",
+                                 json.dumps({"from_seq": from_seq}), qos=1)
+            with contextlib.suppress(AssertionError):
+                await wait_until(lambda: any(e["event_id"] == event_id for e in w.on("events")),
+                                 timeout=1.0)
 
 
 async def test_derived_code_survives_a_restart_and_a_revocation_disables_it(
