@@ -71,8 +71,7 @@ class ConsoleService:
         return Reply(text, {"commands": self.registry.help_data()})
 
     async def _login_cmd(self, s: Session, a: Args) -> Reply:
-        # Registered for `help`; handle_line runs a login before any dispatch.
-        raise ConsoleError("usage: login TOKEN")
+        return Reply(self._auth.login(s, a.words[0]).split("\r\n"))
 
     async def _logout_cmd(self, s: Session, a: Args) -> Reply:
         self._auth.logout(s, "requested")
@@ -113,10 +112,11 @@ class ConsoleService:
             self._auth.logout(s, "expired")
             return
         if words[0] == "login":
+            # Before the option parsing and the level check: a token is one opaque word.
             if len(words) != 2:
                 await self._say(s, ["usage: login TOKEN"])
                 return
-            await self._say(s, self._auth.login(s, words[1]).split("\r\n"))
+            await self._say(s, (await self._login_cmd(s, Args((words[1],)))).text)
             return
         found = self.registry.find(words)
         if found is None:
