@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hal.base import (
@@ -27,28 +28,34 @@ from hal.errors import HalError
 from hal.registry import BACKENDS, HalContext, build_device
 from hal.serial_url import check_port_url
 from lockerd import __version__
-from lockerd.config import Config, DeviceSection
+from lockerd.config import Config, ConsoleSection, DeviceSection
 from lockerd.core.backoff import Backoff
 from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings
+from lockerd.core.console import Registry
 from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, RateLimiter
+from lockerd.core.loginthrottle import ThrottleSettings
 from lockerd.errors import ConfigError, LockerdError, TrustError
 from lockerd.logs import get_logger
 from lockerd.mqtt import BrokerSettings, Topics, broker_from_config
 from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
 from lockerd.services.commands import CommandService
-from lockerd.services.console import console_service
+from lockerd.services.console import ConsoleService
+from lockerd.services.console_auth import ConsoleAuth, Session
 from lockerd.services.controller import (
     Controller,
     DepositRules,
     load_budget_state,
     load_lockout_state,
 )
-from lockerd.services.diagnostics import Diagnostics
+from lockerd.services.controller_console import register_door_commands
+from lockerd.services.diagnostics import Diagnostics, register_diagnostic_commands
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
+from lockerd.services.records_console import register_codes_commands, register_event_commands
+from lockerd.services.status_console import register_status_commands
 from lockerd.services.sync import SyncService
 from lockerd.services.systemd import SdNotifier
 from lockerd.services.telemetry import TelemetryService
@@ -93,6 +100,11 @@ class Devices:
                  self.display, self.tamper]
         return [d for d in found if d is not None]
 
+    def by_name(self) -> dict[str, Device]:
+        return {name: device for name in ("lock", "door_sensor", "occupancy", "keypad",
+                                          "scanner", "display", "tamper")
+                if (device := getattr(self, name)) is not None}
+
 
 @dataclass
 class App:
@@ -109,6 +121,7 @@ class App:
     clock: Clock
     outbox: Outbox
     notifier: SdNotifier
+    diagnostics: Diagnostics
     link: MqttLink | None = None
     sync: SyncService | None = None
     publisher: OutboxPublisher | None = None
@@ -202,14 +215,8 @@ class App:
                                if not c.in_service},
         }
 
-    @property
-    def diagnostics(self) -> Diagnostics:
-        return Diagnostics(controller=self.controller, devices=self.device_map())
-
     def device_map(self) -> dict[str, Device]:
-        return {name: device for name in ("lock", "door_sensor", "occupancy", "keypad",
-                                          "scanner", "display", "tamper")
-                if (device := getattr(self.devices, name)) is not None}
+        return self.devices.by_name()
 
     def watchdog_tasks_down(self) -> list[str]:
         return sorted(n for n, up in self.task_up.items() if not up and n in self.watchdog_tasks)
@@ -498,13 +505,44 @@ def build_app(config: Config, *, clock: Clock | None = None,
               devices=devices, controller=controller, clock=clock,
               outbox=Outbox(db, max_events=config.outbox.max_events,
                             keep_acked=config.outbox.keep_acked),
-              notifier=notifier or SdNotifier())
+              notifier=notifier or SdNotifier(),
+              diagnostics=Diagnostics(controller=controller, devices=devices.by_name()))
     _build_network(app, trusted, prepared.broker)
     if (console := config.console) is not None:
-        app.services["console"] = console_service(
+        app.services["console"] = build_console(
             app, socket_path=state_dir / console.socket, serial_url=console.serial_port,
             section=console).run
     return app
+
+
+def build_console(app: App, *, socket_path: Path, serial_url: str | None,
+                  section: ConsoleSection | None = None, idle_timeout_s: float = 300.0,
+                  free_attempts: int = 5, base_s: float = 30.0,
+                  max_s: float = 3600.0) -> ConsoleService:
+    """The technician console: its login, and each owner's commands registered by the owner.
+    `section` (the [console] config) gives the idle timeout and login throttle."""
+    if section is not None:
+        idle_timeout_s, free_attempts = section.idle_timeout_s, section.free_attempts
+        base_s, max_s = section.base_s, section.max_s
+    locker_id, controller = app.config.locker.id, app.controller
+    auth = ConsoleAuth(locker_id=locker_id, db=app.db, cache=app.cache, clock=app.clock,
+                       record=controller.commit_event,
+                       throttle=ThrottleSettings(free_attempts=free_attempts, base_s=base_s,
+                                                 max_s=max_s))
+    registry: Registry[Session] = Registry()
+    console = ConsoleService(registry=registry, auth=auth, locker_id=locker_id,
+                             socket_path=socket_path, serial_url=serial_url,
+                             idle_timeout_s=idle_timeout_s)
+    per_hour = app.config.commands.max_opens_per_hour
+    register_door_commands(registry, controller=controller, opens_per_hour=per_hour,
+                           clear_console_lockouts=console.clear_lockouts)
+    register_diagnostic_commands(registry, diagnostics=app.diagnostics,
+                                 compartments=controller.compartments, opens_per_hour=per_hour)
+    register_status_commands(registry, locker_id=locker_id, telemetry=app.telemetry,
+                             link=app.link)
+    register_codes_commands(registry, codes=app.codes, cache=app.cache)
+    register_event_commands(registry, events=app.events, locker_id=locker_id)
+    return console
 
 
 def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | None) -> None:
@@ -547,7 +585,7 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
     sync = app.sync
     app.commands = CommandService(
         link=app.link, topics=topics, journal=CommandJournal(app.db, app.events),
-        events=app.events, cache=cache, controller=controller, devices=app.device_map,
+        events=app.events, cache=cache, controller=controller, diagnostics=app.diagnostics,
         resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
         now=clock.wall, observe_signed_time=trusted.observe_signed_time)
     telemetry = TelemetryService(link=app.link, topics=topics,

@@ -15,11 +15,11 @@ from pathlib import Path
 from conftest import running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from lockerd.app import build_app
+from lockerd.app import build_app, build_console
 from lockerd.config import load_config
 from lockerd.core.console import LineEditor
 from lockerd.provision import BankKit
-from lockerd.services.console import ConsoleService, console_service
+from lockerd.services.console import ConsoleService
 from lockerd.store import EventLog
 from lockerd.timeutil import utcnow
 from lockerd.trust.dsse import TECHNICIAN_PAYLOAD_TYPE, sign_envelope
@@ -106,8 +106,8 @@ def make_service(r_app: object, kit: BankKit, serial: str | None, **kw: float) -
     from lockerd.app import App
 
     assert isinstance(r_app, App)
-    return ConsoleService(app=r_app, socket_path=kit.state_dir / "console.sock",
-                          serial_url=serial, **kw)  # type: ignore[arg-type]
+    return build_console(r_app, socket_path=kit.state_dir / "console.sock",
+                         serial_url=serial, **kw)  # type: ignore[arg-type]
 
 
 async def test_login_and_refusals_over_a_pty(make_kit: Callable[..., BankKit]) -> None:
@@ -209,7 +209,7 @@ async def test_lockout_survives_a_restart(make_kit: Callable[..., BankKit]) -> N
     kit = make_kit()
     sock = kit.state_dir / "console.sock"
     async with running(kit) as r:
-        assert console_service(r.app, socket_path=sock, serial_url=None).serial_url is None
+        assert build_console(r.app, socket_path=sock, serial_url=None).serial_url is None
         svc = make_service(r.app, kit, None, free_attempts=2, base_s=600.0)
         task = asyncio.create_task(svc.run())
         await asyncio.wait_for(svc.listening.wait(), 5)

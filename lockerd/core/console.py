@@ -9,7 +9,7 @@ import enum
 import shlex
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 MAX_LINE = 256
 # A login token (a signed envelope in base64url) is longer than any command: only a line that
@@ -55,10 +55,6 @@ class LineEditor:
         self._discarding = False
         self._last_cr = False
         self._esc = 0  # 1 after ESC, 2 inside a CSI sequence (arrow keys and the like)
-
-    @property
-    def buffer(self) -> str:
-        return self._buf.decode("ascii")
 
     def _limit(self) -> int:
         return self._max_login if self._buf.startswith(b"login ") else self._max
@@ -164,32 +160,55 @@ class Reply:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+class Caller(Protocol):
+    """What a command handler sees of the session that runs it."""
+
+    @property
+    def tech_id(self) -> str | None: ...
+
+    @property
+    def level(self) -> Level: ...
+
+    @property
+    def write(self) -> Callable[[bytes], Awaitable[None]]: ...
+
+
 C = TypeVar("C")
 Handler = Callable[[C, Args], Awaitable[Reply]]
+# Which runs of a command are console actions (evented and logged); by default operator ones.
+Audited = Callable[[Args], bool]
 
 
 @dataclass(frozen=True, slots=True)
 class Command(Generic[C]):
     name: str
-    handler: Callable[[C, Args], Awaitable[Reply]]
+    handler: Handler[C]
     help: str
     level: Level
     usage: str = ""
+    audited: Audited | None = None
+
+    def is_action(self, args: Args) -> bool:
+        """A run that changes something a technician answers for: evented and logged."""
+        if self.audited is not None:
+            return self.audited(args)
+        return self.level is Level.OPERATOR
 
 
 class Registry(Generic[C]):
-    """Console commands by name (Klipper's register_command); names may be two words."""
+    """Console commands by name (Klipper's register_command); names may be two words. Each
+    owner registers its own commands; the help is generated from what is registered."""
 
     def __init__(self) -> None:
         self._commands: dict[str, Command[C]] = {}
 
-    def register(self, name: str, handler: Callable[[C, Args], Awaitable[Reply]], help: str,
-                 *, level: Level, usage: str = "") -> None:
+    def register_command(self, name: str, handler: Handler[C], desc: str, *, level: Level,
+                         usage: str = "", audited: Audited | None = None) -> None:
         if name in self._commands:
             raise ValueError(f"console command {name!r} registered twice")
-        if len(help) > 50:
+        if len(desc) > 50:
             raise ValueError(f"help for {name!r} is over 50 characters")
-        self._commands[name] = Command(name, handler, help, level, usage)
+        self._commands[name] = Command(name, handler, desc, level, usage, audited)
 
     def __iter__(self) -> Iterator[Command[C]]:
         return iter(sorted(self._commands.values(), key=lambda c: c.name))
@@ -213,6 +232,11 @@ class Registry(Generic[C]):
             out.append(f"{(c.usage or c.name):<{width}}  {c.help}{tag}")
         return out
 
+    def help_data(self) -> list[dict[str, str]]:
+        """The commands for `help --json`."""
+        return [{"name": c.name, "usage": c.usage or c.name, "help": c.help,
+                 "role": c.level.name.lower()} for c in self]
+
 
 class IdleTimer:
     def __init__(self, *, timeout_s: float, now: float) -> None:
@@ -221,9 +245,6 @@ class IdleTimer:
 
     def touch(self, now: float) -> None:
         self._last = now
-
-    def remaining(self, now: float) -> float:
-        return max(0.0, self._last + self._timeout - now)
 
     def expired(self, now: float) -> bool:
         return now - self._last >= self._timeout

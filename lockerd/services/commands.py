@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import aiomqtt
 
-from hal.base import Device
 from lockerd.core.lockout import RateLimiter
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
 from lockerd.services.cache import CodeCache
 from lockerd.services.controller import Controller, OpenBudgetSpent, RequestRefused
+from lockerd.services.diagnostics import Diagnostics
 from lockerd.services.link import MqttLink, NotConnected
 from lockerd.services.sync import payload_bytes
 from lockerd.store.commands import CommandJournal, CommandResult
@@ -40,7 +40,7 @@ class CommandService:
         events: EventLog,
         cache: CodeCache,
         controller: Controller,
-        devices: Callable[[], Mapping[str, Device]],
+        diagnostics: Diagnostics,
         resync: Callable[[], Awaitable[None]],
         locker_id: str,
         now: Callable[[], datetime],
@@ -52,7 +52,7 @@ class CommandService:
         self._events = events
         self._cache = cache
         self._controller = controller
-        self._devices = devices
+        self._diagnostics = diagnostics
         self._resync = resync
         self._locker_id = locker_id
         self._now = now
@@ -156,26 +156,11 @@ class CommandService:
         raise RequestRefused(f"action {cmd.action!r} is not implemented")
 
     async def _selftest(self, cmd: Command) -> tuple[str, str, dict[str, Any]]:
-        health = await self._controller.health(self._devices())
-        faults = [f"{name}: {h['detail'] or 'fault'}" for name, h in health.items()
-                  if not h["ok"]]
-        data: dict[str, Any] = {"devices": health}
-        parts = [f"{len(health) - len(faults)}/{len(health)} devices ok", *faults]
-        cid = cmd.compartment
-        if cid is not None:
-            comp = self._controller.compartments.get(cid)
-            if comp is None:
-                raise RequestRefused(f"no compartment {cid!r} in this bank")
-            if comp.occupied is not False:
-                # Pulsing a compartment that may hold a parcel would hand it to whoever stands
-                # at the bank: only a compartment known to be empty is pulsed.
-                data["lock"] = "skipped: not known to be empty"
-            else:
-                data["lock"] = await self._controller.open_for(
-                    cid, kind="selftest", source="mqtt", ref={"cmd_id": cmd.cmd_id})
-            parts.append(f"lock {cid}: {data['lock']}")
-        ok = not faults and data.get("lock") != "jammed"
-        return ("ok" if ok else "error"), "; ".join(parts), data
+        # The bus scan is the console's: the remote selftest reports device health and, for
+        # a compartment known to be empty, its lock.
+        result = await self._diagnostics.selftest(scan_bus=False, compartment=cmd.compartment,
+                                                  source="mqtt", ref={"cmd_id": cmd.cmd_id})
+        return result.command_result()
 
     async def _reject(self, cmd_id: str | None, reason: str, detail: str) -> None:
         log.warning("command refused", cmd_id=cmd_id, reason=reason, detail=detail)
