@@ -414,20 +414,16 @@ class GpioLockDriver(LockDriver):
         self._open()
         await self.all_off()
 
-    async def pulse(self, compartment: str, duration_s: float) -> None:
-        pin = self._pins.get(compartment)
-        if pin is None:
-            raise HardwareFault(f"{self.config_key}: no lock output for compartment "
-                                f"{compartment!r}")
-        if not duration_s > 0:  # also refuses NaN
-            raise HardwareFault(f"{self.config_key}: pulse length must be positive, "
-                                f"not {duration_s!r}")
+    async def _pulse(self, compartment: str, duration_s: float) -> None:
+        # Every compartment has a pin (checked at construction); LockDriver.pulse has checked
+        # the compartment and bounded the duration to max_pulse_s.
+        pin = self._pins[compartment]
         outputs = self._open()
         loop = asyncio.get_running_loop()
         now = loop.time()
         pulse = self._pulses.get(compartment)
         if pulse is None:
-            ends = now + min(duration_s, self.max_pulse_s)
+            ends = now + duration_s
             # The off is scheduled before the output goes on and before anything is awaited:
             # from here on the loop, not the calling task, ends the pulse.
             handle = loop.call_at(ends, self._end_pulse, compartment, outputs)
