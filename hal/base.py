@@ -99,6 +99,19 @@ class DisplayMessage:
         return "\n".join(self.lines)
 
 
+class DeviceKind(enum.StrEnum):
+    """The kinds of device a bank has: the one list of them. Each value names the device's
+    `[hal.<kind>]` table of the configuration; the order is the one devices are built in."""
+
+    LOCK = "lock"
+    DOOR_SENSOR = "door_sensor"
+    OCCUPANCY = "occupancy"
+    KEYPAD = "keypad"
+    SCANNER = "scanner"
+    DISPLAY = "display"
+    TAMPER = "tamper"
+
+
 class Device(ABC):  # noqa: B024 - every hook is optional; subclasses add the abstract ones
     """Common surface of every device: start, health, close.
 
