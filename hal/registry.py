@@ -23,7 +23,8 @@ from hal.base import (
 )
 from hal.errors import BackendError
 
-DEVICE_KINDS: Mapping[DeviceKind, type[Device]] = {
+# Keyed by DeviceKind; typed by str, as a kind is also found by its plain name ("lock").
+DEVICE_KINDS: Mapping[str, type[Device]] = {
     DeviceKind.LOCK: LockDriver,
     DeviceKind.DOOR_SENSOR: DoorSensor,
     DeviceKind.OCCUPANCY: OccupancySensor,
@@ -36,7 +37,7 @@ DEVICE_KINDS: Mapping[DeviceKind, type[Device]] = {
 
 # Backends are named by strings so that a library (RPi.GPIO, gpiod, pyserial) is imported only
 # when the configuration asks for that backend.
-BACKENDS: Mapping[DeviceKind, Mapping[str, str]] = {
+BACKENDS: Mapping[str, Mapping[str, str]] = {
     DeviceKind.LOCK: {
         "sim": "sim.backend:SimLockDriver",
         "kerong": "hal.kerong.backend:KerongLockDriver",
@@ -155,7 +156,7 @@ def load_backend_class(kind: str, name: str, *, config_key: str) -> type[Device]
     """Import the class of backend `name` for device `kind`; errors name the config key."""
     if kind not in DEVICE_KINDS:
         raise BackendError(f"{config_key}: unknown device kind {kind!r}")
-    table = BACKENDS[DeviceKind(kind)]
+    table = BACKENDS[kind]
     if name not in table:
         known = ", ".join(sorted(table))
         raise BackendError(
@@ -169,7 +170,7 @@ def load_backend_class(kind: str, name: str, *, config_key: str) -> type[Device]
             f"{config_key}: backend {name!r} needs a library that is not installed ({exc})"
         ) from exc
     cls = getattr(module, class_name, None)
-    base = DEVICE_KINDS[DeviceKind(kind)]
+    base = DEVICE_KINDS[kind]
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise BackendError(f"{config_key}: {table[name]} is not a {base.__name__}")
     return cls

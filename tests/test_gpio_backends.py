@@ -427,7 +427,7 @@ LOCK_PINS = {"1": 17, "2": 27, "3": 22}
 ])
 def test_each_library_only_binds_the_shared_devices(env: GpioEnv, kind: str,
                                                     device: type[Any]) -> None:
-    cls = load_backend_class(kind, env.backend, config_key=f"lockerd.toml: [hal.{kind}]")
+    cls: Any = load_backend_class(kind, env.backend, config_key=f"lockerd.toml: [hal.{kind}]")
     assert cls.__bases__ == (device,)
     # The library's module gives the device its line access and nothing else: no logic.
     assert [name for name, value in vars(cls).items() if inspect.isfunction(value)] == []

@@ -32,7 +32,7 @@ def test_device_kinds_are_one_list_that_registry_config_and_daemon_follow() -> N
     assert sorted(HalSection.__struct_fields__) == sorted(kinds)
     assert [f.name for f in dataclasses.fields(Devices)] == kinds
     # A kind is its config table's name: plain strings still find it.
-    assert all(DEVICE_KINDS[kind] is DEVICE_KINDS[DeviceKind(kind)] for kind in kinds)  # type: ignore[index]
+    assert all(DEVICE_KINDS[kind] is DEVICE_KINDS[DeviceKind(kind)] for kind in kinds)
 
 
 def test_unknown_backend_names_the_key_and_the_known_ones() -> None:
