@@ -2,6 +2,7 @@
 
 from hal.base import (
     DeviceHealth,
+    DeviceKind,
     Display,
     DisplayMessage,
     DoorChanged,
@@ -28,6 +29,7 @@ __all__ = [
     "DEVICE_KINDS",
     "BackendError",
     "DeviceHealth",
+    "DeviceKind",
     "Display",
     "DisplayMessage",
     "DoorChanged",

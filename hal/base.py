@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
+
+from hal.errors import HardwareFault
 
 if TYPE_CHECKING:
     from hal.registry import HalContext
@@ -96,6 +99,19 @@ class DisplayMessage:
         return "\n".join(self.lines)
 
 
+class DeviceKind(enum.StrEnum):
+    """The kinds of device a bank has: the one list of them. Each value names the device's
+    `[hal.<kind>]` table of the configuration; the order is the one devices are built in."""
+
+    LOCK = "lock"
+    DOOR_SENSOR = "door_sensor"
+    OCCUPANCY = "occupancy"
+    KEYPAD = "keypad"
+    SCANNER = "scanner"
+    DISPLAY = "display"
+    TAMPER = "tamper"
+
+
 class Device(ABC):  # noqa: B024 - every hook is optional; subclasses add the abstract ones
     """Common surface of every device: start, health, close.
 
@@ -124,6 +140,10 @@ class Device(ABC):  # noqa: B024 - every hook is optional; subclasses add the ab
         """Release the device; outputs are switched off."""
 
 
+MAX_PULSE_S: Final = 10.0
+"""No backend energises a lock for longer than this in one pulse, whatever it is asked."""
+
+
 class LockDriver(Device):
     """Drives the door locks of the compartments.
 
@@ -132,11 +152,32 @@ class LockDriver(Device):
     cancelled mid-pulse the output still goes off. `all_off` switches every output off and is
     called at startup and shutdown. A pulse sent is not a door opened: only the door sensor says
     that.
+
+    `pulse` is a template: it checks the compartment and the duration and bounds the duration
+    to `max_pulse_s` here, once for every backend; a backend implements only `_pulse`.
     """
 
-    @abstractmethod
+    max_pulse_s: float = MAX_PULSE_S
+    """The longest pulse this driver gives; a backend with a configured cap sets its own (an
+    instance attribute), never above MAX_PULSE_S."""
+
     async def pulse(self, compartment: str, duration_s: float) -> None:
-        """Release the lock of `compartment` for a bounded time. Raises HardwareFault on failure."""
+        """Release the lock of `compartment` for a bounded time. Raises HardwareFault for an
+        unknown compartment, a duration that is not a positive number, or a failed output."""
+        if compartment not in self.context.compartments:
+            raise HardwareFault(f"{self.config_key}: unknown compartment {compartment!r} "
+                                f"(no lock output for compartment {compartment!r})")
+        if isinstance(duration_s, bool) or not (
+            isinstance(duration_s, int | float) and math.isfinite(duration_s) and duration_s > 0
+        ):
+            raise HardwareFault(f"{self.config_key}: pulse duration must be positive (a finite "
+                                f"number of seconds), not {duration_s!r}")
+        await self._pulse(compartment, min(float(duration_s), self.max_pulse_s, MAX_PULSE_S))
+
+    @abstractmethod
+    async def _pulse(self, compartment: str, duration_s: float) -> None:
+        """Release the lock of `compartment`, a configured one, for `duration_s` seconds, already
+        bounded to (0, max_pulse_s]. Raises HardwareFault when the output fails."""
 
     @abstractmethod
     async def all_off(self) -> None:

@@ -12,6 +12,7 @@ import msgspec
 
 from hal.base import (
     Device,
+    DeviceKind,
     Display,
     DoorSensor,
     Keypad,
@@ -22,51 +23,53 @@ from hal.base import (
 )
 from hal.errors import BackendError
 
-DEVICE_KINDS: dict[str, type[Device]] = {
-    "lock": LockDriver,
-    "door_sensor": DoorSensor,
-    "occupancy": OccupancySensor,
-    "keypad": Keypad,
-    "scanner": Scanner,
-    "display": Display,
-    "tamper": Tamper,
+# Keyed by DeviceKind; typed by str, as a kind is also found by its plain name ("lock").
+DEVICE_KINDS: Mapping[str, type[Device]] = {
+    DeviceKind.LOCK: LockDriver,
+    DeviceKind.DOOR_SENSOR: DoorSensor,
+    DeviceKind.OCCUPANCY: OccupancySensor,
+    DeviceKind.KEYPAD: Keypad,
+    DeviceKind.SCANNER: Scanner,
+    DeviceKind.DISPLAY: Display,
+    DeviceKind.TAMPER: Tamper,
 }
+"""The abstract base of each device kind."""
 
 # Backends are named by strings so that a library (RPi.GPIO, gpiod, pyserial) is imported only
 # when the configuration asks for that backend.
 BACKENDS: Mapping[str, Mapping[str, str]] = {
-    "lock": {
+    DeviceKind.LOCK: {
         "sim": "sim.backend:SimLockDriver",
         "kerong": "hal.kerong.backend:KerongLockDriver",
         "rpigpio": "hal.gpio.rpigpio:RpiGpioLockDriver",
         "gpiod": "hal.gpio.gpiod_backend:GpiodLockDriver",
     },
-    "door_sensor": {
+    DeviceKind.DOOR_SENSOR: {
         "sim": "sim.backend:SimDoorSensor",
         "kerong": "hal.kerong.backend:KerongDoorSensor",
         "rpigpio": "hal.gpio.rpigpio:RpiGpioDoorSensor",
         "gpiod": "hal.gpio.gpiod_backend:GpiodDoorSensor",
     },
-    "occupancy": {
+    DeviceKind.OCCUPANCY: {
         "sim": "sim.backend:SimOccupancySensor",
         "kerong": "hal.kerong.backend:KerongOccupancySensor",
         "rpigpio": "hal.gpio.rpigpio:RpiGpioOccupancySensor",
         "gpiod": "hal.gpio.gpiod_backend:GpiodOccupancySensor",
     },
-    "keypad": {
+    DeviceKind.KEYPAD: {
         "sim": "sim.backend:SimKeypad",
         "serial": "hal.serial_input:SerialKeypad",
         "matrix": "hal.gpio.matrix:MatrixKeypad",
     },
-    "scanner": {
+    DeviceKind.SCANNER: {
         "sim": "sim.backend:SimScanner",
         "serial": "hal.serial_input:SerialScanner",
     },
-    "display": {
+    DeviceKind.DISPLAY: {
         "sim": "sim.backend:SimDisplay",
         "hd44780": "hal.hd44780:Hd44780Display",
     },
-    "tamper": {
+    DeviceKind.TAMPER: {
         "sim": "sim.backend:SimTamper",
         "rpigpio": "hal.gpio.rpigpio:RpiGpioTamper",
         "gpiod": "hal.gpio.gpiod_backend:GpiodTamper",

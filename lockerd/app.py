@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from hal.base import (
     Device,
+    DeviceKind,
     Display,
     DoorSensor,
     DoorState,
@@ -96,14 +97,12 @@ class Devices:
     tamper: Tamper | None = None
 
     def all(self) -> list[Device]:
-        found = [self.lock, self.door_sensor, self.occupancy, self.keypad, self.scanner,
-                 self.display, self.tamper]
+        found: list[Device | None] = [getattr(self, kind) for kind in DeviceKind]
         return [d for d in found if d is not None]
 
     def by_name(self) -> dict[str, Device]:
-        return {name: device for name in ("lock", "door_sensor", "occupancy", "keypad",
-                                          "scanner", "display", "tamper")
-                if (device := getattr(self, name)) is not None}
+        return {kind.value: device for kind in DeviceKind
+                if (device := getattr(self, kind)) is not None}
 
 
 @dataclass
@@ -376,16 +375,7 @@ def _build_devices(config: Config, context: HalContext) -> Devices:
         return build_device(kind, section.backend, options=section.options, context=context,
                             config_key=f"{config.source}: [hal.{kind}]")
 
-    hal = config.hal
-    return Devices(
-        lock=make("lock", hal.lock),
-        door_sensor=make("door_sensor", hal.door_sensor),
-        occupancy=make("occupancy", hal.occupancy),
-        keypad=make("keypad", hal.keypad),
-        scanner=make("scanner", hal.scanner),
-        display=make("display", hal.display),
-        tamper=make("tamper", hal.tamper),
-    )
+    return Devices(**{kind.value: make(kind, getattr(config.hal, kind)) for kind in DeviceKind})
 
 
 @dataclass

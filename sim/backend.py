@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import msgspec
 
 from hal.base import (
+    MAX_PULSE_S,
     Device,
     DeviceHealth,
     Display,
@@ -32,7 +33,6 @@ from hal.errors import BackendError, HardwareFault
 from hal.registry import decode_options
 from sim.control import serve_control
 from sim.world import (
-    MAX_PULSE_S,
     STUCK_KEY_REPEAT_S,
     FaultChanged,
     SimError,
@@ -115,9 +115,9 @@ class _SimDevice(Device):
 
 
 class SimLockDriver(_SimDevice, LockDriver):
-    """Locks whose pulses the world bounds with a loop timer."""
+    """Locks whose pulses the world ends with a loop timer, at most MAX_PULSE_S long."""
 
-    async def pulse(self, compartment: str, duration_s: float) -> None:
+    async def _pulse(self, compartment: str, duration_s: float) -> None:
         try:
             await self.world.release_lock(compartment, duration_s)
         except SimError as exc:

@@ -13,6 +13,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar
 
 from hal.base import (
+    MAX_PULSE_S,
     DisplayMessage,
     DoorChanged,
     DoorState,
@@ -23,7 +24,6 @@ from hal.base import (
 )
 
 KEYS: Final = frozenset("0123456789*#")
-MAX_PULSE_S: Final = 10.0
 MAX_KEYS_PER_PRESS: Final = 256
 MAX_SCAN_CHARS: Final = 4096
 MAX_PARCEL_ID_CHARS: Final = 64

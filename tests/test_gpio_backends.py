@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import inspect
 import os
 import sys
 import threading
@@ -29,7 +30,8 @@ from hal.base import (
     TamperChanged,
 )
 from hal.errors import BackendError, HardwareFault
-from hal.gpio.common import Debouncer, ScanDebouncer
+from hal.gpio.debounce import Debouncer, ScanDebouncer
+from hal.gpio.devices import GpioDoorSensor, GpioLockDriver, GpioOccupancySensor, GpioTamper
 from hal.registry import HalContext, build_device, load_backend_class
 
 BACKEND_MODULES = ("hal.gpio.rpigpio", "hal.gpio.gpiod_backend", "hal.gpio.matrix")
@@ -414,6 +416,22 @@ async def stop(task: asyncio.Task[None]) -> None:
 
 
 LOCK_PINS = {"1": 17, "2": 27, "3": 22}
+
+
+# -- one set of devices over each library -------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "device"), [
+    ("lock", GpioLockDriver), ("door_sensor", GpioDoorSensor),
+    ("occupancy", GpioOccupancySensor), ("tamper", GpioTamper),
+])
+def test_each_library_only_binds_the_shared_devices(env: GpioEnv, kind: str,
+                                                    device: type[Any]) -> None:
+    cls: Any = load_backend_class(kind, env.backend, config_key=f"lockerd.toml: [hal.{kind}]")
+    assert cls.__bases__ == (device,)
+    # The library's module gives the device its line access and nothing else: no logic.
+    assert [name for name, value in vars(cls).items() if inspect.isfunction(value)] == []
+    assert cls.line_access.__module__ == cls.__module__
 
 
 # -- lock driver ---------------------------------------------------------------------------

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hal.base import LockDriver
+from hal.base import DeviceKind, LockDriver
 from hal.errors import BackendError
 from hal.registry import BACKENDS, DEVICE_KINDS, HalContext, build_device, load_backend_class
+from lockerd.app import Devices
+from lockerd.config import HalSection
 
 
 def test_every_kind_has_a_sim_backend_that_loads() -> None:
@@ -18,6 +21,18 @@ def test_every_kind_has_a_sim_backend_that_loads() -> None:
         cls = load_backend_class(kind, "sim", config_key=f"[hal.{kind}] backend")
         assert issubclass(cls, base)
     assert set(BACKENDS) == set(DEVICE_KINDS)
+
+
+def test_device_kinds_are_one_list_that_registry_config_and_daemon_follow() -> None:
+    kinds = [str(kind) for kind in DeviceKind]
+    assert kinds == ["lock", "door_sensor", "occupancy", "keypad", "scanner", "display",
+                     "tamper"]
+    assert list(DEVICE_KINDS) == list(BACKENDS) == list(DeviceKind)
+    # The config has a [hal.<kind>] table per kind, the daemon a slot per kind, same order.
+    assert sorted(HalSection.__struct_fields__) == sorted(kinds)
+    assert [f.name for f in dataclasses.fields(Devices)] == kinds
+    # A kind is its config table's name: plain strings still find it.
+    assert all(DEVICE_KINDS[kind] is DEVICE_KINDS[DeviceKind(kind)] for kind in kinds)
 
 
 def test_unknown_backend_names_the_key_and_the_known_ones() -> None:

@@ -1,32 +1,25 @@
-"""The gpiod backend: solenoid locks and switch inputs through libgpiod v2 (also on a Pi 5)."""
+"""The gpiod backend: GPIO lines through libgpiod v2 (also on a Pi 5), and the devices over them."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Final
 
 from hal.errors import BackendError, HalError, HardwareFault
-from hal.gpio.common import (
-    LIBRARY_ERRORS,
+from hal.gpio.devices import devices_over
+from hal.gpio.lines import LIBRARY_ERRORS, GpioLibrary, InputLines, OutputLines
+from hal.gpio.options import (
     GpiodInputOptions,
     GpiodLockOptions,
-    GpioDoorSensor,
     GpiodTamperOptions,
-    GpioLibrary,
-    GpioLockDriver,
-    GpioOccupancySensor,
-    GpioTamper,
-    InputLines,
     InputOptions,
     LockOptions,
-    OutputLines,
     Pull,
     TamperOptions,
 )
-from hal.registry import decode_options
 
 # The registry imports this module only when the configuration names the backend, so the
 # library is imported only then, and a missing one becomes the registry's BackendError.
@@ -47,8 +40,19 @@ class Gpiod(GpioLibrary):
     bias and an edge filter, and queues edge events on the request's file descriptor.
     """
 
+    lock_options = GpiodLockOptions
+    input_options = GpiodInputOptions
+    tamper_options = GpiodTamperOptions
+
     def __init__(self, chip: str) -> None:
         self._chip = chip
+
+    @classmethod
+    def for_options(cls, options: LockOptions | InputOptions | TamperOptions) -> GpioLibrary:
+        # The devices decode their options with the schemas above, which all have the chip.
+        if not isinstance(options, GpiodLockOptions | GpiodInputOptions | GpiodTamperOptions):
+            raise TypeError(f"not gpiod options: {options!r}")
+        return cls(options.chip)
 
     @property
     def claim_space(self) -> str:
@@ -181,39 +185,6 @@ class _Inputs(InputLines):
             raise HardwareFault(f"{self._label}: releasing the GPIO lines failed: {exc}") from exc
 
 
-class GpiodLockDriver(GpioLockDriver):
-    """Solenoid locks on GPIO outputs through libgpiod."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[LockOptions, GpioLibrary]:
-        opts = decode_options(options, GpiodLockOptions, where)
-        return opts, Gpiod(opts.chip)
-
-
-class _GpiodInputs:
-    """The libgpiod choice of schema and library, shared by door and parcel sensors."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[InputOptions, GpioLibrary]:
-        opts = decode_options(options, GpiodInputOptions, where)
-        return opts, Gpiod(opts.chip)
-
-
-class GpiodDoorSensor(_GpiodInputs, GpioDoorSensor):
-    """Door switches on GPIO inputs through libgpiod."""
-
-
-class GpiodOccupancySensor(_GpiodInputs, GpioOccupancySensor):
-    """Parcel sensors on GPIO inputs through libgpiod."""
-
-
-class GpiodTamper(GpioTamper):
-    """The enclosure switch on a GPIO input through libgpiod."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[TamperOptions, GpioLibrary]:
-        opts = decode_options(options, GpiodTamperOptions, where)
-        return opts, Gpiod(opts.chip)
+# The devices of hal.gpio.devices over libgpiod, by the names the registry gives them.
+GpiodLockDriver, GpiodDoorSensor, GpiodOccupancySensor, GpiodTamper = devices_over(
+    Gpiod, "libgpiod")

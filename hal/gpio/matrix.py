@@ -11,18 +11,9 @@ import msgspec
 
 from hal.base import DeviceHealth, Emit, HealthChanged, Keypad, KeyPressed
 from hal.errors import BackendError, HardwareFault
-from hal.gpio.common import (
-    DEFAULT_CHIP,
-    ChipPath,
-    InputLines,
-    OutputLines,
-    Pin,
-    ScanDebouncer,
-    claim_pins,
-    load_library,
-    options_key,
-    table_name,
-)
+from hal.gpio.debounce import ScanDebouncer
+from hal.gpio.lines import InputLines, OutputLines, load_library
+from hal.gpio.options import DEFAULT_CHIP, ChipPath, Pin, claim_pins, options_key, table_name
 from hal.registry import decode_options
 
 if TYPE_CHECKING:

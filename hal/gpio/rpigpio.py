@@ -1,4 +1,4 @@
-"""The rpigpio backend: solenoid locks and switch inputs through RPi.GPIO, BCM numbering."""
+"""The rpigpio backend: GPIO lines through RPi.GPIO (BCM numbering), and the devices over them."""
 
 from __future__ import annotations
 
@@ -9,21 +9,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hal.errors import BackendError, HalError, HardwareFault
-from hal.gpio.common import (
-    LIBRARY_ERRORS,
-    GpioDoorSensor,
-    GpioLibrary,
-    GpioLockDriver,
-    GpioOccupancySensor,
-    GpioTamper,
-    InputLines,
-    InputOptions,
-    LockOptions,
-    OutputLines,
-    Pull,
-    TamperOptions,
-)
-from hal.registry import decode_options
+from hal.gpio.devices import devices_over
+from hal.gpio.lines import LIBRARY_ERRORS, GpioLibrary, InputLines, OutputLines
+from hal.gpio.options import InputOptions, LockOptions, Pull, TamperOptions
 
 # The registry imports this module only when the configuration names the backend, so the
 # library is imported only then, and a missing one becomes the registry's BackendError.
@@ -44,6 +32,10 @@ class RpiGpio(GpioLibrary):
 
     RPi.GPIO's state is process-wide: every device uses BCM numbering, set here.
     """
+
+    @classmethod
+    def for_options(cls, options: LockOptions | InputOptions | TamperOptions) -> GpioLibrary:
+        return cls()
 
     @property
     def claim_space(self) -> str:
@@ -188,36 +180,6 @@ class _Inputs(InputLines):
             GPIO.cleanup(self._pins)
 
 
-class RpiGpioLockDriver(GpioLockDriver):
-    """Solenoid locks on GPIO outputs through RPi.GPIO."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[LockOptions, GpioLibrary]:
-        return decode_options(options, LockOptions, where), RpiGpio()
-
-
-class _RpiGpioInputs:
-    """The RPi.GPIO choice of schema and library, shared by door and parcel sensors."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[InputOptions, GpioLibrary]:
-        return decode_options(options, InputOptions, where), RpiGpio()
-
-
-class RpiGpioDoorSensor(_RpiGpioInputs, GpioDoorSensor):
-    """Door switches on GPIO inputs through RPi.GPIO."""
-
-
-class RpiGpioOccupancySensor(_RpiGpioInputs, GpioOccupancySensor):
-    """Parcel sensors on GPIO inputs through RPi.GPIO."""
-
-
-class RpiGpioTamper(GpioTamper):
-    """The enclosure switch on a GPIO input through RPi.GPIO."""
-
-    def _configure(
-        self, options: Mapping[str, Any], where: str
-    ) -> tuple[TamperOptions, GpioLibrary]:
-        return decode_options(options, TamperOptions, where), RpiGpio()
+# The devices of hal.gpio.devices over RPi.GPIO, by the names the registry gives them.
+RpiGpioLockDriver, RpiGpioDoorSensor, RpiGpioOccupancySensor, RpiGpioTamper = devices_over(
+    RpiGpio, "RPi.GPIO")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -18,7 +17,7 @@ from hal.base import (
     OccupancyChanged,
     OccupancySensor,
 )
-from hal.errors import BackendError, HardwareFault
+from hal.errors import BackendError
 from hal.kerong.driver import KerongBus
 
 if TYPE_CHECKING:
@@ -67,19 +66,13 @@ class KerongLockDriver(_KerongDevice, LockDriver):
     """Locks on CU16 boards. The board times every pulse itself, so nothing here can leave a
     lock energised: a cancelled or crashed task cannot stretch a pulse (safety rule 3)."""
 
-    async def pulse(self, compartment: str, duration_s: float) -> None:
+    async def _pulse(self, compartment: str, duration_s: float) -> None:
         """Send the unlock frame of `compartment` and return.
 
-        The pulse is timed by the board (its own fixed length): `duration_s` cannot lengthen or
-        shorten it and is only checked. The frame is sent even if the latch already reads
-        released. Raises HardwareFault when the frame could not be sent.
+        The pulse is timed by the board (its own fixed length): `duration_s`, checked and
+        bounded by LockDriver.pulse, cannot lengthen or shorten it. The frame is sent even if the
+        latch already reads released. Raises HardwareFault when the frame could not be sent.
         """
-        if isinstance(duration_s, bool) or not (
-            isinstance(duration_s, int | float) and math.isfinite(duration_s) and duration_s > 0
-        ):
-            raise HardwareFault(
-                f"{self.config_key}: pulse duration must be a positive number, not {duration_s!r}"
-            )
         await self.bus.unlock(compartment)
 
     async def all_off(self) -> None:

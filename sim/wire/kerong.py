@@ -13,7 +13,7 @@ from typing import Final
 
 import structlog
 
-from hal.base import DoorState
+from hal.base import MAX_PULSE_S, DoorState
 from hal.kerong.codec import (
     CMD_STATUS,
     CMD_UNLOCK,
@@ -24,7 +24,7 @@ from hal.kerong.codec import (
     StatusReply,
     encode_reply,
 )
-from sim.world import MAX_PULSE_S, SimError, SimWorld
+from sim.world import SimError, SimWorld
 
 log = structlog.get_logger("sim.wire.kerong")
 
