@@ -17,8 +17,8 @@ from broker import Broker
 from lockerd.app import App, build_app
 from lockerd.cli.lockerctl_cmd import main as lockerctl_main
 from lockerd.config import load_config
+from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from lockerd.logs import configure_logging
-from lockerd.provision import BankKit, PlainCode, make_bank
 from lockerd.store import EventLog, StoredEvent, open_database
 from sim.backend import world_of
 from sim.world import SimWorld

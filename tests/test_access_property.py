@@ -26,7 +26,7 @@ from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scann
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.core.lockout import CONSUMED_USE_EVENTS, LockoutState
-from lockerd.provision import BankKit, PlainCode, make_bank
+from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from lockerd.services.controller import load_lockout_state
 from lockerd.store.events import StoredEvent
 from lockerd.store.parcels import SpentTokens

@@ -14,7 +14,7 @@ from conftest import running, wait_until
 
 from lockerd.app import build_app
 from lockerd.config import load_config
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from sim.backend import world_of
 from sim.client import SimClient
 

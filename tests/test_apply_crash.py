@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.store import CodeStore, open_database
 
 

@@ -10,7 +10,7 @@ from broker import Broker
 from conftest import Running, running, wait_until
 from test_sync_mqtt import CODE, OTHER, _keyring, codes, mqtt_overrides, publish, synced, watching
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.trust.keys import generate_key
 
 MAX_VERSION = 2**63 - 1

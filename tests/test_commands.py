@@ -16,7 +16,7 @@ from broker import Broker
 from conftest import Running, running, wait_until
 from test_sync_mqtt import mqtt_overrides, publish, raw_publish, watching
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from sim.client import SimClient
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from lockerd.app import build_app
 from lockerd.config import load_config
 from lockerd.core.console import LineEditor
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.services.console import ConsoleService, console_service
 from lockerd.store import EventLog
 from lockerd.timeutil import utcnow

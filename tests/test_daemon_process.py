@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import stored_events
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from sim.client import SimClient
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from conftest import Running, running, wait_until
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.store.parcels import ParcelStore
 
 COURIER = "700700"

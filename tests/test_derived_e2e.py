@@ -11,7 +11,7 @@ from broker import Broker
 from conftest import Running, running, wait_until
 from test_sync_mqtt import mqtt_overrides, watching
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 
 COURIER = "700700"
 DERIVED_ON = {"codes": {"derived_pickup": True}}

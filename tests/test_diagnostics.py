@@ -11,7 +11,7 @@ import pytest
 from conftest import running
 from test_wire_e2e import wire_bank
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.services.controller import RequestRefused
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lockerd.provision import BankKit, PlainCode, to_toml
+from lockerd.dev.provision import BankKit, PlainCode, to_toml
 from lockerd.store import CodeStore, open_database
 from lockerd.store.parcels import ParcelStore
 from sim.client import SimClient

@@ -12,7 +12,7 @@ from broker import Broker
 
 from lockerd.cli.lockerctl_broker import AckTracker
 from lockerd.cli.lockerctl_cmd import main as lockerctl
-from lockerd.provision import make_bank
+from lockerd.dev.provision import make_bank
 
 
 def test_ack_tracker_acknowledges_only_in_order() -> None:

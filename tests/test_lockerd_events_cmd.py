@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 
 LOCKERD = [sys.executable, "-m", "lockerd.cli.lockerd_cmd"]
 

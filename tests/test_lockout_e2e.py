@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import Running, running
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 
 PICKUP = "482913"
 COURIER = "700700"

@@ -16,7 +16,7 @@ from test_commands import connected, results
 from test_console import make_service, pty_console, token
 from test_sync_mqtt import mqtt_overrides, raw_publish, watching
 
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.timeutil import utcnow
 from lockerd.trust.command import build_command_payload
 from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, RoleKeys, sign_envelope

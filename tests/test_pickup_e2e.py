@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from conftest import running, stored_events, wait_until
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 
 CODE = "482913"

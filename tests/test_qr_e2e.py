@@ -10,7 +10,7 @@ import base45
 import pytest
 from conftest import Running, running, wait_until
 
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.store import open_database
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow

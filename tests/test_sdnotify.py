@@ -16,7 +16,7 @@ from conftest import wait_until
 
 from lockerd.app import build_app
 from lockerd.config import load_config
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.services.systemd import SdNotifier
 
 

@@ -20,7 +20,7 @@ from hal.base import HealthChanged, InputEvent, KeyPressed, Scanned
 from hal.errors import BackendError
 from hal.registry import HalContext, build_device
 from hal.serial_input import LineSplitter, Overlong, SerialKeypad, SerialScanner
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from sim.wire.pty import open_pty
 from sim.wire.serial_devices import KeypadEmulator, ScannerEmulator
 from sim.world import SimWorld

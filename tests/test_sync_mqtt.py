@@ -19,7 +19,7 @@ from broker import Broker
 from conftest import Running, running, wait_until
 
 from lockerd.cli.lockerctl_cmd import main as lockerctl
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,

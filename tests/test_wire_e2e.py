@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import stored_events
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from sim.client import SimClient
 from sim.wire.bank import WireBank
 
