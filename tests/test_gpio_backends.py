@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from pytest_mock import MockerFixture
+from waiting import until
 
 from hal.base import (
     DoorChanged,
@@ -384,16 +385,6 @@ def ctx(tmp_path: Path) -> HalContext:
 def build(env: GpioEnv, ctx: HalContext, kind: str, **options: Any) -> Any:
     return build_device(kind, env.backend, options={**env.chip_options, **options}, context=ctx,
                         config_key=f"lockerd.toml: [hal.{kind}]")
-
-
-async def until(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Poll `condition` until it holds; fail after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.002)
 
 
 async def started(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
