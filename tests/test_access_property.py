@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +33,8 @@ from lockerd.store.events import StoredEvent
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
 from lockerd.trust.digest import derived_pickup_code
+
+pytestmark = pytest.mark.e2e
 
 CIDS = ("1", "2", "3", "4")
 CODES = [

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
 from conftest import running, wait_until
 from waiting import until_sync, until_value
 
@@ -17,6 +18,8 @@ from lockerd.config import load_config
 from lockerd.dev.provision import BankKit, PlainCode
 from sim.backend import world_of
 from sim.client import SimClient
+
+pytestmark = pytest.mark.e2e
 
 CODE = "482913"
 

@@ -13,6 +13,8 @@ from test_sync_mqtt import CODE, OTHER, _keyring, codes, mqtt_overrides, publish
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.trust.keys import generate_key
 
+pytestmark = pytest.mark.e2e
+
 MAX_VERSION = 2**63 - 1
 FRESH_CODES_KEY = generate_key()
 ATTACKER_CODE = "999111"

@@ -20,6 +20,8 @@ from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from sim.client import SimClient
 
+pytestmark = pytest.mark.e2e
+
 CODE = "482913"
 
 

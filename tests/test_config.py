@@ -12,6 +12,8 @@ from lockerd.config import load_config
 from lockerd.dev.provision import BankKit
 from lockerd.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def _nest(depth: int) -> str:
     return "[" * depth + "]" * depth

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from conftest import running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from waiting import until
@@ -26,6 +27,8 @@ from lockerd.timeutil import utcnow
 from lockerd.trust.dsse import TECHNICIAN_PAYLOAD_TYPE, sign_envelope
 from lockerd.trust.keys import generate_key
 from lockerd.trust.technician import build_technician_payload, encode_token
+
+pytestmark = pytest.mark.e2e
 
 
 def token(kit: BankKit, *, role: str = "operator", tech_id: str = "t-17",

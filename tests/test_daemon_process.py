@@ -21,6 +21,8 @@ from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from sim.client import SimClient
 
+pytestmark = pytest.mark.e2e
+
 CODE = "482913"
 LOCKERD = [sys.executable, "-m", "lockerd.cli.lockerd_cmd"]
 

@@ -21,6 +21,8 @@ from lockerd.trust.dsse import (
 )
 from lockerd.trust.technician import encode_token
 
+pytestmark = pytest.mark.e2e
+
 # Far deeper than the decoders' recursion guard (about a thousand levels).
 DEEP = 20_000
 NESTED = b"[" * DEEP + b"]" * DEEP

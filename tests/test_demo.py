@@ -10,7 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from waiting import until
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
 

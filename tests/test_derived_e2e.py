@@ -7,11 +7,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
 from broker import Broker
 from conftest import Running, running, wait_until
 from test_sync_mqtt import mqtt_overrides, watching
 
 from lockerd.dev.provision import BankKit, PlainCode
+
+pytestmark = pytest.mark.e2e
 
 COURIER = "700700"
 DERIVED_ON = {"codes": {"derived_pickup": True}}

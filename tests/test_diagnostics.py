@@ -14,6 +14,8 @@ from test_wire_e2e import wire_bank
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.services.controller import RequestRefused
 
+pytestmark = pytest.mark.e2e
+
 
 async def test_sensors_pulse_test_and_echo_on_the_sim(make_kit: Callable[..., BankKit]) -> None:
     kit = make_kit([PlainCode("p-1", "482913", "3", parcel_id="PX1")], parcels=["3"])

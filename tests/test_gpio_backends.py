@@ -33,6 +33,8 @@ from hal.errors import BackendError, HardwareFault
 from hal.gpio.common import Debouncer, ScanDebouncer
 from hal.registry import HalContext, build_device, load_backend_class
 
+pytestmark = pytest.mark.unit
+
 BACKEND_MODULES = ("hal.gpio.rpigpio", "hal.gpio.gpiod_backend", "hal.gpio.matrix")
 LIBRARY_MODULES = ("RPi", "RPi.GPIO", "gpiod", "gpiod.line")
 COMPARTMENTS = ("1", "2", "3")

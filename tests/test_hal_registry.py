@@ -12,6 +12,8 @@ from hal.base import LockDriver
 from hal.errors import BackendError
 from hal.registry import BACKENDS, DEVICE_KINDS, HalContext, build_device, load_backend_class
 
+pytestmark = pytest.mark.e2e
+
 
 def test_every_kind_has_a_sim_backend_that_loads() -> None:
     for kind, base in DEVICE_KINDS.items():

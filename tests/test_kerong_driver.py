@@ -33,6 +33,8 @@ from sim.wire.kerong import KerongEmulator
 from sim.wire.pty import open_pty
 from sim.world import SimWorld
 
+pytestmark = pytest.mark.e2e
+
 COMPARTMENTS = ("1", "2", "3", "4")
 # Board 0 is a revision whose latch bit is 1 when engaged; board 1 one whose bit is 0.
 WIRING = {0: {0: "1", 1: "2"}, 1: {0: "3", 5: "4"}}

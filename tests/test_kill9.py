@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from waiting import until_value
 
 from lockerd.dev.provision import BankKit, PlainCode, to_toml
@@ -22,6 +23,8 @@ from lockerd.store import CodeStore, open_database
 from lockerd.store.parcels import ParcelStore
 from sim.client import SimClient
 from sim.world import SimError
+
+pytestmark = pytest.mark.e2e
 
 KILLS = 52
 SEED = 20261129

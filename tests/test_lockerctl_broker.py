@@ -14,6 +14,8 @@ from lockerd.cli.lockerctl_broker import AckTracker
 from lockerd.cli.lockerctl_cmd import main as lockerctl
 from lockerd.dev.provision import make_bank
 
+pytestmark = pytest.mark.e2e
+
 
 def test_ack_tracker_acknowledges_only_in_order() -> None:
     t = AckTracker()

@@ -13,6 +13,8 @@ from conftest import Running, running
 
 from lockerd.dev.provision import BankKit, PlainCode
 
+pytestmark = pytest.mark.e2e
+
 PICKUP = "482913"
 COURIER = "700700"
 DROP = "800800"

@@ -26,6 +26,8 @@ from hal.errors import BackendError
 from hal.registry import HalContext, build_device
 from lockerd.dev.provision import BankKit, PlainCode
 
+pytestmark = pytest.mark.e2e
+
 ROWS = [5, 6, 13, 19]
 COLS = [12, 16, 20]
 LAYOUT = ("123", "456", "789", "*0#")

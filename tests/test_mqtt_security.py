@@ -22,6 +22,8 @@ from cryptography.x509.oid import NameOID
 from lockerd.cli.lockerctl_cmd import main as lockerctl
 from lockerd.dev.provision import BankKit
 
+pytestmark = pytest.mark.e2e
+
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

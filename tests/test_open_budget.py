@@ -22,6 +22,8 @@ from lockerd.trust.command import build_command_payload
 from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, RoleKeys, sign_envelope
 from lockerd.trust.keys import generate_key, save_private_key
 
+pytestmark = pytest.mark.e2e
+
 CMD = "lockers/L1/cmd"
 
 

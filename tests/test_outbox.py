@@ -20,6 +20,8 @@ from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.store import EventLog, open_database
 from lockerd.store.outbox import Outbox
 
+pytestmark = pytest.mark.e2e
+
 T = datetime(2026, 11, 29, tzinfo=UTC)
 
 

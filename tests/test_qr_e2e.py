@@ -16,6 +16,8 @@ from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
 from lockerd.trust.qrtoken import MAX_QR_CHARS, QR_PREFIX
 
+pytestmark = pytest.mark.e2e
+
 
 def alter_one_byte(token: str, position: int) -> str:
     raw = bytearray(base45.b45decode(token.removeprefix(QR_PREFIX)))

@@ -20,6 +20,8 @@ from lockerd.config import load_config
 from lockerd.dev.provision import BankKit
 from lockerd.services.systemd import SdNotifier
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def notify_socket(bank_dir: Path) -> Iterator[tuple[socket.socket, Path]]:

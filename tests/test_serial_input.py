@@ -26,6 +26,8 @@ from sim.wire.pty import open_pty
 from sim.wire.serial_devices import KeypadEmulator, ScannerEmulator
 from sim.world import SimWorld
 
+pytestmark = pytest.mark.e2e
+
 FAST = {"reopen_cooldown_s": 0.05, "dead_after_s": 0.3}
 
 

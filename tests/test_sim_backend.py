@@ -36,6 +36,8 @@ from sim import SimClient, world_of
 from sim.backend import SimDisplay, SimSettings
 from sim.world import SimWorld
 
+pytestmark = pytest.mark.e2e
+
 COMPARTMENTS = ("1", "2", "7")
 
 

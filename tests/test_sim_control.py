@@ -36,6 +36,8 @@ from sim.control import (
 )
 from sim.world import SimError, SimWorld
 
+pytestmark = pytest.mark.e2e
+
 
 def mode_of(path: Path) -> int:
     return path.stat().st_mode

@@ -28,6 +28,8 @@ from sim.world import (
     WorldChange,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def drain(sub_get_nowait: Callable[[], WorldChange]) -> list[WorldChange]:
     out: list[WorldChange] = []

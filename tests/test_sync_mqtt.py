@@ -31,6 +31,8 @@ from lockerd.trust.dsse import (
 from lockerd.trust.keyring import ROLE_NAMES, build_keyring_payload
 from lockerd.trust.keys import generate_key
 
+pytestmark = pytest.mark.e2e
+
 CODE, OTHER = "482913", "650017"
 
 

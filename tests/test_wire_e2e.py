@@ -19,6 +19,8 @@ from lockerd.dev.provision import BankKit, PlainCode
 from sim.client import SimClient
 from sim.wire.bank import WireBank
 
+pytestmark = pytest.mark.e2e
+
 CODE = "482913"
 
 
