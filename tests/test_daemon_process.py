@@ -50,6 +50,9 @@ def daemon(kit: BankKit) -> Iterator[subprocess.Popen[str]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 async def wait_state(client: SimClient, cond: Callable[[dict], bool], what: str) -> dict:  # type: ignore[type-arg]
@@ -259,7 +262,8 @@ def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
         asyncio.run(pickup())
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        proc.communicate(timeout=15)  # waits, and closes the output pipes
+        assert proc.returncode == 0
 
 
 KERONG = ('[backends.kerong]\n{port}boards = [{{ address = 0, engaged_bit = 1 }}]\n'

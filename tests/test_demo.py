@@ -35,6 +35,11 @@ class Terminal:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
+        # The demo closed its output: it is ending. Its pipes are ours to close.
+        self.proc.wait()
+        self.proc.stdout.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
 
     def expect(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import functools
 import os
 import sys
 import threading
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import waiting
 from pytest_mock import MockerFixture
-from waiting import until
 
 from hal.base import (
     DoorChanged,
@@ -387,6 +388,11 @@ def ctx(tmp_path: Path) -> HalContext:
 def build(env: GpioEnv, ctx: HalContext, kind: str, **options: Any) -> Any:
     return build_device(kind, env.backend, options={**env.chip_options, **options}, context=ctx,
                         config_key=f"lockerd.toml: [hal.{kind}]")
+
+
+# The matrix keypad tests (here and in test_matrix_keypad.py) press keys the moment a wait
+# ends and expect the next sweep to see them in row order: they poll every 2 ms.
+until = functools.partial(waiting.until, interval=0.002)
 
 
 async def started(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
