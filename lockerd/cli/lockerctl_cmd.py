@@ -12,13 +12,13 @@ from collections.abc import Callable
 from typing import NoReturn, cast
 
 from lockerd.cli import (
+    lockerctl_broker,
     lockerctl_codes,
     lockerctl_commands,
     lockerctl_inspect,
     lockerctl_keys,
     lockerctl_qr,
 )
-from lockerd.cli.lockerctl_broker import add_commands as add_broker_commands
 from lockerd.cli.lockerctl_common import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -52,9 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The order of these calls is the order of the commands in --help.
     for subject in (lockerctl_keys, lockerctl_codes, lockerctl_inspect, lockerctl_commands,
-                    lockerctl_qr):
+                    lockerctl_qr, lockerctl_broker):
         subject.add_parsers(sub)
-    add_broker_commands(sub, InputError)
     return parser
 
 
