@@ -19,8 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from lockerd.dev.provision import BankKit, PlainCode, make_bank, to_toml
 from lockerd.logs import configure_logging
-from lockerd.provision import BankKit, PlainCode, make_bank, to_toml
 from sim.client import request_sync
 
 LOCKERD = [sys.executable, "-m", "lockerd.cli.lockerd_cmd"]

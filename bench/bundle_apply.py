@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from benchlib import Summary, exit_on_sigterm, filesystem_of, machine_line, work_directory
 
-from lockerd.provision import BankKit, make_bank
+from lockerd.dev.provision import BankKit, make_bank
 from lockerd.services.cache import CodeCache
 from lockerd.store import CodeStore, Database, EventLog, open_database
 from lockerd.timeutil import utcnow

@@ -52,8 +52,8 @@ from lockerd.core import messages
 from lockerd.core.access import CompartmentView
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.deposit import assign
+from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from lockerd.errors import TrustError
-from lockerd.provision import BankKit, PlainCode, make_bank
 from lockerd.timeutil import utcnow
 from lockerd.trust.digest import code_digest, derived_pickup_code
 from lockerd.trust.dsse import RoleKeys

@@ -26,7 +26,7 @@ from benchlib import (
 )
 from broker import Broker
 
-from lockerd.provision import to_toml
+from lockerd.dev.provision import to_toml
 
 TARGET_RATIO = 2.0
 # aiomqtt warns about every pending publish past ten, which a pipelined flood is made of.

@@ -29,7 +29,7 @@ from benchlib import (
 )
 
 from lockerd.core import messages
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.store import EventLog, open_database
 from lockerd.timeutil import utcnow
 from sim.client import SimClient

@@ -41,8 +41,8 @@ from broker import Broker
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.core.actions import Record
+from lockerd.dev.provision import BankKit, make_bank
 from lockerd.mqtt import BrokerSettings, Topics
-from lockerd.provision import BankKit, make_bank
 from lockerd.timeutil import format_time, utcnow
 
 LOCKER_ID = "L1"

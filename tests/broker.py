@@ -73,6 +73,7 @@ class Broker:
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode() if self._proc.stderr else ""
                 log = self.log.read_text() if self.log.exists() else ""
+                self._close_pipes(self._proc)
                 self._proc = None
                 raise RuntimeError(f"mosquitto exited at start: {err} {log}")
             try:
@@ -94,6 +95,13 @@ class Broker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        self._close_pipes(proc)
+
+    @staticmethod
+    def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+        # The stderr pipe (read only when mosquitto fails to start) is ours to close.
+        if proc.stderr is not None:
+            proc.stderr.close()
 
     def restart(self) -> None:
         self.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,12 +12,13 @@ from typing import Any, Protocol
 
 import pytest
 from broker import Broker
+from waiting import until
 
 from lockerd.app import App, build_app
 from lockerd.cli.lockerctl_cmd import main as lockerctl_main
 from lockerd.config import load_config
+from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from lockerd.logs import configure_logging
-from lockerd.provision import BankKit, PlainCode, make_bank
 from lockerd.store import EventLog, StoredEvent, open_database
 from sim.backend import world_of
 from sim.world import SimWorld
@@ -105,12 +105,9 @@ async def running(kit: BankKit) -> AsyncIterator[Running]:
 
 
 async def wait_until(cond: Callable[[], bool], *, timeout: float = 5.0, what: str = "") -> None:
-    """Poll `cond` until true; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
+    """`waiting.until` under the name the daemon tests know it by (polling every 10 ms, as
+    they always have). Waiting itself lives in waiting.py: until, until_sync, until_value."""
+    await until(cond, timeout, what=what, interval=0.01)
 
 
 def stored_events(kit: BankKit) -> list[StoredEvent]:

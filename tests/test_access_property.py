@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -26,12 +27,14 @@ from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scann
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.core.lockout import CONSUMED_USE_EVENTS, LockoutState
-from lockerd.provision import BankKit, PlainCode, make_bank
+from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from lockerd.services.controller import load_lockout_state
 from lockerd.store.events import StoredEvent
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
 from lockerd.trust.digest import derived_pickup_code
+
+pytestmark = pytest.mark.e2e
 
 CIDS = ("1", "2", "3", "4")
 CODES = [

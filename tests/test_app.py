@@ -7,16 +7,19 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
+import pytest
 from conftest import running, wait_until
+from waiting import until_sync, until_value
 
 from lockerd.app import build_app
 from lockerd.config import load_config
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from sim.backend import world_of
 from sim.client import SimClient
+
+pytestmark = pytest.mark.e2e
 
 CODE = "482913"
 
@@ -67,20 +70,16 @@ def test_decisions_are_logged_as_json_with_compartment_and_code_id(
     proc = subprocess.Popen([sys.executable, "-m", "lockerd.cli.lockerd_cmd", "run", "-c",
                              str(kit.config_path)], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not kit.socket_path.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        until_sync(lambda: kit.socket_path.exists() or proc.poll() is not None, 20,
+                   what="the daemon's simulator socket", interval=0.02)
+        assert proc.poll() is None
 
         async def drive() -> None:
             async with SimClient(kit.socket_path) as sim:
                 await sim.press("000000#")
                 await sim.press(CODE + "#")
-                for _ in range(500):
-                    if (await sim.state())["compartments"]["4"]["door_open"]:
-                        return
-                    await asyncio.sleep(0.01)
-                raise AssertionError("door 4 never opened")
+                await until_value(sim.state, lambda s: bool(s["compartments"]["4"]["door_open"]),
+                                  5, what="door 4 to open", interval=0.01)
 
         asyncio.run(drive())
     finally:

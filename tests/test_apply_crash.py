@@ -9,8 +9,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from lockerd.provision import BankKit, PlainCode
+import pytest
+
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.store import CodeStore, open_database
+
+pytestmark = pytest.mark.e2e
 
 
 def test_sigkill_during_import_leaves_old_or_new_set(make_kit: Callable[..., BankKit]) -> None:

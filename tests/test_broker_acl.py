@@ -23,7 +23,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from test_mqtt_security import make_pki
 
 from lockerd.cli.lockerctl_cmd import main as lockerctl
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
+
+pytestmark = pytest.mark.e2e
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "mosquitto"
 ACL = SHIPPED / "acl"

@@ -29,6 +29,8 @@ from lockerd.trust.digest import (
 )
 from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, RoleKeys
 
+pytestmark = pytest.mark.unit
+
 CODES_KEYS = keys(2)
 CODES_ROLE = role(CODES_KEYS, 1)
 KEYRING_EXPIRES = NOW + timedelta(days=30)

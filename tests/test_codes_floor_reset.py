@@ -10,8 +10,10 @@ from broker import Broker
 from conftest import Running, running, wait_until
 from test_sync_mqtt import CODE, OTHER, _keyring, codes, mqtt_overrides, publish, synced, watching
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.trust.keys import generate_key
+
+pytestmark = pytest.mark.e2e
 
 MAX_VERSION = 2**63 - 1
 FRESH_CODES_KEY = generate_key()

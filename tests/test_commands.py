@@ -16,9 +16,11 @@ from broker import Broker
 from conftest import Running, running, stored_events, wait_until
 from test_sync_mqtt import mqtt_overrides, publish, raw_publish, watching
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from sim.client import SimClient
+
+pytestmark = pytest.mark.e2e
 
 CODE = "482913"
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from lockerd.config import load_config
+from lockerd.dev.provision import BankKit
 from lockerd.errors import ConfigError
-from lockerd.provision import BankKit
+
+pytestmark = pytest.mark.unit
 
 
 def _nest(depth: int) -> str:

@@ -12,19 +12,23 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from conftest import running
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from waiting import until
 
 from lockerd.app import build_app, build_console
 from lockerd.config import load_config
 from lockerd.core.console import LineEditor
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.services.console import ConsoleService
 from lockerd.store import EventLog
 from lockerd.timeutil import utcnow
 from lockerd.trust.dsse import TECHNICIAN_PAYLOAD_TYPE, sign_envelope
 from lockerd.trust.keys import generate_key
 from lockerd.trust.technician import build_technician_payload, encode_token
+
+pytestmark = pytest.mark.e2e
 
 
 def token(kit: BankKit, *, role: str = "operator", tech_id: str = "t-17",
@@ -440,14 +444,11 @@ async def test_configured_console_accepts_a_lockerctl_token(
     assert status == 0
     async with running(kit) as r:
         sock = kit.state_dir / "console.sock"
-        deadline = time.monotonic() + 5
-        while not sock.exists():
-            assert time.monotonic() < deadline, "the configured console socket"
-            await asyncio.sleep(0.02)
+        await until(sock.exists, 5, what="the configured console socket", interval=0.02)
         reader, writer = await asyncio.open_unix_connection(str(sock))
         buffer = b""
 
-        async def until(pattern: str) -> str:
+        async def read_until(pattern: str) -> str:
             nonlocal buffer
             async with asyncio.timeout(5):
                 while not re.search(pattern, buffer.decode("ascii", "replace")):
@@ -456,11 +457,11 @@ async def test_configured_console_accepts_a_lockerctl_token(
             buffer = b""
             return text
 
-        await until(r"L1> $")
+        await read_until(r"L1> $")
         writer.write(b"login " + out.read_bytes().strip() + b"\r")
-        await until(r"L1 t-21\(viewer\)> $")
+        await read_until(r"L1 t-21\(viewer\)> $")
         writer.write(b"open 2\r")
-        refused = await until(r"> $")
+        refused = await read_until(r"> $")
         assert "operator" in refused
         writer.close()
         login = await r.wait_event("console.login")

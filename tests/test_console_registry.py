@@ -14,12 +14,14 @@ from test_console import pty_console, token
 
 from lockerd.core.console import Args, Level, Registry, Reply
 from lockerd.core.loginthrottle import ThrottleSettings
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.services.console import ConsoleService
 from lockerd.services.console_auth import ConsoleAuth, Session
 from lockerd.services.controller import Controller
 from lockerd.services.controller_console import register_door_commands
 from lockerd.services.diagnostics import NOT_PULSED
+
+pytestmark = pytest.mark.e2e
 
 
 async def _nothing(s: Session, a: Args) -> Reply:

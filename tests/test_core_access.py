@@ -19,6 +19,8 @@ from lockerd.core.access import (
     evaluate_code,
 )
 
+pytestmark = pytest.mark.unit
+
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 RECORD = CodeRecord(

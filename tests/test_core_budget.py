@@ -23,6 +23,8 @@ from lockerd.trust.command import (
 )
 from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, sign_envelope
 
+pytestmark = pytest.mark.unit
+
 T0 = 1_700_000_000.0
 
 

@@ -17,6 +17,8 @@ from lockerd.core import messages
 from lockerd.core.actions import Action, Pulse, Record, Show
 from lockerd.core.compartment import MAX_ATTEMPTS, Access, Compartment, DoorTimings, Phase
 
+pytestmark = pytest.mark.unit
+
 TIMINGS = DoorTimings(open_timeout_s=5.0, held_open_after_s=60.0, show_result_s=4.0)
 ACCESS = Access(code_id="c-1", digest="d-1", kind="pickup", source="keypad")
 

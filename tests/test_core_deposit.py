@@ -21,6 +21,8 @@ from lockerd.core.deposit import (
     is_parcel_id,
 )
 
+pytestmark = pytest.mark.unit
+
 SIZES = ("S", "M", "L")
 TIMINGS = DoorTimings(open_timeout_s=5.0, held_open_after_s=60.0, show_result_s=4.0)
 

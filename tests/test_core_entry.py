@@ -18,6 +18,8 @@ from lockerd.core.entry import (
     Typing,
 )
 
+pytestmark = pytest.mark.unit
+
 TIMEOUT = 10.0
 MAX_DIGITS = 8
 STUCK = 12

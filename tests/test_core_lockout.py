@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from lockerd.core.lockout import CONSUMED_USE_EVENTS, Lockout, LockoutState, RateLimiter
 
+pytestmark = pytest.mark.unit
+
 T0 = 1_700_000_000.0  # a wall-clock time, seconds since the epoch
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lockerd.core.loginthrottle import (
     MAX_ISSUERS,
     ConnectionThrottle,
     IssuerLockouts,
     ThrottleSettings,
 )
+
+pytestmark = pytest.mark.unit
 
 SETTINGS = ThrottleSettings(free_attempts=3, base_s=30.0, max_s=600.0)
 

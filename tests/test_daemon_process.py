@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -16,10 +15,13 @@ from pathlib import Path
 
 import pytest
 from conftest import stored_events
+from waiting import until_sync, until_value
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from sim.client import SimClient
+
+pytestmark = pytest.mark.e2e
 
 CODE = "482913"
 LOCKERD = [sys.executable, "-m", "lockerd.cli.lockerd_cmd"]
@@ -34,12 +36,11 @@ def daemon(kit: BankKit) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen([*LOCKERD, "run", "-c", str(kit.config_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not kit.socket_path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"daemon did not start: {proc.communicate()}")
-            time.sleep(0.02)
+        until_sync(lambda: kit.socket_path.exists() or proc.poll() is not None, 20,
+                   what="the daemon's simulator socket", interval=0.02)
+        if not kit.socket_path.exists():
+            proc.kill()
+            raise AssertionError(f"daemon did not start: {proc.communicate()}")
         yield proc
     finally:
         if proc.poll() is None:
@@ -49,17 +50,13 @@ def daemon(kit: BankKit) -> Iterator[subprocess.Popen[str]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 async def wait_state(client: SimClient, cond: Callable[[dict], bool], what: str) -> dict:  # type: ignore[type-arg]
-    deadline = time.monotonic() + 5
-    while True:
-        state = await client.state()
-        if cond(state):
-            return state
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; state {state}")
-        await asyncio.sleep(0.02)
+    return await until_value(client.state, cond, 5, what=what, interval=0.02)
 
 
 async def test_pickup_through_the_sim_socket(make_kit: Callable[..., BankKit]) -> None:
@@ -259,14 +256,14 @@ def test_shipped_sim_config_runs_a_pickup(bank_dir: Path) -> None:
             await wait_state(sim, lambda s: s["compartments"]["1"]["door_open"], "door 1 open")
 
     try:
-        deadline = time.monotonic() + 20
-        while not socket.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.02)
+        until_sync(lambda: socket.exists() or proc.poll() is not None, 20,
+                   what="the daemon's simulator socket", interval=0.02)
+        assert proc.poll() is None, proc.communicate()
         asyncio.run(pickup())
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        proc.communicate(timeout=15)  # waits, and closes the output pipes
+        assert proc.returncode == 0
 
 
 KERONG = ('[backends.kerong]\n{port}boards = [{{ address = 0, engaged_bit = 1 }}]\n'

@@ -32,6 +32,8 @@ from lockerd.trust.dsse import (
 from lockerd.trust.keyring import accept_keyring
 from lockerd.trust.technician import encode_token, verify_technician
 
+pytestmark = pytest.mark.unit
+
 KEY = keys(1)
 ROLE = role(KEY)
 LATER = NOW + timedelta(days=30)

@@ -11,7 +11,7 @@ from conftest import running, wait_until
 from test_console import make_service, pty_console, token
 from test_sync_mqtt import codes, mqtt_overrides, raw_publish, synced, watching
 
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.timeutil import format_time, utcnow
 from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,
@@ -20,6 +20,8 @@ from lockerd.trust.dsse import (
     sign_envelope,
 )
 from lockerd.trust.technician import encode_token
+
+pytestmark = pytest.mark.e2e
 
 # Far deeper than the decoders' recursion guard (about a thousand levels).
 DEEP = 20_000

@@ -8,8 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+from waiting import until
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +35,11 @@ class Terminal:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
+        # The demo closed its output: it is ending. Its pipes are ours to close.
+        self.proc.wait()
+        self.proc.stdout.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
 
     def expect(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout
@@ -239,12 +248,6 @@ async def test_shipped_sim_config_has_a_courier_code_and_derived_pickups(tmp_pat
     config = load_config(tmp_path / "sim.toml")
     assert config.codes.derived_pickup
 
-    async def until(what: str, cond: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 5
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.01)
-
     app = build_app(config)
     task = asyncio.create_task(app.run(install_signal_handlers=False))
     try:
@@ -256,23 +259,23 @@ async def test_shipped_sim_config_has_a_courier_code_and_derived_pickups(tmp_pat
             return [e.compartment for e in app.events.recent(1000) if e.type == type_]
 
         world.press("444444#")
-        await until("session.started", lambda: bool(seen("session.started")))
+        await until(lambda: bool(seen("session.started")), what="session.started")
         world.scan_label("PX200")
-        await until("the size prompt", lambda: "Size?" in world.state()["display"])
+        await until(lambda: "Size?" in world.state()["display"], what="the size prompt")
         world.press("1")
-        await until("door.opened", lambda: bool(seen("door.opened")))
+        await until(lambda: bool(seen("door.opened")), what="door.opened")
         cid = seen("door.opened")[0]
         assert cid == "4"  # S is full (1 and 2 hold parcels): the smallest free larger one
         world.set_parcel(cid, True)
         world.close_door(cid)
-        await until("deposit.confirmed", lambda: bool(seen("deposit.confirmed")))
+        await until(lambda: bool(seen("deposit.confirmed")), what="deposit.confirmed")
         world.press("*")
-        await until("session.ended", lambda: bool(seen("session.ended")))
-        await until("the latch of door 4", lambda: world.compartment(cid).locked)
+        await until(lambda: bool(seen("session.ended")), what="session.ended")
+        await until(lambda: world.compartment(cid).locked, what="the latch of door 4")
         world.press(_derived(tmp_path / "sim", "PX200") + "#")
-        await until("pickup.opened", lambda: seen("pickup.opened") == [cid])
+        await until(lambda: seen("pickup.opened") == [cid], what="pickup.opened")
         world.press("111111#")  # the pickup codes of before still work
-        await until("pickup.opened of door 1", lambda: seen("pickup.opened") == [cid, "1"])
+        await until(lambda: seen("pickup.opened") == [cid, "1"], what="pickup.opened of door 1")
     finally:
         app.request_stop()
         await asyncio.wait_for(task, 10)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from conftest import Running, running, wait_until
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.store.parcels import ParcelStore
+
+pytestmark = pytest.mark.e2e
 
 COURIER = "700700"
 DROP = "800800"

@@ -11,11 +11,14 @@ import time
 from collections.abc import Callable
 
 import aiomqtt
+import pytest
 from broker import Broker
 from conftest import Running, running, wait_until
 from test_sync_mqtt import Watcher, mqtt_overrides, watching
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
+
+pytestmark = pytest.mark.e2e
 
 COURIER = "700700"
 DERIVED_ON = {"codes": {"derived_pickup": True}}

@@ -11,8 +11,10 @@ import pytest
 from conftest import running
 from test_wire_e2e import wire_bank
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.services.controller import RequestRefused
+
+pytestmark = pytest.mark.e2e
 
 
 async def test_sensors_pulse_test_and_echo_on_the_sim(make_kit: Callable[..., BankKit]) -> None:

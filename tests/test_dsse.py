@@ -34,6 +34,8 @@ from lockerd.trust.keys import (
     save_private_key,
 )
 
+pytestmark = pytest.mark.unit
+
 T = COMMAND_PAYLOAD_TYPE
 PAYLOAD = b'{"type": "command", "cmd_id": "c-1"}'
 

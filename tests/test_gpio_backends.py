@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import functools
 import inspect
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import waiting
 from pytest_mock import MockerFixture
 
 from hal.base import (
@@ -33,6 +35,8 @@ from hal.errors import BackendError, HardwareFault
 from hal.gpio.debounce import Debouncer, ScanDebouncer
 from hal.gpio.devices import GpioDoorSensor, GpioLockDriver, GpioOccupancySensor, GpioTamper
 from hal.registry import HalContext, build_device, load_backend_class
+
+pytestmark = pytest.mark.unit
 
 BACKEND_MODULES = ("hal.gpio.rpigpio", "hal.gpio.gpiod_backend", "hal.gpio.matrix")
 LIBRARY_MODULES = ("RPi", "RPi.GPIO", "gpiod", "gpiod.line")
@@ -388,14 +392,9 @@ def build(env: GpioEnv, ctx: HalContext, kind: str, **options: Any) -> Any:
                         config_key=f"lockerd.toml: [hal.{kind}]")
 
 
-async def until(condition: Callable[[], bool], within: float = 3.0) -> None:
-    """Poll `condition` until it holds; fail after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.002)
+# The matrix keypad tests (here and in test_matrix_keypad.py) press keys the moment a wait
+# ends and expect the next sweep to see them in row order: they poll every 2 ms.
+until = functools.partial(waiting.until, interval=0.002)
 
 
 async def started(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -15,6 +15,8 @@ from hal.registry import BACKENDS, DEVICE_KINDS, HalContext, build_device, load_
 from lockerd.app import Devices
 from lockerd.config import HalSection
 
+pytestmark = pytest.mark.e2e
+
 
 def test_every_kind_has_a_sim_backend_that_loads() -> None:
     for kind, base in DEVICE_KINDS.items():

@@ -18,6 +18,8 @@ from hal.base import Display, DisplayMessage
 from hal.errors import BackendError, HardwareFault
 from hal.registry import HalContext, build_device, load_backend_class
 
+pytestmark = pytest.mark.unit
+
 MODULE = "hal.hd44780"
 
 

@@ -20,6 +20,8 @@ from hal.kerong.codec import (
     encode_unlock,
 )
 
+pytestmark = pytest.mark.unit
+
 # -- PROTOCOL.md section 10, as tables ---------------------------------------------------------
 
 

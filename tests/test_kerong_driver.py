@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import until
 
 from hal.base import (
     DoorChanged,
@@ -32,6 +33,8 @@ from sim.wire.kerong import KerongEmulator
 from sim.wire.pty import open_pty
 from sim.world import SimWorld
 
+pytestmark = pytest.mark.e2e
+
 COMPARTMENTS = ("1", "2", "3", "4")
 # Board 0 is a revision whose latch bit is 1 when engaged; board 1 one whose bit is 0.
 WIRING = {0: {0: "1", 1: "2"}, 1: {0: "3", 5: "4"}}
@@ -43,16 +46,6 @@ SETTINGS: dict[str, Any] = {
     "reply_timeout_s": 0.05,
     "reopen_cooldown_s": 0.2,
 }
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll `condition` until it holds; fail after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
 
 
 @dataclass

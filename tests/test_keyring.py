@@ -27,6 +27,8 @@ from lockerd.trust.keyring import (
 )
 from lockerd.trust.keys import public_hex
 
+pytestmark = pytest.mark.unit
+
 
 def _accept(raw: bytes, trusted: RoleKeys, current_version: int = 2) -> object:
     return accept_keyring(raw, trusted_root=trusted, current_version=current_version, now=NOW)

@@ -9,18 +9,22 @@ import json
 import random
 import signal
 import sys
-import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lockerd.provision import BankKit, PlainCode, to_toml
+import pytest
+from waiting import until_value
+
+from lockerd.dev.provision import BankKit, PlainCode, to_toml
 from lockerd.store import CodeStore, open_database
 from lockerd.store.parcels import ParcelStore
 from sim.client import SimClient
 from sim.world import SimError
+
+pytestmark = pytest.mark.e2e
 
 KILLS = 52
 SEED = 20261129
@@ -41,10 +45,6 @@ DROP_ID, DROP = "d-1", "800800"
 WAIT_S = 2.0  # longer than a whole round: a wait that runs out is a daemon that stopped
 
 
-class Stalled(Exception):
-    """The daemon, still alive, did not do what the workload waited for."""
-
-
 def bank_codes() -> list[PlainCode]:
     return [
         *(PlainCode(f"p-{cid}", code, cid, parcel_id=f"PX{cid}", max_uses=10_000)
@@ -62,14 +62,7 @@ def bank_codes() -> list[PlainCode]:
 async def until(sim: SimClient, cond: Callable[[dict[str, Any]], bool],
                 what: str) -> dict[str, Any]:
     """Poll the simulator's state until `cond` holds; the state that satisfied it."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        state = await sim.state()
-        if cond(state):
-            return state
-        if time.monotonic() > deadline:
-            raise Stalled(f"waited {WAIT_S} s for {what}; display {state['display']!r}")
-        await asyncio.sleep(0.005)
+    return await until_value(sim.state, cond, WAIT_S, what=what)
 
 
 def shows(*texts: str) -> Callable[[dict[str, Any]], bool]:

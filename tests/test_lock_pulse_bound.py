@@ -26,6 +26,8 @@ from hal.errors import HardwareFault
 from hal.registry import HalContext, build_device
 from sim.backend import world_of
 
+pytestmark = pytest.mark.e2e
+
 BACKENDS = ("sim", "kerong", "rpigpio", "gpiod")
 SHORT_CAP_S = 0.1  # the driver's own cap in these tests, so a capped pulse ends quickly
 

@@ -20,6 +20,8 @@ from lockerd.trust.dsse import RoleKeys
 from lockerd.trust.keyring import ROLE_NAMES, Keyring, accept_keyring
 from lockerd.trust.keys import keyid_of, load_private_key, load_public_key, public_hex
 
+pytestmark = pytest.mark.unit
+
 SUBCOMMANDS = ["keygen", "code-key", "keyring", "bundle", "derive-code", "inspect"]
 
 CSV_HEADER = "id,code,kind,compartment,parcel_id,not_before,not_after,max_uses\n"

@@ -13,7 +13,9 @@ from broker import Broker
 
 from lockerd.cli.lockerctl_broker import AckTracker
 from lockerd.cli.lockerctl_cmd import main as lockerctl
-from lockerd.provision import make_bank
+from lockerd.dev.provision import make_bank
+
+pytestmark = pytest.mark.e2e
 
 
 def event(seq: int) -> dict[str, Any]:

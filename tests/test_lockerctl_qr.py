@@ -21,6 +21,8 @@ from lockerd.trust.keyring import Keyring, accept_keyring
 from lockerd.trust.keys import keyid_of, load_private_key, public_hex, save_private_key
 from lockerd.trust.qrtoken import QR_PREFIX, QrToken, verify_qr_token
 
+pytestmark = pytest.mark.unit
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

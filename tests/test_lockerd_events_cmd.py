@@ -7,7 +7,11 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from lockerd.provision import BankKit
+import pytest
+
+from lockerd.dev.provision import BankKit
+
+pytestmark = pytest.mark.e2e
 
 LOCKERD = [sys.executable, "-m", "lockerd.cli.lockerd_cmd"]
 

@@ -11,7 +11,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import Running, running
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
+
+pytestmark = pytest.mark.e2e
 
 PICKUP = "482913"
 COURIER = "700700"

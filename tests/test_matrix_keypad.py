@@ -24,7 +24,9 @@ from test_gpio_backends import (
 from hal.base import HealthChanged, InputEvent, Keypad, KeyPressed
 from hal.errors import BackendError
 from hal.registry import HalContext, build_device
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
+
+pytestmark = pytest.mark.e2e
 
 ROWS = [5, 6, 13, 19]
 COLS = [12, 16, 20]

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from lockerd.cli.lockerctl_cmd import main as lockerctl
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
+
+pytestmark = pytest.mark.e2e
 
 
 def _name(cn: str) -> x509.Name:

@@ -16,11 +16,13 @@ from test_commands import connected, results
 from test_console import make_service, pty_console, token
 from test_sync_mqtt import mqtt_overrides, raw_publish, watching
 
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.timeutil import utcnow
 from lockerd.trust.command import build_command_payload
 from lockerd.trust.dsse import COMMAND_PAYLOAD_TYPE, RoleKeys, sign_envelope
 from lockerd.trust.keys import generate_key, save_private_key
+
+pytestmark = pytest.mark.e2e
 
 CMD = "lockers/L1/cmd"
 

@@ -16,9 +16,11 @@ from conftest import running, wait_until
 from test_sync_mqtt import mqtt_overrides, raw_publish
 
 from lockerd.core.actions import Record
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.store import EventLog, open_database
 from lockerd.store.outbox import Outbox
+
+pytestmark = pytest.mark.e2e
 
 T = datetime(2026, 11, 29, tzinfo=UTC)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
 from conftest import running, stored_events, wait_until
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
+
+pytestmark = pytest.mark.e2e
 
 CODE = "482913"
 

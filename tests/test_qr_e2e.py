@@ -10,11 +10,13 @@ import base45
 import pytest
 from conftest import Running, running, wait_until
 
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.store import open_database
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
 from lockerd.trust.qrtoken import MAX_QR_CHARS, QR_PREFIX
+
+pytestmark = pytest.mark.e2e
 
 
 def alter_one_byte(token: str, position: int) -> str:

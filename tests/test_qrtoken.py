@@ -31,6 +31,8 @@ from lockerd.trust.qrtoken import (
     verify_qr_token,
 )
 
+pytestmark = pytest.mark.unit
+
 QR_KEY, CODES_KEY = keys(2)
 QR_ROLE = role([QR_KEY])
 KEYRING_EXPIRES = NOW + timedelta(days=30)

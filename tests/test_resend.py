@@ -13,7 +13,9 @@ from conftest import RunFn, Running, running, wait_until
 from test_sync_mqtt import Watcher, mqtt_overrides, raw_publish, watching
 
 from lockerd.core.actions import Record
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
+from waiting import until_sync
 
 from lockerd.app import build_app
 from lockerd.config import load_config
-from lockerd.provision import BankKit
+from lockerd.dev.provision import BankKit
 from lockerd.services.systemd import SdNotifier
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
@@ -40,11 +43,11 @@ def drain(sock: socket.socket) -> list[str]:
 
 
 def wait_for_message(sock: socket.socket, got: list[str], text: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(text in m for m in got):
-        assert time.monotonic() < deadline, f"no {text!r} in {got}"
+    def arrived() -> bool:
         got.extend(drain(sock))
-        time.sleep(0.01)
+        return any(text in m for m in got)
+
+    until_sync(arrived, timeout, what=lambda: f"{text!r} in {got}", interval=0.01)
 
 
 def test_ready_watchdog_stopping_from_the_daemon_process(
@@ -61,11 +64,11 @@ def test_ready_watchdog_stopping_from_the_daemon_process(
     try:
         wait_for_message(sock, got, "READY=1")
         ready_at = next(i for i, m in enumerate(got) if "READY=1" in m)
-        deadline = time.monotonic() + 10
-        while sum("WATCHDOG=1" in m for m in got) < 3:
-            assert time.monotonic() < deadline, got
+        def three_pings() -> bool:
             got.extend(drain(sock))
-            time.sleep(0.02)
+            return sum("WATCHDOG=1" in m for m in got) >= 3
+
+        until_sync(three_pings, 10, what=lambda: f"three WATCHDOG=1 in {got}", interval=0.02)
         first_watchdog = next(i for i, m in enumerate(got) if "WATCHDOG=1" in m)
         assert ready_at <= first_watchdog
         proc.send_signal(signal.SIGTERM)

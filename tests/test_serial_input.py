@@ -15,27 +15,20 @@ from conftest import running as daemon
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
+from waiting import until
 
 from hal.base import HealthChanged, InputEvent, KeyPressed, Scanned
 from hal.errors import BackendError
 from hal.registry import HalContext, build_device
 from hal.serial_input import LineSplitter, Overlong, SerialKeypad, SerialScanner
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from sim.wire.pty import open_pty
 from sim.wire.serial_devices import KeypadEmulator, ScannerEmulator
 from sim.world import SimWorld
 
+pytestmark = pytest.mark.e2e
+
 FAST = {"reopen_cooldown_s": 0.05, "dead_after_s": 0.3}
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
-    """Poll `condition` until it holds; fail after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.005)
 
 
 class Ptys:

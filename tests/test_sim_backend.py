@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import until
 
 from hal.base import (
     Device,
@@ -35,17 +36,9 @@ from sim import SimClient, world_of
 from sim.backend import SimDisplay, SimSettings
 from sim.world import SimWorld
 
+pytestmark = pytest.mark.e2e
+
 COMPARTMENTS = ("1", "2", "7")
-
-
-async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Poll `condition` until it holds; fail after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
 
 
 def context(tmp_path: Path, **sim: Any) -> HalContext:

@@ -8,13 +8,14 @@ import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from waiting import until
 
 from hal.base import KeyPressed, Scanned
 from sim.client import SimClient, request_sync
@@ -35,15 +36,7 @@ from sim.control import (
 )
 from sim.world import SimError, SimWorld
 
-
-async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Poll `condition` until it holds; fail after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
+pytestmark = pytest.mark.e2e
 
 
 def mode_of(path: Path) -> int:

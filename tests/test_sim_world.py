@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from waiting import until
 
 from hal.base import (
     DisplayMessage,
@@ -27,15 +28,7 @@ from sim.world import (
     WorldChange,
 )
 
-
-async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Poll `condition` until it holds; fail after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
+pytestmark = pytest.mark.unit
 
 
 def drain(sub_get_nowait: Callable[[], WorldChange]) -> list[WorldChange]:

@@ -15,6 +15,8 @@ from lockerd.store import CodeStore, Database, EventLog, open_database
 from lockerd.timeutil import utcnow
 from lockerd.trust.bundle import CodeEntry, CodesBundle
 
+pytestmark = pytest.mark.unit
+
 NOW = utcnow()
 
 

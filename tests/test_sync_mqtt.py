@@ -19,7 +19,7 @@ from broker import Broker
 from conftest import Running, running, wait_until
 
 from lockerd.cli.lockerctl_cmd import main as lockerctl
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,
@@ -30,6 +30,8 @@ from lockerd.trust.dsse import (
 )
 from lockerd.trust.keyring import ROLE_NAMES, build_keyring_payload
 from lockerd.trust.keys import generate_key
+
+pytestmark = pytest.mark.e2e
 
 CODE, OTHER = "482913", "650017"
 

@@ -9,6 +9,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "lockerd.service"
 DROP_IN = UNIT.parent / "lockerd.service.d" / "hardware-groups.conf"
 

@@ -15,6 +15,8 @@ from lockerd.core.timefloor import raised_floor, trusted_now
 from lockerd.services.clock import KernelSyncStatus, TrustedClock
 from lockerd.store import open_database
 
+pytestmark = pytest.mark.unit
+
 T = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 
 

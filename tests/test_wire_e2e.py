@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,10 +13,13 @@ from typing import Any
 
 import pytest
 from conftest import stored_events
+from waiting import until, until_value
 
-from lockerd.provision import BankKit, PlainCode
+from lockerd.dev.provision import BankKit, PlainCode
 from sim.client import SimClient
 from sim.wire.bank import WireBank
+
+pytestmark = pytest.mark.e2e
 
 CODE = "482913"
 
@@ -35,15 +37,19 @@ async def wire_bank(directory: Path, parcels: list[str]) -> AsyncIterator[WireBa
         await asyncio.gather(task, return_exceptions=True)
 
 
+def recorded(kit: BankKit, type_: str) -> Callable[[], bool]:
+    """Whether the daemon has recorded an event of `type_`, read from its database."""
+    return lambda: any(e.type == type_ for e in stored_events(kit))
+
+
+def recorded_types(kit: BankKit, wanted: str) -> Callable[[], str]:
+    """What a timed-out wait for `wanted` reports: the event types recorded so far."""
+    return lambda: f"{wanted} among {[e.type for e in stored_events(kit)]}"
+
+
 async def wait_state(sim: SimClient, cond: Callable[[dict[str, Any]], bool], what: str,
                      timeout: float = 10) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = await sim.state()
-        if cond(state):
-            return state
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {state}"
-        await asyncio.sleep(0.02)
+    return await until_value(sim.state, cond, timeout, what=what, interval=0.02)
 
 
 @pytest.mark.parametrize("unlock_reply", [False, True], ids=["silent-unlock", "unlock-reply"])
@@ -62,10 +68,10 @@ async def test_pickup_on_the_wire(
         try:
             async with SimClient(bank.paths.socket) as sim:
                 # Typed on the serial keypad: bytes on a pty, decoded by the real driver.
-                deadline = time.monotonic() + 15
-                while not any(e.type == "daemon.started" for e in stored_events(kit)):
-                    assert time.monotonic() < deadline and proc.returncode is None
-                    await asyncio.sleep(0.05)
+                started = recorded(kit, "daemon.started")
+                await until(lambda: proc.returncode is not None or started(), 15,
+                            what="daemon.started", interval=0.05)
+                assert proc.returncode is None
                 await sim.press(CODE + "#")
                 # The unlock frame reached the emulated board: the door sprang open, and the
                 # real driver saw the released latch on its next status poll.
@@ -73,16 +79,12 @@ async def test_pickup_on_the_wire(
                                  "door 3 open")
                 await sim.parcel("3", False)
                 await sim.door("3", "close")
-                deadline = time.monotonic() + 10
-                while not any(e.type == "pickup.completed" for e in stored_events(kit)):
-                    assert time.monotonic() < deadline, [e.type for e in stored_events(kit)]
-                    await asyncio.sleep(0.05)
+                await until(recorded(kit, "pickup.completed"), 10,
+                            what=recorded_types(kit, "pickup.completed"), interval=0.05)
                 # And a scan on the serial scanner goes the same validation path.
                 await sim.scan("000000")
-                deadline = time.monotonic() + 10
-                while not any(e.type == "code.rejected" for e in stored_events(kit)):
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+                await until(recorded(kit, "code.rejected"), 10, what="code.rejected",
+                            interval=0.05)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -109,30 +111,24 @@ async def test_board_faults_on_command_through_the_control_socket(
             stderr=asyncio.subprocess.DEVNULL)
         try:
             async with SimClient(bank.paths.socket) as sim:
-                deadline = time.monotonic() + 15
-                while not any(e.type == "daemon.started" for e in stored_events(kit)):
-                    assert time.monotonic() < deadline and proc.returncode is None
-                    await asyncio.sleep(0.05)
+                started = recorded(kit, "daemon.started")
+                await until(lambda: proc.returncode is not None or started(), 15,
+                            what="daemon.started", interval=0.05)
+                assert proc.returncode is None
                 # Garbage around every reply: the driver resynchronises and the doors still
                 # follow the world.
                 await sim.fault("board:0", "garbage", True)
                 await sim.request({"op": "door", "compartment": "5", "action": "force"})
-                deadline = time.monotonic() + 10
-                while not any(e.type == "door.forced" for e in stored_events(kit)):
-                    assert time.monotonic() < deadline, [e.type for e in stored_events(kit)]
-                    await asyncio.sleep(0.05)
+                await until(recorded(kit, "door.forced"), 10,
+                            what=recorded_types(kit, "door.forced"), interval=0.05)
                 await sim.fault("board:0", "garbage", False)
                 # A silent board becomes a fault, and recovers by itself.
                 await sim.fault("board:0", "offline", True)
-                deadline = time.monotonic() + 10
-                while not any(e.type == "hardware.fault" for e in stored_events(kit)):
-                    assert time.monotonic() < deadline, [e.type for e in stored_events(kit)]
-                    await asyncio.sleep(0.05)
+                await until(recorded(kit, "hardware.fault"), 10,
+                            what=recorded_types(kit, "hardware.fault"), interval=0.05)
                 await sim.fault("board:0", "offline", False)
-                deadline = time.monotonic() + 10
-                while not any(e.type == "hardware.recovered" for e in stored_events(kit)):
-                    assert time.monotonic() < deadline, [e.type for e in stored_events(kit)]
-                    await asyncio.sleep(0.05)
+                await until(recorded(kit, "hardware.recovered"), 10,
+                            what=recorded_types(kit, "hardware.recovered"), interval=0.05)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

@@ -8,12 +8,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import aiomqtt
 
+from lockerd.cli.lockerctl_common import InputError, Subparsers
 from lockerd.errors import LockerdError, TrustError
 from lockerd.mqtt import BrokerSettings, Topics, read_password
 from lockerd.trust.bundle import is_locker_id
@@ -48,16 +49,15 @@ def add_broker_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> tuple[BrokerSettings, Topics]:
-    usage: Callable[[str], Exception] = args.usage_error
     if not is_locker_id(args.locker):
-        raise usage(f"--locker {args.locker!r} is not a valid locker_id")
+        raise InputError(f"--locker {args.locker!r} is not a valid locker_id")
     host, _, port_text = str(args.broker).rpartition(":")
     if not host:
         host, port_text = port_text, "1883"
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise usage(f"--broker {args.broker!r}: the port must be a number 1-65535")
+        raise InputError(f"--broker {args.broker!r}: the port must be a number 1-65535")
     if (args.cert_file is None) != (args.key_file is None):
-        raise usage("--cert-file and --key-file go together")
+        raise InputError("--cert-file and --key-file go together")
     password = None
     if args.password_file is not None:
         password = read_password(args.password_file, where="--password-file")
@@ -329,8 +329,8 @@ def _run(coro: Coroutine[Any, Any, T], settings: BrokerSettings) -> T:
         raise BrokerError(f"broker {settings.host}:{settings.port}: {exc}") from exc
 
 
-def add_commands(sub: Any, error_type: Callable[[str], Exception]) -> None:
-    """Register the broker subcommands on lockerctl's parser."""
+def add_parsers(sub: Subparsers) -> None:
+    """Register publish, events and state."""
     p = sub.add_parser(
         "publish", help="publish a signed keyring, codes bundle or command to a locker's topic",
         description="Publish a signed envelope file to the topic its payloadType belongs to: "
@@ -341,7 +341,7 @@ def add_commands(sub: Any, error_type: Callable[[str], Exception]) -> None:
     p.add_argument("file", help="the signed envelope (from lockerctl keyring / bundle)")
     p.add_argument("--no-retain", action="store_true",
                    help="do not retain, even a keyring or snapshot")
-    p.set_defaults(func=cmd_publish, usage_error=error_type)
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser(
         "events", help="print a locker's events from the broker, and acknowledge them",
@@ -360,10 +360,10 @@ def add_commands(sub: Any, error_type: Callable[[str], Exception]) -> None:
     p.add_argument("--count", type=int, default=0, help="stop after N events (default: never)")
     p.add_argument("--wait", type=float, default=0.0,
                    help="stop after this many seconds (default: never)")
-    p.set_defaults(func=cmd_events, usage_error=error_type)
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("state", help="print a locker's retained state",
                        description="Print the retained lockers/<id>/state document: online or "
                        "offline, code and keyring versions, compartments.")
     add_broker_arguments(p)
-    p.set_defaults(func=cmd_state, usage_error=error_type)
+    p.set_defaults(func=cmd_state)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from lockerd.demo import run_demo
+            from lockerd.dev.demo import run_demo
 
             return run_demo(directory=args.dir, compartments=args.compartments, wire=args.wire,
                             tour=args.tour)

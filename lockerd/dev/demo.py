@@ -14,8 +14,8 @@ from typing import TextIO, TypeVar
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.core.deposit import SessionPhase, is_parcel_id
+from lockerd.dev.provision import BankKit, PlainCode, make_bank, random_code
 from lockerd.logs import configure_logging
-from lockerd.provision import BankKit, PlainCode, make_bank, random_code
 from lockerd.store.events import StoredEvent
 from lockerd.trust.digest import derived_pickup_code
 from sim.backend import world_of

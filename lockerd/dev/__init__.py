@@ -1,0 +1,1 @@
+"""Development tools on the simulator (demo, bank provisioning); the only lockerd part using sim."""
