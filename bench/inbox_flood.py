@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 import aiomqtt
+from benchbroker import Broker
 from benchlib import (
     exit_on_sigterm,
     machine_line,
@@ -24,7 +25,6 @@ from benchlib import (
     start_daemon,
     stop_process,
 )
-from broker import Broker
 
 from lockerd.dev.provision import to_toml
 
@@ -89,7 +89,7 @@ async def wait_online(broker: Broker, state_topic: str, within_s: float) -> None
         await client.subscribe(state_topic, qos=1)
         async with asyncio.timeout(within_s):
             async for message in client.messages:
-                body = json.loads(message.payload)  # type: ignore[arg-type]
+                body = json.loads(message.payload)
                 if body.get("status") == "online":
                     return
 

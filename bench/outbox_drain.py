@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiomqtt
+from benchbroker import Broker
 from benchlib import (
     Summary,
     cpu_seconds,
@@ -36,7 +37,6 @@ from benchlib import (
     machine_line,
     work_directory,
 )
-from broker import Broker
 
 from lockerd.app import App, build_app
 from lockerd.config import load_config
