@@ -25,5 +25,6 @@ echo "== ruff"
 .venv/bin/ruff check lockerd hal sim tests bench
 echo "== mypy --strict"
 .venv/bin/mypy --strict lockerd hal sim
+.venv/bin/mypy --strict tests bench
 echo "== pytest"
 exec .venv/bin/python -m pytest "$@"

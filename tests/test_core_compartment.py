@@ -464,9 +464,10 @@ class Run:
     t: float = 0.0
     n: int = 0
     current: Access | None = None  # the access of the latest begin_access
-    net: Counter[str] = field(default_factory=Counter)  # use_delta per access digest
-    pulses: Counter[str] = field(default_factory=Counter)  # Pulse actions per access digest
-    seen_open_for: set[str] = field(default_factory=set)  # digests whose door was seen open
+    # Keyed by Access.digest, which is None for a derived code, a QR token or a command.
+    net: Counter[str | None] = field(default_factory=Counter)  # use_delta per access digest
+    pulses: Counter[str | None] = field(default_factory=Counter)  # Pulse actions per digest
+    seen_open_for: set[str | None] = field(default_factory=set)  # digests seen with door open
 
 
 def check_step(run: Run, step: tuple[Any, ...], actions: list[Action],

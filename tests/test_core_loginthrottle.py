@@ -42,6 +42,7 @@ def test_issuer_lockouts_survive_a_round_trip_through_the_meta_table() -> None:
 
 def test_meta_in_another_shape_starts_empty() -> None:
     # The global lockout of earlier versions, a hand edit, junk: never a crash.
+    raw: object
     for raw in [None, 7, "x", [], {"failures": 5, "lockouts": 1, "locked_until": 9e9,
                                    "last_failure_at": 1.0},
                 {"issuers": []}, {"issuers": {"tech:a": {"bogus": 1}, "tech:b": 3}}]:

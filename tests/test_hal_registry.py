@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,15 @@ def test_backends_are_imported_only_when_named() -> None:
 def test_shared_resources_and_services(tmp_path: Path) -> None:
     ctx = HalContext(compartments=("1",), state_dir=tmp_path)
     made: list[int] = []
-    first = ctx.shared("bus", lambda: made.append(1) or object())
-    assert ctx.shared("bus", lambda: made.append(2) or object()) is first
+
+    def maker(n: int) -> Callable[[], object]:
+        def make() -> object:
+            made.append(n)
+            return object()
+        return make
+
+    first = ctx.shared("bus", maker(1))
+    assert ctx.shared("bus", maker(2)) is first
     assert made == [1]
 
     async def service() -> None:

@@ -358,7 +358,7 @@ def test_a_port_url_scheme_pyserial_does_not_know_is_refused_at_startup(
 
 # The poll loop polls once when it starts and then not for a minute: whatever the driver knows
 # after an unlock comes from the unlock's own reply.
-QUIET_POLL = {"poll_interval_s": 60.0, "reply_timeout_s": 1.0}
+QUIET_POLL: dict[str, Any] = {"poll_interval_s": 60.0, "reply_timeout_s": 1.0}
 ANSWERING = {"unlock_reply": True, "unlock_reply_s": 0.2}
 
 

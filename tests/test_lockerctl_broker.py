@@ -60,7 +60,7 @@ async def test_events_with_a_gap_are_asked_again_and_acked_in_order(
         acks, resends = [], []
         async with asyncio.timeout(20):
             async for message in bank.messages:
-                body = json.loads(message.payload)  # type: ignore[arg-type]
+                body = json.loads(message.payload)
                 if message.topic.matches("lockers/L1/events/resend"):
                     resends.append(body["from_seq"])
                     # First the live stream with seq 2 lost, then what was asked for.
@@ -133,7 +133,7 @@ async def test_publish_picks_topic_and_retain_from_the_envelope(broker: Broker,
         await late.subscribe("lockers/L1/#", qos=1)
         async with asyncio.timeout(5):
             async for message in late.messages:
-                got[str(message.topic)] = message.payload  # type: ignore[assignment]
+                got[str(message.topic)] = message.payload
                 if len(got) == 2:
                     break
     assert got == {"lockers/L1/keyring": kit.keyring_path.read_bytes(),

@@ -7,7 +7,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def make_pki(d: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def secure(bank_dir: Path) -> tuple[Broker, dict[str, Path]]:
+def secure(bank_dir: Path) -> Iterator[tuple[Broker, dict[str, Path]]]:
     d = bank_dir / "pki"
     d.mkdir()
     pki = make_pki(d)

@@ -111,7 +111,7 @@ class Backend:
             await c.subscribe("lockers/L1/events", qos=1)
             ready.set()
             async for m in c.messages:
-                event = json.loads(m.payload)  # type: ignore[arg-type]
+                event = json.loads(m.payload)
                 self.events.append(event)
                 if self.ack:
                     await c.publish("lockers/L1/events/ack",

@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Callable
 from datetime import timedelta
 
-import base45
+import base45  # type: ignore[import-untyped]  # no type hints shipped
 import pytest
 from conftest import Running, running, wait_until
 
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 def alter_one_byte(token: str, position: int) -> str:
     raw = bytearray(base45.b45decode(token.removeprefix(QR_PREFIX)))
     raw[position % len(raw)] ^= 0x01
-    return QR_PREFIX + base45.b45encode(bytes(raw)).decode("ascii")
+    encoded: bytes = base45.b45encode(bytes(raw))
+    return QR_PREFIX + encoded.decode("ascii")
 
 
 async def scan_refused(r: Running, data: str, *, count: int) -> dict[str, object]:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
-import base45
+import base45  # type: ignore[import-untyped]  # no type hints shipped
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -85,7 +85,8 @@ def claims(**overrides: Any) -> dict[Any, Any]:
 
 
 def encode(cose: bytes) -> str:
-    return QR_PREFIX + base45.b45encode(cose).decode("ascii")
+    encoded: bytes = base45.b45encode(cose)
+    return QR_PREFIX + encoded.decode("ascii")
 
 
 def build(

@@ -502,10 +502,10 @@ async def test_daemon_takes_codes_from_serial_devices_and_events_a_dead_scanner(
         scan_link.symlink_to(scan_path)
         recovered = await r.wait_event("hardware.recovered")
         assert recovered.data["device"] == "scanner"
-        health = await r.app.controller.health({"scanner": r.app.devices.scanner})
-        assert health["scanner"]["ok"] is True
         scanner_dev = r.app.devices.scanner
         assert isinstance(scanner_dev, SerialScanner)
+        health = await r.app.controller.health({"scanner": scanner_dev})
+        assert health["scanner"]["ok"] is True
         await until(lambda: scanner_dev.port_open)
         async with running(lambda: ScannerEmulator(r.world).run(scan_master)):
             r.world.scan("000000")

@@ -17,6 +17,7 @@ import aiomqtt
 import pytest
 from broker import Broker
 from conftest import Running, running, wait_until
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lockerd.cli.lockerctl_cmd import main as lockerctl
 from lockerd.dev.provision import BankKit, PlainCode
@@ -159,7 +160,7 @@ ATTACKS: dict[str, tuple[str, Callable[[BankKit], bytes]]] = {
     "root rotation signed only by the new root": ("signature", lambda k: _keyring(
         k, version=2, root=[NEW_ROOT], signers=[NEW_ROOT])),
 }
-NEW_ROOT = generate_key()
+NEW_ROOT: Ed25519PrivateKey = generate_key()
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
