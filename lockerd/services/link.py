@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -44,7 +44,6 @@ class LinkStatus:
     dropped_qos0: int = 0
     deferred: int = 0
     inbox_peak: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MqttLink:
