@@ -1,0 +1,27 @@
+"""Importing one module of hal, hal.kerong or lockerd.trust loads what that module imports, not
+every sibling: their package __init__ files re-export nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+# (the module imported, a module of the same package it has no use for)
+PROBES = [
+    ("hal.base", "hal.registry"),  # the device bases need no backend loader
+    ("hal.kerong.codec", "hal.base"),  # the pure codec is bytes in, bytes out
+    ("lockerd.trust.digest", "lockerd.trust.dsse"),  # a code digest is an HMAC, no envelopes
+]
+
+
+@pytest.mark.parametrize(("module", "sibling"), PROBES)
+def test_importing_a_module_does_not_load_its_unneeded_siblings(module: str, sibling: str) -> None:
+    # A fresh interpreter, so that nothing this suite imported already counts.
+    probe = f"import sys, {module}; print({module!r} in sys.modules, {sibling!r} in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["True", "False"], f"importing {module} loaded {sibling}"
