@@ -1,36 +1,9 @@
 """The lockerd simulator: a hal backend named "sim", its world model and its control surface."""
 
-from sim.backend import (
-    SimDisplay,
-    SimDoorSensor,
-    SimKeypad,
-    SimLockDriver,
-    SimOccupancySensor,
-    SimScanner,
-    SimSettings,
-    SimTamper,
-    world_of,
-)
-from sim.client import SimClient, request_sync
-from sim.control import ControlServer, serve_control
-from sim.world import SimError, SimWorld, Subscription, WorldChange
+# The Python API docs/simulator.md shows as `from sim import ...`; everything else is imported
+# from the module that defines it.
+from sim.backend import world_of
+from sim.client import SimClient
+from sim.world import SimError
 
-__all__ = [
-    "ControlServer",
-    "SimClient",
-    "SimDisplay",
-    "SimDoorSensor",
-    "SimError",
-    "SimKeypad",
-    "SimLockDriver",
-    "SimOccupancySensor",
-    "SimScanner",
-    "SimSettings",
-    "SimTamper",
-    "SimWorld",
-    "Subscription",
-    "WorldChange",
-    "request_sync",
-    "serve_control",
-    "world_of",
-]
+__all__ = ["SimClient", "SimError", "world_of"]
