@@ -16,6 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hal.base import DeviceKind
 from lockerd.timeutil import utcnow
 from lockerd.trust.bundle import CodeEntry, build_bundle_payload
 from lockerd.trust.command import build_command_payload
@@ -207,8 +208,7 @@ def make_bank(
             "keyring_file": "keyring.json",
         },
         "codes": {"bundle_file": "codes.json"},
-        "hal": {kind: {"backend": "sim"} for kind in (
-            "lock", "door_sensor", "occupancy", "keypad", "scanner", "display", "tamper")},
+        "hal": {kind.value: {"backend": "sim"} for kind in DeviceKind},
         "backends": {"sim": {"parcels": list(parcels)}},
         "compartments": [{"id": cid, "size": size}
                          for cid, size in zip(ids, list(sizes) or ["M"] * len(ids), strict=True)],
