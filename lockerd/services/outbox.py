@@ -208,26 +208,24 @@ def _parse_resend(raw: bytes) -> int | None:
     """`{"from_seq": N}` -> N; None for anything else (too long, not JSON, bool, negative)."""
     if len(raw) > MAX_RESEND_BYTES:
         return None
-    try:
-        body: Any = jsonsafe.loads(raw)
-    except jsonsafe.JsonInputError:
-        return None
-    if not isinstance(body, dict):
-        return None
-    seq = body.get("from_seq")
-    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
-        return None
-    return seq
+    return _seq_field(raw, "from_seq")
 
 
 def _parse_ack(raw: bytes) -> int | None:
+    """`{"upto_seq": N}` -> N; None for anything else."""
+    return _seq_field(raw, "upto_seq")
+
+
+def _seq_field(raw: bytes, name: str) -> int | None:
+    """The seq a one-field JSON object holds under `name`, or None when it holds none: not
+    JSON, not an object, not an integer (a bool is none), or out of 0..MAX_SEQ."""
     try:
         body: Any = jsonsafe.loads(raw)
     except jsonsafe.JsonInputError:
         return None
     if not isinstance(body, dict):
         return None
-    upto = body.get("upto_seq")
-    if isinstance(upto, bool) or not isinstance(upto, int) or upto < 0:
+    seq = body.get(name)
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
         return None
-    return upto
+    return seq
