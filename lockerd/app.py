@@ -29,6 +29,7 @@ from hal.serial_url import check_port_url
 from lockerd import __version__
 from lockerd.config import Config, DeviceSection
 from lockerd.core.backoff import Backoff
+from lockerd.core.bank import Bank
 from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.entry import CodeEntry
@@ -46,6 +47,7 @@ from lockerd.services.controller import (
     load_budget_state,
     load_lockout_state,
 )
+from lockerd.services.credentials import CredentialService
 from lockerd.services.diagnostics import Diagnostics
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
@@ -445,22 +447,26 @@ def build_app(config: Config, *, clock: Clock | None = None,
         if cid in out_of_service:
             comp.service_reason = str(out_of_service[cid])
         compartments[cid] = comp
-    controller = Controller(
-        locker_id=config.locker.id,
+    bank = Bank(
         compartments=compartments,
         entry=CodeEntry(timeout_s=config.entry.timeout_s, max_digits=config.entry.max_digits,
                         stuck_key_repeats=config.entry.stuck_key_repeats),
         lockout=Lockout(free_attempts=config.lockout.free_attempts, base_s=config.lockout.base_s,
                         max_s=config.lockout.max_s, state=load_lockout_state(db)),
         rejections=RateLimiter(per_minute=config.lockout.rejected_events_per_minute),
-        db=db, events=events, codes=codes, code_key=code_key,
-        lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
-        parcels=parcels, tokens=SpentTokens(db), keyring=lambda: cache.keyring,
-        deposits=DepositRules(
+        rules=DepositRules(
             sizes=tuple(config.deposits.sizes), session_idle_s=config.deposits.session_idle_s,
             derived_digits=config.codes.derived_digits if config.codes.derived_pickup else None),
         open_budget=OpenBudget(per_hour=config.commands.max_opens_per_hour,
                                state=load_budget_state(db)),
+    )
+    tokens = SpentTokens(db)
+    credentials = CredentialService(locker_id=config.locker.id, codes=codes, code_key=code_key,
+                                    tokens=tokens, keyring=lambda: cache.keyring)
+    controller = Controller(
+        bank=bank, credentials=credentials, db=db, events=events, codes=codes,
+        lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
+        parcels=parcels, tokens=tokens,
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
               devices=devices, controller=controller, clock=clock,
