@@ -33,6 +33,7 @@ from lockerd.core.bank import Bank
 from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.entry import CodeEntry
+from lockerd.core.events import EventType
 from lockerd.core.lockout import Lockout, RateLimiter
 from lockerd.errors import ConfigError, LockerdError, TrustError
 from lockerd.logs import get_logger
@@ -134,7 +135,7 @@ class App:
             await self._start_devices()
             if self.commands is not None:
                 self.commands.recover()
-            self.controller.commit_event("daemon.started", {
+            self.controller.commit_event(EventType.DAEMON_STARTED, {
                 "codes_version": self.codes.version(),
                 "keyring_version": self.cache.keyring_version})
             inputs = self._input_runners()
@@ -289,13 +290,13 @@ class App:
                      first: bool) -> None:
         gates = name in self.watchdog_tasks
         with contextlib.suppress(Exception):
-            self.controller.commit_event("daemon.task_failed", {
+            self.controller.commit_event(EventType.DAEMON_TASK_FAILED, {
                 "task": name, "error": repr(error)[:500], "delay_s": delay_s})
         if first:
             then = ("the watchdog is held until it runs again" if gates
                     else "the doors keep working meanwhile")
             with contextlib.suppress(Exception):
-                self.controller.commit_event("hardware.fault", {
+                self.controller.commit_event(EventType.HARDWARE_FAULT, {
                     "device": f"task:{name}", "task": name,
                     "detail": f"task {name} crashed ({repr(error)[:200]}); restarting it with "
                               f"backoff; {then}"})
@@ -317,7 +318,7 @@ class App:
     async def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
         with contextlib.suppress(Exception):
-            self.controller.commit_event("daemon.stopping", {})
+            self.controller.commit_event(EventType.DAEMON_STOPPING, {})
         await self.controller.wait_pulses()
         try:
             await self.devices.lock.all_off()
@@ -505,12 +506,12 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
     app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
 
     def outbox_full(depth: int) -> None:
-        controller.commit_event("hardware.fault", {
+        controller.commit_event(EventType.HARDWARE_FAULT, {
             "device": "outbox", "detail": f"{depth} unacknowledged events, over "
             f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
     def outbox_shed(count: int) -> None:
-        controller.commit_event("outbox.shed", {"count": count})
+        controller.commit_event(EventType.OUTBOX_SHED, {"count": count})
 
     app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
                                     locker_id=config.locker.id, on_full=outbox_full,
@@ -521,7 +522,8 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
         link=app.link, topics=topics, journal=CommandJournal(app.db, app.events),
         events=app.events, cache=cache, controller=controller, devices=app.device_map,
         resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
-        now=clock.wall, observe_signed_time=trusted.observe_signed_time)
+        now=clock.wall, monotonic=clock.monotonic,
+        observe_signed_time=trusted.observe_signed_time)
     telemetry = TelemetryService(link=app.link, topics=topics,
                                  interval_s=config.telemetry.interval_s,
                                  snapshot=app.telemetry)
@@ -544,7 +546,8 @@ def build_cache(
         db=db, codes=codes or CodeStore(db), events=events or EventLog(db),
         locker_id=config.locker.id,
         pinned_root=RoleKeys.from_hex(config.trust.root_keys, config.trust.root_threshold),
-        now=(clock or trusted).wall, observe_signed_time=trusted.observe_signed_time,
+        now=(clock or trusted).wall, monotonic=(clock or trusted).monotonic,
+        observe_signed_time=trusted.observe_signed_time,
     )
 
 

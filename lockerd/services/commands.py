@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -10,13 +9,15 @@ from typing import Any
 import aiomqtt
 
 from hal.base import Device
-from lockerd.core.lockout import RateLimiter
+from lockerd.core.access import may_hold_parcel
+from lockerd.core.events import EventType
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
 from lockerd.services.cache import CodeCache
 from lockerd.services.controller import Controller, OpenBudgetSpent, RequestRefused
 from lockerd.services.link import MqttLink, NotConnected
+from lockerd.services.rejections import RejectionRecorder
 from lockerd.services.sync import payload_bytes
 from lockerd.store.commands import CommandJournal, CommandResult
 from lockerd.store.events import EventLog
@@ -44,6 +45,7 @@ class CommandService:
         resync: Callable[[], Awaitable[None]],
         locker_id: str,
         now: Callable[[], datetime],
+        monotonic: Callable[[], float],
         observe_signed_time: Callable[[datetime], None],
     ) -> None:
         self._link = link
@@ -57,7 +59,9 @@ class CommandService:
         self._locker_id = locker_id
         self._now = now
         self._observe_time = observe_signed_time
-        self._rejections = RateLimiter(per_minute=20)
+        self._rejections = RejectionRecorder(
+            per_minute=20, monotonic=monotonic,
+            write=lambda type_, data: events.record(type=type_, at=now(), data=data))
         link.handle(topics.cmd, self._on_command)
         link.on_connect(self.send_unsent_results)
 
@@ -159,7 +163,7 @@ class CommandService:
             comp = self._controller.compartments.get(cid)
             if comp is None:
                 raise RequestRefused(f"no compartment {cid!r} in this bank")
-            if comp.occupied is not False:
+            if may_hold_parcel(comp.view()):
                 # Pulsing a compartment that may hold a parcel would hand it to whoever stands
                 # at the bank: only a compartment known to be empty is pulsed.
                 data["lock"] = "skipped: not known to be empty"
@@ -172,13 +176,8 @@ class CommandService:
 
     async def _reject(self, cmd_id: str | None, reason: str, detail: str) -> None:
         log.warning("command refused", cmd_id=cmd_id, reason=reason, detail=detail)
-        if self._rejections.allow(time.monotonic()):
-            data: dict[str, Any] = {"cmd_id": cmd_id, "status": "rejected", "reason": reason,
-                                    "detail": detail}
-            suppressed = self._rejections.take_suppressed()
-            if suppressed:
-                data["suppressed"] = suppressed
-            self._events.record(type="command.result", at=self._now(), data=data)
+        self._rejections.record(EventType.COMMAND_RESULT, {
+            "cmd_id": cmd_id, "status": "rejected", "reason": reason, "detail": detail})
         await self._send(CommandResult(cmd_id or "", "rejected", reason))
 
     async def _send(self, result: CommandResult) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from hal.errors import HalError
 from lockerd import __version__
 from lockerd.config import ConsoleSection
+from lockerd.core.access import may_hold_parcel
 from lockerd.core.console import (
     Args,
     ConsoleError,
@@ -27,11 +27,11 @@ from lockerd.core.console import (
     parse_args,
     split_line,
 )
-from lockerd.core.lockout import RateLimiter
 from lockerd.core.loginthrottle import ConnectionThrottle, IssuerLockouts, ThrottleSettings
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.services.controller import OpenBudgetSpent, RequestRefused
+from lockerd.services.rejections import RejectionRecorder
 from lockerd.timeutil import format_time
 from lockerd.trust.bundle import is_compartment_id
 from lockerd.trust.dsse import Envelope
@@ -80,9 +80,6 @@ class Session:
         return Level.of_role(self.tech.role if self.tech else None)
 
 
-Ctx = Session
-
-
 class ConsoleService:
     def __init__(
         self,
@@ -104,7 +101,8 @@ class ConsoleService:
                                           max_s=max_s)
         self._issuers = IssuerLockouts.from_meta(self._throttle,
                                                  app.db.get_meta(LOCKOUT_META))
-        self._rejections = RateLimiter(per_minute=events_per_minute)
+        self._rejections = RejectionRecorder(per_minute=events_per_minute,
+                                             monotonic=app.clock.monotonic, write=self._event)
         self.registry: Registry[Session] = Registry()
         self._register()
         self.listening = asyncio.Event()
@@ -213,7 +211,7 @@ class ConsoleService:
     async def _open(self, s: Session, a: Args) -> Reply:
         cid = self._compartment(a, "open ID [--force REASON]")
         comp = self._app.controller.compartments[cid]
-        if comp.occupied is not False and a.force is None:
+        if may_hold_parcel(comp.view()) and a.force is None:
             raise RequestRefused(f"compartment {cid} may hold a parcel; add --force REASON "
                                  "to open it anyway")
         assert s.tech is not None
@@ -358,9 +356,7 @@ class ConsoleService:
 
     def _refusal_event(self, type_: str, data: dict[str, object]) -> None:
         """Rejections are rate-limited: line noise or a brute force must not flood the log."""
-        if self._rejections.allow(time.monotonic()):
-            held = self._rejections.take_suppressed()
-            self._event(type_, {**data, **({"suppressed": held} if held else {})})
+        self._rejections.record(type_, data)
 
     def _save_lockout(self) -> None:
         self._app.db.set_meta(LOCKOUT_META, self._issuers.to_meta())

@@ -8,6 +8,7 @@ from typing import Any
 
 from hal.base import DoorChanged, InputEvent, KeyPressed, OccupancyChanged, Scanned
 from hal.errors import HalError
+from lockerd.core.access import may_hold_parcel
 from lockerd.services.controller import Controller, RequestRefused
 
 
@@ -54,7 +55,7 @@ class Diagnostics:
         comp = self._controller.compartments.get(compartment)
         if comp is None:
             raise RequestRefused(f"no compartment {compartment!r} in this bank")
-        if comp.occupied is not False and not force:
+        if may_hold_parcel(comp.view()) and not force:
             raise RequestRefused(f"compartment {compartment} may hold a parcel; force it with "
                                  "a reason to open it anyway")
         return await self._controller.open_for(compartment, kind="console", source="console",
