@@ -282,9 +282,11 @@ class Bank:
         if self.entry.tick(t) is not None:
             out.append(Show(messages.timed_out(), hold_s=3.0))
         for comp in self.compartments.values():
-            out += self._run(comp.tick(t), t)
-        if self.session is not None:
-            out += self._run(self.session.tick(t), t)
+            # Most ticks find nothing due: skip the routing of an empty list.
+            if due := comp.tick(t):
+                out += self._run(due, t)
+        if self.session is not None and (due := self.session.tick(t)):
+            out += self._run(due, t)
         return out
 
     # -- requests from commands and technicians --------------------------------------------

@@ -97,10 +97,11 @@ _CLASSES: dict[EventType, OutboxClass] = {
 def outbox_class(type_: str) -> OutboxClass:
     """The class of a type given as a string; one this daemon does not know is kept like an
     access record (never shed)."""
-    try:
-        return EventType(type_).outbox_class
-    except ValueError:
-        return OutboxClass.ACCESS
+    return _CLASS_OF_NAME.get(type_, OutboxClass.ACCESS)
+
+
+# Looked up on every event appended: a dict by wire name, not an enum lookup by value.
+_CLASS_OF_NAME: dict[str, OutboxClass] = {t.value: t.outbox_class for t in EventType}
 
 
 TELEMETRY_TYPES = frozenset(t for t in EventType if t.outbox_class.sheddable)

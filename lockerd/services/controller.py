@@ -198,13 +198,13 @@ class Controller:
     async def handle(self, event: InputEvent) -> None:
         for tap in list(self._taps):
             tap(event)
-        t, wall = self._clock.monotonic(), self._clock.wall().timestamp()
+        t = self._clock.monotonic()
         actions: list[BankAction] = []
         match event:
             case KeyPressed(key=key):
-                actions = self.bank.key(key, t=t, wall=wall)
+                actions = self.bank.key(key, t=t, wall=self._clock.wall().timestamp())
             case Scanned(data=data):
-                actions = self.bank.scan(data, t=t, wall=wall)
+                actions = self.bank.scan(data, t=t, wall=self._clock.wall().timestamp())
             case DoorChanged(compartment=cid, state=state):
                 actions = self.bank.door(cid, state, t=t)
             case OccupancyChanged(compartment=cid, occupied=occupied):
@@ -294,11 +294,15 @@ class Controller:
     # -- outputs ----------------------------------------------------------------------------
 
     async def _execute(self, actions: list[BankAction]) -> None:
+        if not actions:
+            return
         pending: list[Record] = []
+        recorded = False
         for action in actions:
             match action:
                 case Record():
                     pending.append(action)
+                    recorded = True
                     continue
                 case Log(level=level, message=text, fields=fields):
                     getattr(log, level)(text, **fields)
@@ -311,8 +315,9 @@ class Controller:
                         outcome.set_result(result)
                     continue
             # Everything recorded so far is durable before the next output (safety rule 1).
-            self.commit(*pending)
-            pending = []
+            if pending:
+                self.commit(*pending)
+                pending = []
             match action:
                 case Pulse(compartment=cid):
                     self._start_pulse(cid)
@@ -325,8 +330,11 @@ class Controller:
                     await self._execute(self.bank.decide(
                         decision, source=source, t=self._clock.monotonic(),
                         wall=self._clock.wall().timestamp()))
-        self.commit(*pending)
-        await self._save_service_if_changed()
+        if pending:
+            self.commit(*pending)
+        if recorded:
+            # A compartment leaves or re-enters service only with the event that says so.
+            await self._save_service_if_changed()
 
     def _save(self, action: Save) -> None:
         if action.what == "lockout":
