@@ -24,9 +24,6 @@ from hal.base import (
 from hal.errors import HalError
 from lockerd.core.actions import ParcelIn, ParcelOut, Pulse, Record, Show
 from lockerd.core.bank import (
-    MAX_SCAN_CODE_LENGTH as MAX_SCAN_CODE_LENGTH,
-)
-from lockerd.core.bank import (
     Bank,
     BankAction,
     CredentialDecision,
@@ -35,6 +32,8 @@ from lockerd.core.bank import (
     Save,
     Settled,
 )
+
+# Re-exported: the services and the composition root import them from here.
 from lockerd.core.bank import DepositRules as DepositRules
 from lockerd.core.bank import OpenBudgetSpent as OpenBudgetSpent
 from lockerd.core.bank import RequestRefused as RequestRefused
@@ -55,7 +54,6 @@ log = get_logger("lockerd.controller")
 
 LOCKOUT_META = "lockout"
 BUDGET_META = "open_budget"
-DEFAULT_OPENS_PER_HOUR = 10
 
 
 def load_lockout_state(db: Database) -> LockoutState:
