@@ -357,16 +357,18 @@ class Bank:
         follow: list[Action] = []
         consumed = False
         for action in actions:
-            match action:
-                case Record():
-                    out.append(action)
-                    consumed = consumed or _consumes_use(action)
-                    out += _settled(action)
-                    follow += self._session_learns(action, t)
-                case Begin(compartment=cid, access=access):
-                    out += self._run(self.compartments[cid].begin_access(access, t), t)
-                case Pulse() | Show():
-                    out.append(action)
+            if isinstance(action, Begin):
+                out += self._run(self.compartments[action.compartment].begin_access(
+                    action.access, t), t)
+                continue
+            out.append(action)
+            if isinstance(action, Record):
+                consumed = consumed or action.type in CONSUMED_USE_EVENTS
+                if action.compartment is not None:
+                    if (end := _SETTLES.get(action.type)) is not None:
+                        out.append(Settled(action.compartment, end))
+                    if self.session is not None:
+                        follow += self._session_learns(action, t)
         if consumed and self.lockout.state != LockoutState():
             self.lockout.record_success()
             out.append(Save("lockout"))
@@ -396,16 +398,6 @@ class Bank:
         return []
 
 
-def _consumes_use(record: Record) -> bool:
-    return record.type in CONSUMED_USE_EVENTS
-
-
-def _settled(record: Record) -> list[BankAction]:
-    """An open in progress ends when its door is seen open or is given up as jammed."""
-    if record.compartment is None:
-        return []
-    if record.type == EventType.DOOR_OPENED:
-        return [Settled(record.compartment, "opened")]
-    if record.type == EventType.DOOR_JAMMED:
-        return [Settled(record.compartment, "jammed")]
-    return []
+# An open in progress ends when its door is seen open or is given up as jammed.
+_SETTLES: dict[str, Literal["opened", "jammed"]] = {
+    EventType.DOOR_OPENED: "opened", EventType.DOOR_JAMMED: "jammed"}
