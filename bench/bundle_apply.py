@@ -262,6 +262,7 @@ def make_cache(db: Database, m: Material) -> CodeCache:
         locker_id=m.kit.locker_id,
         pinned_root=RoleKeys.from_keys([m.kit.root_key.public_key()], 1),
         now=utcnow,
+        monotonic=time.monotonic,
     )
     cache.load_keyring(m.keyring_raw, source="bench")
     return cache

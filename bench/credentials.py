@@ -659,13 +659,13 @@ async def measure_derived(work: Path, parcels: int, args: argparse.Namespace) ->
             return app.codes.lookup(code_digest(key, locker, issued))
 
         def views() -> dict[str, CompartmentView]:
-            # Controller._views, built before every decision.
+            # Bank.views, built before every decision.
             return {cid: c.view() for cid, c in ctl.compartments.items()}
 
         held = views()
 
         def derived_loop(code: str, views: Mapping[str, CompartmentView]) -> str | None:
-            # Controller._derived's loop, up to the match (none here).
+            # CredentialService._derived's loop, up to the match (none here).
             for cid, view in views.items():
                 parcel_id = view.parcel_id
                 if parcel_id is None:
@@ -728,7 +728,7 @@ def report_derived(results: Sequence[DerivedResult]) -> None:
     for r in results:
         print(f"  {r.parcels} compartments holding a parcel")
         print(row("baseline: code_digest + CodeStore.lookup, bundle code", r.bundle, r.bundle, 1e6))
-        print(row("building the views, as Controller._views", r.views, r.bundle, 1e6))
+        print(row("building the views, as Bank.views", r.views, r.bundle, 1e6))
         print(
             row(f"derived loop: {r.parcels} x derived_pickup_code + compare", r.loop, r.bundle, 1e6)
         )
@@ -814,7 +814,7 @@ def report_assign(results: Sequence[AssignResult]) -> None:
         print(f"  {r.compartments} compartments, {r.free} free; assigned {r.chosen}")
         print(row("baseline: bare loop reading view.free", r.bare, r.bare, 1e6))
         print(row("assign(views, sizes, size='M')", r.assigned, r.bare, 1e6))
-        print(row("building the views, as Controller._views", r.views, r.bare, 1e6))
+        print(row("building the views, as Bank.views", r.views, r.bare, 1e6))
     print(flush=True)
 
 

@@ -5,98 +5,50 @@ from __future__ import annotations
 import enum
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from hal.errors import HardwareFault
+from hal.values import (
+    DeviceHealth,
+    DisplayMessage,
+    DoorChanged,
+    DoorState,
+    Emit,
+    HealthChanged,
+    InputEvent,
+    KeyPressed,
+    OccupancyChanged,
+    Scanned,
+    TamperChanged,
+)
 
 if TYPE_CHECKING:
     from hal.registry import HalContext
 
-
-class DoorState(enum.Enum):
-    """What a door sensor reports."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPressed:
-    """One key of the keypad: a digit, `*` (clear) or `#` (enter)."""
-
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class Scanned:
-    """One string read by the QR/barcode scanner, already decoded to text."""
-
-    data: str
-
-
-@dataclass(frozen=True, slots=True)
-class DoorChanged:
-    """A compartment door changed state."""
-
-    compartment: str
-    state: DoorState
-
-
-@dataclass(frozen=True, slots=True)
-class OccupancyChanged:
-    """A compartment's occupancy sensor now sees (or no longer sees) a parcel."""
-
-    compartment: str
-    occupied: bool
-
-
-@dataclass(frozen=True, slots=True)
-class TamperChanged:
-    """The enclosure's tamper switch opened (True) or closed again (False)."""
-
-    open: bool
-
-
-@dataclass(frozen=True, slots=True)
-class HealthChanged:
-    """A device became faulty (ok=False) or recovered (ok=True): a lock board that stopped
-    answering, a scanner whose port vanished. The daemon records hardware.fault and
-    hardware.recovered events from these."""
-
-    device: str  # e.g. "board:0", "scanner", "keypad"
-    ok: bool
-    detail: str = ""
-
-
-InputEvent = (
-    KeyPressed | Scanned | DoorChanged | OccupancyChanged | TamperChanged | HealthChanged
-)
-Emit = Callable[[InputEvent], None]
-"""Callback an input device calls for each event; it never blocks and never raises."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceHealth:
-    """Health of one device as the backend sees it."""
-
-    ok: bool
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class DisplayMessage:
-    """What the customer display shows: up to four short lines and an indicator colour."""
-
-    lines: tuple[str, ...]
-    indicator: str = "idle"  # idle | busy | ok | error
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
+# The value types live in hal.values (the core imports them from there); re-exported here so
+# backends and the daemon keep importing everything of the hal from one place.
+__all__ = [
+    "Device",
+    "DeviceHealth",
+    "Display",
+    "DisplayMessage",
+    "DoorChanged",
+    "DoorSensor",
+    "DoorState",
+    "Emit",
+    "HealthChanged",
+    "InputEvent",
+    "KeyPressed",
+    "Keypad",
+    "LockDriver",
+    "OccupancyChanged",
+    "OccupancySensor",
+    "Scanned",
+    "Scanner",
+    "Tamper",
+    "TamperChanged",
+]
 
 
 class DeviceKind(enum.StrEnum):

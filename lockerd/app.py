@@ -31,10 +31,12 @@ from hal.serial_url import check_port_url
 from lockerd import __version__
 from lockerd.config import Config, ConsoleSection, DeviceSection
 from lockerd.core.backoff import Backoff
+from lockerd.core.bank import Bank
 from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.console import Registry
 from lockerd.core.entry import CodeEntry
+from lockerd.core.events import EventType
 from lockerd.core.lockout import Lockout, RateLimiter
 from lockerd.core.loginthrottle import ThrottleSettings
 from lockerd.errors import ConfigError, LockerdError, TrustError
@@ -52,6 +54,7 @@ from lockerd.services.controller import (
     load_lockout_state,
 )
 from lockerd.services.controller_console import register_door_commands
+from lockerd.services.credentials import CredentialService
 from lockerd.services.diagnostics import Diagnostics, register_diagnostic_commands
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
@@ -147,7 +150,7 @@ class App:
             await self._start_devices()
             if self.commands is not None:
                 self.commands.recover()
-            self.controller.commit_event("daemon.started", {
+            self.controller.commit_event(EventType.DAEMON_STARTED, {
                 "codes_version": self.codes.version(),
                 "keyring_version": self.cache.keyring_version})
             inputs = self._input_runners()
@@ -270,7 +273,7 @@ class App:
             return None
         self.stopping_recorded = True
         try:
-            return self.controller.commit_event("daemon.stopping", {}).seq
+            return self.controller.commit_event(EventType.DAEMON_STOPPING, {}).seq
         except Exception:
             log.exception("could not record daemon.stopping")
             return None
@@ -326,13 +329,13 @@ class App:
                      first: bool) -> None:
         gates = name in self.watchdog_tasks
         with contextlib.suppress(Exception):
-            self.controller.commit_event("daemon.task_failed", {
+            self.controller.commit_event(EventType.DAEMON_TASK_FAILED, {
                 "task": name, "error": repr(error)[:500], "delay_s": delay_s})
         if first:
             then = ("the watchdog is held until it runs again" if gates
                     else "the doors keep working meanwhile")
             with contextlib.suppress(Exception):
-                self.controller.commit_event("hardware.fault", {
+                self.controller.commit_event(EventType.HARDWARE_FAULT, {
                     "device": f"task:{name}", "task": name,
                     "detail": f"task {name} crashed ({repr(error)[:200]}); restarting it with "
                               f"backoff; {then}"})
@@ -474,22 +477,26 @@ def build_app(config: Config, *, clock: Clock | None = None,
         if cid in out_of_service:
             comp.service_reason = str(out_of_service[cid])
         compartments[cid] = comp
-    controller = Controller(
-        locker_id=config.locker.id,
+    bank = Bank(
         compartments=compartments,
         entry=CodeEntry(timeout_s=config.entry.timeout_s, max_digits=config.entry.max_digits,
                         stuck_key_repeats=config.entry.stuck_key_repeats),
         lockout=Lockout(free_attempts=config.lockout.free_attempts, base_s=config.lockout.base_s,
                         max_s=config.lockout.max_s, state=load_lockout_state(db)),
         rejections=RateLimiter(per_minute=config.lockout.rejected_events_per_minute),
-        db=db, events=events, codes=codes, code_key=code_key,
-        lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
-        parcels=parcels, tokens=SpentTokens(db), keyring=lambda: cache.keyring,
-        deposits=DepositRules(
+        rules=DepositRules(
             sizes=tuple(config.deposits.sizes), session_idle_s=config.deposits.session_idle_s,
             derived_digits=config.codes.derived_digits if config.codes.derived_pickup else None),
         open_budget=OpenBudget(per_hour=config.commands.max_opens_per_hour,
                                state=load_budget_state(db)),
+    )
+    tokens = SpentTokens(db)
+    credentials = CredentialService(locker_id=config.locker.id, codes=codes, code_key=code_key,
+                                    tokens=tokens, keyring=lambda: cache.keyring)
+    controller = Controller(
+        bank=bank, credentials=credentials, db=db, events=events, codes=codes,
+        lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
+        parcels=parcels, tokens=tokens,
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
               devices=devices, controller=controller, clock=clock,
@@ -559,13 +566,13 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
     app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
 
     def outbox_full(depth: int) -> None:
-        controller.commit_event("hardware.fault", {
+        controller.commit_event(EventType.HARDWARE_FAULT, {
             "device": "outbox", "detail": f"{depth} unacknowledged events, over "
             f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
     def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
         # `seqs` names the gaps for good: a backend must not acknowledge past a gap otherwise.
-        controller.commit_event("outbox.shed", {"count": count,
+        controller.commit_event(EventType.OUTBOX_SHED, {"count": count,
                                                 "seqs": [list(run) for run in runs]})
 
     app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
@@ -577,7 +584,8 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
         link=app.link, topics=topics, journal=CommandJournal(app.db, app.events),
         events=app.events, cache=cache, controller=controller, diagnostics=app.diagnostics,
         resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
-        now=clock.wall, observe_signed_time=trusted.observe_signed_time)
+        now=clock.wall, monotonic=clock.monotonic,
+        observe_signed_time=trusted.observe_signed_time)
     telemetry = TelemetryService(link=app.link, topics=topics,
                                  interval_s=config.telemetry.interval_s,
                                  snapshot=app.telemetry)
@@ -600,7 +608,8 @@ def build_cache(
         db=db, codes=codes or CodeStore(db), events=events or EventLog(db),
         locker_id=config.locker.id,
         pinned_root=RoleKeys.from_hex(config.trust.root_keys, config.trust.root_threshold),
-        now=(clock or trusted).wall, observe_signed_time=trusted.observe_signed_time,
+        now=(clock or trusted).wall, monotonic=(clock or trusted).monotonic,
+        observe_signed_time=trusted.observe_signed_time,
     )
 
 

@@ -17,6 +17,7 @@ from lockerd.core.access import (
     Reason,
     Refused,
     evaluate_code,
+    may_hold_parcel,
 )
 
 pytestmark = pytest.mark.unit
@@ -202,3 +203,13 @@ def test_every_display_line_fits_a_20_column_lcd() -> None:
     shown += [m.refused(reason, remaining_s=30) for reason in Reason]
     long = [line for msg in shown for line in msg.lines if len(line) > m.MAX_COLUMNS]
     assert long == []
+
+
+@pytest.mark.parametrize(("occupied", "parcel_id", "may"), [
+    (False, None, False), (True, None, True), (None, None, True),
+    # The sensor's word decides: a parcel on record the sensor sees gone is not inside.
+    (False, "PX-1", False), (None, "PX-1", True),
+])
+def test_the_parcel_guard(occupied: bool | None, parcel_id: str | None, may: bool) -> None:
+    view = CompartmentView(in_service=True, idle=True, occupied=occupied, parcel_id=parcel_id)
+    assert may_hold_parcel(view) is may

@@ -35,17 +35,6 @@ CORE_FORBIDDEN = (
 # The one hal module the core may import: the pure value types both share (DoorState, ...).
 CORE_MAY_IMPORT_FROM_HAL = ("hal.values",)
 
-# Violations known today, each to be deleted when the work that removes it is merged (the
-# test below says which entries are no longer needed). Nothing may be added here: a new
-# violation is fixed, not listed.
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
-    # The core is being made pure; until then it takes DisplayMessage from hal.base and the
-    # QR prefix test from the trust package.
-    ("lockerd/core/actions.py", "hal.base"),
-    ("lockerd/core/deposit.py", "hal.base"),
-    ("lockerd/core/deposit.py", "lockerd.trust.qrtoken"),
-    ("lockerd/core/messages.py", "hal.base"),
-})
 
 
 @dataclass(frozen=True)
@@ -133,16 +122,8 @@ def test_every_package_is_scanned() -> None:
 
 
 def test_no_module_imports_across_the_layers() -> None:
-    new = [v for v in all_violations() if (v.path, v.module) not in KNOWN_VIOLATIONS]
-    assert new == [], "imports that break the layers:\n" + "\n".join(map(str, new))
-
-
-def test_the_allow_list_names_only_live_violations() -> None:
-    # When the work that removes a known violation is merged, its entry must go too, so the
-    # list never hides a violation that comes back later.
-    live = {(v.path, v.module) for v in all_violations()}
-    stale = sorted(KNOWN_VIOLATIONS - live)
-    assert stale == [], f"delete these KNOWN_VIOLATIONS entries, they no longer occur: {stale}"
+    found = all_violations()
+    assert found == [], "imports that break the layers:\n" + "\n".join(map(str, found))
 
 
 # -- the checker itself, on made-up modules ---------------------------------------------------

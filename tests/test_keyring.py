@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,7 @@ def _cache(path: Path, root: list[Ed25519PrivateKey]) -> tuple[CodeCache, EventL
     db = open_database(path)
     events = EventLog(db)
     return CodeCache(db=db, codes=CodeStore(db), events=events, locker_id="L1",
-                     pinned_root=role(root), now=lambda: NOW), events
+                     pinned_root=role(root), now=lambda: NOW, monotonic=lambda: 0.0), events
 
 
 def _codes_keyring(version: int, root: list[Ed25519PrivateKey],
@@ -374,3 +375,44 @@ def test_keyrings_that_keep_the_codes_keys_do_not_reset_the_floor(tmp_path: Path
     with pytest.raises(TrustError) as err:
         cache.load_bundle(sign_bundle(bundle_doc(version=5), codes), source="test")
     assert err.value.reason == "rollback"
+
+
+def test_codes_and_their_cache_updated_event_are_one_transaction(tmp_path: Path) -> None:
+    root, codes = keys(1), keys(1)
+    cache, events = _cache(tmp_path / "bank.db", root)
+    cache.load_keyring(_codes_keyring(1, root, codes), source="test")
+    cache.load_bundle(sign_bundle(bundle_doc(version=3), codes), source="test")
+    # The event of the next bundle cannot be written (a real SQLite trigger refuses it): the
+    # codes it carries must not be applied without it.
+    db = open_database(tmp_path / "bank.db")
+    db.conn.execute("CREATE TRIGGER no_update BEFORE INSERT ON events"
+                    " WHEN NEW.type = 'cache.updated' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    db.close()
+    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        cache.load_bundle(sign_bundle(bundle_doc(version=4), codes), source="test")
+    assert cache.codes_version == 3
+    assert [e["version"] for e in _events(events, "cache.updated")] == [3]
+    db = open_database(tmp_path / "bank.db")
+    db.conn.execute("DROP TRIGGER no_update")
+    db.close()
+    cache.load_bundle(sign_bundle(bundle_doc(version=4), codes), source="test")
+    assert cache.codes_version == 4
+    assert [e["version"] for e in _events(events, "cache.updated")] == [3, 4]
+
+
+def test_refused_updates_are_rate_limited_on_the_injected_clock(tmp_path: Path) -> None:
+    root = keys(1)
+    db = open_database(tmp_path / "bank.db")
+    events = EventLog(db)
+    clock = [0.0]
+    cache = CodeCache(db=db, codes=CodeStore(db), events=events, locker_id="L1",
+                      pinned_root=role(root), now=lambda: NOW, monotonic=lambda: clock[0],
+                      rejected_per_minute=2)
+    for _ in range(4):
+        cache.refuse("codes", "too_large", "payload too large", source="test")
+    assert len(_events(events, "cache.rejected")) == 2
+    clock[0] += 60.0  # a minute on the daemon's clock, whatever the system's says
+    cache.refuse("codes", "too_large", "payload too large", source="test")
+    rejected = _events(events, "cache.rejected")
+    assert len(rejected) == 3
+    assert rejected[-1]["suppressed"] == 2

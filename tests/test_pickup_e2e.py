@@ -179,7 +179,7 @@ async def test_lockout_grows_and_survives_restart(make_kit: Callable[..., BankKi
         assert r2.world.pulses == []
         # A technician clears it (the console will call this); the next failure locks longer.
         r2.app.controller.clear_lockout()
-        assert r2.app.controller._lockout.remaining(utcnow().timestamp()) == 0
+        assert r2.app.controller.bank.lockout.remaining(utcnow().timestamp()) == 0
 
 
 async def test_stuck_key_is_reported_as_a_hardware_fault(make_kit: Callable[..., BankKit]) -> None:

@@ -157,6 +157,13 @@ def _validity(record: CodeRecord, *, now: datetime) -> Reason | None:
     return None
 
 
+def may_hold_parcel(view: CompartmentView) -> bool:
+    """Whether a parcel may be inside: only a compartment the occupancy sensor has seen empty
+    is known not to hold one. Pulsing any other for a test or a technician would hand its
+    parcel to whoever stands at the bank."""
+    return view.occupied is not False
+
+
 def door_unavailable(view: CompartmentView | None) -> Reason | None:
     """Why no credential may open this compartment now (missing, out of service, busy)."""
     if view is None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hal.base import DisplayMessage
+from hal.values import DisplayMessage
 
 if TYPE_CHECKING:
     from lockerd.core.credential import Access

@@ -9,6 +9,7 @@ from lockerd.core import messages
 from lockerd.core.access import CompartmentView
 from lockerd.core.actions import Action, ParcelIn, ParcelOut, Pulse, Record, Show
 from lockerd.core.credential import Access
+from lockerd.core.events import EventType
 
 __all__ = ["MAX_ATTEMPTS", "Access", "Compartment", "DoorTimings", "Phase"]
 
@@ -123,7 +124,8 @@ class Compartment:
         # OPEN past the held-open time: say so once per opening.
         self._held_reported = True
         return [
-            self._record("door.held_open", data={"after_s": self._timings.held_open_after_s}),
+            self._record(EventType.DOOR_HELD_OPEN,
+                         data={"after_s": self._timings.held_open_after_s}),
             Show(messages.close_door(self.id)),
         ]
 
@@ -133,7 +135,8 @@ class Compartment:
             return []
         self.in_service = in_service
         self.service_reason = "" if in_service else reason
-        kind = "compartment.in_service" if in_service else "compartment.out_of_service"
+        kind = (EventType.COMPARTMENT_IN_SERVICE if in_service
+                else EventType.COMPARTMENT_OUT_OF_SERVICE)
         return [self._record(kind, data={"reason": reason})]
 
     # -- transitions ------------------------------------------------------------------------
@@ -144,7 +147,7 @@ class Compartment:
         self._deadline = t + self._timings.open_timeout_s
         return [
             self._record(
-                "lock.pulse",
+                EventType.LOCK_PULSE,
                 code_id=self.access.code_id,
                 data={"attempt": self.attempt, "kind": self.access.kind,
                       "source": self.access.source, **self.access.ref,
@@ -165,7 +168,8 @@ class Compartment:
             data["parcel_id"] = access.parcel_id
         if access.is_pickup or access.is_deposit:
             data["code_still_valid"] = True
-        actions: list[Action] = [self._record("door.jammed", code_id=access.code_id, data=data)]
+        actions: list[Action] = [
+            self._record(EventType.DOOR_JAMMED, code_id=access.code_id, data=data)]
         # Taken out of service already (by a technician, mid-unlock): keep that reason.
         actions += self.set_service(False, "jammed")
         actions.append(Show(messages.jammed(self.id), hold_s=self._timings.show_result_s))
@@ -186,12 +190,12 @@ class Compartment:
                 # reported by an access event (door.opened is telemetry and may be shed).
                 data.update(parcel_id=access.parcel_id, source=access.source)
                 return [
-                    self._record("door.opened", code_id=access.code_id, data=data),
-                    self._record("deposit.opened", code_id=access.code_id,
+                    self._record(EventType.DOOR_OPENED, code_id=access.code_id, data=data),
+                    self._record(EventType.DEPOSIT_OPENED, code_id=access.code_id,
                                  data={"attempt": self.attempt, **data}, use=access.use(+1)),
                     Show(messages.deposit_open(self.id)),
                 ]
-            opened = self._record("door.opened", code_id=access.code_id, data=data)
+            opened = self._record(EventType.DOOR_OPENED, code_id=access.code_id, data=data)
             if not access.is_pickup:
                 return [opened, Show(messages.door_open(self.id))]
             pickup_data: dict[str, object] = {
@@ -200,15 +204,15 @@ class Compartment:
                 pickup_data["parcel_id"] = access.parcel_id
             return [
                 opened,
-                self._record("pickup.opened", code_id=access.code_id, data=pickup_data,
+                self._record(EventType.PICKUP_OPENED, code_id=access.code_id, data=pickup_data,
                              use=access.use(+1)),
                 Show(messages.pickup_open(self.id)),
             ]
         # Seen open with no pulse pending: somebody forced it, or the latch failed.
         self.phase = Phase.OPEN
         return [
-            self._record("door.opened"),
-            self._record("door.forced", data={"in_service": self.in_service}),
+            self._record(EventType.DOOR_OPENED),
+            self._record(EventType.DOOR_FORCED, data={"in_service": self.in_service}),
         ]
 
     def _door_closed(self) -> list[Action]:
@@ -222,7 +226,7 @@ class Compartment:
         self.access = None
         self._opened_at = None
         actions: list[Action] = [self._record(
-            "door.closed", code_id=access.code_id if access else None,
+            EventType.DOOR_CLOSED, code_id=access.code_id if access else None,
             data=dict(access.ref) if access else {})]
         if access is not None and access.is_deposit:
             return actions + self._deposit_closed(access)
@@ -238,14 +242,14 @@ class Compartment:
             # The customer closed the door on their parcel: give the use back so the same
             # code opens the door again.
             actions += [
-                self._record("pickup.incomplete", code_id=access.code_id,
+                self._record(EventType.PICKUP_INCOMPLETE, code_id=access.code_id,
                              data={"use_returned": True, **ref}, use=access.given_back()),
                 Show(messages.pickup_incomplete(self.id), hold_s=self._timings.show_result_s),
             ]
         else:
             self.parcel_id = None
             actions += [
-                self._record("pickup.completed", code_id=access.code_id,
+                self._record(EventType.PICKUP_COMPLETED, code_id=access.code_id,
                              data={"occupancy_known": self.occupied is not None, **ref},
                              parcel=ParcelOut()),
                 Show(messages.pickup_done(self.id), hold_s=self._timings.show_result_s),
@@ -261,7 +265,7 @@ class Compartment:
             # customer's pickup code on this event.
             self.parcel_id = access.parcel_id
             return [
-                self._record("deposit.confirmed", code_id=access.code_id, data=data,
+                self._record(EventType.DEPOSIT_CONFIRMED, code_id=access.code_id, data=data,
                              parcel=ParcelIn(access.parcel_id, access.code_id)),
                 Show(messages.deposit_done(self.id), hold_s=hold),
             ]
@@ -269,14 +273,14 @@ class Compartment:
             # The sensor does not know: the parcel may be inside. Nobody may be assigned this
             # compartment until a technician has looked.
             return [
-                self._record("deposit.aborted", code_id=access.code_id,
+                self._record(EventType.DEPOSIT_ABORTED, code_id=access.code_id,
                              data={**data, "reason": "occupancy_unknown"}),
                 *self.set_service(False, "occupancy_unknown"),
                 Show(messages.deposit_unconfirmed(self.id), hold_s=hold),
             ]
         use = access.given_back()
         return [
-            self._record("deposit.aborted", code_id=access.code_id,
+            self._record(EventType.DEPOSIT_ABORTED, code_id=access.code_id,
                          data={**data, "reason": "empty", "use_returned": use is not None},
                          use=use),
             Show(messages.deposit_aborted(self.id), hold_s=hold),
@@ -287,8 +291,8 @@ class Compartment:
         data: dict[str, object] = {"parcel_id": parcel_id}
         if access is not None:
             data.update(kind=access.kind, **access.ref)
-        return self._record("parcel.removed", data=data, parcel=ParcelOut())
+        return self._record(EventType.PARCEL_REMOVED, data=data, parcel=ParcelOut())
 
-    def _record(self, type_: str, **kwargs: object) -> Record:
+    def _record(self, type_: EventType, **kwargs: object) -> Record:
         self.last_event = type_
         return Record(type_, compartment=self.id, **kwargs)  # type: ignore[arg-type]

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hal.base import DisplayMessage
+from hal.values import DisplayMessage
 from lockerd.core import messages
 from lockerd.core.access import CompartmentView, Reason, door_unavailable
 from lockerd.core.actions import Action, Begin, Record, Show
 from lockerd.core.credential import Access
-from lockerd.trust.qrtoken import is_qr_token
+from lockerd.core.events import EventType
+from lockerd.ids import is_parcel_label, is_qr_token
 
-# A parcel label's text is the parcel id: printable ASCII, no spaces, as the backend writes it.
-_PARCEL_ID = re.compile(r"[\x21-\x7e]{1,64}")
 SESSION_ENDED_HOLD_S = 4.0
 
 
 def is_parcel_id(text: str) -> bool:
-    return _PARCEL_ID.fullmatch(text) is not None
+    """A parcel label's text is the parcel id (the rule is lockerd.ids.is_parcel_label)."""
+    return is_parcel_label(text)
 
 
 def assign(
@@ -137,7 +136,7 @@ class DepositSession:
 
     def start(self, views: Mapping[str, CompartmentView], t: float) -> list[Action]:
         self._last_input = t
-        started = self._record("session.started", {})
+        started = self._record(EventType.SESSION_STARTED, {})
         return [started, *self._next(views)]
 
     def key(self, key: str, views: Mapping[str, CompartmentView], t: float) -> list[Action]:
@@ -166,7 +165,7 @@ class DepositSession:
             return [Show(messages.label_refused(Reason.BAD_LABEL), hold_s=3.0)]
         if any(v.parcel_id == parcel_id for v in views.values()):
             return [
-                self._record("deposit.refused",
+                self._record(EventType.DEPOSIT_REFUSED,
                              {"reason": Reason.PARCEL_HERE.value, "parcel_id": parcel_id}),
                 Show(messages.label_refused(Reason.PARCEL_HERE), hold_s=3.0),
             ]
@@ -210,7 +209,7 @@ class DepositSession:
             return []
         self.phase = SessionPhase.ENDED
         actions: list[Action] = [self._record(
-            "session.ended", {"reason": reason, "deposits": self.deposits,
+            EventType.SESSION_ENDED, {"reason": reason, "deposits": self.deposits,
                               "credential_used": self.consumed})]
         if show:
             actions.append(Show(messages.session_ended(self.deposits),
@@ -237,7 +236,7 @@ class DepositSession:
         assert self.parcel_id is not None
         target = assign(views, self.sizes, size=size, named=named)
         if isinstance(target, Reason):
-            refused = self._record("deposit.refused", {
+            refused = self._record(EventType.DEPOSIT_REFUSED, {
                 "reason": target.value, "parcel_id": self.parcel_id,
                 **({"size": size} if size is not None else {}),
                 **({"compartment": named} if named is not None else {})})
@@ -264,7 +263,7 @@ class DepositSession:
         prompt = self.prompt()
         return [] if prompt is None else [Show(prompt)]
 
-    def _record(self, type_: str, data: Mapping[str, object]) -> Record:
+    def _record(self, type_: EventType, data: Mapping[str, object]) -> Record:
         cred = self.credential
         return Record(type_, compartment=self.compartment, code_id=cred.code_id,
                       data={"kind": cred.kind, "source": cred.source, **cred.ref, **data})

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-# The events that report a use consumed for good: a parcel taken out by its customer, a parcel
-# confirmed in by the occupancy sensor. Only these reset the lockout. A granted credential does
-# not: a courier or deposit code, a deposit token or a pickup closed on its parcel can be
-# presented again, and resetting on them would give a guesser a fresh set of free attempts
-# after every few wrong codes (safety rule 6).
-CONSUMED_USE_EVENTS = frozenset({"pickup.completed", "deposit.confirmed"})
+# The events that report a use consumed for good (EventType.consumes_use): a parcel taken out
+# by its customer, a parcel confirmed in by the occupancy sensor. Only these reset the lockout.
+# A granted credential does not: a courier or deposit code, a deposit token or a pickup closed
+# on its parcel can be presented again, and resetting on them would give a guesser a fresh set
+# of free attempts after every few wrong codes (safety rule 6).
+from lockerd.core.events import CONSUMED_USE_EVENTS as CONSUMED_USE_EVENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,15 @@ class RateLimiter:
             return True
         self.suppressed += 1
         return False
+
+    def admit(self, data: Mapping[str, object], now: float) -> dict[str, object] | None:
+        """The data of a rejection event that may be recorded at `now`, with `suppressed`
+        (how many were held back since the last one) when any were; None when this one is
+        held back."""
+        if not self.allow(now):
+            return None
+        held = self.take_suppressed()
+        return {**data, "suppressed": held} if held else dict(data)
 
     def take_suppressed(self) -> int:
         n, self.suppressed = self.suppressed, 0

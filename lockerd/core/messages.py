@@ -6,7 +6,7 @@ characters included.
 
 from __future__ import annotations
 
-from hal.base import DisplayMessage
+from hal.values import DisplayMessage
 from lockerd.core.access import Reason
 
 MAX_COLUMNS = 20

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from lockerd import jsonsafe
-from lockerd.core.lockout import RateLimiter
+from lockerd.core.events import EventType
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
+from lockerd.services.rejections import RejectionRecorder
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog
@@ -37,6 +37,7 @@ class CodeCache:
         locker_id: str,
         pinned_root: RoleKeys,
         now: Callable[[], datetime],
+        monotonic: Callable[[], float],
         observe_signed_time: Callable[[datetime], None] | None = None,
         rejected_per_minute: int = 20,
     ) -> None:
@@ -48,7 +49,9 @@ class CodeCache:
         self._now = now
         self._observe_time = observe_signed_time or (lambda _: None)
         # A hostile or broken publisher must not fill the event log with rejections.
-        self._rejections = RateLimiter(per_minute=rejected_per_minute)
+        self._rejections = RejectionRecorder(
+            per_minute=rejected_per_minute, monotonic=monotonic,
+            write=lambda type_, data: events.record(type=type_, at=now(), data=data))
         self.keyring: Keyring | None = self._load_stored_keyring()
 
     def observe_signed_time(self, issued_at: datetime) -> None:
@@ -96,7 +99,7 @@ class CodeCache:
             self._db.set_meta("keyring", raw.decode("utf-8"), conn=conn)
             self._events.append(
                 conn,
-                type="keyring.updated",
+                type=EventType.KEYRING_UPDATED,
                 at=self._now(),
                 data={"version": keyring.version, "source": source},
             )
@@ -104,7 +107,7 @@ class CodeCache:
                 self._codes.reset_floor(conn, keyring_version=keyring.version)
                 self._events.append(
                     conn,
-                    type="codes.floor_reset",
+                    type=EventType.CODES_FLOOR_RESET,
                     at=self._now(),
                     data={"keyring_version": keyring.version,
                           "codes_version": self._codes.version(), "source": source},
@@ -143,22 +146,24 @@ class CodeCache:
                 now=self._now(),
                 floor_reset=floor_reset,
             )
-            self._codes.apply(bundle)
+            data: dict[str, Any] = {
+                "version": bundle.version,
+                "base_version": bundle.base_version,
+                "upserted": len(bundle.upsert),
+                "revoked": len(bundle.revoke),
+                "source": source,
+            }
+            if floor_reset:
+                data.update(floor_reset=True, previous_version=held)
+            # The codes and the event that reports them in one transaction, like the keyring.
+            self._codes.apply(bundle, with_event=lambda conn: self._events.append(
+                conn, type=EventType.CACHE_UPDATED, at=self._now(), data=data))
             self._observe_time(bundle.issued_at)
         except TrustError as exc:
             if not _is_repeat(exc, raw, held):
                 self._reject("codes", exc, source)
             raise
-        data: dict[str, Any] = {
-            "version": bundle.version,
-            "base_version": bundle.base_version,
-            "upserted": len(bundle.upsert),
-            "revoked": len(bundle.revoke),
-            "source": source,
-        }
-        if floor_reset:
-            data.update(floor_reset=True, previous_version=held)
-        self._events.record(type="cache.updated", at=self._now(), data=data)
+        self._events.notify()
         log.info("codes bundle applied", version=bundle.version, base_version=bundle.base_version,
                  upserted=len(bundle.upsert), revoked=len(bundle.revoke), source=source)
         return bundle
@@ -171,12 +176,7 @@ class CodeCache:
         data: dict[str, Any] = {"what": what, "reason": exc.reason, "detail": str(exc),
                                 "source": source}
         log.warning("signed update refused", **data)
-        if not self._rejections.allow(time.monotonic()):
-            return
-        suppressed = self._rejections.take_suppressed()
-        if suppressed:
-            data["suppressed"] = suppressed
-        self._events.record(type="cache.rejected", at=self._now(), data=data)
+        self._rejections.record(EventType.CACHE_REJECTED, data)
 
 
 

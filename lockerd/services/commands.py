@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import aiomqtt
 
-from lockerd.core.lockout import RateLimiter
+from lockerd.core.events import EventType
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
@@ -17,6 +16,7 @@ from lockerd.services.cache import CodeCache
 from lockerd.services.controller import Controller, OpenBudgetSpent, RequestRefused
 from lockerd.services.diagnostics import Diagnostics
 from lockerd.services.link import MqttLink, NotConnected
+from lockerd.services.rejections import RejectionRecorder
 from lockerd.services.sync import payload_bytes
 from lockerd.store.commands import CommandJournal, CommandResult
 from lockerd.store.events import EventLog
@@ -44,6 +44,7 @@ class CommandService:
         resync: Callable[[], Awaitable[None]],
         locker_id: str,
         now: Callable[[], datetime],
+        monotonic: Callable[[], float],
         observe_signed_time: Callable[[datetime], None],
     ) -> None:
         self._link = link
@@ -57,7 +58,9 @@ class CommandService:
         self._locker_id = locker_id
         self._now = now
         self._observe_time = observe_signed_time
-        self._rejections = RateLimiter(per_minute=20)
+        self._rejections = RejectionRecorder(
+            per_minute=20, monotonic=monotonic,
+            write=lambda type_, data: events.record(type=type_, at=now(), data=data))
         # Retain As Published: a retained command is seen as retained even when delivered
         # live, and none is sent because of the subscription (PROTOCOL section 5). Acked as
         # it starts: a crash mid-command is reported `unknown`, not delivered and refused again.
@@ -164,13 +167,8 @@ class CommandService:
 
     async def _reject(self, cmd_id: str | None, reason: str, detail: str) -> None:
         log.warning("command refused", cmd_id=cmd_id, reason=reason, detail=detail)
-        if self._rejections.allow(time.monotonic()):
-            data: dict[str, Any] = {"cmd_id": cmd_id, "status": "rejected", "reason": reason,
-                                    "detail": detail}
-            suppressed = self._rejections.take_suppressed()
-            if suppressed:
-                data["suppressed"] = suppressed
-            self._events.record(type="command.result", at=self._now(), data=data)
+        self._rejections.record(EventType.COMMAND_RESULT, {
+            "cmd_id": cmd_id, "status": "rejected", "reason": reason, "detail": detail})
         await self._send(CommandResult(cmd_id or "", "rejected", reason))
 
     async def _send(self, result: CommandResult) -> bool:

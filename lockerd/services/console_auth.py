@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from lockerd.core.console import IdleTimer, Level, LineEditor
-from lockerd.core.lockout import RateLimiter
 from lockerd.core.loginthrottle import ConnectionThrottle, IssuerLockouts, ThrottleSettings
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock
+from lockerd.services.rejections import RejectionRecorder
 from lockerd.store.db import Database
 from lockerd.timeutil import format_time
 from lockerd.trust.dsse import Envelope
@@ -78,7 +77,8 @@ class ConsoleAuth:
         self._record = record
         self.throttle = throttle
         self._issuers = IssuerLockouts.from_meta(throttle, db.get_meta(LOCKOUT_META))
-        self._rejections = RateLimiter(per_minute=events_per_minute)
+        self._rejections = RejectionRecorder(per_minute=events_per_minute,
+                                             monotonic=clock.monotonic, write=self.event)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -90,9 +90,7 @@ class ConsoleAuth:
 
     def refusal_event(self, type_: str, data: dict[str, object]) -> None:
         """Rejections are rate-limited: line noise or a brute force must not flood the log."""
-        if self._rejections.allow(time.monotonic()):
-            held = self._rejections.take_suppressed()
-            self.event(type_, {**data, **({"suppressed": held} if held else {})})
+        self._rejections.record(type_, data)
 
     def _save_lockout(self) -> None:
         self._db.set_meta(LOCKOUT_META, self._issuers.to_meta())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container
 from typing import Any, TypeVar
 
+from lockerd.core.access import may_hold_parcel
 from lockerd.core.console import Args, Caller, ConsoleError, Level, Registry, Reply
 from lockerd.services.controller import Controller, OpenBudgetSpent, RequestRefused
 from lockerd.trust.bundle import is_compartment_id
@@ -56,7 +57,7 @@ def register_door_commands(registry: Registry[C], *, controller: Controller,
     async def open_door(s: Caller, a: Args) -> Reply:
         cid = compartment_arg(a, "open ID [--force REASON]", controller.compartments)
         comp = controller.compartments[cid]
-        if comp.occupied is not False and a.force is None:
+        if may_hold_parcel(comp.view()) and a.force is None:
             raise RequestRefused(f"compartment {cid} may hold a parcel; add --force REASON "
                                  "to open it anyway")
         assert s.tech_id is not None

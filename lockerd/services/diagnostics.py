@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from hal.base import DoorChanged, InputEvent, KeyPressed, OccupancyChanged, Scanned
 from hal.errors import HalError
+from lockerd.core.access import may_hold_parcel
 from lockerd.core.console import Args, Caller, Level, Registry, Reply
 from lockerd.services.controller import Controller, OpenBudgetSpent, RequestRefused
 from lockerd.services.controller_console import compartment_arg, no_override
@@ -88,7 +89,7 @@ class Diagnostics:
             comp = self._controller.compartments.get(compartment)
             if comp is None:
                 raise RequestRefused(f"no compartment {compartment!r} in this bank")
-            if comp.occupied is not False:
+            if may_hold_parcel(comp.view()):
                 lock = NOT_PULSED
             else:
                 lock = await self._controller.open_for(compartment, kind="selftest",
@@ -123,7 +124,7 @@ class Diagnostics:
         comp = self._controller.compartments.get(compartment)
         if comp is None:
             raise RequestRefused(f"no compartment {compartment!r} in this bank")
-        if comp.occupied is not False and not force:
+        if may_hold_parcel(comp.view()) and not force:
             raise RequestRefused(f"compartment {compartment} may hold a parcel; force it with "
                                  "a reason to open it anyway")
         return await self._controller.open_for(compartment, kind="console", source="console",

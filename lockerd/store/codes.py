@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from lockerd.core.access import CodeRecord
@@ -86,8 +87,12 @@ class CodeStore:
     def _reset_cache(self) -> None:
         self._db.conn.execute("PRAGMA cache_size=-2000")  # SQLite's default, ~2 MiB
 
-    def apply(self, bundle: CodesBundle) -> None:
-        """Apply a verified snapshot or delta atomically: all of it, or nothing on any error."""
+    def apply(
+        self, bundle: CodesBundle, *,
+        with_event: Callable[[sqlite3.Connection], object] | None = None,
+    ) -> None:
+        """Apply a verified snapshot or delta atomically: all of it, or nothing on any error.
+        `with_event` appends the event that reports it, in the same transaction."""
         rows = [
             (
                 e.digest, e.id, e.kind, e.compartment, e.parcel_id,
@@ -101,36 +106,46 @@ class CodeStore:
         self._db.conn.execute(f"PRAGMA cache_size=-{APPLY_CACHE_KIB}")
         try:
             with self._db.transaction() as conn:
-                if bundle.base_version is None:
-                    conn.execute("DELETE FROM codes")
-                else:
-                    conn.executemany("DELETE FROM codes WHERE id = ?", touched)
-                conn.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                if bundle.base_version is None and bundle.revoke:
-                    conn.executemany("DELETE FROM codes WHERE id = ?",
-                                     [(i,) for i in bundle.revoke])
-                # A use stays recorded while the same (id, digest) is still issued; a revoked
-                # or replaced code's uses go with it. A delta can only affect the ids it names.
-                stale = ("DELETE FROM code_uses WHERE {where} NOT EXISTS (SELECT 1 FROM codes"
-                         " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)")
-                if bundle.base_version is None:
-                    conn.execute(stale.format(where=""))
-                else:
-                    conn.executemany(stale.format(where="id = ? AND"), touched)
-                derived = [(i.removeprefix(DERIVED_PREFIX), bundle.version)
-                           for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
-                conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)
+                self._write_rows(conn, bundle, rows, touched)
                 self._db.set_meta("codes_version", bundle.version, conn=conn)
                 if bundle.base_version is None:
                     # This snapshot is the new floor.
                     conn.execute("DELETE FROM meta WHERE key = ?", (FLOOR_RESET_META,))
                 self._db.set_meta("codes_expires_at", _epoch(bundle.expires_at), conn=conn)
                 self._db.set_meta("codes_issued_at", _epoch(bundle.issued_at), conn=conn)
+                if with_event is not None:
+                    with_event(conn)
+        finally:
+            self._reset_cache()
+
+    @staticmethod
+    def _write_rows(conn: sqlite3.Connection, bundle: CodesBundle,
+                    rows: Sequence[tuple[object, ...]], touched: Sequence[tuple[str]]) -> None:
+        """The code rows of `bundle`, inside the caller's transaction; a digest given to two
+        code ids is refused as a malformed bundle."""
+        try:
+            if bundle.base_version is None:
+                conn.execute("DELETE FROM codes")
+            else:
+                conn.executemany("DELETE FROM codes WHERE id = ?", touched)
+            conn.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            if bundle.base_version is None and bundle.revoke:
+                conn.executemany("DELETE FROM codes WHERE id = ?",
+                                 [(i,) for i in bundle.revoke])
+            # A use stays recorded while the same (id, digest) is still issued; a revoked
+            # or replaced code's uses go with it. A delta can only affect the ids it names.
+            stale = ("DELETE FROM code_uses WHERE {where} NOT EXISTS (SELECT 1 FROM codes"
+                     " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)")
+            if bundle.base_version is None:
+                conn.execute(stale.format(where=""))
+            else:
+                conn.executemany(stale.format(where="id = ? AND"), touched)
+            derived = [(i.removeprefix(DERIVED_PREFIX), bundle.version)
+                       for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
+            conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)
         except sqlite3.IntegrityError as exc:
             raise TrustError(
                 f"codes bundle version {bundle.version} gives the same digest to two code ids "
                 f"(two codes with the same plain code): {exc}",
                 reason="malformed",
             ) from exc
-        finally:
-            self._reset_cache()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from lockerd.core.events import EventType
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog
 from lockerd.timeutil import format_time
@@ -44,7 +45,7 @@ class CommandJournal:
                 " VALUES (?, ?, ?, ?, ?)",
                 (cmd.cmd_id, cmd.action, STARTED, format_time(at),
                  int(cmd.expires_at.timestamp())))
-            self._events.append(conn, type="command.started", at=at,
+            self._events.append(conn, type=EventType.COMMAND_STARTED, at=at,
                                 compartment=cmd.compartment,
                                 data={"cmd_id": cmd.cmd_id, "action": cmd.action,
                                       "reason": cmd.reason})
@@ -55,7 +56,7 @@ class CommandJournal:
         with self._db.transaction() as conn:
             conn.execute("UPDATE commands SET status = ?, detail = ? WHERE cmd_id = ?",
                          (status, detail, cmd.cmd_id))
-            self._events.append(conn, type="command.result", at=at,
+            self._events.append(conn, type=EventType.COMMAND_RESULT, at=at,
                                 compartment=cmd.compartment,
                                 data={"cmd_id": cmd.cmd_id, "action": cmd.action,
                                       "status": status, "detail": detail, **(data or {})})
@@ -72,7 +73,7 @@ class CommandJournal:
             with self._db.transaction() as conn:
                 conn.execute("UPDATE commands SET status = 'unknown', detail = ?"
                              " WHERE cmd_id = ?", (detail, cmd_id))
-                self._events.append(conn, type="command.result", at=at,
+                self._events.append(conn, type=EventType.COMMAND_RESULT, at=at,
                                     data={"cmd_id": cmd_id, "action": action,
                                           "status": "unknown", "detail": detail})
             results.append(CommandResult(cmd_id, "unknown", detail))

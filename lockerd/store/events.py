@@ -10,16 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+# Only TELEMETRY_TYPES may ever be shed by a full outbox (lockerd.core.events says why).
+from lockerd.core.events import TELEMETRY_TYPES as TELEMETRY_TYPES
+from lockerd.core.events import outbox_class
 from lockerd.store.db import Database
 from lockerd.timeutil import format_time
-
-# Only these may ever be shed by a full outbox: physical door movements and daemon
-# bookkeeping, whose meaning is also carried by an access or fault event. Everything else
-# (any type not listed, too) is an access or fault record and is never dropped.
-TELEMETRY_TYPES = frozenset({
-    "door.opened", "door.closed", "daemon.started", "daemon.stopping", "cache.updated",
-    "keyring.updated", "hardware.recovered", "compartment.in_service", "telemetry",
-})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +69,8 @@ class EventLog:
         event_id = str(uuid.uuid4())
         at_text = format_time(at)
         body = dict(data or {})
-        cls = "telemetry" if type in TELEMETRY_TYPES else "access"
+        # The stored class is the one shedding reads: telemetry, or access for all it keeps.
+        cls = "telemetry" if outbox_class(type).sheddable else "access"
         cur = conn.execute(
             "INSERT INTO events (event_id, type, at, compartment, code_id, data, class)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",

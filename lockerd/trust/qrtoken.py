@@ -24,12 +24,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from lockerd.errors import TrustError
+from lockerd.ids import QR_TOKEN_PREFIX
+from lockerd.ids import is_qr_token as is_qr_token  # re-exported: its users import it here
 from lockerd.timeutil import format_time
 from lockerd.trust.bundle import is_compartment_id, is_locker_id
 from lockerd.trust.dsse import RoleKeys
 from lockerd.trust.keys import keyid_of
 
-QR_PREFIX = "LK1:"
+QR_PREFIX = QR_TOKEN_PREFIX
 MAX_QR_CHARS = 1024
 QR_KINDS = ("pickup", "deposit", "courier")
 
@@ -116,11 +118,6 @@ class _Sign1:
 
 def _malformed(message: str) -> TrustError:
     return TrustError(f"malformed QR token: {message}", reason="malformed")
-
-
-def is_qr_token(text: str) -> bool:
-    """True for scanned text that claims to be a signed token (starts with `LK1:`)."""
-    return text.startswith(QR_PREFIX)
 
 
 def _cbor_item(data: bytes, *, what: str) -> Any:

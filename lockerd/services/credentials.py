@@ -1,0 +1,127 @@
+"""Credential resolution: a typed code or a scanned token to the decision the bank takes."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Mapping
+from datetime import datetime
+
+from lockerd.core.access import CompartmentView, Reason, Refused, evaluate_code, pickup_target
+from lockerd.core.bank import CredentialDecision, OpenPickup, StartSession
+from lockerd.core.credential import Access
+from lockerd.core.deposit import SessionCredential
+from lockerd.errors import TrustError
+from lockerd.logs import get_logger
+from lockerd.store.codes import DERIVED_PREFIX, CodeStore
+from lockerd.store.parcels import SpentTokens
+from lockerd.trust.digest import code_digest, derived_pickup_code
+from lockerd.trust.keyring import Keyring
+from lockerd.trust.qrtoken import QrToken, check_qr_token, decode_qr_token
+
+log = get_logger("lockerd.credentials")
+
+_TOKEN_REASONS = {r.value: r for r in Reason}
+
+
+class CredentialService:
+    """Reads only: the code store (digest lookup, revoked derived codes), the spent tokens
+    and the keyring. Nothing is changed here; a use is taken by the event that reports it."""
+
+    def __init__(
+        self,
+        *,
+        locker_id: str,
+        codes: CodeStore,
+        code_key: bytes,
+        tokens: SpentTokens,
+        keyring: Callable[[], Keyring | None] = lambda: None,
+    ) -> None:
+        self._locker_id = locker_id
+        self._codes = codes
+        self._code_key = code_key
+        self._tokens = tokens
+        self._keyring = keyring
+
+    def code(self, code: str, *, source: str, views: Mapping[str, CompartmentView],
+             now: datetime, derived_digits: int | None) -> CredentialDecision:
+        """A code typed on the keypad or scanned as digits."""
+        record = self._codes.lookup(code_digest(self._code_key, self._locker_id, code))
+        decision = evaluate_code(record, now=now, compartments=views)
+        if record is None and derived_digits is not None:
+            derived = self._derived(code, views, derived_digits, source)
+            if derived is not None:
+                return derived
+        if isinstance(decision, Refused):
+            return decision
+        if decision.kind == "pickup":
+            assert decision.compartment is not None
+            return OpenPickup(decision.compartment, Access(
+                code_id=decision.code_id, digest=decision.digest, kind=decision.kind,
+                source=source, parcel_id=decision.parcel_id))
+        assert decision.code_id is not None
+        return StartSession(SessionCredential(
+            kind=decision.kind, source=source, code_id=decision.code_id, digest=decision.digest,
+            parcel_id=decision.parcel_id, compartment=decision.compartment))
+
+    def _derived(self, code: str, views: Mapping[str, CompartmentView], digits: int,
+                 source: str) -> Refused | OpenPickup | None:
+        """A derived pickup code (PROTOCOL section 4) of a parcel that lies here, if `code` is
+        one. Only parcels on record can match, so the cost is one HMAC per occupied door."""
+        if len(code) != digits:
+            return None
+        for cid, view in views.items():
+            parcel_id = view.parcel_id
+            if parcel_id is None:
+                continue
+            expected = derived_pickup_code(self._code_key, self._locker_id, parcel_id, digits)
+            if not hmac.compare_digest(expected, code):
+                continue
+            code_id = DERIVED_PREFIX + parcel_id
+            if self._codes.derived_revoked(parcel_id):
+                return Refused(Reason.REVOKED, code_id=code_id, compartment=cid)
+            target = pickup_target(code_id, compartment=cid, parcel_id=parcel_id,
+                                   compartments=views)
+            if isinstance(target, Refused):
+                return target
+            assert target.compartment is not None
+            return OpenPickup(target.compartment, Access(
+                code_id=code_id, digest=None, kind="pickup", source=source, parcel_id=parcel_id))
+        return None
+
+    def token(self, text: str, *, source: str, views: Mapping[str, CompartmentView],
+              now: datetime) -> CredentialDecision:
+        """A scanned QR token (PROTOCOL section 9): verified offline, then used like a code."""
+        keyring = self._keyring()
+        if keyring is None:
+            return Refused(Reason.NO_KEYRING)
+        ref: dict[str, str] = {}
+        try:
+            token = decode_qr_token(text, qr_role=keyring.qr)
+            # Signed by a qr key from here on: a refusal names the token, so the backend can
+            # tell whose it was. A forged or broken token's claimed cti is never reported.
+            ref = {"cti": token.cti_hex}
+            check_qr_token(token, keyring_expires_at=keyring.expires_at,
+                           locker_id=self._locker_id, now=now)
+        except TrustError as exc:
+            log.info("QR token refused", reason=exc.reason, error=str(exc))
+            return Refused(_TOKEN_REASONS.get(exc.reason, Reason.MALFORMED), ref=ref)
+        return self._use_token(token, source=source, views=views)
+
+    def _use_token(self, token: QrToken, *, source: str,
+                   views: Mapping[str, CompartmentView]) -> CredentialDecision:
+        ref = {"cti": token.cti_hex}
+        if self._tokens.is_spent(token.cti_hex):
+            return Refused(Reason.USED, compartment=token.compartment, ref=ref)
+        expires = int(token.expires_at.timestamp())
+        if token.kind != "pickup":
+            return StartSession(SessionCredential(
+                kind=token.kind, source=source, cti=token.cti_hex, cti_expires=expires,
+                parcel_id=token.parcel_id, compartment=token.compartment))
+        decision = pickup_target(None, compartment=token.compartment, parcel_id=token.parcel_id,
+                                 compartments=views, ref=ref)
+        if isinstance(decision, Refused):
+            return decision
+        assert decision.compartment is not None
+        return OpenPickup(decision.compartment, Access(
+            code_id=None, digest=None, kind="pickup", source=source, ref=ref,
+            parcel_id=decision.parcel_id, cti=token.cti_hex, cti_expires=expires))

@@ -1,0 +1,168 @@
+"""The executor built directly, as the composition root builds it: a real SQLite database, the
+simulator's lock and display, the bank and the credentials service, a clock the test moves."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scanned
+from hal.registry import HalContext
+from lockerd.core.bank import Bank, DepositRules, RequestRefused
+from lockerd.core.budget import OpenBudget
+from lockerd.core.compartment import Compartment, DoorTimings
+from lockerd.core.entry import CodeEntry
+from lockerd.core.lockout import Lockout, RateLimiter
+from lockerd.services.controller import Controller, load_lockout_state
+from lockerd.services.credentials import CredentialService
+from lockerd.store.codes import CodeStore
+from lockerd.store.db import Database, open_database
+from lockerd.store.events import EventLog
+from lockerd.store.parcels import ParcelStore, SpentTokens
+from lockerd.timeutil import utcnow
+from lockerd.trust.digest import derived_pickup_code
+from sim.backend import SimDisplay, SimLockDriver
+from sim.world import SimWorld
+
+pytestmark = pytest.mark.unit
+
+LOCKER = "L1"
+CODE_KEY = bytes(range(32))
+DIGITS = 8
+TIMINGS = DoorTimings(open_timeout_s=2.0, held_open_after_s=60.0, show_result_s=3.0)
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self._base = utcnow()
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def wall(self) -> datetime:
+        return self._base + timedelta(seconds=self.t - 1000.0)
+
+
+@dataclass
+class Rig:
+    ctl: Controller
+    db: Database
+    events: EventLog
+    world: SimWorld
+    clock: ManualClock
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events.recent(1000)]
+
+
+def _rig(tmp_path: Path, *, parcel: str | None = "PX-1") -> Rig:
+    db = open_database(tmp_path / "lockerd.db")
+    events, codes, parcels = EventLog(db), CodeStore(db), ParcelStore(db)
+    if parcel is not None:
+        with db.transaction() as conn:
+            parcels.put(conn, "1", parcel, None, utcnow())
+    context = HalContext(compartments=("1", "2"), state_dir=tmp_path,
+                         compartment_sizes={"1": "S", "2": "M"})
+    lock = SimLockDriver(options={}, context=context, config_key="hal.lock")
+    display = SimDisplay(options={}, context=context, config_key="hal.display")
+    held = parcels.all()
+    bank = Bank(
+        compartments={cid: Compartment(cid, timings=TIMINGS, size=size, occupied=cid in held,
+                                       parcel_id=held[cid].parcel_id if cid in held else None)
+                      for cid, size in (("1", "S"), ("2", "M"))},
+        entry=CodeEntry(timeout_s=10.0, max_digits=12, stuck_key_repeats=20),
+        lockout=Lockout(free_attempts=2, base_s=30.0, max_s=600.0,
+                        state=load_lockout_state(db)),
+        rejections=RateLimiter(per_minute=20),
+        open_budget=OpenBudget(per_hour=5),
+        rules=DepositRules(sizes=("S", "M"), derived_digits=DIGITS),
+    )
+    tokens = SpentTokens(db)
+    clock = ManualClock()
+    ctl = Controller(
+        bank=bank,
+        credentials=CredentialService(locker_id=LOCKER, codes=codes, code_key=CODE_KEY,
+                                      tokens=tokens),
+        db=db, events=events, codes=codes, lock=lock, display=display, pulse_s=0.05,
+        clock=clock, parcels=parcels, tokens=tokens,
+    )
+    return Rig(ctl, db, events, lock.world, clock)
+
+
+async def _press(rig: Rig, keys: str) -> None:
+    for key in keys:
+        await rig.ctl.step(KeyPressed(key))
+
+
+async def test_a_derived_code_opens_its_door_and_completes_the_pickup(tmp_path: Path) -> None:
+    rig = _rig(tmp_path)
+    await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+    await rig.ctl.wait_pulses()
+    assert rig.world.pulses == ["1"]
+    assert rig.types() == ["lock.pulse"]  # committed before the pulse went out
+    assert rig.ctl.last_message is not None and "opening" in rig.ctl.last_message.text
+    rig.clock.t += 0.5
+    await rig.ctl.step(DoorChanged("1", DoorState.OPEN))
+    await rig.ctl.step(OccupancyChanged("1", False))
+    await rig.ctl.step(DoorChanged("1", DoorState.CLOSED))
+    assert rig.types() == ["lock.pulse", "door.opened", "pickup.opened", "door.closed",
+                           "pickup.completed"]
+    assert ParcelStore(rig.db).all() == {}
+    rig.db.close()
+
+
+async def test_wrong_codes_lock_the_keypad_persistently(tmp_path: Path) -> None:
+    rig = _rig(tmp_path)
+    await _press(rig, "11111111#")
+    await _press(rig, "22222222#")
+    assert rig.types() == ["code.rejected", "code.rejected", "keypad.lockout"]
+    assert load_lockout_state(rig.db).lockouts == 1
+    await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+    assert rig.world.pulses == []
+    rig.ctl.clear_lockout()
+    assert load_lockout_state(rig.db).failures == 0
+    rig.db.close()
+
+
+async def test_bad_input_is_refused_and_the_controller_carries_on(tmp_path: Path) -> None:
+    rig = _rig(tmp_path)
+    await rig.ctl.step(Scanned("\x00not a code\xff"))
+    await rig.ctl.step(DoorChanged("9", DoorState.OPEN))
+    await rig.ctl.step(OccupancyChanged("9", True))
+    await rig.ctl.step(Scanned("LK1:" + "?" * 20))
+    rejected = [e for e in rig.events.recent(100) if e.type == "code.rejected"]
+    assert [e.data["reason"] for e in rejected] == ["unreadable_scan", "no_keyring"]
+    assert rig.world.pulses == []
+    assert all(c.view().idle for c in rig.ctl.compartments.values())
+    rig.db.close()
+
+
+async def test_open_for_waits_for_the_door_sensor(tmp_path: Path) -> None:
+    rig = _rig(tmp_path, parcel=None)
+    opening = asyncio.create_task(rig.ctl.open_for("2", kind="console", source="console",
+                                                   ref={"tech_id": "t1"}, budgeted=True))
+    await wait_until(lambda: rig.world.pulses == ["2"], what="the pulse")
+    assert not opening.done()
+    await rig.ctl.step(DoorChanged("2", DoorState.OPEN))
+    assert await opening == "opened"
+    assert rig.ctl.open_budget.used(rig.clock.wall().timestamp()) == 1
+    with pytest.raises(RequestRefused, match="busy"):
+        await rig.ctl.open_for("2", kind="console", source="console", ref={})
+    # Nobody opens the door: one retry, then jammed, the compartment out of service.
+    await rig.ctl.step(DoorChanged("2", DoorState.CLOSED))
+    jam = asyncio.create_task(rig.ctl.open_for("2", kind="console", source="console", ref={}))
+    await wait_until(lambda: len(rig.world.pulses) == 2, what="the second open's pulse")
+    for _ in range(2):
+        rig.clock.t += TIMINGS.open_timeout_s
+        await rig.ctl.step(None)
+    assert await jam == "jammed"
+    assert not rig.ctl.compartments["2"].in_service
+    assert rig.db.get_meta("out_of_service") == {"2": "jammed"}
+    await rig.ctl.wait_pulses()
+    rig.db.close()
