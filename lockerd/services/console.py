@@ -22,6 +22,7 @@ from lockerd.core.console import (
     parse_args,
     split_line,
 )
+from lockerd.core.events import EventType
 from lockerd.core.loginthrottle import ConnectionThrottle
 from lockerd.logs import get_logger
 from lockerd.services.console_auth import ConsoleAuth, Session
@@ -145,7 +146,7 @@ class ConsoleService:
             return
         if cmd.is_action(args):
             log.info("console action", command=line[:200], tech_id=tech_id, ok=True)
-            self._auth.event("console.action", {"tech_id": tech_id, "command": cmd.name,
+            self._auth.event(EventType.CONSOLE_ACTION, {"tech_id": tech_id, "command": cmd.name,
                                                 "args": list(args.words)[:8], "ok": True,
                                                 "force": args.force, "result": reply.data})
         if args.json:
@@ -160,9 +161,9 @@ class ConsoleService:
         data: dict[str, object] = {"tech_id": tech_id, "command": command, "ok": False,
                                    "refused": True, "reason": reason}
         if tech_id is None:
-            self._auth.refusal_event("console.action", data)
+            self._auth.refusal_event(EventType.CONSOLE_ACTION, data)
         else:
-            self._auth.event("console.action", data)
+            self._auth.event(EventType.CONSOLE_ACTION, data)
         await self._say(s, [f"refused: {message}"])
 
     async def serve(self, channel: str, read: Callable[[], Awaitable[bytes | None]],

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from lockerd.core.console import IdleTimer, Level, LineEditor
+from lockerd.core.events import EventType
 from lockerd.core.loginthrottle import ConnectionThrottle, IssuerLockouts, ThrottleSettings
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
@@ -146,7 +147,7 @@ class ConsoleAuth:
         # A verified token is signed time, like a bundle's issued_at (safety rule 7).
         self._cache.observe_signed_time(tech.issued_at)
         log.info("console login", channel=s.channel, tech_id=tech.tech_id, role=tech.role)
-        self.event("console.login", {"ok": True, "tech_id": tech.tech_id, "role": tech.role,
+        self.event(EventType.CONSOLE_LOGIN, {"ok": True, "tech_id": tech.tech_id, "role": tech.role,
                                      "channel": s.channel})
         return (f"welcome {tech.name or tech.tech_id} ({tech.role}); token valid until "
                 f"{format_time(tech.expires_at)}")
@@ -159,7 +160,7 @@ class ConsoleAuth:
                                    "channel": s.channel}
         if issuer is not None:
             data["issuer"] = issuer
-        self.refusal_event("console.login", data)
+        self.refusal_event(EventType.CONSOLE_LOGIN, data)
         who = "this connection" if issuer is None else _short(issuer)
         return (f"login refused: too many failed logins from {who}; try again in "
                 f"{left:.0f} s")
@@ -171,7 +172,7 @@ class ConsoleAuth:
         data: dict[str, object] = {"ok": False, "reason": exc.reason, "channel": s.channel}
         if issuer is not None:
             data["issuer"] = issuer
-        self.refusal_event("console.login", data)
+        self.refusal_event(EventType.CONSOLE_LOGIN, data)
         msg = f"login refused ({exc.reason}): {exc}"
         if started and issuer is None:
             msg += (f"\r\nnon-tokens refused here for {started:.0f} s; a valid token is still "
@@ -197,6 +198,6 @@ class ConsoleAuth:
         if s.tech is None:
             return
         log.info("console logout", channel=s.channel, tech_id=s.tech.tech_id, reason=reason)
-        self.event("console.logout", {"tech_id": s.tech.tech_id, "reason": reason,
+        self.event(EventType.CONSOLE_LOGOUT, {"tech_id": s.tech.tech_id, "reason": reason,
                                       "channel": s.channel})
         s.tech = None
