@@ -17,7 +17,7 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,6 +54,7 @@ from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.deposit import assign
 from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from lockerd.errors import TrustError
+from lockerd.services.controller import Controller
 from lockerd.timeutil import utcnow
 from lockerd.trust.digest import code_digest, derived_pickup_code
 from lockerd.trust.dsse import RoleKeys
@@ -628,26 +629,58 @@ def unique_codes(count: int, digits: int) -> list[str]:
     return list(out)
 
 
+def fill_every_compartment(ctl: Controller) -> None:
+    """Give each compartment a parcel, so the derived-code loop has one HMAC per compartment."""
+    for cid, comp in ctl.compartments.items():
+        comp.parcel_id = f"PX-{cid}"
+        comp.occupied = True
+
+
+def unmatched_code(kit: BankKit, codes: Sequence[str], compartments: Iterable[str],
+                   parcels: int) -> str:
+    """An entered code that is neither a bundle code nor any parcel's derived code."""
+    key, locker = kit.code_key, kit.locker_id
+    derived = {
+        derived_pickup_code(key, locker, f"PX-{cid}", DERIVED_DIGITS) for cid in compartments
+    }
+    return next(
+        c
+        for c in unique_codes(parcels + 100, DERIVED_DIGITS)[parcels + 1 :]
+        if c not in derived and c not in codes
+    )
+
+
+async def time_submits(
+    ctl: Controller, wrong: str, submits: int
+) -> tuple[list[float], list[float]]:
+    """Controller.submit of `wrong` with derived codes on and off in turn: (on, off) seconds."""
+    # Off: the controller's rules without derived_digits.
+    on = ctl.rules
+    off = replace(on, derived_digits=None)
+    submit_on: list[float] = []
+    submit_off: list[float] = []
+    for i in range(submits + SUBMIT_WARMUP):
+        pair = ((on, submit_on), (off, submit_off))
+        for rules, out in pair if i % 2 == 0 else pair[::-1]:
+            ctl.rules = rules
+            t0 = time.perf_counter()
+            await ctl.submit(wrong, source="keypad")
+            elapsed = time.perf_counter() - t0
+            if i >= SUBMIT_WARMUP:
+                out.append(elapsed)
+    ctl.rules = on
+    return submit_on, submit_off
+
+
 async def measure_derived(work: Path, parcels: int, args: argparse.Namespace) -> DerivedResult:
     kit, codes = make_derived_bank(work / f"derived-{parcels}", parcels)
     app = build_app(load_config(kit.config_path), clock=FrozenClock())
     try:
         ctl = app.controller
-        for cid, comp in ctl.compartments.items():
-            comp.parcel_id = f"PX-{cid}"
-            comp.occupied = True
+        fill_every_compartment(ctl)
         key, locker = kit.code_key, kit.locker_id
-        derived = {
-            derived_pickup_code(key, locker, f"PX-{cid}", DERIVED_DIGITS)
-            for cid in ctl.compartments
-        }
-        # An entered code that is neither a bundle code nor any parcel's derived code: the
-        # worst case, every parcel's HMAC is computed (a match stops at its compartment).
-        wrong = next(
-            c
-            for c in unique_codes(parcels + 100, DERIVED_DIGITS)[parcels + 1 :]
-            if c not in derived and c not in codes
-        )
+        # The worst case, every parcel's HMAC is computed (a match stops at its compartment).
+        wrong = unmatched_code(kit, codes, ctl.compartments, parcels)
         issued = codes[parcels - 1]
         if app.codes.lookup(code_digest(key, locker, issued)) is None:
             raise RuntimeError("the bundle code is not in the code store")
@@ -687,22 +720,8 @@ async def measure_derived(work: Path, parcels: int, args: argparse.Namespace) ->
         )
 
         # The real path: Controller.submit of the wrong code (bundle miss, derived loop,
-        # refusal: lockout state saved, log line, display), with derived codes on and off in
-        # turn. Off: the controller's rules without derived_digits.
-        on = ctl.rules
-        off = replace(on, derived_digits=None)
-        submit_on: list[float] = []
-        submit_off: list[float] = []
-        for i in range(args.submits + SUBMIT_WARMUP):
-            pair = ((on, submit_on), (off, submit_off))
-            for rules, out in pair if i % 2 == 0 else pair[::-1]:
-                ctl.rules = rules
-                t0 = time.perf_counter()
-                await ctl.submit(wrong, source="keypad")
-                elapsed = time.perf_counter() - t0
-                if i >= SUBMIT_WARMUP:
-                    out.append(elapsed)
-        ctl.rules = on
+        # refusal: lockout state saved, log line, display).
+        submit_on, submit_off = await time_submits(ctl, wrong, args.submits)
         await ctl.wait_pulses()
         if any(e.type == "lock.pulse" for e in app.events.recent(100_000)):
             raise RuntimeError("a wrong code pulsed a lock")

@@ -79,6 +79,24 @@ def _field(obj: dict[str, Any], name: str, kind: type[Any], what: str) -> Any:
     return value
 
 
+def _door(obj: dict[str, Any]) -> Door:
+    compartment = _field(obj, "compartment", str, "a string")
+    action = _field(obj, "action", str, "a string")
+    if action not in DOOR_ACTIONS:
+        raise SimError(f"unknown door action {action!r}; actions: {', '.join(DOOR_ACTIONS)}")
+    return Door(compartment, action)
+
+
+def _fault(obj: dict[str, Any]) -> Fault:
+    target = _field(obj, "target", str, "a string")
+    kind = _field(obj, "kind", str, "a string")
+    on = _field(obj, "on", bool, "true or false")
+    key = obj.get("key")
+    if key is not None and not isinstance(key, str):
+        raise SimError("field 'key' must be a string")
+    return Fault(target, kind, on, key)
+
+
 def parse_request(obj: object) -> Request:
     """Check one decoded request; anything wrong raises SimError saying what. Extra fields
     are ignored so that a client may tag its requests."""
@@ -96,24 +114,14 @@ def parse_request(obj: object) -> Request:
     if op == "label":
         return Label(_field(obj, "parcel_id", str, "a string"))
     if op == "door":
-        compartment = _field(obj, "compartment", str, "a string")
-        action = _field(obj, "action", str, "a string")
-        if action not in DOOR_ACTIONS:
-            raise SimError(f"unknown door action {action!r}; actions: {', '.join(DOOR_ACTIONS)}")
-        return Door(compartment, action)
+        return _door(obj)
     if op == "parcel":
         return Parcel(
             _field(obj, "compartment", str, "a string"),
             _field(obj, "present", bool, "true or false"),
         )
     if op == "fault":
-        target = _field(obj, "target", str, "a string")
-        kind = _field(obj, "kind", str, "a string")
-        on = _field(obj, "on", bool, "true or false")
-        key = obj.get("key")
-        if key is not None and not isinstance(key, str):
-            raise SimError("field 'key' must be a string")
-        return Fault(target, kind, on, key)
+        return _fault(obj)
     if op == "state":
         return State()
     shown = op if len(op) <= 40 else op[:40] + "..."

@@ -184,6 +184,31 @@ class Subscription:
         self.close()
 
 
+def _checked_fault(target: str, kind: str, on: bool, key: str | None) -> tuple[str, str]:
+    """The (family, id) of a fault request, once its types, target, kind and key are valid."""
+    if not isinstance(target, str) or not isinstance(kind, str):
+        raise SimError("fault target and kind must be strings")
+    if not isinstance(on, bool):
+        raise SimError("fault 'on' must be true or false")
+    family, sep, ident = target.partition(":")
+    if family not in FAULT_KINDS:
+        raise SimError(
+            f"unknown fault target {target!r}; targets: lock:<id>, door_sensor:<id>, "
+            "keypad, scanner, board:<n>, tamper"
+        )
+    needs_id = family in ("lock", "door_sensor", "board")
+    if needs_id and not (sep and ident):
+        raise SimError(f"fault target {family!r} needs an id: {family}:<id>")
+    if not needs_id and sep:
+        raise SimError(f"fault target {family!r} takes no id")
+    if kind not in FAULT_KINDS[family]:
+        kinds = ", ".join(FAULT_KINDS[family])
+        raise SimError(f"target {target!r} has no fault {kind!r}; its faults: {kinds}")
+    if key is not None and kind != "stuck_key":
+        raise SimError(f"only stuck_key takes a key, not {kind!r}")
+    return family, ident
+
+
 class SimWorld:
     """The simulated bank. Sync methods must be called from the thread running the event loop.
 
@@ -436,27 +461,17 @@ class SimWorld:
 
     def set_fault(self, target: str, kind: str, on: bool, key: str | None = None) -> None:
         """Inject (on=True) or clear a fault; targets and kinds as in PROTOCOL.md section 11."""
-        if not isinstance(target, str) or not isinstance(kind, str):
-            raise SimError("fault target and kind must be strings")
-        if not isinstance(on, bool):
-            raise SimError("fault 'on' must be true or false")
-        family, sep, ident = target.partition(":")
-        if family not in FAULT_KINDS:
-            raise SimError(
-                f"unknown fault target {target!r}; targets: lock:<id>, door_sensor:<id>, "
-                "keypad, scanner, board:<n>, tamper"
-            )
-        needs_id = family in ("lock", "door_sensor", "board")
-        if needs_id and not (sep and ident):
-            raise SimError(f"fault target {family!r} needs an id: {family}:<id>")
-        if not needs_id and sep:
-            raise SimError(f"fault target {family!r} takes no id")
-        if kind not in FAULT_KINDS[family]:
-            kinds = ", ".join(FAULT_KINDS[family])
-            raise SimError(f"target {target!r} has no fault {kind!r}; its faults: {kinds}")
-        if key is not None and kind != "stuck_key":
-            raise SimError(f"only stuck_key takes a key, not {kind!r}")
+        family, ident = _checked_fault(target, kind, on, key)
+        target = self._apply_fault(target, family, ident, kind, on, key)
+        if on:
+            self._faults[(target, kind)] = key if kind == "stuck_key" else None
+        else:
+            self._faults.pop((target, kind), None)
+        self._publish(FaultChanged(target, kind, on, key if on else None))
 
+    def _apply_fault(self, target: str, family: str, ident: str, kind: str, on: bool,
+                     key: str | None) -> str:
+        """Set or clear one checked fault; returns the target as recorded (board:<n>)."""
         if family == "lock":
             self._get(ident).jammed = on
         elif family == "door_sensor":
@@ -471,22 +486,20 @@ class SimWorld:
             else:
                 self._scanner_garbage = on
         elif family == "board":
-            if not (_BOARD_NUMBER.fullmatch(ident) and int(ident) < BOARD_COUNT):
-                raise SimError(f"bad board number {ident!r}: 0-{BOARD_COUNT - 1}")
-            target = f"board:{int(ident)}"
-            chosen = self._boards_offline if kind == "offline" else self._boards_garbage
-            if on:
-                chosen.add(int(ident))
-            else:
-                chosen.discard(int(ident))
+            return self._set_board_fault(ident, kind, on)
         else:
             self._set_tamper(on)
+        return target
 
+    def _set_board_fault(self, ident: str, kind: str, on: bool) -> str:
+        if not (_BOARD_NUMBER.fullmatch(ident) and int(ident) < BOARD_COUNT):
+            raise SimError(f"bad board number {ident!r}: 0-{BOARD_COUNT - 1}")
+        chosen = self._boards_offline if kind == "offline" else self._boards_garbage
         if on:
-            self._faults[(target, kind)] = key if kind == "stuck_key" else None
+            chosen.add(int(ident))
         else:
-            self._faults.pop((target, kind), None)
-        self._publish(FaultChanged(target, kind, on, key if on else None))
+            chosen.discard(int(ident))
+        return f"board:{int(ident)}"
 
     # -- daemon side ------------------------------------------------------------------------
 

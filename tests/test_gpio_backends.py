@@ -103,70 +103,82 @@ class Board:
 # -- fake RPi.GPIO ------------------------------------------------------------------------
 
 
-def fake_rpi_gpio(board: Board, mocker: MockerFixture) -> tuple[types.ModuleType, Any]:
-    """A fake RPi.GPIO whose functions are mocks over `board`; edges fire in another thread."""
-    gpio = types.ModuleType("RPi.GPIO")
-    consts = {"BCM": 11, "BOARD": 10, "OUT": 0, "IN": 1, "LOW": 0, "HIGH": 1, "PUD_OFF": 20,
-              "PUD_DOWN": 21, "PUD_UP": 22, "RISING": 31, "FALLING": 32, "BOTH": 33}
-    for name, value in consts.items():
-        setattr(gpio, name, value)
-    pulls = {20: "off", 21: "down", 22: "up"}
-    callbacks: dict[int, Callable[[int], None]] = {}
-    state: dict[str, Any] = {"mode": None}
+RPI_CONSTANTS = {"BCM": 11, "BOARD": 10, "OUT": 0, "IN": 1, "LOW": 0, "HIGH": 1, "PUD_OFF": 20,
+                 "PUD_DOWN": 21, "PUD_UP": 22, "RISING": 31, "FALLING": 32, "BOTH": 33}
+RPI_PULLS = {20: "off", 21: "down", 22: "up"}
 
-    def setmode(mode: int) -> None:
-        if state["mode"] not in (None, mode):
+
+class FakeRpiGpio:
+    """What RPi.GPIO's functions do, over `board`, with RPi.GPIO's errors for misuse."""
+
+    def __init__(self, board: Board) -> None:
+        self.board = board
+        self.callbacks: dict[int, Callable[[int], None]] = {}
+        self.mode: int | None = None
+
+    def setmode(self, mode: int) -> None:
+        if self.mode not in (None, mode):
             raise ValueError("A different mode has already been set!")
-        state["mode"] = mode
+        self.mode = mode
 
-    def setup(pin: int, direction: int, pull_up_down: int = 20, initial: int = -1) -> None:
-        if state["mode"] is None:
+    def setup(self, pin: int, direction: int, pull_up_down: int = 20, initial: int = -1) -> None:
+        if self.mode is None:
             raise RuntimeError("Please set pin numbering mode using GPIO.setmode")
+        board = self.board
         if direction == 0:
             board.write(pin, initial if initial != -1 else board.out_level.get(pin, 0))
         else:
             board.mode[pin] = "in"
-            board.pull[pin] = pulls[pull_up_down]
+            board.pull[pin] = RPI_PULLS[pull_up_down]
 
-    def output(pin: int, level: int) -> None:
-        if board.mode.get(pin) != "out":
+    def output(self, pin: int, level: int) -> None:
+        if self.board.mode.get(pin) != "out":
             raise RuntimeError("The GPIO channel has not been set up as an OUTPUT")
-        board.write(pin, int(level))
+        self.board.write(pin, int(level))
 
-    def read(pin: int) -> int:
-        if pin not in board.mode:
+    def input(self, pin: int) -> int:
+        if pin not in self.board.mode:
             raise RuntimeError("You must setup() the GPIO channel first")
-        return board.level(pin)
+        return self.board.level(pin)
 
-    def add_event_detect(pin: int, edge: int, callback: Callable[[int], None],
+    def add_event_detect(self, pin: int, edge: int, callback: Callable[[int], None],
                          bouncetime: int | None = None) -> None:
-        if pin in callbacks:
+        if pin in self.callbacks:
             raise RuntimeError("Conflicting edge detection already enabled for this GPIO channel")
-        callbacks[pin] = callback
+        self.callbacks[pin] = callback
 
-    def remove_event_detect(pin: int) -> None:
-        callbacks.pop(pin, None)
+    def remove_event_detect(self, pin: int) -> None:
+        self.callbacks.pop(pin, None)
 
-    def cleanup(channels: Any = None) -> None:
+    def cleanup(self, channels: Any = None) -> None:
+        board = self.board
         for pin in ([channels] if isinstance(channels, int) else channels or list(board.mode)):
             board.mode[pin] = "in"
             board.pull[pin] = "off"
 
-    for name, fn in {"setmode": setmode, "setwarnings": lambda flag: None, "setup": setup,
-                     "output": output, "input": read, "add_event_detect": add_event_detect,
-                     "remove_event_detect": remove_event_detect, "cleanup": cleanup}.items():
-        setattr(gpio, name, mocker.Mock(name=f"GPIO.{name}", side_effect=fn))
-
-    def edge(pin: int) -> None:
+    def edge(self, pin: int) -> None:
         # RPi.GPIO runs callbacks in its own thread; so does the fake.
-        callback = callbacks.get(pin)
+        callback = self.callbacks.get(pin)
         if callback is not None:
             thread = threading.Thread(target=callback, args=(pin,))
             thread.start()
             thread.join()
 
-    board.listeners.append(edge)
-    gpio.callbacks = callbacks  # type: ignore[attr-defined]
+
+def fake_rpi_gpio(board: Board, mocker: MockerFixture) -> tuple[types.ModuleType, Any]:
+    """A fake RPi.GPIO whose functions are mocks over `board`; edges fire in another thread."""
+    gpio = types.ModuleType("RPi.GPIO")
+    for name, value in RPI_CONSTANTS.items():
+        setattr(gpio, name, value)
+    fake = FakeRpiGpio(board)
+    for name, fn in {"setmode": fake.setmode, "setwarnings": lambda flag: None,
+                     "setup": fake.setup, "output": fake.output, "input": fake.input,
+                     "add_event_detect": fake.add_event_detect,
+                     "remove_event_detect": fake.remove_event_detect,
+                     "cleanup": fake.cleanup}.items():
+        setattr(gpio, name, mocker.Mock(name=f"GPIO.{name}", side_effect=fn))
+    board.listeners.append(fake.edge)
+    gpio.callbacks = fake.callbacks  # type: ignore[attr-defined]
     package = types.ModuleType("RPi")
     package.GPIO = gpio  # type: ignore[attr-defined]
     return package, gpio

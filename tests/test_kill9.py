@@ -213,9 +213,7 @@ class Replay:
             self.restarted()
         elif type_ == "lock.pulse":
             assert cid is not None, where
-            if code_id:
-                self.pulsed_codes.add(code_id)
-            self.doors[cid] = Door(code_id, data.get("parcel_id"))
+            self._pulsed(cid, code_id, data)
         elif type_ == "session.started":
             assert self.session is None, f"{where}: a session started inside another"
             assert kind in ("courier", "deposit"), where
@@ -225,16 +223,7 @@ class Replay:
             assert data["credential_used"] == (self.session_doors > 0), where
             self._end_session()
         elif type_ == "deposit.opened":
-            # The use of a deposit credential is taken with this event, in the transaction of
-            # the door.opened just before it, and only after a pulse for that credential.
-            assert self.session == code_id, f"{where}: no live session of that code"
-            assert door is not None and door.code_id == code_id, f"{where}: not after its pulse"
-            assert door.seen[-2:] == [("door.opened", code_id), (type_, code_id)], \
-                f"{where}: not right after its door.opened: {door.seen}"
-            self.session_doors += 1
-            # A courier session takes one use, with its first door; a drop-off, each door.
-            if kind == "deposit" or self.session_doors == 1:
-                self.net[code_id or ""] += 1
+            self._deposit_opened(where, code_id, kind, door)
         elif type_ == "deposit.aborted":
             if kind == "deposit" and data.get("use_returned") is True:
                 self.net[code_id or ""] -= 1
@@ -251,9 +240,31 @@ class Replay:
             self.net[code_id or ""] += 1
         elif type_ == "pickup.incomplete":
             self.net[code_id or ""] -= 1
+        self._collected(type_, cid)
+
+    def _collected(self, type_: str, cid: str | None) -> None:
+        """A parcel on record leaves its compartment with a pickup or a removal."""
         if type_ in ("pickup.completed", "parcel.removed") and cid in self.parcels:
             self.deposits_collected += type_ == "pickup.completed"
             del self.parcels[cid]
+
+    def _pulsed(self, cid: str, code_id: str | None, data: dict[str, Any]) -> None:
+        if code_id:
+            self.pulsed_codes.add(code_id)
+        self.doors[cid] = Door(code_id, data.get("parcel_id"))
+
+    def _deposit_opened(self, where: str, code_id: str | None, kind: str | None,
+                        door: Door | None) -> None:
+        # The use of a deposit credential is taken with this event, in the transaction of
+        # the door.opened just before it, and only after a pulse for that credential.
+        assert self.session == code_id, f"{where}: no live session of that code"
+        assert door is not None and door.code_id == code_id, f"{where}: not after its pulse"
+        assert door.seen[-2:] == [("door.opened", code_id), ("deposit.opened", code_id)], \
+            f"{where}: not right after its door.opened: {door.seen}"
+        self.session_doors += 1
+        # A courier session takes one use, with its first door; a drop-off, each door.
+        if kind == "deposit" or self.session_doors == 1:
+            self.net[code_id or ""] += 1
 
 
 def check(kit: BankKit) -> tuple[int, dict[str, str], Replay]:

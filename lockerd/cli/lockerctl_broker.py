@@ -203,78 +203,114 @@ RESEND_AGAIN_S = 5.0  # a gap still open this long after asking is asked about a
 
 def cmd_events(args: argparse.Namespace) -> int:
     settings, topics = _settings(args)
-    out: TextIO = sys.stdout
     state = AckState(args.state, args.locker) if args.state is not None else None
     if args.ack and state is None:
         print("lockerctl: --ack without --state acknowledges nothing: the bank keeps every "
               "event until a backend that stores them acknowledges", file=sys.stderr)
     tracker = AckTracker(state.load()) if state is not None else None
-    acked = tracker.upto if tracker is not None else 0
-    printed = 0
-
-    async def go() -> None:
-        nonlocal printed, acked
-        # A fixed client id keeps a persistent session, so events published while this
-        # tool was not running are delivered when it comes back.
-        persistent = bool(args.client_id)
-        async with settings.client(clean_session=not persistent,
-                                   timeout_s=args.timeout) as client:
-            await client.subscribe(topics.events, qos=1)
-            asked: list[float] = []  # when the open gap was last asked about
-
-            async def resend(why: str) -> None:
-                assert tracker is not None
-                print(f"lockerctl: {why}: asking {topics.events_resend} from seq "
-                      f"{tracker.upto + 1}", file=sys.stderr)
-                asked[:] = [time.monotonic()]
-                await client.publish(topics.events_resend,
-                                     json.dumps({"from_seq": tracker.upto + 1}), qos=1)
-
-            if tracker is not None:
-                await resend("start" if tracker.upto == 0 else f"start after seq {tracker.upto}")
-            try:
-                async with asyncio.timeout(args.wait if args.wait > 0 else None):
-                    async for message in _messages(client, RESEND_AGAIN_S):
-                        if tracker is not None and tracker.gap and \
-                                time.monotonic() - asked[0] >= RESEND_AGAIN_S:
-                            await resend("gap still open")
-                        if message is None:
-                            continue
-                        event = _decode_event(message)
-                        if event is None:
-                            continue
-                        ready = [event]
-                        if tracker is not None:
-                            seq = event.get("seq")
-                            if isinstance(seq, bool) or not isinstance(seq, int):
-                                print(f"lockerctl: ignored a message without a seq on "
-                                      f"{message.topic}", file=sys.stderr)
-                                continue
-                            before, was_gap = tracker.upto, tracker.gap
-                            ready = tracker.offer(event, seq)
-                            if tracker.gap and not was_gap and not ready:
-                                await resend(f"gap: seq {seq} came after {before}")
-                        for item in ready:
-                            print(json.dumps(item, separators=(",", ":")), file=out,
-                                  flush=True)
-                            printed += 1
-                        if ready and tracker is not None and state is not None:
-                            state.save(tracker.upto)
-                            if args.ack:
-                                await client.publish(
-                                    topics.events_ack,
-                                    json.dumps({"upto_seq": tracker.upto}), qos=1)
-                                acked = tracker.upto
-                        if args.count and printed >= args.count:
-                            break
-            except TimeoutError:
-                pass
-
-    _run(go(), settings)
+    printed, acked = _run(_follow_events(args, settings, topics, tracker, state), settings)
     if args.ack and state is not None:
         print(f"lockerctl: {printed} event(s) printed; acknowledged up to seq {acked}",
               file=sys.stderr)
     return 0
+
+
+async def _follow_events(args: argparse.Namespace, settings: BrokerSettings, topics: Topics,
+                         tracker: AckTracker | None,
+                         state: AckState | None) -> tuple[int, int]:
+    """Print events until --count, --wait or the end; (events printed, seq acknowledged)."""
+    # A fixed client id keeps a persistent session, so events published while this
+    # tool was not running are delivered when it comes back.
+    persistent = bool(args.client_id)
+    async with settings.client(clean_session=not persistent,
+                               timeout_s=args.timeout) as client:
+        await client.subscribe(topics.events, qos=1)
+        printer = _EventPrinter(client, topics, args, tracker, state, sys.stdout)
+        if tracker is not None:
+            upto = tracker.upto
+            await printer.resend("start" if upto == 0 else f"start after seq {upto}")
+        try:
+            async with asyncio.timeout(args.wait if args.wait > 0 else None):
+                async for message in _messages(client, RESEND_AGAIN_S):
+                    await printer.resend_if_still_open()
+                    if message is None:
+                        continue
+                    await printer.take(message)
+                    if args.count and printer.printed >= args.count:
+                        break
+        except TimeoutError:
+            pass
+    return printer.printed, printer.acked
+
+
+class _EventPrinter:
+    """One `lockerctl events` run: puts events in seq order, prints, saves and acknowledges."""
+
+    def __init__(self, client: aiomqtt.Client, topics: Topics, args: argparse.Namespace,
+                 tracker: AckTracker | None, state: AckState | None, out: TextIO) -> None:
+        self._client = client
+        self._topics = topics
+        self._ack = bool(args.ack)
+        self._tracker = tracker
+        self._state = state
+        self._out = out
+        self._asked = 0.0  # when the open gap was last asked about
+        self.printed = 0
+        self.acked = tracker.upto if tracker is not None else 0
+
+    async def resend(self, why: str) -> None:
+        assert self._tracker is not None
+        from_seq = self._tracker.upto + 1
+        print(f"lockerctl: {why}: asking {self._topics.events_resend} from seq "
+              f"{from_seq}", file=sys.stderr)
+        self._asked = time.monotonic()
+        await self._client.publish(self._topics.events_resend,
+                                   json.dumps({"from_seq": from_seq}), qos=1)
+
+    async def resend_if_still_open(self) -> None:
+        """Ask again about a gap still open RESEND_AGAIN_S after the last request."""
+        if self._tracker is not None and self._tracker.gap and \
+                time.monotonic() - self._asked >= RESEND_AGAIN_S:
+            await self.resend("gap still open")
+
+    async def take(self, message: aiomqtt.Message) -> None:
+        event = _decode_event(message)
+        if event is None:
+            return
+        ready = await self._in_order(event, message)
+        for item in ready:
+            print(json.dumps(item, separators=(",", ":")), file=self._out, flush=True)
+            self.printed += 1
+        if ready:
+            await self._save_and_ack()
+
+    async def _in_order(self, event: dict[str, Any],
+                        message: aiomqtt.Message) -> list[dict[str, Any]]:
+        """The events `event` makes printable: itself without --state, else those in seq order."""
+        tracker = self._tracker
+        if tracker is None:
+            return [event]
+        seq = event.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            print(f"lockerctl: ignored a message without a seq on "
+                  f"{message.topic}", file=sys.stderr)
+            return []
+        before, was_gap = tracker.upto, tracker.gap
+        ready = tracker.offer(event, seq)
+        if tracker.gap and not was_gap and not ready:
+            await self.resend(f"gap: seq {seq} came after {before}")
+        return ready
+
+    async def _save_and_ack(self) -> None:
+        # The state file is synced before the acknowledgement that relies on it is sent.
+        if self._tracker is None or self._state is None:
+            return
+        self._state.save(self._tracker.upto)
+        if self._ack:
+            await self._client.publish(
+                self._topics.events_ack,
+                json.dumps({"upto_seq": self._tracker.upto}), qos=1)
+            self.acked = self._tracker.upto
 
 
 async def _messages(client: aiomqtt.Client,

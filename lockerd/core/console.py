@@ -64,26 +64,15 @@ class LineEditor:
         echo = bytearray()
         for b in data:
             was_cr, self._last_cr = self._last_cr, b == 0x0D
-            if self._esc == 1:
-                self._esc = 2 if b == 0x5B else 0
+            if self._in_escape(b):
                 continue
-            if self._esc == 2:
-                if 0x40 <= b <= 0x7E or b in (0x0D, 0x0A):
-                    self._esc = 0
-                if b not in (0x0D, 0x0A):
-                    continue
             if b == 0x1B:
                 self._esc = 1
             elif b in (0x0D, 0x0A):
                 if b == 0x0A and was_cr:
                     continue  # the LF of a CRLF
                 echo += b"\r\n"
-                if self._discarding:
-                    out.too_long += 1
-                    self._discarding = False
-                else:
-                    out.lines.append(self._buf.decode("ascii"))
-                self._buf.clear()
+                self._end_line(out)
             elif self._discarding:
                 continue
             elif b in BACKSPACES:
@@ -99,6 +88,26 @@ class LineEditor:
                 echo.append(b)
         out.echo = bytes(echo)
         return out
+
+    def _in_escape(self, b: int) -> bool:
+        """Whether `b` is part of an escape sequence, and so dropped; a CR or LF ends a CSI
+        sequence and is still a line end."""
+        if self._esc == 1:
+            self._esc = 2 if b == 0x5B else 0
+            return True
+        if self._esc == 2:
+            if 0x40 <= b <= 0x7E or b in (0x0D, 0x0A):
+                self._esc = 0
+            return b not in (0x0D, 0x0A)
+        return False
+
+    def _end_line(self, out: Edited) -> None:
+        if self._discarding:
+            out.too_long += 1
+            self._discarding = False
+        else:
+            out.lines.append(self._buf.decode("ascii"))
+        self._buf.clear()
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,52 +262,54 @@ class _Demo:
             return True
         word, _, rest = line.partition(" ")
         arg = rest.strip()
-        world = self.world
+        if word in ("quit", "exit"):
+            return False
         try:
-            if word in ("quit", "exit"):
-                return False
-            if word == "help":
-                self.say(HELP)
-            elif set(line) <= set("0123456789*#"):
-                world.press(line if line.endswith(("#", "*")) else line + "#")
-            elif word == "scan":
-                world.scan(arg)
-            elif word == "label":
-                if not arg:
-                    self.say("usage: label PARCEL (the parcel id on its label, e.g. PX200)")
-                else:
-                    world.scan_label(arg)
-            elif word == "open":
-                world.open_door(arg)
-            elif word == "close":
-                world.close_door(arg)
-            elif word == "take":
-                world.set_parcel(arg, False)
-            elif word == "put":
-                world.set_parcel(arg, True)
-            elif word == "force":
-                world.force_door(arg)
-            elif word in ("jam", "unjam"):
-                world.set_fault(f"lock:{arg}", "jam", word == "jam")
-            elif word == "derive":
-                self._derive(arg)
-            elif word == "qr":
-                self._qr(arg)
-            elif word == "tour":
+            if word == "tour":
                 await _Tour(self).run()
-            elif word == "state":
-                self._state()
-            elif word == "codes":
-                _print_codes(self.kit, self.out)
-            elif word == "events":
-                n = int(arg) if arg.isdigit() else 10
-                for event in self.app.events.recent(n):
-                    _print_event(event, self.out)
+            elif set(line) <= set("0123456789*#"):
+                self.world.press(line if line.endswith(("#", "*")) else line + "#")
             else:
-                self.say(f"unknown command {word!r}; type 'help'")
+                handler = self._handlers().get(word)
+                if handler is None:
+                    self.say(f"unknown command {word!r}; type 'help'")
+                else:
+                    handler(arg)
         except SimError as exc:
             self.say(f"simulator: {exc}")
         return True
+
+    def _handlers(self) -> dict[str, Callable[[str], object]]:
+        """The typed words besides keys, tour and quit, each with what it does to its argument."""
+        world = self.world
+        return {
+            "help": lambda _: self.say(HELP),
+            "scan": world.scan,
+            "label": self._label,
+            "open": world.open_door,
+            "close": world.close_door,
+            "take": lambda cid: world.set_parcel(cid, False),
+            "put": lambda cid: world.set_parcel(cid, True),
+            "force": world.force_door,
+            "jam": lambda cid: world.set_fault(f"lock:{cid}", "jam", True),
+            "unjam": lambda cid: world.set_fault(f"lock:{cid}", "jam", False),
+            "derive": self._derive,
+            "qr": self._qr,
+            "state": lambda _: self._state(),
+            "codes": lambda _: _print_codes(self.kit, self.out),
+            "events": self._events,
+        }
+
+    def _label(self, arg: str) -> None:
+        if not arg:
+            self.say("usage: label PARCEL (the parcel id on its label, e.g. PX200)")
+        else:
+            self.world.scan_label(arg)
+
+    def _events(self, arg: str) -> None:
+        n = int(arg) if arg.isdigit() else 10
+        for event in self.app.events.recent(n):
+            _print_event(event, self.out)
 
     def derived_code(self, parcel_id: str) -> str:
         return derived_pickup_code(self.kit.code_key, self.kit.locker_id, parcel_id,

@@ -12,6 +12,7 @@ from pathlib import Path
 from hal.errors import HalError
 from lockerd.core.console import (
     Args,
+    Command,
     ConsoleError,
     IdleTimer,
     Level,
@@ -129,21 +130,10 @@ class ConsoleService:
             need = "log in first (login TOKEN)" if s.tech is None else "operator role needed"
             await self._refuse(s, cmd.name, "not_logged_in" if s.tech is None else "role", need)
             return
-        try:
-            args = parse_args(rest)
-            reply = await cmd.handler(s, args)
-        except ConsoleError as exc:
-            await self._say(s, [str(exc)])
+        ran = await self._run(s, cmd, rest)
+        if ran is None:
             return
-        except PermissionError as exc:
-            await self._refuse(s, cmd.name, "role", str(exc))
-            return
-        except RequestRefused as exc:
-            await self._refuse(s, cmd.name, "refused", str(exc))
-            return
-        except HalError as exc:
-            await self._refuse(s, cmd.name, "hardware", f"hardware error: {exc}")
-            return
+        args, reply = ran
         if cmd.is_action(args):
             log.info("console action", command=line[:200], tech_id=tech_id, ok=True)
             self._auth.event(EventType.CONSOLE_ACTION, {"tech_id": tech_id, "command": cmd.name,
@@ -154,6 +144,22 @@ class ConsoleService:
             await s.write(json.dumps(reply.data, default=str).encode("ascii") + b"\r\n")
         else:
             await self._say(s, reply.text)
+
+    async def _run(self, s: Session, cmd: Command[Session],
+                   rest: list[str]) -> tuple[Args, Reply] | None:
+        """Parse the options and run the handler; None once a refusal or error is written."""
+        try:
+            args = parse_args(rest)
+            return args, await cmd.handler(s, args)
+        except ConsoleError as exc:
+            await self._say(s, [str(exc)])
+        except PermissionError as exc:
+            await self._refuse(s, cmd.name, "role", str(exc))
+        except RequestRefused as exc:
+            await self._refuse(s, cmd.name, "refused", str(exc))
+        except HalError as exc:
+            await self._refuse(s, cmd.name, "hardware", f"hardware error: {exc}")
+        return None
 
     async def _refuse(self, s: Session, command: str, reason: str, message: str) -> None:
         tech_id = s.tech_id

@@ -178,17 +178,7 @@ def register_diagnostic_commands(registry: Registry[C], *, diagnostics: Diagnost
 
     async def sensors(s: Caller, a: Args) -> Reply:
         data = await diagnostics.sensors()
-        text = []
-        for name, value in data.items():
-            if name == "health":
-                continue
-            if isinstance(value, dict):
-                text.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
-            else:
-                text.append(f"{name}: {value}")
-        text += [f"health {n}: {'ok' if h['ok'] else 'FAULT'} {h['detail']}"
-                 for n, h in data.get("health", {}).items()]
-        return Reply(text, data)
+        return Reply(_sensor_lines(data), data)
 
     async def echo(device: str, s: Caller, a: Args) -> Reply:
         seconds = a.int_at(0, default=10, lo=1, hi=MAX_ECHO_S, what="seconds")
@@ -216,6 +206,21 @@ def register_diagnostic_commands(registry: Registry[C], *, diagnostics: Diagnost
                               usage="keypad test [S]")
     registry.register_command("scanner test", scanner_test, "echo scans for S seconds",
                               level=V, usage="scanner test [S]")
+
+
+def _sensor_lines(data: dict[str, Any]) -> list[str]:
+    """The `sensors` answer: one line per reading, then one per device's health."""
+    text = []
+    for name, value in data.items():
+        if name == "health":
+            continue
+        if isinstance(value, dict):
+            text.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            text.append(f"{name}: {value}")
+    text += [f"health {n}: {'ok' if h['ok'] else 'FAULT'} {h['detail']}"
+             for n, h in data.get("health", {}).items()]
+    return text
 
 
 def _echo_line(event: InputEvent) -> tuple[str, EchoLine] | None:
