@@ -147,18 +147,24 @@ async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
                     clock.t += float(arg)
                     await ctl.step(None)
             new = app.events.since(seen)
-            for event in new:
-                seen = event.seq
-                if event.type == "lock.pulse" and event.compartment:
-                    released.add(event.compartment)
-                elif event.type == "door.jammed" and event.compartment:
-                    released.discard(event.compartment)  # the latch held: it stays shut
+            seen = _track_latches(new, released, seen)
             lockout = _audit_lockout(lockout, load_lockout_state(app.db), new, (action, arg))
         await ctl.wait_pulses()
         events = app.events.recent(100_000)
         _audit(app, kit, events)
     finally:
         app.db.close()
+
+
+def _track_latches(new: list[StoredEvent], released: set[str], seen: int) -> int:
+    """Follow which locks a pulse has released from the new events; the last seq seen."""
+    for event in new:
+        seen = event.seq
+        if event.type == "lock.pulse" and event.compartment:
+            released.add(event.compartment)
+        elif event.type == "door.jammed" and event.compartment:
+            released.discard(event.compartment)  # the latch held: it stays shut
+    return seen
 
 
 def _audit_lockout(before: LockoutState, after: LockoutState, new: list[StoredEvent],
