@@ -91,9 +91,14 @@ async def test_nobody_pressing_hash_in_time_puts_it_out_of_service(
     kit = _kit(make_kit, 0.4)
     async with running(kit) as r, SimClient(kit.socket_path) as sim:
         await _jam_a_pickup(r, sim)
+        assert (await sim.state())["compartments"]["3"]["in_service"] is True
         out = await r.wait_event("compartment.out_of_service")
         assert out.data["reason"] == "jammed"
         assert len(r.events("lock.pulse")) == 2
+        # The lock's out-of-service mark follows the event, not the saved restart mark
+        # (which named the compartment since the window opened).
+        await wait_until(lambda: r.world.state()["compartments"]["3"]["in_service"] is False,
+                         what="the sim to show the compartment out of service")
         assert _uses(r) == 0
         # `#` after the window pulses nothing.
         await sim.fault("lock:3", "jam", False)
