@@ -4,11 +4,16 @@ failing too, puts the compartment out of service; no use without the door seen o
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hal.values import DoorState
 from lockerd.core import messages
-from lockerd.core.actions import Pulse, Record, Show
+from lockerd.core.actions import Action, Pulse, Record, Show
 from lockerd.core.bank import Bank, BankAction, OpenPickup, RequestRefused, Resolve, StartSession
 from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings, Phase
@@ -248,3 +253,89 @@ def test_the_retry_prompt_fits_a_4x20_display_and_reads_on_a_2x16_one() -> None:
     # The first two lines alone say what to do.
     assert all(len(line) <= 16 for line in shown.lines[:2])
     assert "#" in shown.lines[1]
+
+
+# -- a property of one compartment with the guided retry ------------------------------------
+
+_step = st.one_of(
+    st.tuples(st.just("begin"), st.floats(min_value=0.0, max_value=3.0)),
+    st.tuples(st.just("door"), st.booleans(), st.floats(min_value=0.0, max_value=3.0)),
+    st.tuples(st.just("door"), st.booleans(), st.floats(min_value=0.0, max_value=3.0)),
+    st.tuples(st.just("occupied"), st.booleans()),
+    st.tuples(st.just("tick"), st.sampled_from([0.5, OPEN_TIMEOUT, WINDOW, 40.0])),
+    st.tuples(st.just("tick"), st.sampled_from([0.5, OPEN_TIMEOUT, WINDOW, 40.0])),
+    st.tuples(st.just("retry"), st.floats(min_value=0.0, max_value=3.0)),
+    st.tuples(st.just("retry"), st.floats(min_value=0.0, max_value=3.0)),
+    st.tuples(st.just("service"), st.booleans()),
+    st.just(("jam",)),
+    st.just(("jam",)),
+)
+# A pickup whose door stays shut through both pulses, so that windows come up often.
+_JAM = [("begin", 0.0), ("tick", OPEN_TIMEOUT), ("tick", OPEN_TIMEOUT)]
+
+
+def _apply(comp: Compartment, step: tuple[Any, ...], t: float, n: int) -> list[Action]:
+    match step:
+        case ("begin", _):
+            if comp.phase is not Phase.LOCKED or not comp.in_service:
+                return []
+            return comp.begin_access(
+                Access(f"c-{n}", f"d-{n}", "pickup", "keypad"), t)
+        case ("door", is_open, _):
+            return comp.door_changed(is_open, t)
+        case ("occupied", value):
+            return comp.occupancy_changed(value)
+        case ("tick", _):
+            return comp.tick(t)
+        case ("retry", _):
+            return comp.guided_retry(t)
+        case ("service", value):
+            return comp.set_service(value, "technician")
+    raise AssertionError(step)
+
+
+@settings(max_examples=300)
+@given(st.lists(_step, max_size=50), st.one_of(st.none(), st.booleans()))
+def test_no_use_without_the_door_seen_open_and_at_most_one_guided_pulse(
+    steps: list[tuple[Any, ...]], occupied: bool | None,
+) -> None:
+    timings = DoorTimings(open_timeout_s=OPEN_TIMEOUT, held_open_after_s=60.0,
+                          show_result_s=3.0, jam_retry_s=WINDOW)
+    comp = Compartment("3", timings=timings, occupied=occupied)
+    t, n = 0.0, 0
+    net: Counter[str | None] = Counter()
+    pulses: Counter[str | None] = Counter()
+    guided: Counter[str | None] = Counter()
+    played = [s for planned in steps for s in (_JAM if planned == ("jam",) else [planned])]
+    for step in played:
+        t += step[-1] if isinstance(step[-1], float) else 0.0
+        n += step[0] == "begin"
+        pending, phase_before = comp.access, comp.phase
+        actions = _apply(comp, step, t, n)
+        access = comp.access if step[0] == "begin" else pending
+        for i, action in enumerate(actions):
+            if isinstance(action, Pulse):
+                report = actions[i - 1]
+                assert isinstance(report, Record) and report.type == EventType.LOCK_PULSE
+                assert access is not None and report.code_id == access.code_id
+                pulses[access.digest] += 1
+                if report.data.get("retry") == "guided":
+                    # Only the customer's `#` in an open window sends the guided pulse.
+                    assert step[0] == "retry" and phase_before is Phase.RETRY
+                    guided[access.digest] += 1
+                assert pulses[access.digest] <= 3 and guided[access.digest] <= 1
+            if isinstance(action, Record) and action.use is not None and action.use.delta:
+                if action.use.delta == 1:
+                    assert step[:2] == ("door", True), (step, actions)
+                    assert phase_before in (Phase.UNLOCKING, Phase.RETRY)
+                    assert pending is not None and action.use.digest == pending.digest
+                net[action.use.digest] += action.use.delta
+                assert net[action.use.digest] in (0, 1)
+        if comp.phase is Phase.RETRY:
+            assert comp.in_service and comp.access is not None
+            assert comp.restart_service_reason == "jammed"
+            assert net[comp.access.digest] == 0
+        for jam in (a for a in actions if isinstance(a, Record)
+                    and a.type == EventType.DOOR_JAMMED):
+            assert pending is not None and net[pending.digest] == 0
+            assert ("guided_retry_s" in jam.data) == (comp.phase is Phase.RETRY)
