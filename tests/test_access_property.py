@@ -151,22 +151,29 @@ async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
                     clock.t += float(arg)
                     await ctl.step(None)
             new = app.events.since(seen)
-            for event in new:
-                seen = event.seq
-                if event.type == "lock.pulse" and event.compartment:
-                    released.add(event.compartment)
-                elif (event.type == "door.jammed" and event.compartment
-                      and "guided_retry_s" not in event.data):
-                    released.discard(event.compartment)  # the latch held: it stays shut
-                elif event.type == "compartment.out_of_service" and event.compartment:
-                    # The end of a guided-retry window (until then a push may free the door).
-                    released.discard(event.compartment)
+            if new:
+                seen = new[-1].seq
+            _track_latches(released, new)
             lockout = _audit_lockout(lockout, load_lockout_state(app.db), new, (action, arg))
         await ctl.wait_pulses()
         events = app.events.recent(100_000)
         _audit(app, kit, events)
     finally:
         app.db.close()
+
+
+def _track_latches(released: set[str], new: list[StoredEvent]) -> None:
+    """Which doors a person can pull open: released by a pulse, until the bank gives up."""
+    for event in new:
+        if event.compartment is None:
+            continue
+        if event.type == "lock.pulse":
+            released.add(event.compartment)
+        elif event.type == "door.jammed" and "guided_retry_s" not in event.data:
+            released.discard(event.compartment)  # the latch held: it stays shut
+        elif event.type == "compartment.out_of_service":
+            # The end of a guided-retry window (until then a push may free the door).
+            released.discard(event.compartment)
 
 
 def _audit_lockout(before: LockoutState, after: LockoutState, new: list[StoredEvent],
