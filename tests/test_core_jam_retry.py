@@ -107,7 +107,7 @@ def test_hash_in_the_window_pulses_once_more_and_the_door_seen_open_uses_the_cod
     assert _types(opened) == [EventType.DOOR_OPENED, EventType.PICKUP_OPENED]
     assert _uses(retry + opened) == 1
     comp = bank.compartments["2"]
-    assert comp.in_service and comp.restart_service_reason == ""
+    assert comp.in_service and comp.restart_service_reason is None
     assert EventType.COMPARTMENT_OUT_OF_SERVICE not in _types(opened)
 
 

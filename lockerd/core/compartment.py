@@ -86,15 +86,15 @@ class Compartment:
         return self._deadline if self.phase is Phase.RETRY else None
 
     @property
-    def restart_service_reason(self) -> str:
-        """Why a restart must find this compartment out of service ("" for in service). A
+    def restart_service_reason(self) -> str | None:
+        """Why a restart must find this compartment out of service (None: in service). A
         guided-retry window, and its pulse, are memory only: a restart in them finds the
         compartment out of service as after any jam."""
         if not self.in_service:
             return self.service_reason
         guided = self.phase is Phase.RETRY or (
             self.phase is Phase.UNLOCKING and self.attempt > MAX_ATTEMPTS)
-        return "jammed" if guided else ""
+        return "jammed" if guided else None
 
     def deadline(self) -> float | None:
         """The next time `tick` has something to do, or None."""

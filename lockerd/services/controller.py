@@ -414,7 +414,7 @@ class Controller:
     def _service_snapshot(self) -> dict[str, str]:
         """What a restart must find out of service: a door in its guided-retry window too."""
         return {cid: reason for cid, c in self.compartments.items()
-                if (reason := c.restart_service_reason)}
+                if (reason := c.restart_service_reason) is not None}
 
     def _out_of_service(self) -> set[str]:
         return {cid for cid, c in self.compartments.items() if not c.in_service}
