@@ -466,6 +466,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
         open_timeout_s=config.doors.open_timeout_s,
         held_open_after_s=config.doors.held_open_after_s,
         show_result_s=config.doors.show_result_s,
+        jam_retry_s=config.doors.jam_retry_s,
     )
     parcels = ParcelStore(db)
     on_record = parcels.all()

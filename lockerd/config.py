@@ -98,6 +98,8 @@ class DoorsSection(_Section, kw_only=True, frozen=True):
     open_timeout_s: PositiveSeconds = 4.0
     held_open_after_s: PositiveSeconds = 120.0
     show_result_s: PositiveSeconds = 6.0
+    # After a pickup's door jammed: the window for the customer's `#` (one more pulse); 0: none.
+    jam_retry_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 60.0
 
 
 class CompartmentSection(_Section, kw_only=True, frozen=True):

@@ -4,6 +4,10 @@ without its door seen open; and the keypad's wrong-code count is reset only by a
 for good (a pickup completed, a deposit confirmed), never by a credential that can be
 presented again.
 
+A jammed pickup door's guided retry is part of it: `#` in the window pulses once more, and the
+door may still come open in the window (the customer pushed it); a guided pulse follows only a
+jam that offered one, once.
+
 The real controller, code store and SQLite database run with a clock the test moves; the test
 plays the physical world (a door opens only after a pulse released its lock) and then audits
 the event log and the use counts.
@@ -78,7 +82,7 @@ def _make_bank() -> Bank:
                     sizes=["S", "M", "L", "L"], socket=False,
                     overrides={"codes": {"derived_pickup": True},
                                "doors": {"open_timeout_s": 2.0, "held_open_after_s": 60.0,
-                                         "show_result_s": 3.0},
+                                         "show_result_s": 3.0, "jam_retry_s": 30.0},
                                "deposits": {"session_idle_s": 30.0},
                                "lockout": {"free_attempts": 1000}})
     bank = Bank(kit)
@@ -147,7 +151,8 @@ async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
                     clock.t += float(arg)
                     await ctl.step(None)
             new = app.events.since(seen)
-            seen = _track_latches(new, released, seen)
+            seen = new[-1].seq if new else seen
+            _track_latches(released, new)
             lockout = _audit_lockout(lockout, load_lockout_state(app.db), new, (action, arg))
         await ctl.wait_pulses()
         events = app.events.recent(100_000)
@@ -156,15 +161,18 @@ async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
         app.db.close()
 
 
-def _track_latches(new: list[StoredEvent], released: set[str], seen: int) -> int:
-    """Follow which locks a pulse has released from the new events; the last seq seen."""
+def _track_latches(released: set[str], new: list[StoredEvent]) -> None:
+    """Which doors a person can pull open: released by a pulse, until the bank gives up."""
     for event in new:
-        seen = event.seq
-        if event.type == "lock.pulse" and event.compartment:
+        if event.compartment is None:
+            continue
+        if event.type == "lock.pulse":
             released.add(event.compartment)
-        elif event.type == "door.jammed" and event.compartment:
+        elif event.type == "door.jammed" and "guided_retry_s" not in event.data:
             released.discard(event.compartment)  # the latch held: it stays shut
-    return seen
+        elif event.type == "compartment.out_of_service":
+            # The end of a guided-retry window (until then a push may free the door).
+            released.discard(event.compartment)
 
 
 def _audit_lockout(before: LockoutState, after: LockoutState, new: list[StoredEvent],
@@ -213,7 +221,24 @@ def _net_uses(events: list[StoredEvent]) -> Counter[str]:
     return net
 
 
+def _audit_guided(events: list[StoredEvent]) -> None:
+    """(4) A guided pulse follows a jam that offered one, for the same compartment and
+    credential, with no other pulse of that door between them, and at most once per jam."""
+    offered: dict[str, str | None] = {}
+    for e in events:
+        cid = e.compartment
+        if cid is None:
+            continue
+        if e.type == "door.jammed" and "guided_retry_s" in e.data:
+            offered[cid] = _credential(e)
+        elif e.type == "lock.pulse":
+            window = offered.pop(cid, "none")
+            if e.data.get("retry") == "guided":
+                assert window == _credential(e), (e, window)
+
+
 def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
+    _audit_guided(events)
     # (1) Every pulse is for a valid credential, and a pickup for its own door.
     deposited: set[str] = set()
     for e in events:
@@ -250,6 +275,7 @@ def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
 
 
 WRONG = ("press", "999999#")
+JAM_1 = [("press", "111111#"), ("wait", "3"), ("wait", "3")]  # both pulses, no door: jammed
 
 
 @settings(max_examples=60, deadline=None,
@@ -264,6 +290,11 @@ WRONG = ("press", "999999#")
 @example(plan=[WRONG, ("press", "111111#"), ("open", "1"), ("take", "1"), ("close", "1")])
 @example(plan=[WRONG, ("press", "444444#"), ("press", "3"), ("open", "3"), ("put", "3"),
                ("close", "3")])
+# The guided retry: pressed and the door opens, opened without it, left to time out, failing.
+@example(plan=[*JAM_1, ("press", "#"), ("open", "1"), ("take", "1"), ("close", "1")])
+@example(plan=[*JAM_1, ("open", "1"), ("close", "1"), ("press", "111111#")])
+@example(plan=[*JAM_1, ("wait", "31"), ("press", "#"), ("press", "111111#")])
+@example(plan=[*JAM_1, ("press", "#"), ("wait", "3"), ("press", "#"), ("open", "1")])
 def test_no_door_opens_without_a_valid_credential_and_no_use_without_a_door(
     plan: list[tuple[str, str]],
 ) -> None:

@@ -91,6 +91,28 @@ def test_demo_pickup_with_a_printed_code(tmp_path: Path) -> None:
     assert (tmp_path / "bank" / "lockerd.toml").exists(), "--dir keeps the demo's files"
 
 
+def test_demo_jam_command_and_the_guided_retry_by_hand(tmp_path: Path) -> None:
+    term = Terminal("--compartments", "4", "--dir", str(tmp_path))
+    try:
+        code = term.expect(r"compartment 2: (\d{6})").group(1)
+        term.expect(r"Type 'help'")
+        term.type("jam 2")
+        term.expect(r"lock 2 jammed: .*'unjam 2' then '#' within 60 s")
+        term.type(code)
+        term.expect(r"event #\d+ door\.jammed door 2 code p-1002")
+        term.expect(r"\[display\] Door 2 stuck \| Push it, press #")
+        term.type("unjam 2")
+        term.expect(r"lock 2 works again")
+        term.type("#")
+        term.expect(r"event #\d+ pickup\.opened door 2 code p-1002")
+        term.type("quit")
+        term.expect(r"lockerd demo stopped\.")
+        assert term.proc.wait(timeout=15) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
 def test_demo_ends_cleanly_at_end_of_input(tmp_path: Path) -> None:
     term = Terminal("--dir", str(tmp_path))
     term.expect(r"Type 'help'")
@@ -135,6 +157,13 @@ def test_demo_tour_deposits_then_picks_up_with_the_derived_code(tmp_path: Path) 
     door = re.search(r"deposit\.confirmed door (\d+)", lines[confirmed])
     assert door is not None
     assert f"pickup.completed door {door.group(1)} " in lines[completed]
+    # The jam chapter: door 1 jams, the display asks for the push and `#`, the retry opens it.
+    jammed = index(r"event #\d+ door\.jammed door 1 code p-1001")
+    prompt = index(r"\[display\] Door 1 stuck \| Push it, press #")
+    pushed = index(r"\[tour\] the customer pushes the door")
+    opened = index(r"event #\d+ pickup\.opened door 1 code p-1001")
+    retried = index(r"\[tour\] pickup completed after the guided retry.*End of the tour\.")
+    assert completed < prompt < pushed < opened < retried and jammed < pushed
     assert lines[-1] == "lockerd demo stopped."
 
 
@@ -220,7 +249,8 @@ def test_demo_tour_command_and_the_demo_goes_on(tmp_path: Path) -> None:
         term.expect(r"event #\d+ pickup\.completed door 4 code derived:PX-TOUR-1")
         term.expect(r"\[tour\] pickup completed .*End of the tour\.")
         term.type("tour")  # again: the parcel id is free again, so the same one
-        term.expect(r"event #\d+ pickup\.completed door 4 code derived:PX-TOUR-1")
+        # (door 1, emptied by the jam chapter, is the smallest free door now)
+        term.expect(r"event #\d+ pickup\.completed door 1 code derived:PX-TOUR-1")
         term.expect(r"\[tour\] pickup completed")
         term.type("state")
         term.expect(r"^\s+4\s+L\s+locked\s+closed\s+no\s+in\s+-$")

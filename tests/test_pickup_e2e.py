@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from conftest import running, stored_events, wait_until
+from conftest import FAST, running, stored_events, wait_until
 
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
@@ -102,7 +102,9 @@ async def test_code_for_empty_compartment_is_refused(make_kit: Callable[..., Ban
 async def test_jammed_door_keeps_code_retries_once_and_marks_compartment(
     make_kit: Callable[..., BankKit],
 ) -> None:
-    kit = make_kit([parcel_code()], parcels=["3"])
+    # `[doors] jam_retry_s = 0`: no guided retry, out of service at the jam (test_jam_retry_e2e).
+    kit = make_kit([parcel_code()], parcels=["3"],
+                   overrides={"doors": {**FAST["doors"], "jam_retry_s": 0}})
     async with running(kit) as r:
         r.world.set_fault("lock:3", "jam", True)
         r.world.press(CODE + "#")

@@ -150,6 +150,10 @@ class Bank:
 
     def idle_message(self) -> DisplayMessage:
         prompt = self.session.prompt() if self.session is not None else None
+        retry = self._retry_compartment()
+        if prompt is None and retry is not None:
+            # The jammed customer's prompt stays up for the window, whatever else was shown.
+            prompt = messages.jam_retry(retry.id)
         return prompt or messages.idle()
 
     # -- inputs of the customer side --------------------------------------------------------
@@ -161,10 +165,29 @@ class Bank:
         remaining = self.lockout.remaining(wall)
         if remaining > 0:
             return [Show(messages.locked_out(remaining), hold_s=3.0)]
+        empty = key == "#" and self.entry.count == 0
+        outcomes = self.entry.press(key, t)
+        if empty and not outcomes:
+            return self._run(self._enter_on_empty(t), t)
         out: list[BankAction] = []
-        for outcome in self.entry.press(key, t):
+        for outcome in outcomes:
             out += self._entry_outcome(outcome, t=t, wall=wall)
         return out
+
+    def _enter_on_empty(self, t: float) -> list[Action]:
+        """`#` on an empty entry: the guided retry of the door that jammed last, while its
+        window is open (PROTOCOL section 15); otherwise nothing."""
+        retry = self._retry_compartment()
+        if retry is None:
+            return []
+        return retry.guided_retry(t)
+
+    def _retry_compartment(self) -> Compartment | None:
+        """The compartment whose guided-retry window opened last (the customer most likely
+        in front of the keypad), or None."""
+        open_windows = [(w, c) for c in self.compartments.values()
+                        if (w := c.retry_window) is not None]
+        return max(open_windows, key=lambda pair: pair[0])[1] if open_windows else None
 
     def _entry_outcome(self, outcome: entry_mod.EntryOutcome, *, t: float,
                        wall: float) -> list[BankAction]:

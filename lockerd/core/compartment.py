@@ -1,4 +1,5 @@
-"""Lifecycle of one compartment: locked, unlocking, open, jammed; pickups and deposits on top."""
+"""Lifecycle of one compartment: locked, unlocking, open, jammed (with its guided retry); pickups
+and deposits on top."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ class Phase(enum.Enum):
     LOCKED = "locked"  # door closed (or not known to be open), nothing pending
     UNLOCKING = "unlocking"  # pulse sent for a credential, waiting for the door sensor
     OPEN = "open"  # door seen open
+    # A pickup's door did not open after two pulses: the customer may push the door and
+    # press `#` for one more pulse before `jam_retry_s` runs out. Busy for every other
+    # credential; the access is still this one's.
+    RETRY = "retry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,7 @@ class DoorTimings:
     open_timeout_s: float
     held_open_after_s: float
     show_result_s: float
+    jam_retry_s: float = 0.0  # the guided retry's window after a pickup jam; 0: none
 
 
 class Compartment:
@@ -74,9 +80,25 @@ class Compartment:
     def door_open(self) -> bool:
         return self.phase is Phase.OPEN
 
+    @property
+    def retry_window(self) -> float | None:
+        """When the open guided-retry window ends, or None when none is open."""
+        return self._deadline if self.phase is Phase.RETRY else None
+
+    @property
+    def restart_service_reason(self) -> str | None:
+        """Why a restart must find this compartment out of service (None: in service). A
+        guided-retry window, and its pulse, are memory only: a restart in them finds the
+        compartment out of service as after any jam."""
+        if not self.in_service:
+            return self.service_reason
+        guided = self.phase is Phase.RETRY or (
+            self.phase is Phase.UNLOCKING and self.attempt > MAX_ATTEMPTS)
+        return "jammed" if guided else None
+
     def deadline(self) -> float | None:
         """The next time `tick` has something to do, or None."""
-        if self.phase is Phase.UNLOCKING:
+        if self.phase in (Phase.UNLOCKING, Phase.RETRY):
             return self._deadline
         if self.phase is Phase.OPEN and not self._held_reported and self._opened_at is not None:
             return self._opened_at + self._timings.held_open_after_s
@@ -120,7 +142,11 @@ class Compartment:
         if self.phase is Phase.UNLOCKING:
             if self.attempt < MAX_ATTEMPTS:
                 return self._pulse(t)
+            if self._offers_guided_retry():
+                return self._jammed_retry_offered(t)
             return self._jammed()
+        if self.phase is Phase.RETRY:
+            return self._retry_window_ended()
         # OPEN past the held-open time: say so once per opening.
         self._held_reported = True
         return [
@@ -129,10 +155,24 @@ class Compartment:
             Show(messages.close_door(self.id)),
         ]
 
+    def guided_retry(self, t: float) -> list[Action]:
+        """`#` in the guided-retry window: one more pulse under the same rules, for the same
+        credential; nothing when no window is open."""
+        if self.phase is not Phase.RETRY:
+            return []
+        self.phase = Phase.UNLOCKING
+        return [*self._pulse(t, retry="guided"), Show(messages.opening(self.id))]
+
     def set_service(self, in_service: bool, reason: str) -> list[Action]:
         """A technician or the backend takes the compartment out of service or back in."""
         if in_service == self.in_service:
             return []
+        if self.phase is Phase.RETRY:
+            # Taken out of service in the guided-retry window: the window closes, nothing
+            # more is pulsed for the jammed access.
+            self.phase = Phase.LOCKED
+            self.access = None
+            self._deadline = None
         self.in_service = in_service
         self.service_reason = "" if in_service else reason
         kind = (EventType.COMPARTMENT_IN_SERVICE if in_service
@@ -141,7 +181,7 @@ class Compartment:
 
     # -- transitions ------------------------------------------------------------------------
 
-    def _pulse(self, t: float) -> list[Action]:
+    def _pulse(self, t: float, *, retry: str | None = None) -> list[Action]:
         assert self.access is not None
         self.attempt += 1
         self._deadline = t + self._timings.open_timeout_s
@@ -151,10 +191,46 @@ class Compartment:
                 code_id=self.access.code_id,
                 data={"attempt": self.attempt, "kind": self.access.kind,
                       "source": self.access.source, **self.access.ref,
-                      **({"parcel_id": self.access.parcel_id} if self.access.parcel_id else {})},
+                      **({"parcel_id": self.access.parcel_id} if self.access.parcel_id else {}),
+                      **({"retry": retry} if retry else {})},
             ),
             Pulse(self.id),
         ]
+
+    def _offers_guided_retry(self) -> bool:
+        """A pickup's door gets one guided retry (PROTOCOL section 15): a customer stands at
+        the bank. Opens for commands, tests, technicians and deposit sessions do not (a
+        session picks another door), and the guided pulse itself gets no second one."""
+        access = self.access
+        return (self._timings.jam_retry_s > 0 and access is not None and access.is_pickup
+                and self.in_service and self.attempt == MAX_ATTEMPTS)
+
+    def _jam_data(self, access: Access) -> dict[str, object]:
+        data: dict[str, object] = {"attempts": self.attempt, "kind": access.kind, **access.ref}
+        if access.parcel_id is not None:
+            data["parcel_id"] = access.parcel_id
+        if access.is_pickup or access.is_deposit:
+            data["code_still_valid"] = True
+        return data
+
+    def _jammed_retry_offered(self, t: float) -> list[Action]:
+        """The door did not open: ask the customer to push it and press `#`. The compartment
+        stays in service (and busy) with the access until the window ends; no use is taken."""
+        access = self.access
+        assert access is not None
+        self.phase = Phase.RETRY
+        self._deadline = t + self._timings.jam_retry_s
+        data = {**self._jam_data(access), "guided_retry_s": self._timings.jam_retry_s}
+        return [self._record(EventType.DOOR_JAMMED, code_id=access.code_id, data=data),
+                Show(messages.jam_retry(self.id), hold_s=None)]
+
+    def _retry_window_ended(self) -> list[Action]:
+        """Nobody pressed `#` in time: out of service, as after any jam; the code stays valid."""
+        self.phase = Phase.LOCKED
+        self.access = None
+        self._deadline = None
+        return [*self.set_service(False, "jammed"),
+                Show(messages.jammed(self.id), hold_s=self._timings.show_result_s)]
 
     def _jammed(self) -> list[Action]:
         access = self.access
@@ -163,11 +239,7 @@ class Compartment:
         self.access = None
         self._deadline = None
         # The credential is NOT consumed: no Record here carries a use.
-        data: dict[str, object] = {"attempts": self.attempt, "kind": access.kind, **access.ref}
-        if access.parcel_id is not None:
-            data["parcel_id"] = access.parcel_id
-        if access.is_pickup or access.is_deposit:
-            data["code_still_valid"] = True
+        data = self._jam_data(access)
         actions: list[Action] = [
             self._record(EventType.DOOR_JAMMED, code_id=access.code_id, data=data)]
         # Taken out of service already (by a technician, mid-unlock): keep that reason.
@@ -180,7 +252,8 @@ class Compartment:
             return []
         self._opened_at = t
         self._held_reported = False
-        if self.phase is Phase.UNLOCKING and self.access is not None:
+        if self.phase in (Phase.UNLOCKING, Phase.RETRY) and self.access is not None:
+            # In the guided-retry window too: the door was seen open for this access.
             access = self.access
             self.phase = Phase.OPEN
             self._deadline = None
@@ -216,7 +289,7 @@ class Compartment:
         ]
 
     def _door_closed(self) -> list[Action]:
-        if self.phase is Phase.UNLOCKING:
+        if self.phase in (Phase.UNLOCKING, Phase.RETRY):
             # A closed reading while we wait for the door is the state we already assumed.
             return []
         if self.phase is not Phase.OPEN:

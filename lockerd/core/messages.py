@@ -69,6 +69,13 @@ def jammed(compartment: str) -> DisplayMessage:
     )
 
 
+def jam_retry(compartment: str) -> DisplayMessage:
+    """The guided retry after a jam; its first two lines say it all on a 16x2 display."""
+    return DisplayMessage(
+        (f"Door {compartment} stuck", "Push it, press #", "Code still valid"), "error"
+    )
+
+
 def close_door(compartment: str) -> DisplayMessage:
     return DisplayMessage((f"Please close door {compartment}",), "error")
 

@@ -41,7 +41,8 @@ Commands (a compartment is named by its number):
   close N        close door N
   take N / put N take the parcel out of / put a parcel into compartment N
   force N        force door N open (the daemon reports door.forced)
-  jam N / unjam N  jam the lock of N so the door does not spring open
+  jam N / unjam N  jam the lock of N so the door does not spring open / clear the jam
+                 (after door.jammed: 'unjam N' then '#' is the customer's guided retry)
   derive PARCEL  the pickup code of a parcel deposited here, as the backend derives it offline
   qr pickup N    scan a signed pickup QR token for compartment N
   qr pickup-parcel PARCEL  scan a signed pickup QR token for the compartment holding PARCEL
@@ -130,7 +131,9 @@ def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> Ban
                      parcels=[c.compartment for c in codes if c.compartment],
                      sizes=demo_sizes(compartments),
                      overrides={"entry": {"timeout_s": 60.0},
-                                "codes": {"derived_pickup": True}},
+                                "codes": {"derived_pickup": True},
+                                # Two pulses of 2 s before door.jammed: the tour's jam is brief.
+                                "doors": {"open_timeout_s": 2.0}},
                      wire=wire_dir)
 
 
@@ -291,8 +294,8 @@ class _Demo:
             "take": lambda cid: world.set_parcel(cid, False),
             "put": lambda cid: world.set_parcel(cid, True),
             "force": world.force_door,
-            "jam": lambda cid: world.set_fault(f"lock:{cid}", "jam", True),
-            "unjam": lambda cid: world.set_fault(f"lock:{cid}", "jam", False),
+            "jam": lambda cid: self._jam(cid, True),
+            "unjam": lambda cid: self._jam(cid, False),
             "derive": self._derive,
             "qr": self._qr,
             "state": lambda _: self._state(),
@@ -310,6 +313,17 @@ class _Demo:
         n = int(arg) if arg.isdigit() else 10
         for event in self.app.events.recent(n):
             _print_event(event, self.out)
+
+    def _jam(self, arg: str, on: bool) -> None:
+        self.world.set_fault(f"lock:{arg}", "jam", on)
+        if not on:
+            self.say(f"lock {arg} works again")
+            return
+        retry_s = self.app.config.doors.jam_retry_s
+        self.say(f"lock {arg} jammed: a pulse no longer opens door {arg}. 'unjam {arg}' clears "
+                 "it; after door.jammed the display asks the customer to push the door and "
+                 + (f"press #: 'unjam {arg}' then '#' within {retry_s:g} s is that guided retry"
+                    if retry_s > 0 else "call support ([doors] jam_retry_s = 0)"))
 
     def derived_code(self, parcel_id: str) -> str:
         return derived_pickup_code(self.kit.code_key, self.kit.locker_id, parcel_id,
@@ -485,7 +499,67 @@ class _Tour:
                           what="the pickup to complete", fail=("pickup.incomplete",))
         await self._until(f"the latch of door {cid} to engage",
                           lambda: True if world.compartment(cid).locked else None)
-        await self._step(f"pickup completed with code derived:{parcel}. End of the tour.")
+        await self._step(f"pickup completed with code derived:{parcel}.")
+        if not await self._jam_chapter():
+            await self._step("End of the tour.")
+
+    async def _jam_chapter(self) -> bool:
+        """A customer's door jams; the display asks to push it and press `#`; the guided
+        retry opens it and the code is used once. False when it was skipped (no provisioned
+        parcel left here, or the guided retry is off)."""
+        world, ctl = self.world, self.app.controller
+        code = self._parcel_with_a_code()
+        if code is None or self.app.config.doors.jam_retry_s <= 0:
+            self._say("(no guided jam retry this time: no provisioned parcel left here, or "
+                      "[doors] jam_retry_s is 0)")
+            return False
+        cid = code.compartment or ""
+        await self._step(f"a customer comes for parcel {code.parcel_id} in compartment {cid}, "
+                         f"but its lock sticks (the tour jams it: 'jam {cid}')")
+        world.set_fault(f"lock:{cid}", "jam", True)
+        try:
+            mark = self.app.events.last_seq()
+            await self._step(f"the customer types code {code.code}#")
+            world.press(code.code + "#")
+            both_pulses = 2 * self.app.config.doors.open_timeout_s
+            await self._event(mark, "door.jammed", compartment=cid, within=both_pulses,
+                              what=f"door {cid} to be reported jammed after two pulses",
+                              fail=("code.rejected", "pickup.opened"))
+            await self._step("the display asks to push the door firmly and press #; the code "
+                             "is still valid and nothing was used")
+            await self._step("the customer pushes the door (the tour clears the jam: "
+                             f"'unjam {cid}') and presses #")
+            world.set_fault(f"lock:{cid}", "jam", False)
+            world.press("#")
+            await self._event(mark, "pickup.opened", compartment=cid,
+                              what=f"the guided retry to open door {cid}",
+                              fail=("compartment.out_of_service",))
+        finally:
+            world.set_fault(f"lock:{cid}", "jam", False)
+        await self._step(f"door {cid} is open: the customer takes the parcel and closes it")
+        world.set_parcel(cid, False)
+        await self._until(f"the occupancy sensor of {cid} to see it empty",
+                          lambda: True if ctl.compartments[cid].occupied is False else None)
+        world.close_door(cid)
+        await self._event(mark, "pickup.completed", compartment=cid,
+                          what="the pickup to complete", fail=("pickup.incomplete",))
+        await self._until(f"the latch of door {cid} to engage",
+                          lambda: True if world.compartment(cid).locked else None)
+        await self._step(f"pickup completed after the guided retry, code {code.id} used once. "
+                         "End of the tour.")
+        return True
+
+    def _parcel_with_a_code(self) -> PlainCode | None:
+        """A provisioned pickup code whose parcel is still in its compartment, unused."""
+        for code in self.demo.kit.codes:
+            comp = self.app.controller.compartments.get(code.compartment or "")
+            if code.kind != "pickup" or comp is None:
+                continue
+            record = self.app.codes.lookup(self.demo.kit.digest(code.code))
+            if (comp.in_service and comp.occupied and comp.view().idle and record is not None
+                    and record.uses < record.max_uses):
+                return code
+        return None
 
     def _parcel_id(self) -> str:
         """PX-TOUR-1, or the next number if that parcel is already here."""
@@ -518,20 +592,23 @@ class _Tour:
         return None
 
     async def _event(self, since: int, type_: str, *, what: str,
-                     compartment: str | None = None, fail: Collection[str] = ()) -> StoredEvent:
+                     compartment: str | None = None, fail: Collection[str] = (),
+                     within: float = 0.0) -> StoredEvent:
         return await self._until(what, lambda: self._find(since, type_, compartment=compartment,
-                                                          fail=fail))
+                                                          fail=fail), within=within)
 
-    async def _until(self, what: str, check: Callable[[], T | None]) -> T:
+    async def _until(self, what: str, check: Callable[[], T | None], *,
+                     within: float = 0.0) -> T:
+        """`within`: how much longer than a step this one may take (the door timeouts)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + TOUR_STEP_S
+        deadline = loop.time() + TOUR_STEP_S + within
         while True:
             result = check()
             if result is not None:
                 return result
             if loop.time() >= deadline or self.app.stop.is_set():
                 shown = " | ".join(self.demo.display.display.lines)
-                raise TourFailed(f"waited {TOUR_STEP_S:.0f} s for {what}, in vain "
+                raise TourFailed(f"waited {TOUR_STEP_S + within:.0f} s for {what}, in vain "
                                  f"(the display shows: {shown or 'nothing'})")
             await asyncio.sleep(_POLL_S)
 

@@ -115,6 +115,7 @@ class Controller:
         self._display_until: float | None = None
         self._pulses: set[asyncio.Task[None]] = set()
         self._service_saved = self._service_snapshot()
+        self._service_shown = self._out_of_service()
         # Opens requested by a command, a self-test or a technician, awaiting the door sensor.
         self._awaiting: dict[str, asyncio.Future[str]] = {}
         self.busy_since: float | None = None  # set while an input is being handled
@@ -411,15 +412,23 @@ class Controller:
     # -- service state ----------------------------------------------------------------------
 
     def _service_snapshot(self) -> dict[str, str]:
-        return {cid: c.service_reason for cid, c in self.compartments.items() if not c.in_service}
+        """What a restart must find out of service: a door in its guided-retry window too."""
+        return {cid: reason for cid, c in self.compartments.items()
+                if (reason := c.restart_service_reason) is not None}
+
+    def _out_of_service(self) -> set[str]:
+        return {cid for cid, c in self.compartments.items() if not c.in_service}
 
     async def _save_service_if_changed(self) -> None:
         snapshot = self._service_snapshot()
-        if snapshot == self._service_saved:
+        if snapshot != self._service_saved:
+            self._db.set_meta("out_of_service", snapshot)
+            self._service_saved = snapshot
+        shown = self._out_of_service()
+        if shown == self._service_shown:
             return
-        self._db.set_meta("out_of_service", snapshot)
-        changed = set(snapshot) ^ set(self._service_saved)
-        self._service_saved = snapshot
+        changed = shown ^ self._service_shown
+        self._service_shown = shown
         for cid in sorted(changed):
             await self.announce_service(cid)
 
