@@ -6,7 +6,14 @@ import hmac
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
-from lockerd.core.access import CompartmentView, Reason, Refused, evaluate_code, pickup_target
+from lockerd.core.access import (
+    CodeRecord,
+    CompartmentView,
+    Reason,
+    Refused,
+    evaluate_code,
+    pickup_target,
+)
 from lockerd.core.bank import CredentialDecision, OpenPickup, StartSession
 from lockerd.core.credential import Access
 from lockerd.core.deposit import SessionCredential
@@ -14,7 +21,7 @@ from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.store.codes import DERIVED_PREFIX, CodeStore
 from lockerd.store.parcels import SpentTokens
-from lockerd.trust.digest import code_digest, derived_pickup_code
+from lockerd.trust.digest import code_digest, derived_pickup_code, support_code, support_window
 from lockerd.trust.keyring import Keyring
 from lockerd.trust.qrtoken import QrToken, check_qr_token, decode_qr_token
 
@@ -35,8 +42,10 @@ class CredentialService:
         code_key: bytes,
         tokens: SpentTokens,
         keyring: Callable[[], Keyring | None] = lambda: None,
+        support_digits: int | None = None,
     ) -> None:
         self._locker_id = locker_id
+        self._support_digits = support_digits  # None: support codes are not accepted
         self._codes = codes
         self._code_key = code_key
         self._tokens = tokens
@@ -51,6 +60,10 @@ class CredentialService:
             derived = self._derived(code, views, derived_digits, source)
             if derived is not None:
                 return derived
+        if record is None and self._support_digits is not None:
+            support = self._support(code, views, now, self._support_digits, source)
+            if support is not None:
+                return support
         if isinstance(decision, Refused):
             return decision
         if decision.kind == "pickup":
@@ -87,6 +100,55 @@ class CredentialService:
             return OpenPickup(target.compartment, Access(
                 code_id=code_id, digest=None, kind="pickup", source=source, parcel_id=parcel_id))
         return None
+
+    def _support(self, code: str, views: Mapping[str, CompartmentView], now: datetime,
+                 digits: int, source: str) -> Refused | OpenPickup | None:
+        """A support code (PROTOCOL section 13) of a parcel that lies here, for the trusted
+        time's window, the one before or the one after. Three HMACs per candidate parcel."""
+        if len(code) != digits:
+            return None
+        current = support_window(now.timestamp())
+        for parcel_id, record in self._support_candidates(views).items():
+            for window in (current - 1, current, current + 1):
+                expected = support_code(self._code_key, self._locker_id, parcel_id, window,
+                                        digits)
+                if hmac.compare_digest(expected, code):
+                    return self._use_support(parcel_id, window, record, views, source)
+        return None
+
+    def _support_candidates(
+        self, views: Mapping[str, CompartmentView],
+    ) -> dict[str, CodeRecord | None]:
+        """parcel_id -> its pickup code with uses left, if the bundle has one: the parcels on
+        record here and those the bundle's pickup codes name."""
+        candidates: dict[str, CodeRecord | None] = {
+            v.parcel_id: None for v in views.values() if v.parcel_id is not None}
+        for record in self._codes.parcel_pickup_codes():
+            assert record.parcel_id is not None
+            if candidates.get(record.parcel_id) is None:
+                candidates[record.parcel_id] = record
+        return candidates
+
+    def _use_support(self, parcel_id: str, window: int, record: CodeRecord | None,
+                     views: Mapping[str, CompartmentView],
+                     source: str) -> Refused | OpenPickup:
+        """Open the parcel's door as its own pickup code would, taking that code's use if
+        there is one; the (parcel, window) mark is set when the door is seen open."""
+        ref = {"via": "support", "window": str(window)}
+        code_id = record.id if record is not None else None
+        if self._codes.derived_revoked(parcel_id):
+            return Refused(Reason.REVOKED, code_id=DERIVED_PREFIX + parcel_id, ref=ref)
+        if self._codes.support_used(parcel_id, window):
+            return Refused(Reason.USED, code_id=code_id, ref=ref)
+        digest = record.digest if record is not None else None
+        target = pickup_target(code_id, compartment=record.compartment if record else None,
+                               parcel_id=parcel_id, compartments=views, digest=digest, ref=ref)
+        if isinstance(target, Refused):
+            return target
+        assert target.compartment is not None
+        return OpenPickup(target.compartment, Access(
+            code_id=code_id, digest=digest, kind="pickup", source=source, ref=ref,
+            parcel_id=parcel_id, support_window=window))
 
     def token(self, text: str, *, source: str, views: Mapping[str, CompartmentView],
               now: datetime) -> CredentialDecision:

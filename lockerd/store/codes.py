@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from lockerd.core.access import CodeRecord
 from lockerd.errors import TrustError
@@ -17,6 +18,25 @@ SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_a
 FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
 WHERE c.digest = ?
 """
+
+
+_PARCEL_PICKUPS = """
+SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_after,
+       c.max_uses, COALESCE(u.uses, 0)
+FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
+WHERE c.parcel_id IS NOT NULL AND c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
+ORDER BY c.id
+"""
+
+
+def _record(row: Any) -> CodeRecord:
+    """A row of _LOOKUP or _PARCEL_PICKUPS (sqlite3 rows are untyped)."""
+    not_after = _dt(row[6])
+    assert not_after is not None
+    return CodeRecord(
+        id=row[0], kind=row[1], digest=row[2], compartment=row[3], parcel_id=row[4],
+        not_before=_dt(row[5]), not_after=not_after, max_uses=row[7], uses=row[8],
+    )
 
 
 def _epoch(dt: datetime | None) -> int | None:
@@ -61,20 +81,36 @@ class CodeStore:
 
     def lookup(self, digest: str) -> CodeRecord | None:
         row = self._db.conn.execute(_LOOKUP, (digest,)).fetchone()
-        if row is None:
-            return None
-        not_after = _dt(row[6])
-        assert not_after is not None
-        return CodeRecord(
-            id=row[0], kind=row[1], digest=row[2], compartment=row[3], parcel_id=row[4],
-            not_before=_dt(row[5]), not_after=not_after, max_uses=row[7], uses=row[8],
-        )
+        return None if row is None else _record(row)
 
     def derived_revoked(self, parcel_id: str) -> bool:
         """Has a bundle revoked the derived pickup code of this parcel ("derived:<id>")?"""
         row = self._db.conn.execute(
             "SELECT 1 FROM revoked_derived WHERE parcel_id = ?", (parcel_id,)).fetchone()
         return row is not None
+
+    def parcel_pickup_codes(self) -> list[CodeRecord]:
+        """The bundle's pickup codes that name a parcel and have uses left (a revoked code is
+        no longer in the store): with the parcels on record, what a support code may be for."""
+        rows = self._db.conn.execute(_PARCEL_PICKUPS).fetchall()
+        return [_record(row) for row in rows]
+
+    def support_used(self, parcel_id: str, window: int) -> bool:
+        """Has a support code of this parcel and window opened its door here?"""
+        row = self._db.conn.execute(
+            "SELECT 1 FROM support_uses WHERE parcel_id = ? AND window = ?",
+            (parcel_id, window)).fetchone()
+        return row is not None
+
+    def change_support_use(self, conn: sqlite3.Connection, parcel_id: str, window: int,
+                           delta: int) -> None:
+        """Mark (+1) or give back (-1) a support code's one use, inside the caller's event
+        transaction."""
+        if delta > 0:
+            conn.execute("INSERT OR IGNORE INTO support_uses VALUES (?, ?)", (parcel_id, window))
+        elif delta < 0:
+            conn.execute("DELETE FROM support_uses WHERE parcel_id = ? AND window = ?",
+                         (parcel_id, window))
 
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
