@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import RunFn, running
+from test_demo import Terminal
 from test_derived_e2e import courier, courier_deposit
 
 from lockerd.dev.provision import BankKit, PlainCode
@@ -127,3 +129,26 @@ def test_lockerctl_support_code(run: RunFn, tmp_path: Path) -> None:
         assert bad[0] in result.err
     result = run("support-code", "--code-key", key_path, "--locker", "L1", "--parcel", "")
     assert result.status == 2 and "--parcel" in result.err
+
+
+def test_demo_support_prints_the_code_that_opens_the_parcels_door(tmp_path: Path) -> None:
+    term = Terminal("--compartments", "4", "--dir", str(tmp_path))
+    try:
+        term.expect(r"Type 'help'")
+        term.type("support PX101")
+        code = term.expect(r"^support code of parcel PX101: (\d{8})\s").group(1)
+        key = load_code_key(tmp_path / "bank" / "keys" / "code_key")
+        windows = {int(time.time()) // 600 + d for d in (-1, 0, 1)}
+        assert code in {support_code(key, "L1", "PX101", w, 8) for w in windows}
+        term.type(code)
+        term.expect(r"event #\d+ pickup\.opened door 1 code p-1001")
+        term.type("support")
+        term.expect(r"usage: support PARCEL")
+        term.type("support PX 1")
+        term.expect(r"usage: support PARCEL")
+        term.type("quit")
+        term.expect(r"lockerd demo stopped\.")
+        assert term.proc.wait(timeout=15) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
