@@ -140,6 +140,11 @@ class Controller:
         self.bank.rules = rules
 
     @property
+    def credentials(self) -> CredentialService:
+        """The credentials service deciding on each code and token (its settings included)."""
+        return self._credentials
+
+    @property
     def open_budget(self) -> OpenBudget:
         return self.bank.open_budget
 

@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from lockerd.core.access import (
-    CodeRecord,
     CompartmentView,
     Reason,
     Refused,
@@ -28,6 +27,8 @@ from lockerd.trust.qrtoken import QrToken, check_qr_token, decode_qr_token
 log = get_logger("lockerd.credentials")
 
 _TOKEN_REASONS = {r.value: r for r in Reason}
+# Support codes kept (parcel, window, digits): three windows of a few thousand parcels.
+_SUPPORT_CACHE_MAX = 16384
 
 
 class CredentialService:
@@ -45,7 +46,9 @@ class CredentialService:
         support_digits: int | None = None,
     ) -> None:
         self._locker_id = locker_id
-        self._support_digits = support_digits  # None: support codes are not accepted
+        self.support_digits = support_digits  # None: support codes are not accepted
+        self._support_codes: dict[tuple[str, int, int], str] = {}
+        self._support_window: int | None = None
         self._codes = codes
         self._code_key = code_key
         self._tokens = tokens
@@ -60,8 +63,8 @@ class CredentialService:
             derived = self._derived(code, views, derived_digits, source)
             if derived is not None:
                 return derived
-        if record is None and self._support_digits is not None:
-            support = self._support(code, views, now, self._support_digits, source)
+        if record is None and self.support_digits is not None:
+            support = self._support(code, views, now, self.support_digits, source)
             if support is not None:
                 return support
         if isinstance(decision, Refused):
@@ -104,37 +107,45 @@ class CredentialService:
     def _support(self, code: str, views: Mapping[str, CompartmentView], now: datetime,
                  digits: int, source: str) -> Refused | OpenPickup | None:
         """A support code (PROTOCOL section 13) of a parcel that lies here, for the trusted
-        time's window, the one before or the one after. Three HMACs per candidate parcel."""
+        time's window, the one before or the one after: three codes per candidate parcel."""
         if len(code) != digits:
             return None
         current = support_window(now.timestamp())
-        for parcel_id, record in self._support_candidates(views).items():
+        if current != self._support_window:
+            # Forget the windows no longer accepted (the clock may also have gone back).
+            self._support_codes = {k: v for k, v in self._support_codes.items()
+                                   if current - 1 <= k[1] <= current + 1}
+            self._support_window = current
+        for parcel_id in self._support_candidates(views):
             for window in (current - 1, current, current + 1):
-                expected = support_code(self._code_key, self._locker_id, parcel_id, window,
-                                        digits)
-                if hmac.compare_digest(expected, code):
-                    return self._use_support(parcel_id, window, record, views, source)
+                if hmac.compare_digest(self._support_expected(parcel_id, window, digits), code):
+                    return self._use_support(parcel_id, window, views, source)
         return None
 
-    def _support_candidates(
-        self, views: Mapping[str, CompartmentView],
-    ) -> dict[str, CodeRecord | None]:
-        """parcel_id -> its pickup code with uses left, if the bundle has one: the parcels on
-        record here and those the bundle's pickup codes name."""
-        candidates: dict[str, CodeRecord | None] = {
-            v.parcel_id: None for v in views.values() if v.parcel_id is not None}
-        for record in self._codes.parcel_pickup_codes():
-            assert record.parcel_id is not None
-            if candidates.get(record.parcel_id) is None:
-                candidates[record.parcel_id] = record
+    def _support_candidates(self, views: Mapping[str, CompartmentView]) -> dict[str, None]:
+        """The parcels on record here and those the bundle's pickup codes name, in order."""
+        candidates = {v.parcel_id: None for v in views.values() if v.parcel_id is not None}
+        candidates.update(dict.fromkeys(self._codes.parcels_with_pickup_codes()))
         return candidates
 
-    def _use_support(self, parcel_id: str, window: int, record: CodeRecord | None,
-                     views: Mapping[str, CompartmentView],
+    def _support_expected(self, parcel_id: str, window: int, digits: int) -> str:
+        """A parcel's support code of a window. Kept while the window can be accepted: a
+        keypress then costs a look-up per candidate and window, not an HMAC."""
+        key = (parcel_id, window, digits)
+        expected = self._support_codes.get(key)
+        if expected is None:
+            if len(self._support_codes) >= _SUPPORT_CACHE_MAX:
+                self._support_codes.clear()
+            expected = support_code(self._code_key, self._locker_id, parcel_id, window, digits)
+            self._support_codes[key] = expected
+        return expected
+
+    def _use_support(self, parcel_id: str, window: int, views: Mapping[str, CompartmentView],
                      source: str) -> Refused | OpenPickup:
         """Open the parcel's door as its own pickup code would, taking that code's use if
         there is one; the (parcel, window) mark is set when the door is seen open."""
         ref = {"via": "support", "window": str(window)}
+        record = self._codes.parcel_pickup_code(parcel_id)
         code_id = record.id if record is not None else None
         if self._codes.derived_revoked(parcel_id):
             return Refused(Reason.REVOKED, code_id=DERIVED_PREFIX + parcel_id, ref=ref)

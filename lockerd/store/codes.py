@@ -20,17 +20,20 @@ WHERE c.digest = ?
 """
 
 
+# The bundle's pickup codes of a parcel with uses left (a revoked code is no longer stored).
 _PARCEL_PICKUPS = """
-SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_after,
-       c.max_uses, COALESCE(u.uses, 0)
+SELECT {columns}
 FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
-WHERE c.parcel_id IS NOT NULL AND c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
-ORDER BY c.id
+WHERE c.parcel_id {parcel} AND c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
 """
+_CODE_COLUMNS = ("c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, "
+                 "c.not_after, c.max_uses, COALESCE(u.uses, 0)")
+_PARCEL_CODE = _PARCEL_PICKUPS.format(columns=_CODE_COLUMNS, parcel="= ?") + " ORDER BY c.id"
+_PARCEL_IDS = _PARCEL_PICKUPS.format(columns="DISTINCT c.parcel_id", parcel="IS NOT NULL")
 
 
 def _record(row: Any) -> CodeRecord:
-    """A row of _LOOKUP or _PARCEL_PICKUPS (sqlite3 rows are untyped)."""
+    """A row of _LOOKUP or _PARCEL_CODE (sqlite3 rows are untyped)."""
     not_after = _dt(row[6])
     assert not_after is not None
     return CodeRecord(
@@ -89,11 +92,15 @@ class CodeStore:
             "SELECT 1 FROM revoked_derived WHERE parcel_id = ?", (parcel_id,)).fetchone()
         return row is not None
 
-    def parcel_pickup_codes(self) -> list[CodeRecord]:
-        """The bundle's pickup codes that name a parcel and have uses left (a revoked code is
-        no longer in the store): with the parcels on record, what a support code may be for."""
-        rows = self._db.conn.execute(_PARCEL_PICKUPS).fetchall()
-        return [_record(row) for row in rows]
+    def parcels_with_pickup_codes(self) -> list[str]:
+        """The parcels named by a bundle pickup code with uses left: with the parcels on
+        record, what a support code may be for."""
+        return [row[0] for row in self._db.conn.execute(_PARCEL_IDS)]
+
+    def parcel_pickup_code(self, parcel_id: str) -> CodeRecord | None:
+        """The parcel's pickup code with uses left (the first by id, if several)."""
+        row = self._db.conn.execute(_PARCEL_CODE, (parcel_id,)).fetchone()
+        return None if row is None else _record(row)
 
     def support_used(self, parcel_id: str, window: int) -> bool:
         """Has a support code of this parcel and window opened its door here?"""
