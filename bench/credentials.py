@@ -881,7 +881,7 @@ async def measure_support(work: Path, parcels: int, args: argparse.Namespace) ->
             raise RuntimeError("the support bank is not as intended")
 
         def candidates() -> object:
-            # The bundle's side of the candidate parcels: one query.
+            # The bundle's side of the candidate parcels: kept by the store between changes.
             return app.codes.parcels_with_pickup_codes()
 
         def decide(digits: int | None) -> Callable[[], object]:
@@ -938,7 +938,7 @@ def report_support(results: Sequence[SupportResult]) -> None:
                   1e6))
         print(row("CredentialService.code of it, support off", r.decide_off, r.decide_off, 1e6))
         print(row("CredentialService.code of it, support on", r.decide_on, r.decide_off, 1e6))
-        print(row("candidates: CodeStore.parcels_with_pickup_codes", r.candidates,
+        print(row("candidates: CodeStore.parcels_with_pickup_codes (kept)", r.candidates,
                   r.decide_off, 1e6))
         print(row(f"a new window: {3 * r.parcels} x support_code + compare", r.cold,
                   r.decide_off, 1e6))

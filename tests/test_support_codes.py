@@ -328,3 +328,27 @@ async def test_support_codes_are_refused_unless_enabled(tmp_path: Path) -> None:
     assert rig.last("code.rejected").data["reason"] == "unknown_code"
     assert rig.world.pulses == []
     rig.db.close()
+
+
+async def test_a_parcel_whose_code_is_withdrawn_or_used_up_is_no_longer_a_candidate(
+    tmp_path: Path,
+) -> None:
+    rig = make_rig(tmp_path, on_record=None)
+    views = rig.ctl.bank.views()
+    code = independent_support_code("PX300", W)
+    now = WINDOW_START + timedelta(minutes=5)
+
+    def decide() -> CredentialDecision:
+        return rig.credentials.code(code, source="keypad", views=views, now=now,
+                                    derived_digits=None)
+
+    rig.apply(codes=(pickup_code("p-300", "55554444", "PX300", "2"),))
+    assert isinstance(decide(), OpenPickup)
+    rig.apply(codes=(), version=2)  # a snapshot without it
+    assert decide() == Refused(Reason.UNKNOWN)
+    rig.apply(codes=(pickup_code("p-300", "55554444", "PX300", "2"),), version=3)
+    assert isinstance(decide(), OpenPickup)
+    with rig.db.transaction() as conn:  # its one use taken, as a pickup with it would
+        rig.codes.change_uses(conn, "p-300", code_digest(CODE_KEY, LOCKER, "55554444"), 1)
+    assert decide() == Refused(Reason.UNKNOWN)
+    rig.db.close()

@@ -27,8 +27,6 @@ from lockerd.trust.qrtoken import QrToken, check_qr_token, decode_qr_token
 log = get_logger("lockerd.credentials")
 
 _TOKEN_REASONS = {r.value: r for r in Reason}
-# Support codes kept (parcel, window, digits): three windows of a few thousand parcels.
-_SUPPORT_CACHE_MAX = 16384
 
 
 class CredentialService:
@@ -47,8 +45,10 @@ class CredentialService:
     ) -> None:
         self._locker_id = locker_id
         self.support_digits = support_digits  # None: support codes are not accepted
+        # The support codes of the accepted windows, kept (see _support_index).
         self._support_codes: dict[tuple[str, int, int], str] = {}
-        self._support_window: int | None = None
+        self._support_index_map: dict[str, tuple[str, int]] = {}
+        self._support_key: tuple[tuple[str, ...], int, int] | None = None
         self._codes = codes
         self._code_key = code_key
         self._tokens = tokens
@@ -110,42 +110,46 @@ class CredentialService:
         time's window, the one before or the one after: three codes per candidate parcel."""
         if len(code) != digits:
             return None
-        current = support_window(now.timestamp())
-        if current != self._support_window:
-            # Forget the windows no longer accepted (the clock may also have gone back).
-            self._support_codes = {k: v for k, v in self._support_codes.items()
-                                   if current - 1 <= k[1] <= current + 1}
-            self._support_window = current
-        for parcel_id in self._support_candidates(views):
-            for window in (current - 1, current, current + 1):
-                if hmac.compare_digest(self._support_expected(parcel_id, window, digits), code):
-                    return self._use_support(parcel_id, window, views, source)
-        return None
+        on_record = {v.parcel_id for v in views.values() if v.parcel_id is not None}
+        candidates = (*sorted(on_record), *self._codes.parcels_with_pickup_codes())
+        index = self._support_index(candidates, support_window(now.timestamp()), digits)
+        # A dict look-up of the typed code: str hashes are keyed per process, so its timing
+        # says nothing about which codes are valid (as compare_digest ensures elsewhere).
+        match = index.get(code)
+        if match is None:
+            return None
+        return self._use_support(*match, views, source, on_record=match[0] in on_record)
 
-    def _support_candidates(self, views: Mapping[str, CompartmentView]) -> dict[str, None]:
-        """The parcels on record here and those the bundle's pickup codes name, in order."""
-        candidates = {v.parcel_id: None for v in views.values() if v.parcel_id is not None}
-        candidates.update(dict.fromkeys(self._codes.parcels_with_pickup_codes()))
-        return candidates
-
-    def _support_expected(self, parcel_id: str, window: int, digits: int) -> str:
-        """A parcel's support code of a window. Kept while the window can be accepted: a
-        keypress then costs a look-up per candidate and window, not an HMAC."""
-        key = (parcel_id, window, digits)
-        expected = self._support_codes.get(key)
-        if expected is None:
-            if len(self._support_codes) >= _SUPPORT_CACHE_MAX:
-                self._support_codes.clear()
-            expected = support_code(self._code_key, self._locker_id, parcel_id, window, digits)
-            self._support_codes[key] = expected
-        return expected
+    def _support_index(self, candidates: tuple[str, ...], current: int,
+                       digits: int) -> dict[str, tuple[str, int]]:
+        """code -> (parcel_id, window) of every candidate and accepted window. Rebuilt only
+        when the window or the candidates change (a deposit, a pickup, a bundle): a keypress
+        then costs one look-up, and a new window three HMACs per parcel."""
+        key = (candidates, current, digits)
+        if self._support_key != key:
+            kept = {k: v for k, v in self._support_codes.items()
+                    if current - 1 <= k[1] <= current + 1 and k[2] == digits}
+            index: dict[str, tuple[str, int]] = {}
+            for parcel_id in candidates:
+                for window in (current - 1, current, current + 1):
+                    expected = kept.get((parcel_id, window, digits))
+                    if expected is None:
+                        expected = support_code(self._code_key, self._locker_id, parcel_id,
+                                                window, digits)
+                        kept[(parcel_id, window, digits)] = expected
+                    index.setdefault(expected, (parcel_id, window))
+            self._support_codes, self._support_index_map, self._support_key = kept, index, key
+        return self._support_index_map
 
     def _use_support(self, parcel_id: str, window: int, views: Mapping[str, CompartmentView],
-                     source: str) -> Refused | OpenPickup:
+                     source: str, *, on_record: bool) -> Refused | OpenPickup | None:
         """Open the parcel's door as its own pickup code would, taking that code's use if
-        there is one; the (parcel, window) mark is set when the door is seen open."""
+        there is one; the (parcel, window) mark is set when the door is seen open. None:
+        the parcel does not lie here after all (its code was used up or revoked meanwhile)."""
         ref = {"via": "support", "window": str(window)}
         record = self._codes.parcel_pickup_code(parcel_id)
+        if record is None and not on_record:
+            return None
         code_id = record.id if record is not None else None
         if self._codes.derived_revoked(parcel_id):
             return Refused(Reason.REVOKED, code_id=DERIVED_PREFIX + parcel_id, ref=ref)

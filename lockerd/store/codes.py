@@ -62,6 +62,8 @@ class CodeStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # parcels_with_pickup_codes, kept until this store changes a code or a use.
+        self._parcel_ids: tuple[str, ...] | None = None
 
     def version(self) -> int:
         return int(self._db.get_meta("codes_version") or 0)
@@ -92,10 +94,13 @@ class CodeStore:
             "SELECT 1 FROM revoked_derived WHERE parcel_id = ?", (parcel_id,)).fetchone()
         return row is not None
 
-    def parcels_with_pickup_codes(self) -> list[str]:
+    def parcels_with_pickup_codes(self) -> tuple[str, ...]:
         """The parcels named by a bundle pickup code with uses left: with the parcels on
-        record, what a support code may be for."""
-        return [row[0] for row in self._db.conn.execute(_PARCEL_IDS)]
+        record, what a support code may be for. Asked on every wrong code, so kept until
+        `apply` or `change_uses` (the only writers of codes and uses) runs."""
+        if self._parcel_ids is None:
+            self._parcel_ids = tuple(row[0] for row in self._db.conn.execute(_PARCEL_IDS))
+        return self._parcel_ids
 
     def parcel_pickup_code(self, parcel_id: str) -> CodeRecord | None:
         """The parcel's pickup code with uses left (the first by id, if several)."""
@@ -121,6 +126,7 @@ class CodeStore:
 
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
+        self._parcel_ids = None
         conn.execute(
             "INSERT INTO code_uses (id, digest, uses) VALUES (?, ?, MAX(0, ?))"
             " ON CONFLICT(id, digest) DO UPDATE SET uses = MAX(0, uses + ?)",
@@ -159,6 +165,7 @@ class CodeStore:
                 if with_event is not None:
                     with_event(conn)
         finally:
+            self._parcel_ids = None
             self._reset_cache()
 
     @staticmethod
