@@ -146,7 +146,8 @@ class CredentialService:
         """Open the parcel's door as its own pickup code would, taking that code's use if
         there is one; the (parcel, window) mark is set when the door is seen open. None:
         the parcel does not lie here after all (its code was used up or revoked meanwhile)."""
-        ref = {"via": "support", "window": str(window)}
+        # The parcel is named in every event: the door may open for it with no code id.
+        ref = {"via": "support", "window": str(window), "parcel_id": parcel_id}
         record = self._codes.parcel_pickup_code(parcel_id)
         if record is None and not on_record:
             return None
