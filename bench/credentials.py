@@ -55,13 +55,14 @@ from lockerd.core.deposit import assign
 from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from lockerd.errors import TrustError
 from lockerd.services.controller import Controller
+from lockerd.services.credentials import CredentialService
 from lockerd.timeutil import utcnow
-from lockerd.trust.digest import code_digest, derived_pickup_code
+from lockerd.trust.digest import code_digest, derived_pickup_code, support_code, support_window
 from lockerd.trust.dsse import RoleKeys
 from lockerd.trust.qrtoken import QR_PREFIX, mint_qr_token, verify_qr_token
 from sim.client import SimClient
 
-PARTS = ("qr", "scan", "derived", "assign")
+PARTS = ("qr", "scan", "derived", "assign", "support")
 DERIVED_DIGITS = 8
 SIZES = ("S", "M", "L")
 SUBMIT_WARMUP = 30
@@ -79,6 +80,8 @@ COUNTS: dict[str, tuple[int, int]] = {
 }
 DEFAULT_DERIVED = (8, 64, 256)
 DEFAULT_ASSIGN = (16, 128, 1024)
+DEFAULT_SUPPORT = (8, 64, 256)
+SUPPORT_TARGET = 1.1  # issue 13: a keypress with support codes on within 1.1x of off
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "entered code checked against the derived pickup codes of 8, 64, 256 parcels (one HMAC "
         "each), and Controller.submit of it with derived codes on and off, beside one HMAC + "
         "lookup of a bundle code. (4) assign: deposit.assign over 16, 128, 1024 compartments "
-        "beside a bare loop over the same views. Prints figures; asserts nothing."
+        "beside a bare loop over the same views. (5) support: a wrong code (bundle miss, derived "
+        "miss, support tried: 3 HMACs per parcel) through Controller.submit with support codes "
+        "on and off in turn, for 8, 64, 256 parcels, the ratio beside the 1.1x target, and the "
+        "cost per candidate parcel. Prints figures; asserts nothing."
     )
     parser.add_argument(
         "--quick",
@@ -169,6 +175,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="N",
         help="assign: timed calls of each figure per count (2000; --quick 200)",
+    )
+    parser.add_argument(
+        "--support",
+        type=_counts,
+        default=list(DEFAULT_SUPPORT),
+        metavar="N,N,...",
+        help="support: compartments holding a parcel, one bank each (8,64,256); --checks and "
+        "--submits as for derived",
     )
     parser.add_argument(
         "--seed", type=int, default=1, metavar="N", help="seed of the assign views (1)"
@@ -837,6 +851,141 @@ def report_assign(results: Sequence[AssignResult]) -> None:
     print(flush=True)
 
 
+# -- 5. support codes -------------------------------------------------------------------------
+
+
+@dataclass
+class SupportResult:
+    parcels: int
+    candidates: list[float]
+    decide_off: list[float]
+    decide_on: list[float]
+    cold: list[float]
+    submit_on: list[float]
+    submit_off: list[float]
+
+
+def make_support_bank(directory: Path, parcels: int) -> tuple[BankKit, list[str]]:
+    """As make_derived_bank, with support codes on too: every parcel is a candidate twice
+    over (on record, and named by its bundle code)."""
+    kit, codes = make_derived_bank(directory, parcels)
+    text = kit.config_path.read_text(encoding="utf-8")
+    kit.config_path.write_text(text.replace("derived_pickup = true",
+                                            "derived_pickup = true\nsupport_codes = true"),
+                               encoding="utf-8")
+    return kit, codes
+
+
+def _code_matching_nothing(kit: BankKit, codes: Iterable[str], compartments: Iterable[str],
+                           window: int, parcels: int) -> str:
+    """A code that is no bundle code, no derived code and no support code of this bank."""
+    key, locker = kit.code_key, kit.locker_id
+    taken = set(codes)
+    for cid in compartments:
+        taken.add(derived_pickup_code(key, locker, f"PX-{cid}", DERIVED_DIGITS))
+        taken.update(support_code(key, locker, f"PX-{cid}", w, DERIVED_DIGITS)
+                     for w in (window - 1, window, window + 1))
+    return next(c for c in unique_codes(parcels * 5 + 100, DERIVED_DIGITS) if c not in taken)
+
+
+async def _time_support_submits(ctl: Controller, service: CredentialService, wrong: str,
+                                submits: int) -> tuple[list[float], list[float]]:
+    """Controller.submit of `wrong` with support codes on and off in turn (on, off)."""
+    submit_on: list[float] = []
+    submit_off: list[float] = []
+    for i in range(submits + SUBMIT_WARMUP):
+        pair = ((DERIVED_DIGITS, submit_on), (None, submit_off))
+        for digits, out in pair if i % 2 == 0 else pair[::-1]:
+            service.support_digits = digits
+            t0 = time.perf_counter()
+            await ctl.submit(wrong, source="keypad")
+            elapsed = time.perf_counter() - t0
+            if i >= SUBMIT_WARMUP:
+                out.append(elapsed)
+    return submit_on, submit_off
+
+
+async def measure_support(work: Path, parcels: int, args: argparse.Namespace) -> SupportResult:
+    kit, codes = make_support_bank(work / f"support-{parcels}", parcels)
+    clock = FrozenClock()
+    app = build_app(load_config(kit.config_path), clock=clock)
+    try:
+        ctl, service = app.controller, app.controller.credentials
+        if service.support_digits != DERIVED_DIGITS:
+            raise RuntimeError("support codes are not on in the bank's configuration")
+        for cid, comp in ctl.compartments.items():
+            comp.parcel_id = f"PX-{cid}"
+            comp.occupied = True
+        key, locker, now = kit.code_key, kit.locker_id, clock.wall()
+        window = support_window(now.timestamp())
+        wrong = _code_matching_nothing(kit, codes, ctl.compartments, window, parcels)
+        held = {cid: c.view() for cid, c in ctl.compartments.items()}
+        if len(app.codes.parcels_with_pickup_codes()) != parcels:
+            raise RuntimeError("the support bank is not as intended")
+
+        def candidates() -> object:
+            # The bundle's side of the candidate parcels: kept by the store between changes.
+            return app.codes.parcels_with_pickup_codes()
+
+        def decide(digits: int | None) -> Callable[[], object]:
+            # CredentialService.code of the wrong code: bundle miss, derived miss, support.
+            def call() -> object:
+                service.support_digits = digits
+                return service.code(wrong, source="keypad", views=held, now=now,
+                                    derived_digits=DERIVED_DIGITS)
+            return call
+
+        def cold() -> None:
+            # What a new window costs once per parcel: its three codes computed.
+            for cid in held:
+                for w in (window - 1, window, window + 1):
+                    hmac.compare_digest(
+                        support_code(key, locker, f"PX-{cid}", w, DERIVED_DIGITS), wrong)
+
+        listed, off, on, computed = timed_round_robin(
+            [candidates, decide(None), decide(DERIVED_DIGITS), cold], args.checks)
+
+        # The real path, as part 3: Controller.submit of the wrong code with support codes
+        # on and off in turn (derived codes on in both), so the gap is what support adds.
+        submit_on, submit_off = await _time_support_submits(ctl, service, wrong, args.submits)
+        await ctl.wait_pulses()
+        if any(e.type == "lock.pulse" for e in app.events.recent(100_000)):
+            raise RuntimeError("a wrong code pulsed a lock")
+        return SupportResult(parcels=parcels, candidates=listed, decide_off=off, decide_on=on,
+                             cold=computed, submit_on=submit_on, submit_off=submit_off)
+    finally:
+        app.db.close()
+
+
+def report_support(results: Sequence[SupportResult]) -> None:
+    print(
+        "5. support codes, in-process on a built app (not running), a parcel and its bundle "
+        "code in every compartment, derived codes on; the entered code matches nothing"
+    )
+    print(header("us", "x off"))
+    for r in results:
+        print(f"  {r.parcels} compartments holding a parcel")
+        print(row("Controller.submit of it, support off (refused)", r.submit_off, r.submit_off,
+                  1e6))
+        print(row("Controller.submit of it, support on (refused)", r.submit_on, r.submit_off,
+                  1e6))
+        print(row("CredentialService.code of it, support off", r.decide_off, r.decide_off, 1e6))
+        print(row("CredentialService.code of it, support on", r.decide_on, r.decide_off, 1e6))
+        print(row("candidates: CodeStore.parcels_with_pickup_codes (kept)", r.candidates,
+                  r.decide_off, 1e6))
+        print(row(f"a new window: {3 * r.parcels} x support_code + compare", r.cold,
+                  r.decide_off, 1e6))
+        ratio = Summary.of(r.submit_on).median / Summary.of(r.submit_off).median
+        added = Summary.of(r.decide_on).median - Summary.of(r.decide_off).median
+        verdict = "within" if ratio <= SUPPORT_TARGET else "OVER"
+        print(
+            f"    keypress with support on: {ratio:.2f}x off ({verdict} the {SUPPORT_TARGET}x "
+            f"target); per candidate parcel {added / r.parcels * 1e6:.2f} us a keypress, "
+            f"{Summary.of(r.cold).median / r.parcels * 1e6:.2f} us once a window (3 HMACs)"
+        )
+    print(flush=True)
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -869,6 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
                 report_derived(derived)
             if "assign" in args.parts:
                 report_assign([measure_assign(n, args.assigns, args.seed) for n in args.assign])
+            if "support" in args.parts:
+                report_support([asyncio.run(measure_support(work, n, args))
+                                for n in args.support])
             print(
                 f"  whole run: {time.perf_counter() - started:.0f} s; load average "
                 f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the start: {load_start})"

@@ -493,7 +493,9 @@ def build_app(config: Config, *, clock: Clock | None = None,
     )
     tokens = SpentTokens(db)
     credentials = CredentialService(locker_id=config.locker.id, codes=codes, code_key=code_key,
-                                    tokens=tokens, keyring=lambda: cache.keyring)
+                                    tokens=tokens, keyring=lambda: cache.keyring,
+                                    support_digits=(config.codes.derived_digits
+                                                    if config.codes.support_codes else None))
     controller = Controller(
         bank=bank, credentials=credentials, db=db, events=events, codes=codes,
         lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,

@@ -61,6 +61,9 @@ class CodesSection(_Section, kw_only=True, frozen=True):
     # Derived pickup codes (PROTOCOL section 4): off unless the backend issues them.
     derived_pickup: bool = False
     derived_digits: Annotated[int, msgspec.Meta(ge=4, le=12)] = 8
+    # Support codes (PROTOCOL section 13), read out by support over the phone; derived_digits
+    # long. Off unless the backend's support desk issues them.
+    support_codes: bool = False
 
 
 SizeLabel = Annotated[str, msgspec.Meta(pattern=_SIZE_LABEL)]

@@ -36,7 +36,7 @@ from lockerd.services.controller import load_lockout_state
 from lockerd.store.events import StoredEvent
 from lockerd.store.parcels import SpentTokens
 from lockerd.timeutil import utcnow
-from lockerd.trust.digest import derived_pickup_code
+from lockerd.trust.digest import derived_pickup_code, support_code, support_window
 
 pytestmark = pytest.mark.e2e
 
@@ -74,13 +74,14 @@ class Bank:
     valid_ctis: set[str] = field(default_factory=set)
     presses: list[str] = field(default_factory=list)
     scans: list[str] = field(default_factory=list)
+    support: dict[str, str] = field(default_factory=dict)  # parcel -> its support code now
 
 
 def _make_bank() -> Bank:
     directory = Path(tempfile.mkdtemp(prefix="lk-prop-"))
     kit = make_bank(directory / "template", compartments=len(CIDS), codes=CODES,
                     sizes=["S", "M", "L", "L"], socket=False,
-                    overrides={"codes": {"derived_pickup": True},
+                    overrides={"codes": {"derived_pickup": True, "support_codes": True},
                                "doors": {"open_timeout_s": 2.0, "held_open_after_s": 60.0,
                                          "show_result_s": 3.0, "jam_retry_s": 30.0},
                                "deposits": {"session_idle_s": 30.0},
@@ -99,8 +100,15 @@ def _make_bank() -> Bank:
         *LABELS, "not a label", "LK1:!!",
     ]
     derived = [derived_pickup_code(kit.code_key, kit.locker_id, p, 8) for p in LABELS]
+    # Support codes of this window and the next (a plan waits up to 20 minutes): of parcels
+    # named by bundle codes, of parcels a courier may deposit, and of one never here.
+    w = support_window(utcnow().timestamp())
+    support = [support_code(kit.code_key, kit.locker_id, p, window, 8)
+               for p in ("PX-1", "PX-2", *LABELS, "PX-NOWHERE") for window in (w, w + 1)]
+    bank.support = {p: support_code(kit.code_key, kit.locker_id, p, w, 8) + "#"
+                    for p in ("PX-1", "PX-2")}
     bank.presses = [c.code + "#" for c in CODES] + [d + "#" for d in derived] + [
-        "999999#", "*", "#", "1", "2", "3", "12"]
+        s + "#" for s in support] + ["999999#", "*", "#", "1", "2", "3", "12"]
     return bank
 
 
@@ -190,8 +198,11 @@ def _audit_lockout(before: LockoutState, after: LockoutState, new: list[StoredEv
 
 
 def _credential(e: StoredEvent) -> str | None:
-    """The credential an event names: its code id, or "cti:<hex>" for a QR token."""
+    """The credential an event names: its code id, "cti:<hex>" for a QR token, or
+    "support:<parcel>:<window>" for a support code of a parcel with no code of its own."""
     cti = e.data.get("cti")
+    if e.code_id is None and e.data.get("via") == "support":
+        return f"support:{e.data['parcel_id']}:{e.data['window']}"
     return e.code_id or (f"cti:{cti}" if cti else None)
 
 
@@ -239,7 +250,13 @@ def _audit_guided(events: list[StoredEvent]) -> None:
 
 def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
     _audit_guided(events)
-    # (1) Every pulse is for a valid credential, and a pickup for its own door.
+    _audit_pulses(events)
+    _audit_uses(app, kit, events)
+    _audit_support(app, events)
+
+
+def _audit_pulses(events: list[StoredEvent]) -> None:
+    """(1) Every pulse is for a valid credential, and a pickup for its own door."""
     deposited: set[str] = set()
     for e in events:
         if e.type == "deposit.confirmed":
@@ -247,7 +264,15 @@ def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
         if e.type != "lock.pulse":
             continue
         assert _credential(e) is not None, e
-        if e.code_id is None:
+        if e.data.get("via") == "support":
+            # A support code: for a parcel that lies here, through its own code if it has one.
+            parcel = e.data["parcel_id"]
+            own = next((c for c in ISSUED.values() if c.parcel_id == parcel), None)
+            assert parcel in deposited or own is not None, e
+            assert e.code_id == (own.id if own is not None else None), e
+            if own is not None:
+                assert e.compartment == own.compartment, e
+        elif e.code_id is None:
             assert e.data.get("cti") in BANK.valid_ctis, e
         elif e.code_id.startswith("derived:"):
             assert e.code_id.removeprefix("derived:") in deposited, e
@@ -257,8 +282,11 @@ def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
             assert e.data["kind"] == issued.kind, e
             if issued.kind == "pickup":
                 assert e.compartment == issued.compartment, e
-    # (2) Every use on record, codes and spent QR tokens alike, is one the events account
-    # for with its door seen open, and no credential is used more than it may be.
+
+
+def _audit_uses(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
+    """(2) Every use on record, codes and spent QR tokens alike, is one the events account
+    for with its door seen open, and no credential is used more than it may be."""
     net = _net_uses(events)
     for code in ISSUED.values():
         record = app.codes.lookup(kit.digest(code.code))
@@ -272,6 +300,20 @@ def _audit(app: App, kit: BankKit, events: list[StoredEvent]) -> None:
     for cti in BANK.valid_ctis:
         assert spent.is_spent(cti) == (net[f"cti:{cti}"] == 1), (cti, net)
         assert net[f"cti:{cti}"] in (0, 1)
+
+
+def _audit_support(app: App, events: list[StoredEvent]) -> None:
+    """A support code is used at most once per (parcel, window), and only when its door was
+    seen open: the marks on record are exactly the support openings not given back."""
+    support: Counter[tuple[str, str]] = Counter()
+    for e in events:
+        if e.data.get("via") == "support" and e.type in ("pickup.opened", "pickup.incomplete"):
+            key = (str(e.data["parcel_id"]), str(e.data["window"]))
+            support[key] += 1 if e.type == "pickup.opened" else -1
+            assert support[key] in (0, 1), (key, support)
+    marks = {(p, str(w)) for p, w in app.db.conn.execute(
+        "SELECT parcel_id, window FROM support_uses")}
+    assert marks == {k for k, n in support.items() if n == 1}, (marks, support)
 
 
 WRONG = ("press", "999999#")
@@ -295,6 +337,12 @@ JAM_1 = [("press", "111111#"), ("wait", "3"), ("wait", "3")]  # both pulses, no 
 @example(plan=[*JAM_1, ("open", "1"), ("close", "1"), ("press", "111111#")])
 @example(plan=[*JAM_1, ("wait", "31"), ("press", "#"), ("press", "111111#")])
 @example(plan=[*JAM_1, ("press", "#"), ("wait", "3"), ("press", "#"), ("open", "1")])
+# Support codes: taken for good, left inside and given back, tried again, a jam.
+@example(plan=[WRONG, ("press", BANK.support["PX-1"]), ("open", "1"), ("take", "1"),
+               ("close", "1"), ("press", BANK.support["PX-1"])])
+@example(plan=[("press", BANK.support["PX-2"]), ("open", "2"), ("close", "2"),
+               ("press", BANK.support["PX-2"]), ("wait", "3"), ("wait", "3"),
+               ("press", BANK.support["PX-2"])])
 def test_no_door_opens_without_a_valid_credential_and_no_use_without_a_door(
     plan: list[tuple[str, str]],
 ) -> None:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 
 SUBJECTS: list[tuple[ModuleType, list[str]]] = [
     (lockerctl_keys, ["keygen", "code-key", "keyring"]),
-    (lockerctl_codes, ["bundle", "derive-code"]),
+    (lockerctl_codes, ["bundle", "derive-code", "support-code"]),
     (lockerctl_inspect, ["inspect"]),
     (lockerctl_commands, ["command", "technician"]),
     (lockerctl_qr, ["qr", "qr-inspect"]),

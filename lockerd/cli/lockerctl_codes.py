@@ -1,4 +1,4 @@
-"""lockerctl's codes input: plain codes from CSV or JSON into signed bundles, derived codes."""
+"""lockerctl's codes input: plain codes into signed bundles; derived and support codes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import csv
 import json
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
@@ -27,6 +28,7 @@ from lockerd.cli.lockerctl_common import (
     locker_arg,
     read_code_key,
     report,
+    time_arg,
     write_output,
 )
 from lockerd.errors import TrustError
@@ -40,8 +42,11 @@ from lockerd.trust.bundle import (
 )
 from lockerd.trust.digest import (
     DEFAULT_DERIVED_DIGITS,
+    SUPPORT_WINDOW_S,
     code_digest,
     derived_pickup_code,
+    support_code,
+    support_window,
 )
 from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,
@@ -351,8 +356,23 @@ def cmd_derive_code(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_support_code(args: argparse.Namespace) -> int:
+    parcel: str = args.parcel
+    if not parcel:
+        raise InputError("--parcel: empty parcel id")
+    code_key = read_code_key(args.code_key)
+    at: datetime = args.at if args.at is not None else datetime.now(UTC)
+    window = support_window(at.timestamp())
+    print(support_code(code_key, args.locker, parcel, window, args.digits))
+    # The bank takes it while its own window is w-1, w or w+1: until the end of w+1.
+    until = datetime.fromtimestamp((window + 2) * SUPPORT_WINDOW_S, UTC)
+    print(f"valid once, until {format_time(until)} on the bank's trusted clock "
+          f"(window {window})", file=sys.stderr)
+    return EXIT_OK
+
+
 def add_parsers(sub: Subparsers) -> None:
-    """Register bundle and derive-code."""
+    """Register bundle, derive-code and support-code."""
     p = sub.add_parser(
         "bundle",
         help="sign a codes bundle for one locker",
@@ -424,3 +444,29 @@ def add_parsers(sub: Subparsers) -> None:
         f"(default {DEFAULT_DERIVED_DIGITS})",
     )
     p.set_defaults(func=cmd_derive_code)
+    _add_support_code_parser(sub)
+
+
+def _add_support_code_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "support-code",
+        help="print a support code for a parcel, to read out over the phone",
+        description="Print the short-lived code a locker with [codes] support_codes = true "
+        "accepts once for a parcel it holds (PROTOCOL section 13). It stays valid until the "
+        "end of the next 10-minute window (10 to 20 minutes); when, is printed on stderr.",
+    )
+    p.add_argument("--code-key", required=True, metavar="FILE", help="the locker's code key")
+    p.add_argument("--locker", type=locker_arg, required=True, metavar="ID", help="locker id")
+    p.add_argument("--parcel", required=True, metavar="PARCEL", help="parcel id")
+    p.add_argument("--at", type=time_arg, metavar="TIME",
+                   help="issue time, RFC 3339 UTC like 2026-12-01T10:00:00Z (default: now)")
+    p.add_argument(
+        "--digits",
+        type=count_arg(1),
+        choices=_DERIVED_DIGITS,
+        default=DEFAULT_DERIVED_DIGITS,
+        metavar="N",
+        help="code length, 4-12, as [codes] derived_digits in the locker's configuration "
+        f"(default {DEFAULT_DERIVED_DIGITS})",
+    )
+    p.set_defaults(func=cmd_support_code)

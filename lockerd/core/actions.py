@@ -18,7 +18,8 @@ class UseChange:
 
     A bundle code is counted per (code_id, digest); a QR token is spent by its cti (kept until
     `expires`, epoch seconds, after which it is refused as expired anyway). A derived pickup
-    code has no count: the parcel leaving the compartment ends it.
+    code has no count: the parcel leaving the compartment ends it. A support code is marked
+    used for its (parcel_id, window) in `support`, beside the use of the parcel's own code.
     """
 
     delta: int
@@ -26,6 +27,7 @@ class UseChange:
     digest: str | None = None
     cti: str | None = None
     expires: int | None = None
+    support: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ DEPOSIT_KINDS = ("deposit", "courier")
 @dataclass(frozen=True, slots=True)
 class Access:
     """A credential granted for one compartment: a bundle code (`code_id` + `digest`), a derived
-    pickup code (`code_id` "derived:<parcel_id>", no digest), a QR token (`cti`), or a command,
+    pickup code (`code_id` "derived:<parcel_id>", no digest), a QR token (`cti`), a support
+    code (`support_window`, with the code of its parcel if the bundle has one), or a command,
     self-test or technician named in `ref` (e.g. {"cmd_id": ...}). `ref` is carried into every
     event's data.
 
@@ -32,6 +33,7 @@ class Access:
     cti_expires: int | None = None
     consumes: bool = True
     returnable: bool = True
+    support_window: int | None = None
 
     @property
     def is_pickup(self) -> bool:
@@ -47,8 +49,12 @@ class Access:
             return None
         if self.cti is not None:
             return UseChange(delta, cti=self.cti, expires=self.cti_expires)
+        support = (None if self.support_window is None or self.parcel_id is None
+                   else (self.parcel_id, self.support_window))
         if self.code_id is not None and self.digest is not None:
-            return UseChange(delta, code_id=self.code_id, digest=self.digest)
+            return UseChange(delta, code_id=self.code_id, digest=self.digest, support=support)
+        if support is not None:
+            return UseChange(delta, support=support)
         return None
 
     def given_back(self) -> UseChange | None:

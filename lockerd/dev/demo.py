@@ -17,7 +17,7 @@ from lockerd.core.deposit import SessionPhase, is_parcel_id
 from lockerd.dev.provision import BankKit, PlainCode, make_bank, random_code
 from lockerd.logs import configure_logging
 from lockerd.store.events import StoredEvent
-from lockerd.trust.digest import derived_pickup_code
+from lockerd.trust.digest import derived_pickup_code, support_code, support_window
 from sim.backend import world_of
 from sim.wire.bank import WireBank
 from sim.world import (
@@ -44,6 +44,7 @@ Commands (a compartment is named by its number):
   jam N / unjam N  jam the lock of N so the door does not spring open / clear the jam
                  (after door.jammed: 'unjam N' then '#' is the customer's guided retry)
   derive PARCEL  the pickup code of a parcel deposited here, as the backend derives it offline
+  support PARCEL the code support reads out over the phone for a parcel here (10-20 minutes)
   qr pickup N    scan a signed pickup QR token for compartment N
   qr pickup-parcel PARCEL  scan a signed pickup QR token for the compartment holding PARCEL
   tour           a guided run: a courier deposits a parcel, a customer picks it up
@@ -131,7 +132,7 @@ def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> Ban
                      parcels=[c.compartment for c in codes if c.compartment],
                      sizes=demo_sizes(compartments),
                      overrides={"entry": {"timeout_s": 60.0},
-                                "codes": {"derived_pickup": True},
+                                "codes": {"derived_pickup": True, "support_codes": True},
                                 # Two pulses of 2 s before door.jammed: the tour's jam is brief.
                                 "doors": {"open_timeout_s": 2.0}},
                      wire=wire_dir)
@@ -297,6 +298,7 @@ class _Demo:
             "jam": lambda cid: self._jam(cid, True),
             "unjam": lambda cid: self._jam(cid, False),
             "derive": self._derive,
+            "support": self._support,
             "qr": self._qr,
             "state": lambda _: self._state(),
             "codes": lambda _: _print_codes(self.kit, self.out),
@@ -338,6 +340,17 @@ class _Demo:
             return
         self.say(f"derived pickup code of parcel {arg}: {self.derived_code(arg)}   (the "
                  "daemon accepts it while that parcel lies here)")
+
+    def _support(self, arg: str) -> None:
+        if not arg or " " in arg or not is_parcel_id(arg):
+            self.say("usage: support PARCEL (the parcel id the customer reads out, e.g. PX101)")
+            return
+        # The bank's own trusted time: the window the daemon checks the code against.
+        window = support_window(self.app.clock.wall().timestamp())
+        code = support_code(self.kit.code_key, self.kit.locker_id, arg, window,
+                            self.app.config.codes.derived_digits)
+        self.say(f"support code of parcel {arg}: {code}   (valid once, for 10 to 20 minutes, "
+                 "while that parcel lies here)")
 
     def _qr(self, arg: str) -> None:
         kind, _, target = arg.partition(" ")

@@ -141,6 +141,11 @@ class Controller:
         self.bank.rules = rules
 
     @property
+    def credentials(self) -> CredentialService:
+        """The credentials service deciding on each code and token (its settings included)."""
+        return self._credentials
+
+    @property
     def open_budget(self) -> OpenBudget:
         return self.bank.open_budget
 
@@ -372,6 +377,8 @@ class Controller:
                 self._tokens.change(conn, use.cti, use.expires or 0, use.delta)
             elif use.code_id is not None and use.digest is not None:
                 self._codes.change_uses(conn, use.code_id, use.digest, use.delta)
+            if use.support is not None:
+                self._codes.change_support_use(conn, *use.support, use.delta)
         match record.parcel:
             case ParcelIn(parcel_id=parcel_id, code_id=code_id) if record.compartment:
                 self._parcels.put(conn, record.compartment, parcel_id, code_id, at)

@@ -6,7 +6,13 @@ import hmac
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
-from lockerd.core.access import CompartmentView, Reason, Refused, evaluate_code, pickup_target
+from lockerd.core.access import (
+    CompartmentView,
+    Reason,
+    Refused,
+    evaluate_code,
+    pickup_target,
+)
 from lockerd.core.bank import CredentialDecision, OpenPickup, StartSession
 from lockerd.core.credential import Access
 from lockerd.core.deposit import SessionCredential
@@ -14,7 +20,7 @@ from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.store.codes import DERIVED_PREFIX, CodeStore
 from lockerd.store.parcels import SpentTokens
-from lockerd.trust.digest import code_digest, derived_pickup_code
+from lockerd.trust.digest import code_digest, derived_pickup_code, support_code, support_window
 from lockerd.trust.keyring import Keyring
 from lockerd.trust.qrtoken import QrToken, check_qr_token, decode_qr_token
 
@@ -35,8 +41,14 @@ class CredentialService:
         code_key: bytes,
         tokens: SpentTokens,
         keyring: Callable[[], Keyring | None] = lambda: None,
+        support_digits: int | None = None,
     ) -> None:
         self._locker_id = locker_id
+        self.support_digits = support_digits  # None: support codes are not accepted
+        # The support codes of the accepted windows, kept (see _support_index).
+        self._support_codes: dict[tuple[str, int, int], str] = {}
+        self._support_index_map: dict[str, tuple[str, int]] = {}
+        self._support_key: tuple[tuple[str, ...], int, int] | None = None
         self._codes = codes
         self._code_key = code_key
         self._tokens = tokens
@@ -51,6 +63,10 @@ class CredentialService:
             derived = self._derived(code, views, derived_digits, source)
             if derived is not None:
                 return derived
+        if record is None and self.support_digits is not None:
+            support = self._support(code, views, now, self.support_digits, source)
+            if support is not None:
+                return support
         if isinstance(decision, Refused):
             return decision
         if decision.kind == "pickup":
@@ -87,6 +103,68 @@ class CredentialService:
             return OpenPickup(target.compartment, Access(
                 code_id=code_id, digest=None, kind="pickup", source=source, parcel_id=parcel_id))
         return None
+
+    def _support(self, code: str, views: Mapping[str, CompartmentView], now: datetime,
+                 digits: int, source: str) -> Refused | OpenPickup | None:
+        """A support code (PROTOCOL section 13) of a parcel that lies here, for the trusted
+        time's window, the one before or the one after: three codes per candidate parcel."""
+        if len(code) != digits:
+            return None
+        on_record = {v.parcel_id for v in views.values() if v.parcel_id is not None}
+        candidates = (*sorted(on_record), *self._codes.parcels_with_pickup_codes())
+        index = self._support_index(candidates, support_window(now.timestamp()), digits)
+        # A dict look-up of the typed code: str hashes are keyed per process, so its timing
+        # says nothing about which codes are valid (as compare_digest ensures elsewhere).
+        match = index.get(code)
+        if match is None:
+            return None
+        return self._use_support(*match, views, source, on_record=match[0] in on_record)
+
+    def _support_index(self, candidates: tuple[str, ...], current: int,
+                       digits: int) -> dict[str, tuple[str, int]]:
+        """code -> (parcel_id, window) of every candidate and accepted window. Rebuilt only
+        when the window or the candidates change (a deposit, a pickup, a bundle): a keypress
+        then costs one look-up, and a new window three HMACs per parcel."""
+        key = (candidates, current, digits)
+        if self._support_key != key:
+            kept = {k: v for k, v in self._support_codes.items()
+                    if current - 1 <= k[1] <= current + 1 and k[2] == digits}
+            index: dict[str, tuple[str, int]] = {}
+            for parcel_id in candidates:
+                for window in (current - 1, current, current + 1):
+                    expected = kept.get((parcel_id, window, digits))
+                    if expected is None:
+                        expected = support_code(self._code_key, self._locker_id, parcel_id,
+                                                window, digits)
+                        kept[(parcel_id, window, digits)] = expected
+                    index.setdefault(expected, (parcel_id, window))
+            self._support_codes, self._support_index_map, self._support_key = kept, index, key
+        return self._support_index_map
+
+    def _use_support(self, parcel_id: str, window: int, views: Mapping[str, CompartmentView],
+                     source: str, *, on_record: bool) -> Refused | OpenPickup | None:
+        """Open the parcel's door as its own pickup code would, taking that code's use if
+        there is one; the (parcel, window) mark is set when the door is seen open. None:
+        the parcel does not lie here after all (its code was used up or revoked meanwhile)."""
+        # The parcel is named in every event: the door may open for it with no code id.
+        ref = {"via": "support", "window": str(window), "parcel_id": parcel_id}
+        record = self._codes.parcel_pickup_code(parcel_id)
+        if record is None and not on_record:
+            return None
+        code_id = record.id if record is not None else None
+        if self._codes.derived_revoked(parcel_id):
+            return Refused(Reason.REVOKED, code_id=DERIVED_PREFIX + parcel_id, ref=ref)
+        if self._codes.support_used(parcel_id, window):
+            return Refused(Reason.USED, code_id=code_id, ref=ref)
+        digest = record.digest if record is not None else None
+        target = pickup_target(code_id, compartment=record.compartment if record else None,
+                               parcel_id=parcel_id, compartments=views, digest=digest, ref=ref)
+        if isinstance(target, Refused):
+            return target
+        assert target.compartment is not None
+        return OpenPickup(target.compartment, Access(
+            code_id=code_id, digest=digest, kind="pickup", source=source, ref=ref,
+            parcel_id=parcel_id, support_window=window))
 
     def token(self, text: str, *, source: str, views: Mapping[str, CompartmentView],
               now: datetime) -> CredentialDecision:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from lockerd.core.access import CodeRecord
 from lockerd.errors import TrustError
@@ -17,6 +18,28 @@ SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_a
 FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
 WHERE c.digest = ?
 """
+
+
+# The bundle's pickup codes of a parcel with uses left (a revoked code is no longer stored).
+_PARCEL_PICKUPS = """
+SELECT {columns}
+FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
+WHERE c.parcel_id {parcel} AND c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
+"""
+_CODE_COLUMNS = ("c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, "
+                 "c.not_after, c.max_uses, COALESCE(u.uses, 0)")
+_PARCEL_CODE = _PARCEL_PICKUPS.format(columns=_CODE_COLUMNS, parcel="= ?") + " ORDER BY c.id"
+_PARCEL_IDS = _PARCEL_PICKUPS.format(columns="DISTINCT c.parcel_id", parcel="IS NOT NULL")
+
+
+def _record(row: Any) -> CodeRecord:
+    """A row of _LOOKUP or _PARCEL_CODE (sqlite3 rows are untyped)."""
+    not_after = _dt(row[6])
+    assert not_after is not None
+    return CodeRecord(
+        id=row[0], kind=row[1], digest=row[2], compartment=row[3], parcel_id=row[4],
+        not_before=_dt(row[5]), not_after=not_after, max_uses=row[7], uses=row[8],
+    )
 
 
 def _epoch(dt: datetime | None) -> int | None:
@@ -39,6 +62,8 @@ class CodeStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # parcels_with_pickup_codes, kept until this store changes a code or a use.
+        self._parcel_ids: tuple[str, ...] | None = None
 
     def version(self) -> int:
         return int(self._db.get_meta("codes_version") or 0)
@@ -61,14 +86,7 @@ class CodeStore:
 
     def lookup(self, digest: str) -> CodeRecord | None:
         row = self._db.conn.execute(_LOOKUP, (digest,)).fetchone()
-        if row is None:
-            return None
-        not_after = _dt(row[6])
-        assert not_after is not None
-        return CodeRecord(
-            id=row[0], kind=row[1], digest=row[2], compartment=row[3], parcel_id=row[4],
-            not_before=_dt(row[5]), not_after=not_after, max_uses=row[7], uses=row[8],
-        )
+        return None if row is None else _record(row)
 
     def derived_revoked(self, parcel_id: str) -> bool:
         """Has a bundle revoked the derived pickup code of this parcel ("derived:<id>")?"""
@@ -76,8 +94,39 @@ class CodeStore:
             "SELECT 1 FROM revoked_derived WHERE parcel_id = ?", (parcel_id,)).fetchone()
         return row is not None
 
+    def parcels_with_pickup_codes(self) -> tuple[str, ...]:
+        """The parcels named by a bundle pickup code with uses left: with the parcels on
+        record, what a support code may be for. Asked on every wrong code, so kept until
+        `apply` or `change_uses` (the only writers of codes and uses) runs."""
+        if self._parcel_ids is None:
+            self._parcel_ids = tuple(row[0] for row in self._db.conn.execute(_PARCEL_IDS))
+        return self._parcel_ids
+
+    def parcel_pickup_code(self, parcel_id: str) -> CodeRecord | None:
+        """The parcel's pickup code with uses left (the first by id, if several)."""
+        row = self._db.conn.execute(_PARCEL_CODE, (parcel_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    def support_used(self, parcel_id: str, window: int) -> bool:
+        """Has a support code of this parcel and window opened its door here?"""
+        row = self._db.conn.execute(
+            "SELECT 1 FROM support_uses WHERE parcel_id = ? AND window = ?",
+            (parcel_id, window)).fetchone()
+        return row is not None
+
+    def change_support_use(self, conn: sqlite3.Connection, parcel_id: str, window: int,
+                           delta: int) -> None:
+        """Mark (+1) or give back (-1) a support code's one use, inside the caller's event
+        transaction."""
+        if delta > 0:
+            conn.execute("INSERT OR IGNORE INTO support_uses VALUES (?, ?)", (parcel_id, window))
+        elif delta < 0:
+            conn.execute("DELETE FROM support_uses WHERE parcel_id = ? AND window = ?",
+                         (parcel_id, window))
+
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
+        self._parcel_ids = None
         conn.execute(
             "INSERT INTO code_uses (id, digest, uses) VALUES (?, ?, MAX(0, ?))"
             " ON CONFLICT(id, digest) DO UPDATE SET uses = MAX(0, uses + ?)",
@@ -116,6 +165,7 @@ class CodeStore:
                 if with_event is not None:
                     with_event(conn)
         finally:
+            self._parcel_ids = None
             self._reset_cache()
 
     @staticmethod

@@ -89,6 +89,16 @@ CREATE TABLE IF NOT EXISTS revoked_derived (
     parcel_id TEXT PRIMARY KEY,
     version   INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Support codes used here, once per (parcel, 10-minute window); written with the
+-- pickup.opened that used one, removed with a pickup.incomplete that gives it back.
+CREATE TABLE IF NOT EXISTS support_uses (
+    parcel_id TEXT NOT NULL,
+    window    INTEGER NOT NULL,
+    PRIMARY KEY (parcel_id, window)
+) WITHOUT ROWID;
+-- The pickup codes that name a parcel: the parcels a support code may be for.
+CREATE INDEX IF NOT EXISTS codes_by_parcel ON codes (parcel_id) WHERE parcel_id IS NOT NULL;
 """
 
 

@@ -11,6 +11,7 @@ from lockerd.trust.keys import read_hex_secret, write_secret_file
 
 CODE_KEY_BYTES = 32
 DEFAULT_DERIVED_DIGITS = 8
+SUPPORT_WINDOW_S = 600  # a support code's window: w = floor(unix_seconds / 600)
 
 
 def _check_code_key(code_key: bytes) -> None:
@@ -34,6 +35,25 @@ def derived_pickup_code(
     if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
         raise ValueError(f"digits must be a positive integer, got {digits!r}")
     message = ("pickup\n" + locker_id + "\n" + parcel_id).encode("utf-8")
+    mac = hmac.new(code_key, message, hashlib.sha256).digest()
+    value = int.from_bytes(mac[:8], "big") % 10**digits
+    return str(value).zfill(digits)
+
+
+def support_window(unix_seconds: float) -> int:
+    """The support code window `w` a moment falls in (PROTOCOL section 13)."""
+    return int(unix_seconds // SUPPORT_WINDOW_S)
+
+
+def support_code(
+    code_key: bytes, locker_id: str, parcel_id: str, window: int,
+    digits: int = DEFAULT_DERIVED_DIGITS,
+) -> str:
+    """The code support reads out for a parcel in window `window` (PROTOCOL section 13)."""
+    _check_code_key(code_key)
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
+        raise ValueError(f"digits must be a positive integer, got {digits!r}")
+    message = ("support\n" + locker_id + "\n" + parcel_id + "\n" + str(window)).encode("utf-8")
     mac = hmac.new(code_key, message, hashlib.sha256).digest()
     value = int.from_bytes(mac[:8], "big") % 10**digits
     return str(value).zfill(digits)
