@@ -279,3 +279,26 @@ async def test_shipped_sim_config_has_a_courier_code_and_derived_pickups(tmp_pat
     finally:
         app.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+def test_demo_help_a_customer_without_a_code_gets_an_answer(tmp_path: Path) -> None:
+    term = Terminal("--compartments", "4", "--dir", str(tmp_path))
+    try:
+        term.expect(r"Type 'help'")
+        term.type("help")
+        term.expect(r"help TRACKING PHONE4")
+        term.type("help PX-NOT-HERE 9876")
+        term.expect(r"\[display\] Tracking number\?")
+        term.expect(r"\[display\] Checking\.\.\. \| Ref H-[A-Z0-9]{6}")
+        term.expect(r"event #\d+ help.requested")
+        term.expect(r"\[backend\] help request H-[A-Z0-9]{6} for PX-NOT-HERE: not_found")
+        term.expect(r"event #\d+ help.answered")
+        term.expect(r"\[display\] No parcel found")
+        term.type("help PX 12")
+        term.expect(r"usage: help TRACKING PHONE4")
+        term.type("quit")
+        term.expect(r"lockerd demo stopped\.")
+        assert term.proc.wait(timeout=15) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()

@@ -50,6 +50,8 @@ async def _ask(r: Running, tracking: str, phone: str, count: int) -> dict[str, A
     r.world.press("#")
     await wait_until(lambda: "Tracking number?" in r.display(), what="tracking prompt")
     r.world.scan(tracking)
+    # The scanner and the keypad are two devices: the phone digits wait for their prompt.
+    await wait_until(lambda: "Phone, last 4?" in r.display(), what="phone prompt")
     r.world.press(phone)
     return dict((await r.wait_event("help.requested", count=count)).data)
 

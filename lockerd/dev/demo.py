@@ -14,8 +14,10 @@ from typing import TextIO, TypeVar
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.core.deposit import SessionPhase, is_parcel_id
+from lockerd.core.help import Step
 from lockerd.dev.provision import BankKit, PlainCode, make_bank, random_code
 from lockerd.logs import configure_logging
+from lockerd.services.help import HelpService
 from lockerd.store.events import StoredEvent
 from lockerd.trust.digest import derived_pickup_code
 from sim.backend import world_of
@@ -42,6 +44,8 @@ Commands (a compartment is named by its number):
   take N / put N take the parcel out of / put a parcel into compartment N
   force N        force door N open (the daemon reports door.forced)
   jam N / unjam N  jam the lock of N so the door does not spring open
+  help TRACKING PHONE4  a customer without a code asks for help (# on an empty entry):
+                 tracking number, phone's last 4 digits; the demo's backend answers
   derive PARCEL  the pickup code of a parcel deposited here, as the backend derives it offline
   qr pickup N    scan a signed pickup QR token for compartment N
   qr pickup-parcel PARCEL  scan a signed pickup QR token for the compartment holding PARCEL
@@ -266,7 +270,9 @@ class _Demo:
         try:
             if word in ("quit", "exit"):
                 return False
-            if word == "help":
+            if word == "help" and arg:
+                await _ask_for_help(self, arg)
+            elif word == "help":
                 self.say(HELP)
             elif set(line) <= set("0123456789*#"):
                 world.press(line if line.endswith(("#", "*")) else line + "#")
@@ -358,6 +364,72 @@ class _Demo:
                      f"{'yes' if c['occupied'] else 'no':6}  "
                      f"{'in' if c['in_service'] else 'OUT':7}  {parcel_id}")
         self.say("  display: " + " | ".join(self.display.state()["display"].splitlines()))
+
+
+async def _ask_for_help(demo: _Demo, arg: str) -> None:
+    """`help TRACKING PHONE4`: a customer asks for help at the bank; the demo plays the
+    backend, which answers with a signed reply through the bank's own checks."""
+    tracking, _, phone = arg.partition(" ")
+    phone = phone.strip() or "1234"
+    if not (len(phone) == 4 and phone.isdigit()):
+        demo.say("usage: help TRACKING PHONE4 (e.g. help PX200 9876)")
+        return
+    app, world = demo.app, demo.world
+    # The demo's backend is in this process: requests reach it, so the customer waits for
+    # the reply as at a bank that is online.
+    app.controller.online = lambda: True
+    mark = app.events.last_seq()
+
+    def at(step: Step) -> bool | None:
+        flow = app.controller.bank.help
+        return True if flow is not None and flow.step is step else None
+
+    # Keys and scans come from two devices: each waits for the screen that asks for it.
+    world.press("#")
+    if await _wait_for(lambda: at(Step.TRACKING)) is None:
+        demo.say("[backend] help did not start (see 'state')")
+        return
+    if tracking.isdigit():
+        world.press(tracking + "#")
+    else:
+        world.scan(tracking)
+    if await _wait_for(lambda: at(Step.PHONE)) is None:
+        demo.say("[backend] the tracking number was not taken (see 'state')")
+        return
+    world.press(phone)
+    request = await _wait_for(lambda: next((e for e in app.events.since(mark)
+                                            if e.type == "help.requested"), None))
+    if request is None:
+        demo.say("[backend] no help request was recorded (see 'events')")
+        return
+    await demo.printer.settle()
+    held = {c.parcel_id for c in app.controller.compartments.values() if c.parcel_id}
+    if tracking in held:
+        outcome, message = "resent", f"New code sent by SMS to ***{phone[-2:]}"
+    else:
+        outcome, message = "not_found", "No parcel found for these details. Call support"
+    demo.say(f"[backend] help request H-{request.data['reference']} for {tracking}: {outcome}")
+    responder = HelpService(
+        link=None, topic="", cache=app.cache, requests=app.controller.help_requests,
+        events=app.events, locker_id=demo.kit.locker_id,
+        answer=lambda help_id, outcome_, text: app.controller.help_reply(
+            help_id, outcome=outcome_, message=text),
+        reply_valid_s=app.config.help.reply_valid_s, now=app.clock.wall,
+        monotonic=app.clock.monotonic)
+    await responder.receive(demo.kit.help_reply(str(request.data["help_id"]), outcome=outcome,
+                                                message=message))
+    await demo.printer.settle()
+
+
+async def _wait_for(check: Callable[[], T | None]) -> T | None:
+    """`check()` once it is not None, or None after TOUR_STEP_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TOUR_STEP_S
+    while True:
+        result = check()
+        if result is not None or loop.time() >= deadline:
+            return result
+        await asyncio.sleep(_POLL_S)
 
 
 def _shorten(token: str) -> str:

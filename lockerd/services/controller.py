@@ -137,7 +137,7 @@ class Controller:
         self._taps: list[Callable[[InputEvent], None]] = []
         self.last_message: DisplayMessage | None = None
         # Whether a help request can reach the backend now; without [mqtt] it never can.
-        self._online = online or (lambda: False)
+        self.online: Callable[[], bool] = online or (lambda: False)
         self.help_requests = HelpRequests(db)
 
     # -- the bank's state, under the names the services read --------------------------------
@@ -341,7 +341,7 @@ class Controller:
             elif isinstance(action, AskHelp):
                 help_id, reference = new_help_ids()
                 await self._execute(self.bank.help_sent(
-                    action, help_id=help_id, reference=reference, online=self._online(),
+                    action, help_id=help_id, reference=reference, online=self.online(),
                     t=self._clock.monotonic()))
             else:
                 await self._execute(self.bank.decide(

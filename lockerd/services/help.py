@@ -97,7 +97,7 @@ class HelpService:
     def __init__(
         self,
         *,
-        link: MqttLink,
+        link: MqttLink | None,
         topic: str,
         cache: CodeCache,
         requests: HelpRequests,
@@ -117,12 +117,17 @@ class HelpService:
         self._rejections = RejectionRecorder(
             per_minute=20, monotonic=monotonic,
             write=lambda type_, data: events.record(type=type_, at=now(), data=data))
-        link.handle(topic, self._on_reply)
+        if link is not None:
+            link.handle(topic, self._on_reply)
 
     async def _on_reply(self, message: aiomqtt.Message) -> None:
         raw = payload_bytes(message)
         if message.retain and not raw:
-            return
+            return  # clearing a retained message is no reply
+        await self.receive(raw)
+
+    async def receive(self, raw: bytes) -> None:
+        """Check one reply as it came off the wire, and act on it or refuse it."""
         keyring = self._cache.keyring
         if keyring is None:
             self._reject(peek_help_id(raw), "no_keyring", "no keyring is held yet")
