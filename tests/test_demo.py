@@ -132,6 +132,11 @@ def test_demo_tour_deposits_then_picks_up_with_the_derived_code(tmp_path: Path) 
     derived = index(rf"\[tour\] the customer types code {code}#")
     completed = index(r"event #\d+ pickup\.completed door \d+ code derived:PX-TOUR-1")
     assert typed < label < size_prompt < confirmed < ended < derived < completed
+    # The "no code" chapter: help asked for, the resent code opens the door.
+    asked = index(r"\[tour\] chapter 'no code'")
+    shown = index(r"\[display\] New code sent by SMS")
+    again = index(r"event #\d+ pickup\.completed door 1 code p-1001")
+    assert completed < asked < shown < again < index(r"\[tour\] End of the tour\.")
     door = re.search(r"deposit\.confirmed door (\d+)", lines[confirmed])
     assert door is not None
     assert f"pickup.completed door {door.group(1)} " in lines[completed]
@@ -218,9 +223,13 @@ def test_demo_tour_command_and_the_demo_goes_on(tmp_path: Path) -> None:
         term.type("tour")
         term.expect(r"event #\d+ deposit\.confirmed door 4 code c-1 parcel PX-TOUR-1")
         term.expect(r"event #\d+ pickup\.completed door 4 code derived:PX-TOUR-1")
-        term.expect(r"\[tour\] pickup completed .*End of the tour\.")
+        term.expect(r"\[tour\] pickup completed with code derived:PX-TOUR-1")
+        term.expect(r"event #\d+ help.answered")
+        term.expect(r"event #\d+ pickup\.completed door 1 code p-1001")
+        term.expect(r"\[tour\] End of the tour\.")
         term.type("tour")  # again: the parcel id is free again, so the same one
-        term.expect(r"event #\d+ pickup\.completed door 4 code derived:PX-TOUR-1")
+        # The first tour's "no code" chapter emptied door 1, the smallest: it is chosen now.
+        term.expect(r"event #\d+ pickup\.completed door 1 code derived:PX-TOUR-1")
         term.expect(r"\[tour\] pickup completed")
         term.type("state")
         term.expect(r"^\s+4\s+L\s+locked\s+closed\s+no\s+in\s+-$")

@@ -403,8 +403,15 @@ async def _ask_for_help(demo: _Demo, arg: str) -> None:
         demo.say("[backend] no help request was recorded (see 'events')")
         return
     await demo.printer.settle()
-    held = {c.parcel_id for c in app.controller.compartments.values() if c.parcel_id}
-    if tracking in held:
+    await _backend_answers(demo, request)
+
+
+async def _backend_answers(demo: _Demo, request: StoredEvent) -> str:
+    """The demo's backend answers a help request as `lockerctl respond-help` would: resent
+    for a parcel on record here, not_found otherwise. Returns the outcome."""
+    app = demo.app
+    tracking, phone = str(request.data["tracking"]), str(request.data["phone_last4"])
+    if tracking in _parcels_here(demo):
         outcome, message = "resent", f"New code sent by SMS to ***{phone[-2:]}"
     else:
         outcome, message = "not_found", "No parcel found for these details. Call support"
@@ -419,6 +426,63 @@ async def _ask_for_help(demo: _Demo, arg: str) -> None:
     await responder.receive(demo.kit.help_reply(str(request.data["help_id"]), outcome=outcome,
                                                 message=message))
     await demo.printer.settle()
+    return outcome
+
+
+def _parcels_here(demo: _Demo) -> set[str]:
+    """The parcels the demo's backend knows to be in this bank: those on record (deposited
+    here), and those of the printed codes whose compartment holds a parcel."""
+    comps = demo.app.controller.compartments
+    here = {c.parcel_id for c in comps.values() if c.parcel_id}
+    here |= {c.parcel_id for c in demo.kit.codes
+             if c.parcel_id and c.compartment and comps[c.compartment].occupied}
+    return here
+
+
+async def _no_code_chapter(tour: _Tour) -> None:
+    """The tour's "no code" chapter, help part: a customer whose SMS never came asks for
+    help at the bank, the backend resends the code, and that code opens the door."""
+    demo, app, world = tour.demo, tour.app, tour.world
+    ctl = app.controller
+    code = next((c for c in demo.kit.codes if c.kind == "pickup" and c.compartment
+                 and c.parcel_id in _parcels_here(demo)), None)
+    if code is None or code.compartment is None or code.parcel_id is None:
+        await tour._step("no code: no parcel with a known code is left here; chapter skipped")
+        return
+    cid, parcel = code.compartment, code.parcel_id
+    app.controller.online = lambda: True  # the demo's backend is in this process
+    await tour._step(f"chapter 'no code': the SMS for parcel {parcel} never came; its "
+                     "customer presses # with nothing typed")
+    mark = app.events.last_seq()
+    world.press("#")
+    await tour._until("the display to ask for a tracking number",
+                      lambda: True if ctl.bank.help is not None else None)
+    await tour._step(f"the customer scans the tracking number on the notice: {parcel}")
+    world.scan(parcel)
+    await tour._until("the display to ask for the phone's last 4 digits",
+                      lambda: True if ctl.bank.help is not None
+                      and ctl.bank.help.step is Step.PHONE else None)
+    await tour._step("the customer types the last 4 digits of their phone: 9876")
+    world.press("9876")
+    request = await tour._event(mark, "help.requested", what="the help request")
+    await tour._step(f"help.requested is on its way; the customer reads the reference "
+                     f"H-{request.data['reference']}")
+    if await _backend_answers(demo, request) != "resent":
+        raise TourFailed(f"the backend did not find parcel {parcel}")
+    await tour._event(mark, "help.answered", what="the reply to be accepted")
+    await tour._step(f"the SMS arrives with the pickup code: the customer types {code.code}#")
+    world.press(code.code + "#")
+    await tour._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
+                      fail=("code.rejected", "door.jammed"))
+    await tour._step(f"door {cid} is open: the customer takes parcel {parcel} and closes it")
+    world.set_parcel(cid, False)
+    await tour._until(f"the occupancy sensor of {cid} to see it empty",
+                      lambda: True if ctl.compartments[cid].occupied is False else None)
+    world.close_door(cid)
+    await tour._event(mark, "pickup.completed", compartment=cid,
+                      what="the pickup to complete", fail=("pickup.incomplete",))
+    await tour._until(f"the latch of door {cid} to engage",
+                      lambda: True if world.compartment(cid).locked else None)
 
 
 async def _wait_for(check: Callable[[], T | None]) -> T | None:
@@ -555,7 +619,9 @@ class _Tour:
                           what="the pickup to complete", fail=("pickup.incomplete",))
         await self._until(f"the latch of door {cid} to engage",
                           lambda: True if world.compartment(cid).locked else None)
-        await self._step(f"pickup completed with code derived:{parcel}. End of the tour.")
+        await self._step(f"pickup completed with code derived:{parcel}.")
+        await _no_code_chapter(self)
+        await self._step("End of the tour.")
 
     def _parcel_id(self) -> str:
         """PX-TOUR-1, or the next number if that parcel is already here."""
