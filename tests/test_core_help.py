@@ -279,3 +279,17 @@ def test_references_use_the_unambiguous_alphabet() -> None:
     assert h.is_reference("ACDEFG") and h.is_reference("3479XY")
     assert not h.is_reference("ABCDEF")  # B looks like 8
     assert not h.is_reference("ACDEF")
+
+
+def test_a_message_held_over_help_gives_the_screen_back_to_its_step() -> None:
+    bank = _bank()
+    _keys(bank, "#12")
+    assert bank.idle_message() == h.ask_tracking("12")
+    _keys(bank, "#9")
+    assert bank.idle_message() == h.ask_phone(1)
+    _keys(bank, "876")
+    bank.help_sent(AskHelp("12", "9876"), help_id="h-1", reference="ACDEFG", online=True,
+                   t=T0)
+    assert bank.idle_message() == h.checking("ACDEFG")
+    bank.key("*", t=T0, wall=WALL)
+    assert bank.idle_message().lines[1] == "No code? Press #"

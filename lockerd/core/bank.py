@@ -166,6 +166,9 @@ class Bank:
         return min(present) if present else None
 
     def idle_message(self) -> DisplayMessage:
+        if self.help is not None:
+            # A message held over help (a door closing elsewhere) gives the screen back.
+            return self.help.prompt()
         prompt = self.session.prompt() if self.session is not None else None
         return prompt or messages.idle()
 

@@ -90,6 +90,14 @@ class HelpFlow:
     def start(self) -> Prompt:
         return Prompt(ask_tracking(""))
 
+    def prompt(self) -> DisplayMessage:
+        """The screen of the current step, to come back to after another message."""
+        if self.step is Step.TRACKING:
+            return ask_tracking(self.tracking)
+        if self.step is Step.PHONE:
+            return ask_phone(len(self.phone))
+        return checking(self.reference or "")
+
     def deadline(self) -> float:
         wait = self.rules.reply_timeout_s if self.step is Step.CHECKING \
             else self.rules.step_timeout_s
