@@ -191,3 +191,18 @@ def test_reply_envelopes_name_their_type(kit: BankKit) -> None:
     env = json.loads(kit.help_reply("x"))
     assert env["payloadType"] == "application/vnd.lockerd.help-reply+json"
     assert json.loads(base64.b64decode(env["payload"]))["type"] == "help_reply"
+
+
+async def test_a_reply_past_reply_valid_s_is_refused_as_too_late(
+        make_kit: Callable[..., BankKit], broker: Broker) -> None:
+    # The timeout screen comes reply_timeout_s after the request: past reply_valid_s.
+    kit = _kit(make_kit, broker, reply_timeout_s=0.2, reply_valid_s=0.05)
+    async with running(kit) as r:
+        await connected(r)
+        data = await ask_help(r)
+        await wait_until(lambda: "No reply yet" in r.display(), what="timeout screen")
+        await raw_publish(broker, REPLY_TOPIC, kit.help_reply(data["help_id"]))
+        rejected = await r.wait_event("help.reply_rejected")
+        assert (rejected.data["reason"], rejected.data["help_id"]) == ("too_late",
+                                                                      data["help_id"])
+        assert r.events("help.answered") == []
