@@ -37,6 +37,7 @@ from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.console import Registry
 from lockerd.core.entry import CodeEntry
 from lockerd.core.events import EventType
+from lockerd.core.help import HelpLimit, HelpRules
 from lockerd.core.lockout import Lockout, RateLimiter
 from lockerd.core.loginthrottle import ThrottleSettings
 from lockerd.errors import ConfigError, LockerdError, TrustError
@@ -51,11 +52,13 @@ from lockerd.services.controller import (
     Controller,
     DepositRules,
     load_budget_state,
+    load_help_limit_state,
     load_lockout_state,
 )
 from lockerd.services.controller_console import register_door_commands
 from lockerd.services.credentials import CredentialService
 from lockerd.services.diagnostics import Diagnostics, register_diagnostic_commands
+from lockerd.services.help import HelpService
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
 from lockerd.services.records_console import register_codes_commands, register_event_commands
@@ -490,6 +493,12 @@ def build_app(config: Config, *, clock: Clock | None = None,
             derived_digits=config.codes.derived_digits if config.codes.derived_pickup else None),
         open_budget=OpenBudget(per_hour=config.commands.max_opens_per_hour,
                                state=load_budget_state(db)),
+        help_rules=HelpRules(support_text=config.help.support_text,
+                             reply_timeout_s=config.help.reply_timeout_s,
+                             max_per_hour=config.help.max_per_hour,
+                             step_timeout_s=config.entry.timeout_s),
+        help_limit=HelpLimit(per_hour=config.help.max_per_hour,
+                             state=load_help_limit_state(db)),
     )
     tokens = SpentTokens(db)
     credentials = CredentialService(locker_id=config.locker.id, codes=codes, code_key=code_key,
@@ -500,6 +509,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
         bank=bank, credentials=credentials, db=db, events=events, codes=codes,
         lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
         parcels=parcels, tokens=tokens,
+        online=lambda: app.link is not None and app.link.connected.is_set(),
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
               devices=devices, controller=controller, clock=clock,
@@ -592,6 +602,12 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
     telemetry = TelemetryService(link=app.link, topics=topics,
                                  interval_s=config.telemetry.interval_s,
                                  snapshot=app.telemetry)
+    HelpService(link=app.link, topic=topics.help_reply, cache=cache,
+                requests=controller.help_requests, events=app.events,
+                answer=lambda help_id, outcome, message: controller.help_reply(
+                    help_id, outcome=outcome, message=message),
+                locker_id=config.locker.id, reply_valid_s=config.help.reply_valid_s,
+                now=clock.wall, monotonic=clock.monotonic)
     app.services.update({"mqtt": app.link.run, "outbox": app.publisher.run,
                          "telemetry": telemetry.run})
 

@@ -160,6 +160,15 @@ class TelemetrySection(_Section, kw_only=True, frozen=True):
     interval_s: Annotated[float, msgspec.Meta(ge=1)] = 60.0
 
 
+class HelpSection(_Section, kw_only=True, frozen=True):
+    """[help]: help at the bank for a customer whose code never arrived (PROTOCOL section 12)."""
+
+    support_text: Annotated[str, msgspec.Meta(min_length=1, max_length=80)] = "Call support"
+    reply_timeout_s: PositiveSeconds = 20.0
+    reply_valid_s: PositiveSeconds = 600.0
+    max_per_hour: Annotated[int, msgspec.Meta(ge=0)] = 6
+
+
 class ConsoleSection(_Section, kw_only=True, frozen=True):
     """[console]: where technicians connect, and how failed logins are throttled."""
 
@@ -193,6 +202,7 @@ class Config(_Section, kw_only=True, frozen=True):
     console: ConsoleSection | None = None
     outbox: OutboxSection = OutboxSection()
     telemetry: TelemetrySection = TelemetrySection()
+    help: HelpSection = HelpSection()
     backends: dict[str, dict[str, Any]] = {}
 
     # Filled in by load_config, not read from the file.

@@ -76,6 +76,10 @@ class Topics:
     def telemetry(self) -> str:
         return self.prefix + "telemetry"
 
+    @property
+    def help_reply(self) -> str:
+        return self.prefix + "help/reply"
+
 
 @dataclass(frozen=True)
 class BrokerSettings:

@@ -72,6 +72,14 @@ def _press(bank: Bank, keys: str, t: float) -> list[BankAction]:
     return out
 
 
+
+def _starts_help(actions: list[BankAction]) -> None:
+    """`#` on an empty entry with no guided-retry window open is no retry: it starts help
+    (PROTOCOL section 12), which pulses nothing and records nothing."""
+    assert not any(isinstance(a, Pulse | Record) for a in actions), actions
+    assert [a.message.lines[0] for a in actions if isinstance(a, Show)] == ["Tracking number?"]
+
+
 def test_a_pickup_jam_offers_the_guided_retry_and_keeps_the_compartment_in_service() -> None:
     bank = _bank()
     jammed = _jam(bank)
@@ -102,7 +110,7 @@ def test_hash_in_the_window_pulses_once_more_and_the_door_seen_open_uses_the_cod
     assert retry.index(pulse) < next(i for i, a in enumerate(retry) if isinstance(a, Pulse))
     assert bank.compartments["2"].restart_service_reason == "jammed"
     # A second `#` before the door reports does not pulse again.
-    assert _press(bank, "#", JAMMED_AT + 5.5) == []
+    _starts_help(_press(bank, "#", JAMMED_AT + 5.5))
     opened = bank.door("2", DoorState.OPEN, t=JAMMED_AT + 6)
     assert _types(opened) == [EventType.DOOR_OPENED, EventType.PICKUP_OPENED]
     assert _uses(retry + opened) == 1
@@ -126,7 +134,7 @@ def test_a_guided_pulse_that_fails_too_puts_the_compartment_out_of_service() -> 
     assert comp.retry_window is None
     assert _uses(failed) == 0
     # No third window: `#` does nothing now.
-    assert _press(bank, "#", JAMMED_AT + 10) == []
+    _starts_help(_press(bank, "#", JAMMED_AT + 10))
 
 
 def test_nobody_pressing_hash_in_time_puts_the_compartment_out_of_service() -> None:
@@ -140,7 +148,7 @@ def test_nobody_pressing_hash_in_time_puts_the_compartment_out_of_service() -> N
     assert Show(messages.jammed("2"), hold_s=3.0) in ended
     assert bank.idle_message() == messages.idle()
     # `#` after the window does what `#` on an empty entry does otherwise: nothing here.
-    assert _press(bank, "#", JAMMED_AT + WINDOW + 1) == []
+    _starts_help(_press(bank, "#", JAMMED_AT + WINDOW + 1))
     assert bank.compartments["2"].restart_service_reason == "jammed"
 
 
@@ -198,7 +206,8 @@ def test_taken_out_of_service_in_the_window_closes_it() -> None:
     out = bank.set_service("2", False, "technician", t=JAMMED_AT + 1)
     assert _types(out) == [EventType.COMPARTMENT_OUT_OF_SERVICE]
     assert bank.compartments["2"].retry_window is None
-    assert _press(bank, "#", JAMMED_AT + 2) == []
+    _starts_help(_press(bank, "#", JAMMED_AT + 2))
+    _press(bank, "*", JAMMED_AT + 2.5)  # the customer leaves help
     assert bank.tick(JAMMED_AT + WINDOW + 1) == []
     assert bank.compartments["2"].service_reason == "technician"
 
@@ -220,7 +229,7 @@ def test_zero_disables_the_guided_retry() -> None:
     assert _types(jammed)[-2:] == [EventType.DOOR_JAMMED, EventType.COMPARTMENT_OUT_OF_SERVICE]
     assert "guided_retry_s" not in next(
         a for a in jammed if isinstance(a, Record) and a.type == EventType.DOOR_JAMMED).data
-    assert _press(bank, "#", JAMMED_AT + 1) == []
+    _starts_help(_press(bank, "#", JAMMED_AT + 1))
 
 
 def test_a_deposit_door_that_jams_gets_no_guided_retry() -> None:

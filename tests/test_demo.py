@@ -154,16 +154,24 @@ def test_demo_tour_deposits_then_picks_up_with_the_derived_code(tmp_path: Path) 
     derived = index(rf"\[tour\] the customer types code {code}#")
     completed = index(r"event #\d+ pickup\.completed door \d+ code derived:PX-TOUR-1")
     assert typed < label < size_prompt < confirmed < ended < derived < completed
+    # The "no code" chapter: help asked for, the resent code opens the door.
+    asked = index(r"\[tour\] chapter 'no code'")
+    shown = index(r"\[display\] New code sent by SMS")
+    again = index(r"event #\d+ pickup\.completed door 1 code p-1001")
+    assert completed < asked < shown < again < index(r"\[tour\] .*End of the tour\.")
     door = re.search(r"deposit\.confirmed door (\d+)", lines[confirmed])
     assert door is not None
     assert f"pickup.completed door {door.group(1)} " in lines[completed]
-    # The jam chapter: door 1 jams, the display asks for the push and `#`, the retry opens it.
-    jammed = index(r"event #\d+ door\.jammed door 1 code p-1001")
-    prompt = index(r"\[display\] Door 1 stuck \| Push it, press #")
+    # The jam chapter: a door jams, the display asks for the push and `#`, the retry opens it.
+    jammed = index(r"event #\d+ door\.jammed door \d+ code p-\d+")
+    jam = re.search(r"door\.jammed door (\d+) code (p-\d+)", lines[jammed])
+    assert jam is not None
+    cid, code_id = jam.groups()
+    prompt = index(rf"\[display\] Door {cid} stuck \| Push it, press #")
     pushed = index(r"\[tour\] the customer pushes the door")
-    opened = index(r"event #\d+ pickup\.opened door 1 code p-1001")
+    opened = index(rf"event #\d+ pickup\.opened door {cid} code {code_id}\b")
     retried = index(r"\[tour\] pickup completed after the guided retry.*End of the tour\.")
-    assert completed < prompt < pushed < opened < retried and jammed < pushed
+    assert again < prompt < pushed < opened < retried and again < jammed < pushed
     assert lines[-1] == "lockerd demo stopped."
 
 
@@ -247,9 +255,12 @@ def test_demo_tour_command_and_the_demo_goes_on(tmp_path: Path) -> None:
         term.type("tour")
         term.expect(r"event #\d+ deposit\.confirmed door 4 code c-1 parcel PX-TOUR-1")
         term.expect(r"event #\d+ pickup\.completed door 4 code derived:PX-TOUR-1")
-        term.expect(r"\[tour\] pickup completed .*End of the tour\.")
+        term.expect(r"\[tour\] pickup completed with code derived:PX-TOUR-1")
+        term.expect(r"event #\d+ help.answered")
+        term.expect(r"event #\d+ pickup\.completed door 1 code p-1001")
+        term.expect(r"\[tour\] .*End of the tour\.")
         term.type("tour")  # again: the parcel id is free again, so the same one
-        # (door 1, emptied by the jam chapter, is the smallest free door now)
+        # The first tour's chapters emptied door 1, the smallest: it is chosen now.
         term.expect(r"event #\d+ pickup\.completed door 1 code derived:PX-TOUR-1")
         term.expect(r"\[tour\] pickup completed")
         term.type("state")
@@ -309,3 +320,26 @@ async def test_shipped_sim_config_has_a_courier_code_and_derived_pickups(tmp_pat
     finally:
         app.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+def test_demo_help_a_customer_without_a_code_gets_an_answer(tmp_path: Path) -> None:
+    term = Terminal("--compartments", "4", "--dir", str(tmp_path))
+    try:
+        term.expect(r"Type 'help'")
+        term.type("help")
+        term.expect(r"help TRACKING PHONE4")
+        term.type("help PX-NOT-HERE 9876")
+        term.expect(r"\[display\] Tracking number\?")
+        term.expect(r"\[display\] Checking\.\.\. \| Ref H-[A-Z0-9]{6}")
+        term.expect(r"event #\d+ help.requested")
+        term.expect(r"\[backend\] help request H-[A-Z0-9]{6} for PX-NOT-HERE: not_found")
+        term.expect(r"event #\d+ help.answered")
+        term.expect(r"\[display\] No parcel found")
+        term.type("help PX 12")
+        term.expect(r"usage: help TRACKING PHONE4")
+        term.type("quit")
+        term.expect(r"lockerd demo stopped\.")
+        assert term.proc.wait(timeout=15) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()

@@ -102,7 +102,8 @@ async def test_nobody_pressing_hash_in_time_puts_it_out_of_service(
         assert _uses(r) == 0
         # `#` after the window pulses nothing.
         await sim.fault("lock:3", "jam", False)
-        await sim.press("#")
+        await sim.press("#")  # no window: this starts help, which `*` leaves
+        await sim.press("*")
         await sim.press("1#")  # a later input the controller handles after the `#`
         await r.wait_event("code.rejected")
         assert len(r.events("lock.pulse")) == 2
@@ -118,7 +119,8 @@ async def test_a_restart_in_the_window_finds_the_compartment_out_of_service(
     async with running(kit) as r2, SimClient(kit.socket_path) as sim2:
         comp = r2.app.controller.compartments["3"]
         assert not comp.in_service and comp.service_reason == "jammed"
-        await sim2.press("#")
+        await sim2.press("#")  # no window after a restart: this starts help, `*` leaves it
+        await sim2.press("*")
         await sim2.press(CODE + "#")
         refused = await r2.wait_event("code.rejected")
         assert refused.data["reason"] == "out_of_service"

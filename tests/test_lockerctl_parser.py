@@ -11,6 +11,7 @@ from lockerd.cli import (
     lockerctl_broker,
     lockerctl_codes,
     lockerctl_commands,
+    lockerctl_help,
     lockerctl_inspect,
     lockerctl_keys,
     lockerctl_qr,
@@ -26,6 +27,7 @@ SUBJECTS: list[tuple[ModuleType, list[str]]] = [
     (lockerctl_commands, ["command", "technician"]),
     (lockerctl_qr, ["qr", "qr-inspect"]),
     (lockerctl_broker, ["publish", "events", "state"]),
+    (lockerctl_help, ["help-reply", "respond-help"]),
 ]
 
 

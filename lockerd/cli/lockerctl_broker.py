@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -21,6 +21,7 @@ from lockerd.trust.bundle import is_locker_id
 from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,
     COMMAND_PAYLOAD_TYPE,
+    HELP_REPLY_PAYLOAD_TYPE,
     KEYRING_PAYLOAD_TYPE,
     parse_envelope,
 )
@@ -83,6 +84,8 @@ def _topic_for(raw: bytes, topics: Topics) -> tuple[str, bool, str]:
         return topics.codes, base is None, "codes snapshot" if base is None else "codes delta"
     if env.payload_type == COMMAND_PAYLOAD_TYPE:
         return topics.cmd, False, "command"
+    if env.payload_type == HELP_REPLY_PAYLOAD_TYPE:
+        return topics.help_reply, False, "help reply"
     raise TrustError(f"payloadType {env.payload_type!r} is not published by lockerctl",
                      reason="payload_type")
 
@@ -280,6 +283,9 @@ class _EventPrinter:
         ready = await self._in_order(event, message)
         for item in ready:
             print(json.dumps(item, separators=(",", ":")), file=self._out, flush=True)
+            if (words := describe_help_event(item)) is not None:
+                # Beside the JSON line, not in it: stdout stays parseable.
+                print(f"lockerctl: {words}", file=sys.stderr, flush=True)
             self.printed += 1
         if ready:
             await self._save_and_ack()
@@ -311,6 +317,23 @@ class _EventPrinter:
                 self._topics.events_ack,
                 json.dumps({"upto_seq": self._tracker.upto}), qos=1)
             self.acked = self._tracker.upto
+
+
+def describe_help_event(event: Mapping[str, Any]) -> str | None:
+    """A help event in words, for `lockerctl events`; None for any other event."""
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return None
+    match event.get("type"):
+        case "help.requested":
+            return (f"help requested H-{data.get('reference')} at {event.get('at')}: tracking "
+                    f"{data.get('tracking')}, phone ending {data.get('phone_last4')} "
+                    f"(help_id {data.get('help_id')})")
+        case "help.answered":
+            return f"help answered ({data.get('outcome')}): help_id {data.get('help_id')}"
+        case "help.reply_rejected":
+            return f"help reply refused ({data.get('reason')}): {data.get('detail', '')}"
+    return None
 
 
 async def _messages(client: aiomqtt.Client,
@@ -372,7 +395,7 @@ def add_parsers(sub: Subparsers) -> None:
         description="Publish a signed envelope file to the topic its payloadType belongs to: "
         "a keyring (retained) to lockers/<id>/keyring, a codes snapshot (retained) or delta "
         "(not retained) to lockers/<id>/codes, a command (never retained) to "
-        "lockers/<id>/cmd. QoS 1.")
+        "lockers/<id>/cmd, a help reply (never retained) to lockers/<id>/help/reply. QoS 1.")
     add_broker_arguments(p)
     p.add_argument("file", help="the signed envelope (from lockerctl keyring / bundle)")
     p.add_argument("--no-retain", action="store_true",
@@ -387,7 +410,8 @@ def add_parsers(sub: Subparsers) -> None:
         "asked on lockers/<id>/events/resend for what is missing: at start and on a gap. "
         "With --ack as well, {\"upto_seq\": N} is published on lockers/<id>/events/ack for "
         "that seq, never past a gap, so the locker can prune them. With --client-id, a "
-        "persistent session keeps events that arrive while lockerctl is not running.")
+        "persistent session keeps events that arrive while lockerctl is not running. "
+        "Help requests, answers and refused replies are also described in words on stderr.")
     add_broker_arguments(p)
     p.add_argument("--ack", action="store_true",
                    help="acknowledge what was printed (needs --state)")

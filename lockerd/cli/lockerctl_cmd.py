@@ -15,6 +15,7 @@ from lockerd.cli import (
     lockerctl_broker,
     lockerctl_codes,
     lockerctl_commands,
+    lockerctl_help,
     lockerctl_inspect,
     lockerctl_keys,
     lockerctl_qr,
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The order of these calls is the order of the commands in --help.
     for subject in (lockerctl_keys, lockerctl_codes, lockerctl_inspect, lockerctl_commands,
-                    lockerctl_qr, lockerctl_broker):
+                    lockerctl_qr, lockerctl_broker, lockerctl_help):
         subject.add_parsers(sub)
     return parser
 

@@ -44,6 +44,14 @@ class ParcelOut:
 
 
 @dataclass(frozen=True, slots=True)
+class HelpMark:
+    """A help request recorded (`answered` False) or answered: kept so a reply can be checked."""
+
+    help_id: str
+    answered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """Commit an event and, in the same transaction, the state changes it reports."""
 
@@ -53,6 +61,7 @@ class Record:
     data: Mapping[str, Any] = field(default_factory=dict)
     use: UseChange | None = None
     parcel: ParcelIn | ParcelOut | None = None
+    help: HelpMark | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,15 +13,17 @@ from typing import Literal
 
 from hal.values import DisplayMessage, DoorState
 from lockerd.core import entry as entry_mod
+from lockerd.core import help as help_mod
 from lockerd.core import messages
 from lockerd.core.access import CompartmentView, Reason, Refused
-from lockerd.core.actions import Action, Begin, Pulse, Record, Show
+from lockerd.core.actions import Action, Begin, HelpMark, Pulse, Record, Show
 from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment
 from lockerd.core.credential import Access
 from lockerd.core.deposit import DepositSession, SessionCredential
 from lockerd.core.entry import CodeEntry
 from lockerd.core.events import CONSUMED_USE_EVENTS, EventType
+from lockerd.core.help import HelpFlow, HelpLimit, HelpRules
 from lockerd.core.lockout import Lockout, LockoutState, RateLimiter
 from lockerd.ids import is_qr_token
 
@@ -89,7 +91,7 @@ class Resolve:
 class Save:
     """Persist this part of the bank's state, which must survive a restart."""
 
-    what: Literal["lockout", "open_budget"]
+    what: Literal["lockout", "open_budget", "help_limit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,15 @@ class Log:
     fields: Mapping[str, object] = field(default_factory=dict)
 
 
-BankAction = Record | Pulse | Show | Resolve | Save | Settled | Log
+@dataclass(frozen=True, slots=True)
+class AskHelp:
+    """Name a help request (a fresh help_id and reference) and give it to `Bank.help_sent`."""
+
+    tracking: str
+    phone_last4: str
+
+
+BankAction = Record | Pulse | Show | Resolve | Save | Settled | Log | AskHelp
 
 
 class Bank:
@@ -125,6 +135,8 @@ class Bank:
         rejections: RateLimiter,
         open_budget: OpenBudget,
         rules: DepositRules | None = None,
+        help_rules: HelpRules | None = None,
+        help_limit: HelpLimit | None = None,
     ) -> None:
         self.compartments = dict(compartments)
         self.entry = entry
@@ -133,6 +145,9 @@ class Bank:
         self.open_budget = open_budget
         self.rules = rules or DepositRules()
         self.session: DepositSession | None = None
+        self.help_rules = help_rules or HelpRules()
+        self.help_limit = help_limit or HelpLimit(per_hour=self.help_rules.max_per_hour)
+        self.help: HelpFlow | None = None
 
     # -- views ------------------------------------------------------------------------------
 
@@ -144,11 +159,16 @@ class Bank:
         candidates = [self.entry.deadline()]
         if self.session is not None:
             candidates.append(self.session.deadline())
+        if self.help is not None:
+            candidates.append(self.help.deadline())
         candidates += [c.deadline() for c in self.compartments.values()]
         present = [d for d in candidates if d is not None]
         return min(present) if present else None
 
     def idle_message(self) -> DisplayMessage:
+        if self.help is not None:
+            # A message held over help (a door closing elsewhere) gives the screen back.
+            return self.help.prompt()
         prompt = self.session.prompt() if self.session is not None else None
         retry = self._retry_compartment()
         if prompt is None and retry is not None:
@@ -162,6 +182,8 @@ class Bank:
         if self.session is not None:
             # A deposit session holds the keypad: keys choose sizes, * ends it.
             return self._run(self.session.key(key, self.views(), t), t)
+        if self.help is not None:
+            return self._help_outcome(self.help.key(key, t), wall=wall)
         remaining = self.lockout.remaining(wall)
         if remaining > 0:
             return [Show(messages.locked_out(remaining), hold_s=3.0)]
@@ -175,12 +197,13 @@ class Bank:
         return out
 
     def _enter_on_empty(self, t: float) -> list[Action]:
-        """`#` on an empty entry: the guided retry of the door that jammed last, while its
-        window is open (PROTOCOL section 15); otherwise nothing."""
+        """`#` with nothing typed: the guided retry of the door that jammed last while its
+        window is open (PROTOCOL section 15); otherwise help starts (section 12)."""
         retry = self._retry_compartment()
-        if retry is None:
-            return []
-        return retry.guided_retry(t)
+        if retry is not None:
+            return retry.guided_retry(t)
+        self.help = HelpFlow(self.help_rules, t=t)
+        return [Show(self.help.start().message, hold_s=None)]
 
     def _retry_compartment(self) -> Compartment | None:
         """The compartment whose guided-retry window opened last (the customer most likely
@@ -188,6 +211,52 @@ class Bank:
         open_windows = [(w, c) for c in self.compartments.values()
                         if (w := c.retry_window) is not None]
         return max(open_windows, key=lambda pair: pair[0])[1] if open_windows else None
+
+    # -- help at the bank (PROTOCOL section 12) ---------------------------------------------
+
+    def _help_outcome(self, outcome: help_mod.HelpOutcome | None, *,
+                      wall: float) -> list[BankAction]:
+        match outcome:
+            case help_mod.Prompt(message=message):
+                return [Show(message, hold_s=None)]
+            case help_mod.Ended(message=message):
+                self.help = None
+                return [Show(message, hold_s=5.0)]
+            case help_mod.Ask(tracking=tracking, phone_last4=phone):
+                if not self.help_limit.take(wall):
+                    # Past the hourly limit only the counter keeps a trace (no event).
+                    self.help = None
+                    return [Save("help_limit"), Log("warning", "help request over the limit",
+                                                    {"refused": self.help_limit.state.refused}),
+                            Show(help_mod.limited(self.help_rules.support_text), hold_s=10.0)]
+                return [Save("help_limit"), AskHelp(tracking, phone)]
+        return []
+
+    def help_sent(self, request: AskHelp, *, help_id: str, reference: str, online: bool,
+                  t: float) -> list[BankAction]:
+        """The executor named the request: it is recorded (durable before the screen says it
+        was sent), then the customer waits for the reply, or is told it goes when online."""
+        record = Record(EventType.HELP_REQUESTED, data={
+            "help_id": help_id, "reference": reference, "tracking": request.tracking,
+            "phone_last4": request.phone_last4}, help=HelpMark(help_id))
+        if self.help is None:
+            return [record]
+        if not online:
+            self.help = None
+            return [record, Show(help_mod.offline(reference, self.help_rules.support_text),
+                                 hold_s=15.0)]
+        self.help.sent(help_id, reference, t)
+        return [record, Show(help_mod.checking(reference), hold_s=None)]
+
+    def help_reply(self, help_id: str, *, outcome: str, message: str) -> list[BankAction]:
+        """A verified reply: recorded, and shown only to a customer still waiting for it."""
+        out: list[BankAction] = [Record(EventType.HELP_ANSWERED, data={
+            "help_id": help_id, "outcome": outcome}, help=HelpMark(help_id, answered=True))]
+        flow = self.help
+        if flow is not None and flow.help_id == help_id and flow.step is help_mod.Step.CHECKING:
+            self.help = None
+            out.append(Show(help_mod.answered(message), hold_s=15.0))
+        return out
 
     def _entry_outcome(self, outcome: entry_mod.EntryOutcome, *, t: float,
                        wall: float) -> list[BankAction]:
@@ -218,6 +287,8 @@ class Bank:
         if self.session is not None:
             # In a deposit session the scanner reads parcel labels.
             return self._run(self.session.label(text, self.views(), t), t)
+        if self.help is not None:
+            return self._help_outcome(self.help.scan(text, t), wall=wall)
         if text.isascii() and text.isdigit() and len(text) <= MAX_SCAN_CODE_LENGTH:
             return self.submit(text, source="scanner", t=t, wall=wall)
         if is_qr_token(text):
@@ -310,6 +381,9 @@ class Bank:
                 out += self._run(due, t)
         if self.session is not None and (due := self.session.tick(t)):
             out += self._run(due, t)
+        if self.help is not None and (ended := self.help.tick(t)) is not None:
+            self.help = None
+            out.append(Show(ended.message, hold_s=15.0))
         return out
 
     # -- requests from commands and technicians --------------------------------------------

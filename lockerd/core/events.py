@@ -60,6 +60,9 @@ class EventType(enum.StrEnum):
     CONSOLE_LOGOUT = "console.logout"
     CONSOLE_ACTION = "console.action"
     TELEMETRY = "telemetry"
+    HELP_REQUESTED = "help.requested"
+    HELP_ANSWERED = "help.answered"
+    HELP_REPLY_REJECTED = "help.reply_rejected"
 
     @property
     def outbox_class(self) -> OutboxClass:

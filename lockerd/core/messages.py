@@ -13,7 +13,7 @@ MAX_COLUMNS = 20
 
 
 def idle() -> DisplayMessage:
-    return DisplayMessage(("Enter code, press #", "or scan QR code"), "idle")
+    return DisplayMessage(("Enter code, press #", "No code? Press #", "or scan QR code"), "idle")
 
 
 def typing(count: int) -> DisplayMessage:

@@ -14,8 +14,10 @@ from typing import TextIO, TypeVar
 from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.core.deposit import SessionPhase, is_parcel_id
+from lockerd.core.help import Step
 from lockerd.dev.provision import BankKit, PlainCode, make_bank, random_code
 from lockerd.logs import configure_logging
+from lockerd.services.help import HelpService
 from lockerd.store.events import StoredEvent
 from lockerd.trust.digest import derived_pickup_code, support_code, support_window
 from sim.backend import world_of
@@ -43,6 +45,8 @@ Commands (a compartment is named by its number):
   force N        force door N open (the daemon reports door.forced)
   jam N / unjam N  jam the lock of N so the door does not spring open / clear the jam
                  (after door.jammed: 'unjam N' then '#' is the customer's guided retry)
+  help TRACKING PHONE4  a customer without a code asks for help (# on an empty entry):
+                 tracking number, phone's last 4 digits; the demo's backend answers
   derive PARCEL  the pickup code of a parcel deposited here, as the backend derives it offline
   support PARCEL the code support reads out over the phone for a parcel here (10-20 minutes)
   qr pickup N    scan a signed pickup QR token for compartment N
@@ -271,6 +275,8 @@ class _Demo:
         try:
             if word == "tour":
                 await _Tour(self).run()
+            elif word == "help" and arg:
+                await _ask_for_help(self, arg)
             elif set(line) <= set("0123456789*#"):
                 self.world.press(line if line.endswith(("#", "*")) else line + "#")
             else:
@@ -387,6 +393,136 @@ class _Demo:
                      f"{'yes' if c['occupied'] else 'no':6}  "
                      f"{'in' if c['in_service'] else 'OUT':7}  {parcel_id}")
         self.say("  display: " + " | ".join(self.display.state()["display"].splitlines()))
+
+
+async def _ask_for_help(demo: _Demo, arg: str) -> None:
+    """`help TRACKING PHONE4`: a customer asks for help at the bank; the demo plays the
+    backend, which answers with a signed reply through the bank's own checks."""
+    tracking, _, phone = arg.partition(" ")
+    phone = phone.strip() or "1234"
+    if not (len(phone) == 4 and phone.isdigit()):
+        demo.say("usage: help TRACKING PHONE4 (e.g. help PX200 9876)")
+        return
+    app, world = demo.app, demo.world
+    # The demo's backend is in this process: requests reach it, so the customer waits for
+    # the reply as at a bank that is online.
+    app.controller.online = lambda: True
+    mark = app.events.last_seq()
+
+    def at(step: Step) -> bool | None:
+        flow = app.controller.bank.help
+        return True if flow is not None and flow.step is step else None
+
+    # Keys and scans come from two devices: each waits for the screen that asks for it.
+    world.press("#")
+    if await _wait_for(lambda: at(Step.TRACKING)) is None:
+        demo.say("[backend] help did not start (see 'state')")
+        return
+    if tracking.isdigit():
+        world.press(tracking + "#")
+    else:
+        world.scan(tracking)
+    if await _wait_for(lambda: at(Step.PHONE)) is None:
+        demo.say("[backend] the tracking number was not taken (see 'state')")
+        return
+    world.press(phone)
+    request = await _wait_for(lambda: next((e for e in app.events.since(mark)
+                                            if e.type == "help.requested"), None))
+    if request is None:
+        demo.say("[backend] no help request was recorded (see 'events')")
+        return
+    await demo.printer.settle()
+    await _backend_answers(demo, request)
+
+
+async def _backend_answers(demo: _Demo, request: StoredEvent) -> str:
+    """The demo's backend answers a help request as `lockerctl respond-help` would: resent
+    for a parcel on record here, not_found otherwise. Returns the outcome."""
+    app = demo.app
+    tracking, phone = str(request.data["tracking"]), str(request.data["phone_last4"])
+    if tracking in _parcels_here(demo):
+        outcome, message = "resent", f"New code sent by SMS to ***{phone[-2:]}"
+    else:
+        outcome, message = "not_found", "No parcel found for these details. Call support"
+    demo.say(f"[backend] help request H-{request.data['reference']} for {tracking}: {outcome}")
+    responder = HelpService(
+        link=None, topic="", cache=app.cache, requests=app.controller.help_requests,
+        events=app.events, locker_id=demo.kit.locker_id,
+        answer=lambda help_id, outcome_, text: app.controller.help_reply(
+            help_id, outcome=outcome_, message=text),
+        reply_valid_s=app.config.help.reply_valid_s, now=app.clock.wall,
+        monotonic=app.clock.monotonic)
+    await responder.receive(demo.kit.help_reply(str(request.data["help_id"]), outcome=outcome,
+                                                message=message))
+    await demo.printer.settle()
+    return outcome
+
+
+def _parcels_here(demo: _Demo) -> set[str]:
+    """The parcels the demo's backend knows to be in this bank: those on record (deposited
+    here), and those of the printed codes whose compartment holds a parcel."""
+    comps = demo.app.controller.compartments
+    here = {c.parcel_id for c in comps.values() if c.parcel_id}
+    here |= {c.parcel_id for c in demo.kit.codes
+             if c.parcel_id and c.compartment and comps[c.compartment].occupied}
+    return here
+
+
+async def _no_code_chapter(tour: _Tour) -> None:
+    """The tour's "no code" chapter, help part: a customer whose SMS never came asks for
+    help at the bank, the backend resends the code, and that code opens the door."""
+    demo, app, world = tour.demo, tour.app, tour.world
+    ctl = app.controller
+    code = next((c for c in demo.kit.codes if c.kind == "pickup" and c.compartment
+                 and c.parcel_id in _parcels_here(demo)), None)
+    if code is None or code.compartment is None or code.parcel_id is None:
+        await tour._step("no code: no parcel with a known code is left here; chapter skipped")
+        return
+    cid, parcel = code.compartment, code.parcel_id
+    app.controller.online = lambda: True  # the demo's backend is in this process
+    await tour._step(f"chapter 'no code': the SMS for parcel {parcel} never came; its "
+                     "customer presses # with nothing typed")
+    mark = app.events.last_seq()
+    world.press("#")
+    await tour._until("the display to ask for a tracking number",
+                      lambda: True if ctl.bank.help is not None else None)
+    await tour._step(f"the customer scans the tracking number on the notice: {parcel}")
+    world.scan(parcel)
+    await tour._until("the display to ask for the phone's last 4 digits",
+                      lambda: True if ctl.bank.help is not None
+                      and ctl.bank.help.step is Step.PHONE else None)
+    await tour._step("the customer types the last 4 digits of their phone: 9876")
+    world.press("9876")
+    request = await tour._event(mark, "help.requested", what="the help request")
+    await tour._step(f"help.requested is on its way; the customer reads the reference "
+                     f"H-{request.data['reference']}")
+    if await _backend_answers(demo, request) != "resent":
+        raise TourFailed(f"the backend did not find parcel {parcel}")
+    await tour._event(mark, "help.answered", what="the reply to be accepted")
+    await tour._step(f"the SMS arrives with the pickup code: the customer types {code.code}#")
+    world.press(code.code + "#")
+    await tour._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
+                      fail=("code.rejected", "door.jammed"))
+    await tour._step(f"door {cid} is open: the customer takes parcel {parcel} and closes it")
+    world.set_parcel(cid, False)
+    await tour._until(f"the occupancy sensor of {cid} to see it empty",
+                      lambda: True if ctl.compartments[cid].occupied is False else None)
+    world.close_door(cid)
+    await tour._event(mark, "pickup.completed", compartment=cid,
+                      what="the pickup to complete", fail=("pickup.incomplete",))
+    await tour._until(f"the latch of door {cid} to engage",
+                      lambda: True if world.compartment(cid).locked else None)
+
+
+async def _wait_for(check: Callable[[], T | None]) -> T | None:
+    """`check()` once it is not None, or None after TOUR_STEP_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TOUR_STEP_S
+    while True:
+        result = check()
+        if result is not None or loop.time() >= deadline:
+            return result
+        await asyncio.sleep(_POLL_S)
 
 
 def _shorten(token: str) -> str:
@@ -513,6 +649,7 @@ class _Tour:
         await self._until(f"the latch of door {cid} to engage",
                           lambda: True if world.compartment(cid).locked else None)
         await self._step(f"pickup completed with code derived:{parcel}.")
+        await _no_code_chapter(self)
         if not await self._jam_chapter():
             await self._step("End of the tour.")
 

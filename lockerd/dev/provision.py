@@ -24,10 +24,12 @@ from lockerd.trust.digest import code_digest, generate_code_key, save_code_key
 from lockerd.trust.dsse import (
     CODES_PAYLOAD_TYPE,
     COMMAND_PAYLOAD_TYPE,
+    HELP_REPLY_PAYLOAD_TYPE,
     KEYRING_PAYLOAD_TYPE,
     RoleKeys,
     sign_envelope,
 )
+from lockerd.trust.helpreply import build_reply_payload
 from lockerd.trust.keyring import ROLE_NAMES, build_keyring_payload
 from lockerd.trust.keys import generate_key, public_hex, save_private_key
 from lockerd.trust.qrtoken import mint_qr_token
@@ -119,6 +121,25 @@ class BankKit:
             args=args, override=override)
         return sign_envelope(COMMAND_PAYLOAD_TYPE, payload,
                              list(signers) or [signer or self.root_key])
+
+    def help_reply(
+        self,
+        help_id: str,
+        *,
+        outcome: str = "resent",
+        message: str = "New code sent by SMS to ***67",
+        expires_at: datetime | None = None,
+        locker_id: str | None = None,
+        signer: Ed25519PrivateKey | None = None,
+    ) -> bytes:
+        """A reply to a help request (PROTOCOL section 12), signed by the commands role (the
+        root key in this kit) or by `signer`."""
+        now = utcnow()
+        payload = build_reply_payload(
+            locker_id=locker_id or self.locker_id, help_id=help_id, issued_at=now,
+            expires_at=expires_at or now + timedelta(minutes=5), outcome=outcome,
+            message=message)
+        return sign_envelope(HELP_REPLY_PAYLOAD_TYPE, payload, [signer or self.root_key])
 
     def qr_token(
         self,

@@ -24,6 +24,7 @@ from hal.base import (
 from hal.errors import HalError
 from lockerd.core.actions import ParcelIn, ParcelOut, Pulse, Record, Show
 from lockerd.core.bank import (
+    AskHelp,
     Bank,
     BankAction,
     CredentialDecision,
@@ -41,10 +42,12 @@ from lockerd.core.budget import BudgetState, OpenBudget
 from lockerd.core.compartment import Compartment
 from lockerd.core.deposit import DepositSession
 from lockerd.core.events import EventType
+from lockerd.core.help import HelpLimitState
 from lockerd.core.lockout import LockoutState
 from lockerd.logs import get_logger
 from lockerd.services.clock import Clock
 from lockerd.services.credentials import CredentialService
+from lockerd.services.help import HelpRequests, new_help_ids
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog, StoredEvent
@@ -54,6 +57,7 @@ log = get_logger("lockerd.controller")
 
 LOCKOUT_META = "lockout"
 BUDGET_META = "open_budget"
+HELP_LIMIT_META = "help_limit"
 
 
 def load_lockout_state(db: Database) -> LockoutState:
@@ -75,6 +79,17 @@ def load_budget_state(db: Database) -> BudgetState:
         return BudgetState(opens=opens, reported_at=float(raw.get("reported_at", 0.0)))
     except (TypeError, ValueError):
         return BudgetState()
+
+
+def load_help_limit_state(db: Database) -> HelpLimitState:
+    raw = db.get_meta(HELP_LIMIT_META)
+    if not isinstance(raw, dict):
+        return HelpLimitState()
+    try:
+        return HelpLimitState(requests=tuple(float(at) for at in raw.get("requests", ())),
+                              refused=int(raw.get("refused", 0)))
+    except (TypeError, ValueError):
+        return HelpLimitState()
 
 
 class Controller:
@@ -99,6 +114,7 @@ class Controller:
         clock: Clock,
         parcels: ParcelStore | None = None,
         tokens: SpentTokens | None = None,
+        online: Callable[[], bool] | None = None,
     ) -> None:
         self.bank = bank
         self._credentials = credentials
@@ -121,6 +137,9 @@ class Controller:
         self.busy_since: float | None = None  # set while an input is being handled
         self._taps: list[Callable[[InputEvent], None]] = []
         self.last_message: DisplayMessage | None = None
+        # Whether a help request can reach the backend now; without [mqtt] it never can.
+        self.online: Callable[[], bool] = online or (lambda: False)
+        self.help_requests = HelpRequests(db)
 
     # -- the bank's state, under the names the services read --------------------------------
 
@@ -319,21 +338,30 @@ class Controller:
             if pending:
                 self.commit(*pending)
                 pending = []
-            if isinstance(action, Pulse):
-                self._start_pulse(action.compartment)
-            elif isinstance(action, Show):
-                await self._show(action.message, hold_s=action.hold_s)
-            elif isinstance(action, Save):
-                self._save(action)
-            else:
-                await self._execute(self.bank.decide(
-                    self._resolve(action), source=action.source, t=self._clock.monotonic(),
-                    wall=self._clock.wall().timestamp()))
+            await self._carry_out(action)
         if pending:
             self.commit(*pending)
         if recorded:
             # A compartment leaves or re-enters service only with the event that says so.
             await self._save_service_if_changed()
+
+    async def _carry_out(self, action: Pulse | Show | Save | AskHelp | Resolve) -> None:
+        """One output, once everything recorded before it is durable."""
+        if isinstance(action, Pulse):
+            self._start_pulse(action.compartment)
+        elif isinstance(action, Show):
+            await self._show(action.message, hold_s=action.hold_s)
+        elif isinstance(action, Save):
+            self._save(action)
+        elif isinstance(action, AskHelp):
+            help_id, reference = new_help_ids()
+            await self._execute(self.bank.help_sent(
+                action, help_id=help_id, reference=reference, online=self.online(),
+                t=self._clock.monotonic()))
+        else:
+            await self._execute(self.bank.decide(
+                self._resolve(action), source=action.source, t=self._clock.monotonic(),
+                wall=self._clock.wall().timestamp()))
 
     def _settle(self, settled: Settled) -> None:
         """An open in progress reached its end. The waiting request sees it only after this
@@ -346,6 +374,10 @@ class Controller:
     def _save(self, action: Save) -> None:
         if action.what == "lockout":
             self._db.set_meta(LOCKOUT_META, asdict(self.bank.lockout.state))
+        elif action.what == "help_limit":
+            help_state = self.bank.help_limit.state
+            self._db.set_meta(HELP_LIMIT_META, {"requests": list(help_state.requests),
+                                                "refused": help_state.refused})
         else:
             state = self.bank.open_budget.state
             self._db.set_meta(BUDGET_META, {"opens": list(state.opens),
@@ -384,6 +416,12 @@ class Controller:
                 self._parcels.put(conn, record.compartment, parcel_id, code_id, at)
             case ParcelOut() if record.compartment:
                 self._parcels.remove(conn, record.compartment)
+        if record.help is not None:
+            self.help_requests.mark(conn, record.help, at)
+
+    async def help_reply(self, help_id: str, *, outcome: str, message: str) -> None:
+        """A verified reply to a help request: recorded, shown if its customer still waits."""
+        await self._execute(self.bank.help_reply(help_id, outcome=outcome, message=message))
 
     def commit_event(self, type_: str, data: Mapping[str, object]) -> StoredEvent:
         return self.commit(Record(type_, data=data))[0]

@@ -24,6 +24,7 @@ KEYRING_PAYLOAD_TYPE = "application/vnd.lockerd.keyring+json"
 CODES_PAYLOAD_TYPE = "application/vnd.lockerd.codes+json"
 COMMAND_PAYLOAD_TYPE = "application/vnd.lockerd.command+json"
 TECHNICIAN_PAYLOAD_TYPE = "application/vnd.lockerd.technician+json"
+HELP_REPLY_PAYLOAD_TYPE = "application/vnd.lockerd.help-reply+json"
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
