@@ -61,6 +61,9 @@ class CodesSection(_Section, kw_only=True, frozen=True):
     # Derived pickup codes (PROTOCOL section 4): off unless the backend issues them.
     derived_pickup: bool = False
     derived_digits: Annotated[int, msgspec.Meta(ge=4, le=12)] = 8
+    # Most a pickup code's not_after is extended locally, in total, for the time its parcel
+    # waited behind a bank that was down or a compartment out of service (PROTOCOL section 14).
+    max_extension_s: Annotated[int, msgspec.Meta(ge=0)] = 259200
 
 
 SizeLabel = Annotated[str, msgspec.Meta(pattern=_SIZE_LABEL)]

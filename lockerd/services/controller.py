@@ -120,6 +120,8 @@ class Controller:
         self.busy_since: float | None = None  # set while an input is being handled
         self._taps: list[Callable[[InputEvent], None]] = []
         self.last_message: DisplayMessage | None = None
+        # Told (compartment, in_service) once the change is saved: the deadline keeper.
+        self.service_listeners: list[Callable[[str, bool], object]] = []
 
     # -- the bank's state, under the names the services read --------------------------------
 
@@ -421,6 +423,8 @@ class Controller:
         changed = set(snapshot) ^ set(self._service_saved)
         self._service_saved = snapshot
         for cid in sorted(changed):
+            for listener in self.service_listeners:
+                listener(cid, cid not in snapshot)
             await self.announce_service(cid)
 
     async def announce_service(self, cid: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from lockerd.core.access import CodeRecord
@@ -11,12 +13,48 @@ from lockerd.errors import TrustError
 from lockerd.store.db import Database
 from lockerd.trust.bundle import CodesBundle
 
+# The not_after a code is checked against is the bundle's plus its local extension, if the
+# extension was made for that same not_after (PROTOCOL section 14).
+_EXTENSION_JOIN = """
+LEFT JOIN code_extensions x
+       ON x.id = c.id AND x.digest = c.digest AND x.base_not_after = c.not_after
+"""
 _LOOKUP = """
-SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_after,
-       c.max_uses, COALESCE(u.uses, 0)
+SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before,
+       c.not_after + COALESCE(x.extended_s, 0), c.max_uses, COALESCE(u.uses, 0)
 FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
+""" + _EXTENSION_JOIN + """
 WHERE c.digest = ?
 """
+_PICKUP_CODES = """
+SELECT c.id, c.digest, c.compartment, c.parcel_id, c.not_after, COALESCE(x.extended_s, 0)
+FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
+""" + _EXTENSION_JOIN + """
+WHERE c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
+  AND (c.compartment IN (SELECT value FROM json_each(?))
+       OR c.parcel_id IN (SELECT value FROM json_each(?)))
+"""
+_STALE_EXTENSIONS = """
+DELETE FROM code_extensions WHERE {where} NOT EXISTS (SELECT 1 FROM codes c
+    WHERE c.id = code_extensions.id AND c.digest = code_extensions.digest
+      AND c.not_after = code_extensions.base_not_after)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendableCode:
+    """A pickup code with uses left, as the extension of its deadline sees it."""
+
+    id: str
+    digest: str
+    compartment: str | None
+    parcel_id: str | None
+    base_not_after: int  # the bundle's
+    extended_s: int  # the local extension so far, for that not_after
+
+    @property
+    def not_after(self) -> int:
+        return self.base_not_after + self.extended_s
 
 
 def _epoch(dt: datetime | None) -> int | None:
@@ -75,6 +113,23 @@ class CodeStore:
         row = self._db.conn.execute(
             "SELECT 1 FROM revoked_derived WHERE parcel_id = ?", (parcel_id,)).fetchone()
         return row is not None
+
+    def pickup_codes(self, *, compartments: Collection[str],
+                     parcels: Collection[str]) -> list[ExtendableCode]:
+        """The pickup codes with uses left that name one of `compartments` or `parcels`
+        (one scan of the table, whatever the number of compartments)."""
+        rows = self._db.conn.execute(
+            _PICKUP_CODES, (json.dumps(sorted(compartments)), json.dumps(sorted(parcels))))
+        return [ExtendableCode(*row) for row in rows]
+
+    def set_extension(self, conn: sqlite3.Connection, code: ExtendableCode,
+                      extended_s: int) -> None:
+        """The code's total local extension is now `extended_s`, inside the caller's event
+        transaction."""
+        conn.execute(
+            "INSERT INTO code_extensions VALUES (?, ?, ?, ?) ON CONFLICT(id, digest) DO UPDATE"
+            " SET base_not_after = excluded.base_not_after, extended_s = excluded.extended_s",
+            (code.id, code.digest, code.base_not_after, extended_s))
 
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
@@ -140,6 +195,11 @@ class CodeStore:
                 conn.execute(stale.format(where=""))
             else:
                 conn.executemany(stale.format(where="id = ? AND"), touched)
+            # An extension holds for the not_after it extended: another one replaces it.
+            if bundle.base_version is None:
+                conn.execute(_STALE_EXTENSIONS.format(where=""))
+            else:
+                conn.executemany(_STALE_EXTENSIONS.format(where="id = ? AND"), touched)
             derived = [(i.removeprefix(DERIVED_PREFIX), bundle.version)
                        for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
             conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)

@@ -89,6 +89,16 @@ CREATE TABLE IF NOT EXISTS revoked_derived (
     parcel_id TEXT PRIMARY KEY,
     version   INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Local extensions of a code's not_after (downtime, out of service), for the not_after the
+-- bundle set: a bundle that sets another not_after for the code replaces the extension.
+CREATE TABLE IF NOT EXISTS code_extensions (
+    id             TEXT NOT NULL,
+    digest         TEXT NOT NULL,
+    base_not_after INTEGER NOT NULL,
+    extended_s     INTEGER NOT NULL,
+    PRIMARY KEY (id, digest)
+) WITHOUT ROWID;
 """
 
 
