@@ -73,6 +73,7 @@ def test_the_extension_stays_within_the_cap() -> None:
     assert extension_s(100_000, already_s=200_000, cap_s=259200) == 59200
     assert extension_s(100, already_s=259200, cap_s=259200) == 0
     assert extension_s(100, already_s=0, cap_s=0) == 0
+    assert extension_s(59, already_s=0, cap_s=259200) == 0  # under a heartbeat: nothing
 
 
 @pytest.mark.parametrize("raw", [None, "x", [], {"at": "soon", "run_s": 1},

@@ -4,7 +4,7 @@ bundle replacing the extension. The clock is one the test moves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -212,6 +212,8 @@ def test_a_clock_that_jumps_while_running_extends_nothing(tmp_path: Path) -> Non
     assert rig.keeper.tick() == []
     rig = rig.restart(down_s=0)
     assert rig.keeper.tick() == []
+    rig = rig.restart(down_s=30)  # a quick restart: under a heartbeat, nothing
+    assert rig.keeper.tick() == []
     rig = rig.restart(down_s=-5 * HOUR)  # set back: shortens nothing
     assert rig.keeper.tick() == []
     assert rig.not_after("p-1") == DEADLINE
@@ -227,8 +229,11 @@ def test_a_bundle_with_another_not_after_replaces_the_extension(tmp_path: Path) 
     rig.codes.apply(bundle(2, base=1, ids=("p-1",)))
     rig.codes.apply(bundle(3, ids=("p-1", "q-1", "p-3")))
     assert rig.not_after("p-1") == DEADLINE + timedelta(hours=40)
+    # Revoked and re-issued in one delta, same not_after: the extension is put back once.
+    rig.codes.apply(replace(bundle(4, base=3, ids=("p-1",)), revoke=("p-1",)))
+    assert rig.not_after("p-1") == DEADLINE + timedelta(hours=40)
     later = DEADLINE + timedelta(days=1)
-    rig.codes.apply(bundle(4, base=3, ids=("p-1",), not_after=later))
+    rig.codes.apply(bundle(5, base=4, ids=("p-1",), not_after=later))
     assert rig.not_after("p-1") == later
     assert rig.not_after("q-1") == DEADLINE + timedelta(hours=40)
     # The total starts again: the next outage may extend p-1 by the whole cap.

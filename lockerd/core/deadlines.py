@@ -6,6 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 HEARTBEAT_S = 60.0  # the heartbeat is written at most once per this many seconds
+# A wait shorter than this extends nothing: a restart's downtime is only known to within a
+# heartbeat, and a compartment out of service for seconds has cost its customer nothing.
+MIN_EXTENSION_S = HEARTBEAT_S
 
 
 @dataclass(slots=True)
@@ -99,5 +102,8 @@ class DeadlineClock:
 
 
 def extension_s(wanted_s: float, *, already_s: int, cap_s: int) -> int:
-    """Whole seconds to extend a code by: `wanted_s`, within what the cap leaves."""
+    """Whole seconds to extend a code by: `wanted_s`, within what the cap leaves (nothing
+    for a wait under MIN_EXTENSION_S)."""
+    if wanted_s < MIN_EXTENSION_S:
+        return 0
     return max(0, min(int(wanted_s), cap_s - already_s))

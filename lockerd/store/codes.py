@@ -13,23 +13,20 @@ from lockerd.errors import TrustError
 from lockerd.store.db import Database
 from lockerd.trust.bundle import CodesBundle
 
-# The not_after a code is checked against is the bundle's plus its local extension, if the
-# extension was made for that same not_after (PROTOCOL section 14).
-_EXTENSION_JOIN = """
-LEFT JOIN code_extensions x
-       ON x.id = c.id AND x.digest = c.digest AND x.base_not_after = c.not_after
-"""
 _LOOKUP = """
-SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before,
-       c.not_after + COALESCE(x.extended_s, 0), c.max_uses, COALESCE(u.uses, 0)
+SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_after,
+       c.max_uses, COALESCE(u.uses, 0)
 FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
-""" + _EXTENSION_JOIN + """
 WHERE c.digest = ?
 """
+# A local extension (PROTOCOL section 14) is written into codes.not_after itself, so the
+# lookup of an entered code costs what it did; code_extensions keeps the bundle's not_after
+# and the total, to put the extension back when a bundle rewrites the row with the same one.
 _PICKUP_CODES = """
-SELECT c.id, c.digest, c.compartment, c.parcel_id, c.not_after, COALESCE(x.extended_s, 0)
+SELECT c.id, c.digest, c.compartment, c.parcel_id,
+       COALESCE(x.base_not_after, c.not_after), COALESCE(x.extended_s, 0)
 FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
-""" + _EXTENSION_JOIN + """
+LEFT JOIN code_extensions x ON x.id = c.id AND x.digest = c.digest
 WHERE c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
   AND (c.compartment IN (SELECT value FROM json_each(?))
        OR c.parcel_id IN (SELECT value FROM json_each(?)))
@@ -130,6 +127,8 @@ class CodeStore:
             "INSERT INTO code_extensions VALUES (?, ?, ?, ?) ON CONFLICT(id, digest) DO UPDATE"
             " SET base_not_after = excluded.base_not_after, extended_s = excluded.extended_s",
             (code.id, code.digest, code.base_not_after, extended_s))
+        conn.execute("UPDATE codes SET not_after = ? WHERE digest = ? AND id = ?",
+                     (code.base_not_after + extended_s, code.digest, code.id))
 
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
@@ -174,6 +173,21 @@ class CodeStore:
             self._reset_cache()
 
     @staticmethod
+    def _carry_extensions(conn: sqlite3.Connection, bundle: CodesBundle,
+                          touched: Sequence[tuple[str]]) -> None:
+        """An extension holds for the not_after it extended: a rewritten row with the same
+        not_after gets it back, one with another not_after replaces it (and its total)."""
+        if bundle.base_version is None:
+            conn.execute(_STALE_EXTENSIONS.format(where=""))
+            rows = conn.execute("SELECT extended_s, digest, id FROM code_extensions").fetchall()
+        else:
+            conn.executemany(_STALE_EXTENSIONS.format(where="id = ? AND"), touched)
+            rows = [row for (code_id,) in dict.fromkeys(touched) for row in conn.execute(
+                "SELECT extended_s, digest, id FROM code_extensions WHERE id = ?", (code_id,))]
+        conn.executemany(
+            "UPDATE codes SET not_after = not_after + ? WHERE digest = ? AND id = ?", rows)
+
+    @staticmethod
     def _write_rows(conn: sqlite3.Connection, bundle: CodesBundle,
                     rows: Sequence[tuple[object, ...]], touched: Sequence[tuple[str]]) -> None:
         """The code rows of `bundle`, inside the caller's transaction; a digest given to two
@@ -195,11 +209,7 @@ class CodeStore:
                 conn.execute(stale.format(where=""))
             else:
                 conn.executemany(stale.format(where="id = ? AND"), touched)
-            # An extension holds for the not_after it extended: another one replaces it.
-            if bundle.base_version is None:
-                conn.execute(_STALE_EXTENSIONS.format(where=""))
-            else:
-                conn.executemany(_STALE_EXTENSIONS.format(where="id = ? AND"), touched)
+            CodeStore._carry_extensions(conn, bundle, touched)
             derived = [(i.removeprefix(DERIVED_PREFIX), bundle.version)
                        for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
             conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)
