@@ -288,3 +288,13 @@ async def test_out_of_service_time_after_a_jam_extends_the_code(tmp_path: Path) 
     assert rig.not_after("p-1") == DEADLINE + timedelta(seconds=HOUR + by)
     assert "code.extended" in [e.type for e in rig.events.recent(5)]
     rig.db.close()
+
+
+def test_an_unreadable_heartbeat_measures_nothing_and_is_written_anew(tmp_path: Path) -> None:
+    rig = build(tmp_path)
+    rig.db.set_meta(HEARTBEAT_META, {"at": "yesterday", "run_s": [1]})
+    rig = rig.restart(down_s=5 * HOUR)
+    assert rig.keeper.tick() == []
+    assert rig.not_after("p-1") == DEADLINE
+    assert rig.db.get_meta(HEARTBEAT_META)["at"] == rig.clock.now.timestamp()
+    rig.db.close()

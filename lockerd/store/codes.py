@@ -115,6 +115,8 @@ class CodeStore:
                      parcels: Collection[str]) -> list[ExtendableCode]:
         """The pickup codes with uses left that name one of `compartments` or `parcels`
         (one scan of the table, whatever the number of compartments)."""
+        if not compartments and not parcels:
+            return []
         rows = self._db.conn.execute(
             _PICKUP_CODES, (json.dumps(sorted(compartments)), json.dumps(sorted(parcels))))
         return [ExtendableCode(*row) for row in rows]
