@@ -154,13 +154,13 @@ def build(path: Path, *, clock: ManualClock | None = None, first: bool = True) -
     return Rig(path, clock, db, codes, events, ctl, keeper)
 
 
-def test_downtime_extends_the_pickup_codes_of_the_parcels_that_waited(tmp_path: Path) -> None:
+async def test_downtime_extends_the_pickup_codes_of_the_parcels_that_waited(tmp_path: Path) -> None:
     rig = build(tmp_path)
-    assert rig.keeper.tick() == []  # the first heartbeat: nothing to measure
+    assert await rig.keeper.tick() == []  # the first heartbeat: nothing to measure
     rig.clock.advance(120)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     rig = rig.restart(down_s=5 * HOUR)
-    stored = rig.keeper.tick()
+    stored = await rig.keeper.tick()
     assert sorted((e.code_id, e.compartment) for e in stored) == [
         ("p-1", "1"), ("p-3", "3"), ("q-1", "1")]
     for event in stored:
@@ -173,58 +173,58 @@ def test_downtime_extends_the_pickup_codes_of_the_parcels_that_waited(tmp_path: 
     rig.db.close()
 
 
-def test_extensions_add_up_to_the_cap_and_no_further(tmp_path: Path) -> None:
+async def test_extensions_add_up_to_the_cap_and_no_further(tmp_path: Path) -> None:
     rig = build(tmp_path)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     for _ in range(2):
         rig = rig.restart(down_s=40 * HOUR)
-        rig.keeper.tick()
+        await rig.keeper.tick()
     assert rig.not_after("p-1") == DEADLINE + timedelta(seconds=CAP)
     last = [e for e in rig.extended() if e.code_id == "p-1"][-1]
     assert last.data["extended_by_s"] == CAP - 40 * HOUR
     rig = rig.restart(down_s=10 * HOUR)
-    assert rig.keeper.tick() == []
+    assert await rig.keeper.tick() == []
     assert rig.not_after("p-1") == DEADLINE + timedelta(seconds=CAP)
     rig.db.close()
 
 
-def test_a_clock_set_forward_while_not_synchronised_extends_nothing(tmp_path: Path) -> None:
+async def test_a_clock_set_forward_while_not_synchronised_extends_nothing(tmp_path: Path) -> None:
     rig = build(tmp_path)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     rig = rig.restart(down_s=2 * 86400, synced=False)
-    assert rig.keeper.tick() == []
+    assert await rig.keeper.tick() == []
     assert rig.not_after("p-1") == DEADLINE
     # The clock jumps back to the truth (an hour after the last heartbeat, of which the
     # daemon ran 10 minutes) and is synchronised: only the real downtime counts.
     rig.clock.t += 600
     rig.clock.now = START + timedelta(hours=1)
     rig.clock.synced = True
-    stored = rig.keeper.tick()
+    stored = await rig.keeper.tick()
     assert {e.data["extended_by_s"] for e in stored} == {HOUR - 600}
     rig.db.close()
 
 
-def test_a_clock_that_jumps_while_running_extends_nothing(tmp_path: Path) -> None:
+async def test_a_clock_that_jumps_while_running_extends_nothing(tmp_path: Path) -> None:
     rig = build(tmp_path)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     rig.clock.t += 60
     rig.clock.now += timedelta(days=3)
-    assert rig.keeper.tick() == []
+    assert await rig.keeper.tick() == []
     rig = rig.restart(down_s=0)
-    assert rig.keeper.tick() == []
+    assert await rig.keeper.tick() == []
     rig = rig.restart(down_s=30)  # a quick restart: under a heartbeat, nothing
-    assert rig.keeper.tick() == []
+    assert await rig.keeper.tick() == []
     rig = rig.restart(down_s=-5 * HOUR)  # set back: shortens nothing
-    assert rig.keeper.tick() == []
+    assert await rig.keeper.tick() == []
     assert rig.not_after("p-1") == DEADLINE
     rig.db.close()
 
 
-def test_a_bundle_with_another_not_after_replaces_the_extension(tmp_path: Path) -> None:
+async def test_a_bundle_with_another_not_after_replaces_the_extension(tmp_path: Path) -> None:
     rig = build(tmp_path)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     rig = rig.restart(down_s=40 * HOUR)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     # A delta repeating the same not_after keeps the extension; a snapshot too.
     rig.codes.apply(bundle(2, base=1, ids=("p-1",)))
     rig.codes.apply(bundle(3, ids=("p-1", "q-1", "p-3")))
@@ -238,19 +238,19 @@ def test_a_bundle_with_another_not_after_replaces_the_extension(tmp_path: Path) 
     assert rig.not_after("q-1") == DEADLINE + timedelta(hours=40)
     # The total starts again: the next outage may extend p-1 by the whole cap.
     rig = rig.restart(down_s=CAP + HOUR)
-    by = {e.code_id: e.data["extended_by_s"] for e in rig.keeper.tick()}
+    by = {e.code_id: e.data["extended_by_s"] for e in await rig.keeper.tick()}
     assert by == {"p-1": CAP, "q-1": CAP - 40 * HOUR, "p-3": CAP - 40 * HOUR}
     rig.db.close()
 
 
-def test_the_heartbeat_is_written_at_most_once_a_minute(tmp_path: Path) -> None:
+async def test_the_heartbeat_is_written_at_most_once_a_minute(tmp_path: Path) -> None:
     rig = build(tmp_path)
     writes: list[str] = []
     rig.db.conn.set_trace_callback(
         lambda sql: writes.append(sql) if "INSERT INTO meta" in sql else None)
     for step in (0, 10, 20, 29, 1, 0.5, 0.5, 60, 0.1, 59.8, 0.1):
         rig.clock.advance(step)
-        rig.keeper.tick()
+        await rig.keeper.tick()
     # At 0, 61 and 121.0 seconds: one small write each.
     assert len(writes) == 3
     assert all(HEARTBEAT_META in sql for sql in writes)
@@ -259,7 +259,7 @@ def test_the_heartbeat_is_written_at_most_once_a_minute(tmp_path: Path) -> None:
 
 async def test_out_of_service_time_after_a_jam_extends_the_code(tmp_path: Path) -> None:
     rig = build(tmp_path)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     for key in CODES["p-1"][0] + "#":
         await rig.ctl.step(KeyPressed(key))
     # Nobody opens the door: it jams and the compartment goes out of service.
@@ -272,13 +272,14 @@ async def test_out_of_service_time_after_a_jam_extends_the_code(tmp_path: Path) 
     # Two hours out of service, across a restart of the daemon (not counted twice: the
     # restart's own downtime, 1 h, is extended as downtime).
     rig.clock.advance(HOUR)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     rig = rig.restart(down_s=HOUR)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     rig.clock.advance(HOUR)
-    rig.keeper.tick()
+    await rig.keeper.tick()
     assert sorted(str(e.code_id) for e in rig.extended()) == ["p-1", "p-3", "q-1"]
     await rig.ctl.set_service("1", True, "repaired")
+    await rig.keeper.settled()
     extended = [e for e in rig.extended() if e.data["reason"] == "out_of_service"]
     assert sorted(str(e.code_id) for e in extended) == ["p-1", "q-1"]
     assert {e.compartment for e in extended} == {"1"}
@@ -290,11 +291,25 @@ async def test_out_of_service_time_after_a_jam_extends_the_code(tmp_path: Path) 
     rig.db.close()
 
 
-def test_an_unreadable_heartbeat_measures_nothing_and_is_written_anew(tmp_path: Path) -> None:
+async def test_an_unreadable_heartbeat_measures_nothing_and_is_written_anew(tmp_path: Path) -> None:
     rig = build(tmp_path)
     rig.db.set_meta(HEARTBEAT_META, {"at": "yesterday", "run_s": [1]})
     rig = rig.restart(down_s=5 * HOUR)
-    assert rig.keeper.tick() == []
+    assert await rig.keeper.tick() == []
     assert rig.not_after("p-1") == DEADLINE
     assert rig.db.get_meta(HEARTBEAT_META)["at"] == rig.clock.now.timestamp()
+    rig.db.close()
+
+
+def test_an_extension_read_before_a_bundle_changed_the_code_is_dropped(tmp_path: Path) -> None:
+    rig = build(tmp_path)
+    seen = {c.id: c for c in rig.codes.pickup_codes(compartments={"1"}, parcels={"PX-1"})}
+    assert set(seen) == {"p-1", "q-1", "old"}
+    later = DEADLINE + timedelta(days=1)
+    rig.codes.apply(bundle(2, base=1, ids=("p-1",), not_after=later))
+    with rig.db.transaction() as conn:
+        assert not rig.codes.set_extension(conn, seen["p-1"], HOUR)
+        assert rig.codes.set_extension(conn, seen["q-1"], HOUR)
+    assert rig.not_after("p-1") == later
+    assert rig.not_after("q-1") == DEADLINE + timedelta(hours=1)
     rig.db.close()

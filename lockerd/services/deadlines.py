@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
@@ -47,6 +48,7 @@ class DeadlineKeeper:
         self._deadlines = DeadlineClock(Heartbeat.from_json(db.get_meta(HEARTBEAT_META)),
                                         mono=clock.monotonic())
         self._written_at: float | None = None  # monotonic time of the last heartbeat write
+        self._pending: set[asyncio.Task[list[StoredEvent]]] = set()
 
     @property
     def heartbeat(self) -> Heartbeat:
@@ -54,13 +56,18 @@ class DeadlineKeeper:
 
     async def run(self) -> None:
         while True:
-            self.tick()
+            await self.tick()
             await asyncio.sleep(self._interval_s)
+
+    async def settled(self) -> None:
+        """Wait for the extensions started by compartments coming back in service."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     def _out_of_service(self) -> set[str]:
         return {cid for cid, c in self._compartments().items() if not c.in_service}
 
-    def tick(self) -> list[StoredEvent]:
+    async def tick(self) -> list[StoredEvent]:
         """The heartbeat, and at the first one on a synchronised clock since the start, the
         extension for the downtime. Writes nothing if the last write is under a minute old."""
         mono = self._clock.monotonic()
@@ -75,29 +82,51 @@ class DeadlineKeeper:
             self._db.set_meta(HEARTBEAT_META, self.heartbeat.to_json())
             return []
         held = {cid: c for cid, c in self._compartments().items() if _may_hold_parcel(c)}
-        return self._extend(held, downtime, wall, reason="downtime")
+        return await self._extend(held, downtime, wall, reason="downtime")
 
-    def service_changed(self, cid: str, in_service: bool) -> list[StoredEvent]:
-        """A compartment left service (its count starts) or came back (its codes extended)."""
+    def service_changed(self, cid: str, in_service: bool) -> None:
+        """A compartment left service (its count starts) or came back: its codes are then
+        extended by a task of their own (the scan of the codes runs in a worker thread)."""
         mono = self._clock.monotonic()
         others = self._out_of_service() - {cid}
         if not in_service:
             self._deadlines.out_of_service(cid, mono=mono, out_of_service=others)
-            return []
+            return
         waited = self._deadlines.back_in_service(cid, mono=mono, out_of_service=others)
         comp = self._compartments().get(cid)
         if not waited or comp is None or not _may_hold_parcel(comp):
-            return []
-        return self._extend({cid: comp}, waited, self._clock.wall(), reason="out_of_service")
+            return
+        task = asyncio.create_task(
+            self._extend({cid: comp}, waited, self._clock.wall(), reason="out_of_service"),
+            name=f"extend:{cid}")
+        self._pending.add(task)
+        task.add_done_callback(self._extension_done)
 
-    def _extend(self, held: Mapping[str, Compartment], waited_s: float, wall: datetime, *,
-                reason: str) -> list[StoredEvent]:
+    def _extension_done(self, task: asyncio.Task[list[StoredEvent]]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("pickup deadline extension failed", error=str(exc))
+
+    def _scan(self, compartments: set[str], parcels: set[str]) -> list[ExtendableCode]:
+        """The candidate codes, read on a connection of this worker thread's own: one pass
+        over the codes table must not hold up the event loop (safety rule 9)."""
+        uri = self._db.path.resolve().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=10.0)
+        try:
+            return self._codes.pickup_codes(compartments=compartments, parcels=parcels,
+                                            conn=conn)
+        finally:
+            conn.close()
+
+    async def _extend(self, held: Mapping[str, Compartment], waited_s: float, wall: datetime,
+                      *, reason: str) -> list[StoredEvent]:
         """Extend by `waited_s` the live pickup codes of the parcels in `held` that had not
         expired when the wait began; the heartbeat is written in the same transaction."""
         by_parcel = {c.parcel_id: cid for cid, c in held.items() if c.parcel_id is not None}
         began = wall.timestamp() - waited_s
         plan: list[tuple[ExtendableCode, str, int]] = []
-        for code in self._codes.pickup_codes(compartments=held, parcels=by_parcel):
+        candidates = await asyncio.to_thread(self._scan, set(held), set(by_parcel))
+        for code in candidates:
             cid = code.compartment if code.compartment in held else by_parcel.get(
                 code.parcel_id or "")
             by = extension_s(waited_s, already_s=code.extended_s, cap_s=self._cap_s)
@@ -107,7 +136,8 @@ class DeadlineKeeper:
         stored: list[StoredEvent] = []
         with self._db.transaction() as conn:
             for code, cid, by in plan:
-                self._codes.set_extension(conn, code, code.extended_s + by)
+                if not self._codes.set_extension(conn, code, code.extended_s + by):
+                    continue  # a bundle changed the code while it was being read
                 not_after = datetime.fromtimestamp(code.not_after + by, UTC)
                 stored.append(self._events.append(
                     conn, type=EventType.CODE_EXTENDED, at=wall, compartment=cid,

@@ -111,26 +111,32 @@ class CodeStore:
             "SELECT 1 FROM revoked_derived WHERE parcel_id = ?", (parcel_id,)).fetchone()
         return row is not None
 
-    def pickup_codes(self, *, compartments: Collection[str],
-                     parcels: Collection[str]) -> list[ExtendableCode]:
+    def pickup_codes(self, *, compartments: Collection[str], parcels: Collection[str],
+                     conn: sqlite3.Connection | None = None) -> list[ExtendableCode]:
         """The pickup codes with uses left that name one of `compartments` or `parcels`
-        (one scan of the table, whatever the number of compartments)."""
+        (one scan of the table, whatever the number of compartments). `conn`: a connection
+        of the caller's (a worker thread's own, so that the scan keeps off the event loop)."""
         if not compartments and not parcels:
             return []
-        rows = self._db.conn.execute(
+        rows = (conn or self._db.conn).execute(
             _PICKUP_CODES, (json.dumps(sorted(compartments)), json.dumps(sorted(parcels))))
         return [ExtendableCode(*row) for row in rows]
 
     def set_extension(self, conn: sqlite3.Connection, code: ExtendableCode,
-                      extended_s: int) -> None:
+                      extended_s: int) -> bool:
         """The code's total local extension is now `extended_s`, inside the caller's event
-        transaction."""
+        transaction. False, and nothing written, when the code is no longer as `code` saw it
+        (a bundle changed or revoked it since)."""
+        cur = conn.execute(
+            "UPDATE codes SET not_after = ? WHERE digest = ? AND id = ? AND not_after = ?",
+            (code.base_not_after + extended_s, code.digest, code.id, code.not_after))
+        if cur.rowcount != 1:
+            return False
         conn.execute(
             "INSERT INTO code_extensions VALUES (?, ?, ?, ?) ON CONFLICT(id, digest) DO UPDATE"
             " SET base_not_after = excluded.base_not_after, extended_s = excluded.extended_s",
             (code.id, code.digest, code.base_not_after, extended_s))
-        conn.execute("UPDATE codes SET not_after = ? WHERE digest = ? AND id = ?",
-                     (code.base_not_after + extended_s, code.digest, code.id))
+        return True
 
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
