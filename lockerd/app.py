@@ -57,6 +57,7 @@ from lockerd.services.controller import (
 )
 from lockerd.services.controller_console import register_door_commands
 from lockerd.services.credentials import CredentialService
+from lockerd.services.deadlines import DeadlineKeeper
 from lockerd.services.diagnostics import Diagnostics, register_diagnostic_commands
 from lockerd.services.help import HelpService
 from lockerd.services.link import MqttLink
@@ -517,6 +518,12 @@ def build_app(config: Config, *, clock: Clock | None = None,
                             keep_acked=config.outbox.keep_acked),
               notifier=notifier or SdNotifier(),
               diagnostics=Diagnostics(controller=controller, devices=devices.by_name()))
+    keeper = DeadlineKeeper(db=db, codes=codes, events=events, clock=clock,
+                            synchronised=trusted.synchronised,
+                            compartments=lambda: controller.compartments,
+                            cap_s=config.codes.max_extension_s)
+    controller.service_listeners.append(keeper.service_changed)
+    app.services["deadlines"] = keeper.run
     _build_network(app, trusted, prepared.broker)
     if (console := config.console) is not None:
         app.services["console"] = build_console(

@@ -64,6 +64,9 @@ class CodesSection(_Section, kw_only=True, frozen=True):
     # Support codes (PROTOCOL section 13), read out by support over the phone; derived_digits
     # long. Off unless the backend's support desk issues them.
     support_codes: bool = False
+    # Most a pickup code's not_after is extended locally, in total, for the time its parcel
+    # waited behind a bank that was down or a compartment out of service (PROTOCOL section 14).
+    max_extension_s: Annotated[int, msgspec.Meta(ge=0)] = 259200
 
 
 SizeLabel = Annotated[str, msgspec.Meta(pattern=_SIZE_LABEL)]

@@ -48,6 +48,7 @@ class EventType(enum.StrEnum):
     DOOR_FORCED = "door.forced"
     DOOR_HELD_OPEN = "door.held_open"
     CODE_REJECTED = "code.rejected"
+    CODE_EXTENDED = "code.extended"
     KEYPAD_LOCKOUT = "keypad.lockout"
     TAMPER = "tamper"
     HARDWARE_FAULT = "hardware.fault"

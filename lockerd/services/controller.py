@@ -140,6 +140,8 @@ class Controller:
         # Whether a help request can reach the backend now; without [mqtt] it never can.
         self.online: Callable[[], bool] = online or (lambda: False)
         self.help_requests = HelpRequests(db)
+        # Told (compartment, in_service) once the change is saved: the deadline keeper.
+        self.service_listeners: list[Callable[[str, bool], object]] = []
 
     # -- the bank's state, under the names the services read --------------------------------
 
@@ -475,6 +477,8 @@ class Controller:
         changed = shown ^ self._service_shown
         self._service_shown = shown
         for cid in sorted(changed):
+            for listener in self.service_listeners:
+                listener(cid, cid not in shown)
             await self.announce_service(cid)
 
     async def announce_service(self, cid: str) -> None:

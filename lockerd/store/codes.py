@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +20,39 @@ SELECT c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, c.not_a
 FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
 WHERE c.digest = ?
 """
+# A local extension (PROTOCOL section 14) is written into codes.not_after itself, so the
+# lookup of an entered code costs what it did; code_extensions keeps the bundle's not_after
+# and the total, to put the extension back when a bundle rewrites the row with the same one.
+_PICKUP_CODES = """
+SELECT c.id, c.digest, c.compartment, c.parcel_id,
+       COALESCE(x.base_not_after, c.not_after), COALESCE(x.extended_s, 0)
+FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
+LEFT JOIN code_extensions x ON x.id = c.id AND x.digest = c.digest
+WHERE c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
+  AND (c.compartment IN (SELECT value FROM json_each(?))
+       OR c.parcel_id IN (SELECT value FROM json_each(?)))
+"""
+_STALE_EXTENSIONS = """
+DELETE FROM code_extensions WHERE {where} NOT EXISTS (SELECT 1 FROM codes c
+    WHERE c.id = code_extensions.id AND c.digest = code_extensions.digest
+      AND c.not_after = code_extensions.base_not_after)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendableCode:
+    """A pickup code with uses left, as the extension of its deadline sees it."""
+
+    id: str
+    digest: str
+    compartment: str | None
+    parcel_id: str | None
+    base_not_after: int  # the bundle's
+    extended_s: int  # the local extension so far, for that not_after
+
+    @property
+    def not_after(self) -> int:
+        return self.base_not_after + self.extended_s
 
 
 # The bundle's pickup codes of a parcel with uses left (a revoked code is no longer stored).
@@ -124,6 +159,33 @@ class CodeStore:
             conn.execute("DELETE FROM support_uses WHERE parcel_id = ? AND window = ?",
                          (parcel_id, window))
 
+    def pickup_codes(self, *, compartments: Collection[str], parcels: Collection[str],
+                     conn: sqlite3.Connection | None = None) -> list[ExtendableCode]:
+        """The pickup codes with uses left that name one of `compartments` or `parcels`
+        (one scan of the table, whatever the number of compartments). `conn`: a connection
+        of the caller's (a worker thread's own, so that the scan keeps off the event loop)."""
+        if not compartments and not parcels:
+            return []
+        rows = (conn or self._db.conn).execute(
+            _PICKUP_CODES, (json.dumps(sorted(compartments)), json.dumps(sorted(parcels))))
+        return [ExtendableCode(*row) for row in rows]
+
+    def set_extension(self, conn: sqlite3.Connection, code: ExtendableCode,
+                      extended_s: int) -> bool:
+        """The code's total local extension is now `extended_s`, inside the caller's event
+        transaction. False, and nothing written, when the code is no longer as `code` saw it
+        (a bundle changed or revoked it since)."""
+        cur = conn.execute(
+            "UPDATE codes SET not_after = ? WHERE digest = ? AND id = ? AND not_after = ?",
+            (code.base_not_after + extended_s, code.digest, code.id, code.not_after))
+        if cur.rowcount != 1:
+            return False
+        conn.execute(
+            "INSERT INTO code_extensions VALUES (?, ?, ?, ?) ON CONFLICT(id, digest) DO UPDATE"
+            " SET base_not_after = excluded.base_not_after, extended_s = excluded.extended_s",
+            (code.id, code.digest, code.base_not_after, extended_s))
+        return True
+
     def change_uses(self, conn: sqlite3.Connection, code_id: str, digest: str, delta: int) -> None:
         """Consume (+1) or give back (-1) one use, inside the caller's event transaction."""
         self._parcel_ids = None
@@ -169,6 +231,21 @@ class CodeStore:
             self._reset_cache()
 
     @staticmethod
+    def _carry_extensions(conn: sqlite3.Connection, bundle: CodesBundle,
+                          touched: Sequence[tuple[str]]) -> None:
+        """An extension holds for the not_after it extended: a rewritten row with the same
+        not_after gets it back, one with another not_after replaces it (and its total)."""
+        if bundle.base_version is None:
+            conn.execute(_STALE_EXTENSIONS.format(where=""))
+            rows = conn.execute("SELECT extended_s, digest, id FROM code_extensions").fetchall()
+        else:
+            conn.executemany(_STALE_EXTENSIONS.format(where="id = ? AND"), touched)
+            rows = [row for (code_id,) in dict.fromkeys(touched) for row in conn.execute(
+                "SELECT extended_s, digest, id FROM code_extensions WHERE id = ?", (code_id,))]
+        conn.executemany(
+            "UPDATE codes SET not_after = not_after + ? WHERE digest = ? AND id = ?", rows)
+
+    @staticmethod
     def _write_rows(conn: sqlite3.Connection, bundle: CodesBundle,
                     rows: Sequence[tuple[object, ...]], touched: Sequence[tuple[str]]) -> None:
         """The code rows of `bundle`, inside the caller's transaction; a digest given to two
@@ -190,6 +267,7 @@ class CodeStore:
                 conn.execute(stale.format(where=""))
             else:
                 conn.executemany(stale.format(where="id = ? AND"), touched)
+            CodeStore._carry_extensions(conn, bundle, touched)
             derived = [(i.removeprefix(DERIVED_PREFIX), bundle.version)
                        for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
             conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)

@@ -99,6 +99,15 @@ CREATE TABLE IF NOT EXISTS support_uses (
 ) WITHOUT ROWID;
 -- The pickup codes that name a parcel: the parcels a support code may be for.
 CREATE INDEX IF NOT EXISTS codes_by_parcel ON codes (parcel_id) WHERE parcel_id IS NOT NULL;
+-- Local extensions of a code's not_after (downtime, out of service), for the not_after the
+-- bundle set: a bundle that sets another not_after for the code replaces the extension.
+CREATE TABLE IF NOT EXISTS code_extensions (
+    id             TEXT NOT NULL,
+    digest         TEXT NOT NULL,
+    base_not_after INTEGER NOT NULL,
+    extended_s     INTEGER NOT NULL,
+    PRIMARY KEY (id, digest)
+) WITHOUT ROWID;
 """
 
 
