@@ -25,20 +25,21 @@ CODE_KEYS = "48291377#"
 HELP_KEYS = "#123456789#9876"
 TIMINGS = DoorTimings(open_timeout_s=2.0, held_open_after_s=60.0, show_result_s=3.0)
 WALL = 1_800_000_000.0
+TARGET = 1.1  # a keypress with help on within 1.1x of the same keypress with help off
 
 
 def _entry() -> CodeEntry:
     return CodeEntry(timeout_s=20.0, max_digits=16, stuck_key_repeats=24)
 
 
-def _bank() -> Bank:
+def _bank(*, help_on: bool = True) -> Bank:
     return Bank(
         compartments={str(i): Compartment(str(i), timings=TIMINGS, size="M")
                       for i in range(1, 17)},
         entry=_entry(), lockout=Lockout(free_attempts=5, base_s=30.0, max_s=3600.0),
         rejections=RateLimiter(per_minute=20), open_budget=OpenBudget(per_hour=10),
         # No hourly limit in the way: every round is a full request.
-        help_rules=HelpRules(max_per_hour=10**9),
+        help_rules=HelpRules(max_per_hour=10**9, enabled=help_on),
         help_limit=HelpLimit(per_hour=10**9))
 
 
@@ -62,9 +63,13 @@ def main() -> None:
     args = parser.parse_args()
     entry = _entry()
     bank = _bank()
+    bank_off = _bank(help_on=False)
 
     def bank_key(key: str, t: float) -> None:
         bank.key(key, t=t, wall=WALL)
+
+    def bank_key_off(key: str, t: float) -> None:
+        bank_off.key(key, t=t, wall=WALL)
 
     def help_key(key: str, t: float) -> None:
         for action in bank.key(key, t=t, wall=WALL):
@@ -75,6 +80,7 @@ def main() -> None:
     rows = [
         ("CodeEntry.press, a code and #", _per_key(CODE_KEYS, args.rounds,
                                                     entry.press)),
+        ("Bank.key, a code and #, help off", _per_key(CODE_KEYS, args.rounds, bank_key_off)),
         ("Bank.key, a code and #", _per_key(CODE_KEYS, args.rounds, bank_key)),
         ("Bank.key, a whole help request", _per_key(HELP_KEYS, args.rounds, help_key)),
     ]
@@ -84,6 +90,10 @@ def main() -> None:
     for name, s in rows:
         print(f"  {name:34s} {s.median:8.0f} {s.p99:8.0f}   x{s.median / base:.2f} of the "
               "bare entry")
+    ratio = rows[2][1].median / rows[1][1].median
+    verdict = "within" if ratio <= TARGET else "OVER"
+    print(f"  a code typed with help on: {ratio:.2f}x help off ([help] enabled = false), "
+          f"{verdict} the {TARGET}x target")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ class HelpSection(_Section, kw_only=True, frozen=True):
     reply_timeout_s: PositiveSeconds = 20.0
     reply_valid_s: PositiveSeconds = 600.0
     max_per_hour: Annotated[int, msgspec.Meta(ge=0)] = 6
+    # Off for a bank whose backend answers no help requests: `#` on an empty entry then does
+    # nothing and the idle screen does not offer help.
+    enabled: bool = True
 
 
 class ConsoleSection(_Section, kw_only=True, frozen=True):

@@ -3,6 +3,8 @@ hourly limit and the screens (PROTOCOL section 12), with no event loop and no da
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lockerd.core import help as h
@@ -24,15 +26,15 @@ RULES = HelpRules(support_text="Call 0800 123 456", reply_timeout_s=20.0, max_pe
 TIMINGS = DoorTimings(open_timeout_s=2.0, held_open_after_s=60.0, show_result_s=3.0)
 
 
-def _bank(*, limit: HelpLimit | None = None) -> Bank:
+def _bank(*, limit: HelpLimit | None = None, rules: HelpRules = RULES) -> Bank:
     return Bank(
         compartments={"1": Compartment("1", timings=TIMINGS, occupied=True, parcel_id="PX1")},
         entry=CodeEntry(timeout_s=10.0, max_digits=12, stuck_key_repeats=20),
         lockout=Lockout(free_attempts=3, base_s=30.0, max_s=3600.0),
         rejections=RateLimiter(per_minute=100),
         open_budget=OpenBudget(per_hour=10),
-        help_rules=RULES,
-        help_limit=limit or HelpLimit(per_hour=RULES.max_per_hour),
+        help_rules=rules,
+        help_limit=limit or HelpLimit(per_hour=rules.max_per_hour),
     )
 
 
@@ -70,6 +72,16 @@ def test_hash_on_an_empty_entry_starts_help_at_the_tracking_step() -> None:
     actions = bank.key("#", t=T0, wall=WALL)
     assert _shown(actions) == [h.ask_tracking("").lines]
     assert bank.help is not None and bank.help.step is Step.TRACKING
+
+
+def test_with_help_turned_off_hash_on_an_empty_entry_does_nothing() -> None:
+    bank = _bank(rules=dataclasses.replace(RULES, enabled=False))
+    assert not any("No code" in line for line in bank.idle_message().lines)
+    assert bank.key("#", t=T0, wall=WALL) == []
+    assert bank.help is None
+    # Codes work as ever.
+    actions = _keys(bank, "123#")
+    assert [a for a in actions if isinstance(a, Resolve)] == [Resolve("123", "keypad", False)]
 
 
 def test_hash_after_digits_still_submits_a_code() -> None:

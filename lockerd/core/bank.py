@@ -174,7 +174,7 @@ class Bank:
         if prompt is None and retry is not None:
             # The jammed customer's prompt stays up for the window, whatever else was shown.
             prompt = messages.jam_retry(retry.id)
-        return prompt or messages.idle()
+        return prompt or messages.idle(help_at_bank=self.help_rules.enabled)
 
     # -- inputs of the customer side --------------------------------------------------------
 
@@ -202,6 +202,8 @@ class Bank:
         retry = self._retry_compartment()
         if retry is not None:
             return retry.guided_retry(t)
+        if not self.help_rules.enabled:
+            return []
         self.help = HelpFlow(self.help_rules, t=t)
         return [Show(self.help.start().message, hold_s=None)]
 

@@ -38,6 +38,7 @@ class HelpRules:
     reply_timeout_s: float = 20.0
     max_per_hour: int = 6
     step_timeout_s: float = 20.0
+    enabled: bool = True  # [help] enabled: off, `#` on an empty entry starts nothing
 
 
 class Step(enum.Enum):

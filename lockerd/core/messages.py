@@ -12,7 +12,9 @@ from lockerd.core.access import Reason
 MAX_COLUMNS = 20
 
 
-def idle() -> DisplayMessage:
+def idle(*, help_at_bank: bool = True) -> DisplayMessage:
+    if not help_at_bank:
+        return DisplayMessage(("Enter code, press #", "or scan QR code"), "idle")
     return DisplayMessage(("Enter code, press #", "No code? Press #", "or scan QR code"), "idle")
 
 
