@@ -8,9 +8,10 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -78,9 +79,13 @@ class Watcher:
 
 
 @asynccontextmanager
-async def watching(broker: Broker, prefix: str = "lockers/L1/") -> AsyncIterator[Watcher]:
+async def watching(broker: Broker, prefix: str = "lockers/L1/", *,
+                   client_id: str | None = None) -> AsyncIterator[Watcher]:
+    """With `client_id`, a persistent session: on a broker with persistence, what was
+    published while the watcher was away is delivered when it comes back."""
     watcher = Watcher()
-    async with aiomqtt.Client(broker.host, broker.port) as client:
+    async with aiomqtt.Client(broker.host, broker.port, identifier=client_id,
+                              clean_session=False if client_id else None) as client:
         await client.subscribe(prefix + "#", qos=1)
 
         async def pump() -> None:
@@ -220,18 +225,40 @@ async def test_root_rotation_signed_by_old_and_new_roots_is_accepted(
         assert r2.app.cache.keyring_version == 2, "the rotated keyring survives a restart"
 
 
-async def test_broker_outage_codes_keep_working_then_resync(kit: BankKit, broker: Broker) -> None:
+@pytest.fixture
+def persistent_broker(bank_dir: Path) -> Iterator[Broker]:
+    """A Mosquitto that keeps sessions (and retained messages) across a stop and start."""
+    d = bank_dir / "pbroker"
+    d.mkdir()
+    b = Broker(d, persistence=True)
+    b.start()
+    yield b
+    b.stop()
+
+
+async def test_broker_outage_codes_keep_working_then_resync(
+    make_kit: Callable[..., BankKit], persistent_broker: Broker
+) -> None:
+    broker = persistent_broker
+    kit = make_kit(codes(), parcels=["3", "4"], import_files=False,
+                   overrides=mqtt_overrides(broker))
     async with running(kit) as r:
         await synced(kit, broker, r)
         assert r.app.link is not None
+        # The backend's persistent session, made before the outage: whatever the bank
+        # publishes after the restart is queued for it, however soon the bank reconnects.
+        async with watching(broker, client_id="backend-watch"):
+            pass
         broker.stop()
         await wait_until(lambda: not r.app.link.status.connected, what="link down")  # type: ignore[union-attr]
         r.world.press(CODE + "#")  # offline validation
         await r.wait_event("pickup.opened")
-        broker.start()  # a fresh broker: retained messages and sessions are gone
-        async with watching(broker) as w:
+        broker.start()
+        async with watching(broker, client_id="backend-watch") as w:
             await wait_until(lambda: bool(w.on("sync/request")), timeout=10,
                              what="sync/request after reconnect")
+            # Before the outage the bank asked only with codes_version 0 (on connect, and on
+            # the keyring's new codes keys): a 5 is the request of the reconnect.
             assert w.on("sync/request")[-1]["codes_version"] == 5
             assert r.app.link.status.connects >= 2
             await publish(kit, broker, kit.bundle([], version=6, base_version=5,
