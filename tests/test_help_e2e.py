@@ -17,7 +17,7 @@ import pytest
 from broker import Broker
 from conftest import Running, running, stored_events, wait_until
 from test_outbox import Backend
-from test_sync_mqtt import mqtt_overrides, raw_publish
+from test_sync_mqtt import mqtt_overrides, publish, raw_publish
 
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
@@ -206,3 +206,27 @@ async def test_a_reply_past_reply_valid_s_is_refused_as_too_late(
         assert (rejected.data["reason"], rejected.data["help_id"]) == ("too_late",
                                                                       data["help_id"])
         assert r.events("help.answered") == []
+
+
+async def test_a_reply_before_any_keyring_is_refused_and_never_shown(
+        make_kit: Callable[..., BankKit], broker: Broker) -> None:
+    overrides: dict[str, Any] = mqtt_overrides(broker)
+    overrides["help"] = {"support_text": "Call 0800 123 456", "reply_timeout_s": 60}
+    kit = make_kit([], parcels=["3"], import_files=False, overrides=overrides)
+    async with running(kit) as r:
+        await connected(r)
+        assert r.app.cache.keyring is None
+        data = await ask_help(r)
+        await wait_until(lambda: "Checking..." in r.display(), what="checking screen")
+        await raw_publish(broker, REPLY_TOPIC, kit.help_reply(data["help_id"]))
+        rejected = await r.wait_event("help.reply_rejected")
+        assert rejected.data["reason"] == "no_keyring"
+        assert rejected.data["help_id"] == data["help_id"]
+        assert "Checking..." in r.display()
+        assert r.events("help.answered") == []
+        # Nothing lost: once the keyring is here, the same request takes a good reply.
+        await publish(kit, broker, kit.keyring(version=1), "keyring.json")
+        await wait_until(lambda: r.app.cache.keyring_version == 1, what="keyring applied")
+        await raw_publish(broker, REPLY_TOPIC, kit.help_reply(data["help_id"]))
+        await r.wait_event("help.answered")
+        await wait_until(lambda: "New code sent by SMS" in r.display(), what="reply shown")
