@@ -74,7 +74,7 @@ from lockerd.store.events import EventLog
 from lockerd.store.outbox import Outbox
 from lockerd.store.parcels import ParcelStore, SpentTokens
 from lockerd.timeutil import format_time
-from lockerd.trust.digest import load_code_key
+from lockerd.trust.digest import load_code_key, support_window
 from lockerd.trust.dsse import RoleKeys
 
 log = get_logger("lockerd.app")
@@ -446,6 +446,10 @@ def _naming_file(config: Config, fn: Callable[..., T], *args: Any) -> T:
 
 
 SPENT_TOKEN_MARGIN = timedelta(days=7)
+# Support code marks kept for the windows before the current one. A code is accepted in
+# the current window and the one either side, so a mark of window w - 2 already guards
+# nothing: it is kept as a margin, and older ones go.
+SUPPORT_WINDOWS_KEPT = 2
 
 
 def build_app(config: Config, *, clock: Clock | None = None,
@@ -464,6 +468,9 @@ def build_app(config: Config, *, clock: Clock | None = None,
     # A spent token past its expiry is refused as expired anyway; the margin covers a clock
     # that is set back a little while it is not synchronised.
     SpentTokens(db).prune(trusted.wall() - SPENT_TOKEN_MARGIN)
+    # The windows are judged on the controller's clock (the trusted one, unless injected).
+    codes.prune_support_uses(
+        before_window=support_window(clock.wall().timestamp()) - SUPPORT_WINDOWS_KEPT)
     _import_files(config, cache)
     out_of_service = db.get_meta("out_of_service") or {}
     timings = DoorTimings(

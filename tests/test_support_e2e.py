@@ -15,8 +15,14 @@ from conftest import RunFn, running
 from test_demo import Terminal
 from test_derived_e2e import courier, courier_deposit
 
+from hal.values import KeyPressed, OccupancyChanged
+from lockerd.app import build_app
+from lockerd.config import load_config
 from lockerd.dev.provision import BankKit, PlainCode
-from lockerd.trust.digest import load_code_key, support_code
+from lockerd.store import open_database
+from lockerd.store.codes import CodeStore
+from lockerd.timeutil import utcnow
+from lockerd.trust.digest import load_code_key, support_code, support_window
 
 pytestmark = pytest.mark.e2e
 
@@ -95,6 +101,53 @@ async def test_a_pickup_left_incomplete_gives_it_back_and_revocation_disables_it
         r.world.press(read_out(kit, "PX-KEEP") + "#")
         opened = await r.wait_event("pickup.opened", count=3)
         assert (opened.compartment, opened.data["via"]) == (kept, "support")
+
+
+class StillClock:
+    """A wall time that stands still, and a monotonic one to match."""
+
+    def __init__(self, wall: datetime) -> None:
+        self._wall = wall
+
+    def monotonic(self) -> float:
+        return 1000.0
+
+    def wall(self) -> datetime:
+        return self._wall
+
+
+async def test_old_support_marks_are_pruned_at_start_and_recent_ones_still_refuse(
+    make_kit: Callable[..., BankKit],
+) -> None:
+    kit = make_kit([pickup()], compartments=4, parcels=["3"], overrides=SUPPORT_ON)
+    now = utcnow()
+    w = support_window(now.timestamp())
+    db = open_database(kit.state_dir / "lockerd.db")
+    try:
+        with db.transaction() as conn:
+            for parcel_id, window in [("PX200", w - 1), ("PX200", w - 2), ("PX200", w - 3),
+                                      ("PX-GONE", w - 500), ("PX-NEW", w)]:
+                CodeStore(db).change_support_use(conn, parcel_id, window, +1)
+    finally:
+        db.close()
+    app = build_app(load_config(kit.config_path), clock=StillClock(now))
+    try:
+        rows = app.db.conn.execute(
+            "SELECT parcel_id, window FROM support_uses ORDER BY window").fetchall()
+        # Two windows back and later are kept; older marks can never be matched again.
+        assert [tuple(row) for row in rows] == [("PX200", w - 2), ("PX200", w - 1),
+                                                ("PX-NEW", w)]
+        # A kept mark still refuses its code, and the door stays shut.
+        await app.controller.step(OccupancyChanged("3", True))
+        code = support_code(load_code_key(kit.directory / "keys" / "code_key"),
+                            kit.locker_id, "PX200", w - 1)
+        for key in code + "#":
+            await app.controller.step(KeyPressed(key))
+        refused = [e for e in app.events.recent(100) if e.type == "code.rejected"]
+        assert [(e.data["reason"], e.data["via"]) for e in refused] == [("used", "support")]
+        assert [e for e in app.events.recent(100) if e.type == "pickup.opened"] == []
+    finally:
+        app.db.close()
 
 
 async def test_support_codes_are_refused_unless_enabled(

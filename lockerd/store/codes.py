@@ -159,6 +159,13 @@ class CodeStore:
             conn.execute("DELETE FROM support_uses WHERE parcel_id = ? AND window = ?",
                          (parcel_id, window))
 
+    def prune_support_uses(self, *, before_window: int) -> int:
+        """Forget the support code marks of windows before `before_window`: a code of such
+        a window is never accepted again, so its mark guards nothing."""
+        with self._db.transaction() as conn:
+            cur = conn.execute("DELETE FROM support_uses WHERE window < ?", (before_window,))
+        return cur.rowcount
+
     def pickup_codes(self, *, compartments: Collection[str], parcels: Collection[str],
                      conn: sqlite3.Connection | None = None) -> list[ExtendableCode]:
         """The pickup codes with uses left that name one of `compartments` or `parcels`
