@@ -13,6 +13,7 @@ from conftest import running, stored_events
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.logs import configure_logging
 from lockerd.store import CodeStore, open_database
+from lockerd.trust.keys import generate_key
 
 pytestmark = pytest.mark.e2e
 
@@ -151,3 +152,43 @@ async def test_a_same_hash_file_is_read_again_once_the_held_version_moved_on(
     assert UNCHANGED not in messages(lines)
     assert "signed file is not newer than what is held; kept" in messages(lines)
     assert held_version(kit) == 3
+
+
+async def test_a_changed_keyring_file_is_verified_and_loaded(kit: BankKit) -> None:
+    async with running(kit) as r:
+        assert r.app.cache.keyring_version == 1
+    kit.keyring_path.write_bytes(kit.keyring(version=2))
+    log = DaemonLog()
+    async with running(kit) as r:
+        assert r.app.cache.keyring_version == 2
+    assert KEYRING_HELD not in [line["event"] for line in log.take()]
+    assert [e.data["version"] for e in stored_events(kit) if e.type == "keyring.updated"] == [1, 2]
+
+
+async def test_a_rotated_codes_key_reads_the_unchanged_bundle_file_again(kit: BankKit) -> None:
+    async with running(kit):
+        pass
+    # The keyring file now names another codes key: the floor is reset, so the same bundle
+    # file (signed by the old key) must be verified again, and is refused.
+    kit.codes_key = generate_key()
+    kit.keyring_path.write_bytes(kit.keyring(version=2))
+    log = DaemonLog()
+    async with running(kit) as r:
+        assert r.app.cache.codes_floor_reset
+        assert r.app.codes.lookup(kit.digest(CODE)) is not None
+    assert UNCHANGED not in messages(log.take())
+    rejected = [e for e in stored_events(kit) if e.type == "cache.rejected"]
+    assert [e.data["reason"] for e in rejected] == ["signature"]
+
+
+async def test_a_bundle_file_gone_is_logged_and_the_codes_held_stay(kit: BankKit) -> None:
+    async with running(kit):
+        pass
+    kit.bundle_path.unlink()
+    log = DaemonLog()
+    async with running(kit) as r:
+        assert r.app.codes.version() == 1
+        assert r.app.codes.lookup(kit.digest(CODE)) is not None
+    errors = [line for line in log.take() if line["event"] == "cannot read signed file named in "
+              "the config"]
+    assert [(e["what"], e["path"]) for e in errors] == [("codes", str(kit.bundle_path))]
