@@ -652,20 +652,21 @@ def _import_files(config: Config, cache: CodeCache) -> None:
 
     A refused file is logged and evented; the daemon keeps the keyring and codes it has.
     """
-    files = [("keyring", config.trust.keyring_file, cache.load_keyring),
-             ("codes", config.codes.bundle_file, cache.load_bundle)]
+    # A file that is the one already held (the keyring byte for byte; the bundle by its
+    # SHA-256 with the version it produced) is not parsed or verified again.
+    files: list[tuple[str, str | None, Callable[[Path], object]]] = [
+        ("keyring", config.trust.keyring_file, cache.load_keyring_file),
+        ("codes", config.codes.bundle_file, cache.load_bundle_file)]
     for what, name, loader in files:
         if not name:
             continue
         path = config.path(name)
         try:
-            raw = path.read_bytes()
+            loader(path)
         except OSError as exc:
             log.error("cannot read signed file named in the config", what=what, path=str(path),
                       error=exc.strerror)
             continue
-        try:
-            loader(raw, source=str(path))
         except TrustError as exc:
             if exc.reason == "rollback":
                 log.info("signed file is not newer than what is held; kept", what=what,

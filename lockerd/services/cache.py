@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from lockerd import jsonsafe
@@ -19,6 +22,11 @@ from lockerd.trust.dsse import RoleKeys, parse_envelope
 from lockerd.trust.keyring import Keyring, accept_keyring, load_stored_keyring
 
 log = get_logger("lockerd.cache")
+
+# The SHA-256 of the bundle file last applied and the codes version it produced, written in
+# the transaction of that apply, so the mark never outlives (or predates) the codes it names.
+BUNDLE_FILE_META = "codes_bundle_file"
+_HASH_CHUNK = 1 << 20
 
 
 class CodeCache:
@@ -78,6 +86,17 @@ class CodeCache:
         # Re-verified against its own root: a database edited by hand is not trusted either.
         return load_stored_keyring(stored.encode("utf-8"))
 
+    def load_keyring_file(self, path: Path) -> Keyring | None:
+        """Load the keyring file named in the config, unless it is byte for byte the keyring
+        held (verified when it was stored and again at every start): then None."""
+        raw = path.read_bytes()
+        stored = self._db.get_meta("keyring")
+        if self.keyring is not None and stored is not None and stored.encode("utf-8") == raw:
+            log.info("keyring file is the keyring held; not verified again", path=str(path),
+                     version=self.keyring.version)
+            return None
+        return self.load_keyring(raw, source=str(path))
+
     def load_keyring(self, raw: bytes, *, source: str) -> Keyring:
         """Verify and store a keyring (durably, before anything is verified under it)."""
         try:
@@ -126,8 +145,32 @@ class CodeCache:
         """True from a codes key rotation until the next full snapshot is applied."""
         return self._codes.floor_reset_pending()
 
-    def load_bundle(self, raw: bytes, *, source: str) -> CodesBundle:
-        """Verify and apply a codes bundle; on any refusal the codes held stay in force."""
+    def load_bundle_file(self, path: Path) -> CodesBundle | None:
+        """Apply the bundle file named in the config, unless it is the very file already applied.
+
+        Unchanged means the same SHA-256 as the file last applied *and* the codes version that
+        apply produced still held (and no codes floor reset pending): then nothing is parsed or
+        verified and None is returned. Anything else goes through `load_bundle` as before.
+        Raises OSError when the file cannot be read, TrustError when it is refused.
+        """
+        digest = _file_sha256(path)
+        mark = self._db.get_meta(BUNDLE_FILE_META)
+        held = self._codes.version()
+        if (mark == {"sha256": digest, "version": held}
+                and not self._codes.floor_reset_pending()):
+            log.info("codes bundle file unchanged since it was applied; not read again",
+                     path=str(path), version=held, sha256=digest)
+            return None
+        raw = path.read_bytes()
+        # The hash of the bytes verified, not of the earlier pass: the file may have changed.
+        return self.load_bundle(raw, source=str(path), file_sha256=hashlib.sha256(raw).hexdigest())
+
+    def load_bundle(self, raw: bytes, *, source: str,
+                    file_sha256: str | None = None) -> CodesBundle:
+        """Verify and apply a codes bundle; on any refusal the codes held stay in force.
+
+        `file_sha256` (from `load_bundle_file`) is stored with the version applied, in the
+        same transaction, so the next start can see the file is unchanged."""
         held = self._codes.version()
         floor_reset = self._codes.floor_reset_pending()
         try:
@@ -155,9 +198,16 @@ class CodeCache:
             }
             if floor_reset:
                 data.update(floor_reset=True, previous_version=held)
+            def with_event(conn: sqlite3.Connection) -> None:
+                self._events.append(conn, type=EventType.CACHE_UPDATED, at=self._now(),
+                                    data=data)
+                if file_sha256 is not None:
+                    self._db.set_meta(BUNDLE_FILE_META,
+                                      {"sha256": file_sha256, "version": bundle.version},
+                                      conn=conn)
+
             # The codes and the event that reports them in one transaction, like the keyring.
-            self._codes.apply(bundle, with_event=lambda conn: self._events.append(
-                conn, type=EventType.CACHE_UPDATED, at=self._now(), data=data))
+            self._codes.apply(bundle, with_event=with_event)
             self._observe_time(bundle.issued_at)
         except TrustError as exc:
             if not _is_repeat(exc, raw, held):
@@ -178,6 +228,15 @@ class CodeCache:
         log.warning("signed update refused", **data)
         self._rejections.record(EventType.CACHE_REJECTED, data)
 
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file read in chunks: memory stays bounded however big the bundle is."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _is_repeat(exc: TrustError, raw: bytes, held_version: int) -> bool:
