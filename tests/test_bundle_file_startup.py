@@ -192,3 +192,99 @@ async def test_a_bundle_file_gone_is_logged_and_the_codes_held_stay(kit: BankKit
     errors = [line for line in log.take() if line["event"] == "cannot read signed file named in "
               "the config"]
     assert [(e["what"], e["path"]) for e in errors] == [("codes", str(kit.bundle_path))]
+
+
+OLDER_SKIPPED = "codes bundle file older than the codes held, as verified before; not read"
+NOT_NEWER = "signed file is not newer than what is held; kept"
+
+
+def rejections(kit: BankKit) -> list[str]:
+    return [str(e.data["reason"]) for e in stored_events(kit) if e.type == "cache.rejected"]
+
+
+async def outgrow_the_file(kit: BankKit, log: DaemonLog) -> None:
+    """Apply the file (version 1), then a version 3 the way MQTT would; one more start
+    refuses the older file once."""
+    async with running(kit) as r:
+        r.app.cache.load_bundle(
+            kit.bundle([PlainCode("p-1", CODE, "2", parcel_id="PX9")], version=3),
+            source="mqtt")
+    async with running(kit) as r:
+        assert r.app.codes.version() == 3
+    assert NOT_NEWER in messages(log.take())
+    assert rejections(kit) == ["rollback"]
+
+
+async def test_an_older_file_refused_once_is_skipped_at_the_next_start(kit: BankKit) -> None:
+    log = DaemonLog()
+    await outgrow_the_file(kit, log)
+    async with running(kit) as r:
+        assert r.app.codes.version() == 3
+        assert r.app.codes.lookup(kit.digest(CODE)) is not None
+    lines = log.take()
+    assert OLDER_SKIPPED in messages(lines), messages(lines)
+    assert NOT_NEWER not in messages(lines) and APPLIED not in messages(lines)
+    skipped = next(line for line in lines if line["event"] == OLDER_SKIPPED)
+    assert (skipped["version"], skipped["held_version"]) == (1, 3)
+    # No new cache.rejected: the one of the first refusal only.
+    assert rejections(kit) == ["rollback"]
+    assert held_version(kit) == 3
+
+
+async def test_a_changed_older_file_is_read_and_refused_again(kit: BankKit) -> None:
+    log = DaemonLog()
+    await outgrow_the_file(kit, log)
+    kit.bundle_path.write_bytes(
+        kit.bundle([PlainCode("p-2", "777777", "2", parcel_id="PX9")], version=2))
+    async with running(kit) as r:
+        assert r.app.codes.lookup(kit.digest("777777")) is None
+    lines = log.take()
+    assert OLDER_SKIPPED not in messages(lines) and NOT_NEWER in messages(lines)
+    assert rejections(kit) == ["rollback", "rollback"]
+    # That one is marked in turn.
+    async with running(kit):
+        pass
+    assert OLDER_SKIPPED in messages(log.take())
+    assert rejections(kit) == ["rollback", "rollback"]
+
+
+async def test_a_floor_reset_reads_the_older_file_again(kit: BankKit) -> None:
+    log = DaemonLog()
+    await outgrow_the_file(kit, log)
+    kit.codes_key = generate_key()
+    kit.keyring_path.write_bytes(kit.keyring(version=2))
+    async with running(kit) as r:
+        assert r.app.cache.codes_floor_reset
+    lines = log.take()
+    assert OLDER_SKIPPED not in messages(lines)
+    # Read and verified again: signed by the replaced key, so refused.
+    assert rejections(kit) == ["rollback", "signature"]
+
+
+async def test_the_same_signed_bundle_in_other_bytes_is_read_again(kit: BankKit) -> None:
+    log = DaemonLog()
+    await outgrow_the_file(kit, log)
+    # Same payload and signature, one more space: another hash, so verified again.
+    raw = kit.bundle_path.read_bytes()
+    kit.bundle_path.write_bytes(raw.replace(b'"signatures"', b' "signatures"', 1))
+    async with running(kit) as r:
+        assert r.app.codes.version() == 3
+    assert OLDER_SKIPPED not in messages(log.take())
+    assert rejections(kit) == ["rollback", "rollback"]
+
+
+async def test_a_mark_not_as_written_is_ignored_and_the_file_read(kit: BankKit) -> None:
+    log = DaemonLog()
+    await outgrow_the_file(kit, log)
+    db = open_database(kit.state_dir / "lockerd.db")
+    try:
+        mark = db.get_meta("codes_bundle_file")
+        assert mark["verified"] is True and mark["version"] == 1
+        db.set_meta("codes_bundle_file", {**mark, "version": "1"})
+    finally:
+        db.close()
+    async with running(kit) as r:
+        assert r.app.codes.version() == 3
+    lines = log.take()
+    assert OLDER_SKIPPED not in messages(lines) and NOT_NEWER in messages(lines)
+    assert rejections(kit) == ["rollback", "rollback"]

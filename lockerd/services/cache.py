@@ -25,7 +25,9 @@ log = get_logger("lockerd.cache")
 
 # The SHA-256 of the bundle file last applied and the codes version it produced, written in
 # the transaction of that apply, so the mark never outlives (or predates) the codes it names.
+# A file refused as a rollback is marked {sha256, version, verified: true} instead.
 BUNDLE_FILE_META = "codes_bundle_file"
+OLDER_FILE_SKIPPED = "codes bundle file older than the codes held, as verified before; not read"
 _HASH_CHUNK = 1 << 20
 
 
@@ -150,20 +152,45 @@ class CodeCache:
 
         Unchanged means the same SHA-256 as the file last applied *and* the codes version that
         apply produced still held (and no codes floor reset pending): then nothing is parsed or
-        verified and None is returned. Anything else goes through `load_bundle` as before.
+        verified and None is returned. So too for a file verified before and refused as a
+        rollback, marked with its version: skipped while that version is below the one held.
+        Anything else goes through `load_bundle` as before.
         Raises OSError when the file cannot be read, TrustError when it is refused.
         """
         digest = _file_sha256(path)
         mark = self._db.get_meta(BUNDLE_FILE_META)
         held = self._codes.version()
-        if (mark == {"sha256": digest, "version": held}
-                and not self._codes.floor_reset_pending()):
-            log.info("codes bundle file unchanged since it was applied; not read again",
-                     path=str(path), version=held, sha256=digest)
-            return None
+        if not self._codes.floor_reset_pending() and isinstance(mark, dict):
+            if mark == {"sha256": digest, "version": held}:
+                log.info("codes bundle file unchanged since it was applied; not read again",
+                         path=str(path), version=held, sha256=digest)
+                return None
+            # Verified once and refused as older than the codes held: while no floor reset
+            # is pending the held version only grows, so it would be refused again.
+            version = mark.get("version")
+            if (mark.get("sha256") == digest and mark.get("verified") is True
+                    and isinstance(version, int) and version < held):
+                log.info(OLDER_FILE_SKIPPED, path=str(path), version=version, held_version=held,
+                         sha256=digest)
+                return None
         raw = path.read_bytes()
         # The hash of the bytes verified, not of the earlier pass: the file may have changed.
-        return self.load_bundle(raw, source=str(path), file_sha256=hashlib.sha256(raw).hexdigest())
+        file_sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            return self.load_bundle(raw, source=str(path), file_sha256=file_sha256)
+        except TrustError as exc:
+            if exc.reason == "rollback":
+                self._mark_verified_older(raw, file_sha256)
+            raise
+
+    def _mark_verified_older(self, raw: bytes, file_sha256: str) -> None:
+        """Remember a bundle file refused as a rollback: `verify_bundle` only says rollback
+        after the signature, the keyring's expiry and the locker id have passed, so the
+        version read from its payload is a signed one."""
+        version = _envelope_version(raw)
+        if version is not None:
+            self._db.set_meta(BUNDLE_FILE_META,
+                              {"sha256": file_sha256, "version": version, "verified": True})
 
     def load_bundle(self, raw: bytes, *, source: str,
                     file_sha256: str | None = None) -> CodesBundle:
@@ -237,6 +264,15 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _envelope_version(raw: bytes) -> int | None:
+    """The `version` in an envelope's payload, or None when there is none to read."""
+    try:
+        version = jsonsafe.loads(parse_envelope(raw).payload).get("version")
+    except (TrustError, jsonsafe.JsonInputError, AttributeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def _is_repeat(exc: TrustError, raw: bytes, held_version: int) -> bool:
