@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -163,3 +164,81 @@ def test_transaction_rolls_back_on_error(db: Database) -> None:
         conn.execute("INSERT INTO meta (key, value) VALUES ('k', '1')")
         conn.execute("INSERT INTO meta (key, value) VALUES ('k', '2')")
     assert EventLog(db).last_seq() == 0
+
+
+def real_count(db: Database) -> int:
+    return int(db.conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0])
+
+
+def test_the_code_count_is_kept_across_snapshots_deltas_and_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "lockerd.db"
+    db = open_database(path)
+    codes = CodeStore(db)
+    assert codes.count() == 0
+    codes.apply(bundle(1, [entry("a", "a"), entry("b", "b"), entry("c", "c")]))
+    # Kept in meta by the apply itself, not counted when asked.
+    assert db.get_meta("codes_count") == real_count(db) == codes.count() == 3
+    # Upserts (one new, one replacing an id with a new digest), revokes (one held, one not).
+    codes.apply(bundle(2, [entry("d", "d"), entry("a", "e")], base=1, revoke=("b", "zz")))
+    assert db.get_meta("codes_count") == real_count(db) == codes.count() == 3
+    # A snapshot that revokes one of its own codes.
+    codes.apply(bundle(3, [entry("x", "1"), entry("y", "2")], revoke=("y", "nope")))
+    assert db.get_meta("codes_count") == real_count(db) == codes.count() == 1
+    with pytest.raises(TrustError):
+        codes.apply(bundle(4, [entry("m", "3"), entry("n", "3")], base=3))
+    assert codes.count() == real_count(db) == 1
+    db.close()
+    db = open_database(path)
+    try:
+        assert CodeStore(db).count() == real_count(db) == 1
+    finally:
+        db.close()
+
+
+def test_another_connection_applying_moves_the_count_seen_here(tmp_path: Path) -> None:
+    # `lockerd import-bundle` applies from its own process while the daemon runs.
+    daemon_db, import_db = open_database(tmp_path / "l.db"), open_database(tmp_path / "l.db")
+    try:
+        daemon_codes = CodeStore(daemon_db)
+        assert daemon_codes.count() == 0
+        CodeStore(import_db).apply(bundle(1, [entry("a", "a"), entry("b", "b")]))
+        assert daemon_codes.count() == real_count(daemon_db) == 2
+    finally:
+        daemon_db.close()
+        import_db.close()
+
+
+def test_a_database_without_the_kept_count_is_counted_once(db: Database) -> None:
+    codes = CodeStore(db)
+    codes.apply(bundle(1, [entry("a", "a"), entry("b", "b")]))
+    # As a database written before the count was kept.
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'codes_count'")
+    assert codes.count() == 2 and db.get_meta("codes_count") == 2
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'codes_count'")
+    # A delta on such a database starts from a real count.
+    codes.apply(bundle(2, [entry("c", "c")], base=1, revoke=("a",)))
+    assert db.get_meta("codes_count") == real_count(db) == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.booleans(),
+                          st.lists(st.tuples(st.sampled_from("abcdef"), st.sampled_from("0123")),
+                                   max_size=5, unique_by=lambda t: t[1]),
+                          st.lists(st.sampled_from("abcdefg"), max_size=3)),
+                min_size=1, max_size=6))
+def test_the_kept_count_matches_a_real_count_after_any_applies(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[bool, list[tuple[str, str]], list[str]]],
+) -> None:
+    db = open_database(tmp_path_factory.mktemp("db") / "x.db")
+    codes = CodeStore(db)
+    for version, (snapshot, upserts, revokes) in enumerate(steps, start=1):
+        held = codes.version()
+        # A digest given to two ids is refused and changes nothing; the count must agree.
+        with contextlib.suppress(TrustError):
+            codes.apply(bundle(version, [entry(i, d) for i, d in upserts],
+                               base=None if snapshot else held, revoke=tuple(revokes)))
+        assert codes.count() == real_count(db)
+    db.close()
