@@ -184,8 +184,11 @@ def test_the_code_count_is_kept_across_snapshots_deltas_and_a_restart(tmp_path: 
     # A snapshot that revokes one of its own codes.
     codes.apply(bundle(3, [entry("x", "1"), entry("y", "2")], revoke=("y", "nope")))
     assert db.get_meta("codes_count") == real_count(db) == codes.count() == 1
+    # A delta that changes no code (executemany over nothing).
+    codes.apply(bundle(4, [], base=3))
+    assert db.get_meta("codes_count") == real_count(db) == 1
     with pytest.raises(TrustError):
-        codes.apply(bundle(4, [entry("m", "3"), entry("n", "3")], base=3))
+        codes.apply(bundle(5, [entry("m", "3"), entry("n", "3")], base=4))
     assert codes.count() == real_count(db) == 1
     db.close()
     db = open_database(path)
