@@ -504,14 +504,7 @@ async def _no_code_chapter(tour: _Tour) -> None:
     await tour._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
                       fail=("code.rejected", "door.jammed"))
     await tour._step(f"door {cid} is open: the customer takes parcel {parcel} and closes it")
-    world.set_parcel(cid, False)
-    await tour._until(f"the occupancy sensor of {cid} to see it empty",
-                      lambda: True if ctl.compartments[cid].occupied is False else None)
-    world.close_door(cid)
-    await tour._event(mark, "pickup.completed", compartment=cid,
-                      what="the pickup to complete", fail=("pickup.incomplete",))
-    await tour._until(f"the latch of door {cid} to engage",
-                      lambda: True if world.compartment(cid).locked else None)
+    await tour._take_out(mark, cid)
 
 
 async def _wait_for(check: Callable[[], T | None]) -> T | None:
@@ -639,25 +632,33 @@ class _Tour:
         await self._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
                           fail=("code.rejected", "door.jammed"))
         await self._step(f"door {cid} is open: the customer takes parcel {parcel} out")
-        world.set_parcel(cid, False)
-        await self._until(f"the occupancy sensor of {cid} to see it empty",
-                          lambda: True if ctl.compartments[cid].occupied is False else None)
-        await self._step(f"the customer closes door {cid}")
-        world.close_door(cid)
-        await self._event(mark, "pickup.completed", compartment=cid,
-                          what="the pickup to complete", fail=("pickup.incomplete",))
-        await self._until(f"the latch of door {cid} to engage",
-                          lambda: True if world.compartment(cid).locked else None)
+        await self._take_out(mark, cid, closing=f"the customer closes door {cid}")
         await self._step(f"pickup completed with code derived:{parcel}.")
         await _no_code_chapter(self)
         if not await self._jam_chapter():
             await self._step("End of the tour.")
 
+    async def _take_out(self, mark: int, cid: str, *, closing: str | None = None) -> None:
+        """The customer takes the parcel out of the open door `cid` and closes it; returns once
+        `pickup.completed` is recorded and the latch holds the door. `closing`: a step said
+        before the door is closed."""
+        world, ctl = self.world, self.app.controller
+        world.set_parcel(cid, False)
+        await self._until(f"the occupancy sensor of {cid} to see it empty",
+                          lambda: True if ctl.compartments[cid].occupied is False else None)
+        if closing is not None:
+            await self._step(closing)
+        world.close_door(cid)
+        await self._event(mark, "pickup.completed", compartment=cid,
+                          what="the pickup to complete", fail=("pickup.incomplete",))
+        await self._until(f"the latch of door {cid} to engage",
+                          lambda: True if world.compartment(cid).locked else None)
+
     async def _jam_chapter(self) -> bool:
         """A customer's door jams; the display asks to push it and press `#`; the guided
         retry opens it and the code is used once. False when it was skipped (no provisioned
         parcel left here, or the guided retry is off)."""
-        world, ctl = self.world, self.app.controller
+        world = self.world
         code = self._parcel_with_a_code()
         if code is None or self.app.config.doors.jam_retry_s <= 0:
             self._say("(no guided jam retry this time: no provisioned parcel left here, or "
@@ -687,14 +688,7 @@ class _Tour:
         finally:
             world.set_fault(f"lock:{cid}", "jam", False)
         await self._step(f"door {cid} is open: the customer takes the parcel and closes it")
-        world.set_parcel(cid, False)
-        await self._until(f"the occupancy sensor of {cid} to see it empty",
-                          lambda: True if ctl.compartments[cid].occupied is False else None)
-        world.close_door(cid)
-        await self._event(mark, "pickup.completed", compartment=cid,
-                          what="the pickup to complete", fail=("pickup.incomplete",))
-        await self._until(f"the latch of door {cid} to engage",
-                          lambda: True if world.compartment(cid).locked else None)
+        await self._take_out(mark, cid)
         await self._step(f"pickup completed after the guided retry, code {code.id} used once. "
                          "End of the tour.")
         return True
