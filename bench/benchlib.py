@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,23 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def run_in_work_directory(name: str, directory: Path | None,
+                          run: Callable[[Path], None]) -> int:
+    """A benchmark's main: `run(work)` in its work directory; the exit status (1 for a
+    RuntimeError it reports, 130 for an interrupt), each with one line on stderr."""
+    exit_on_sigterm()
+    try:
+        with work_directory(directory) as work:
+            run(work)
+    except RuntimeError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchlib import Summary, exit_on_sigterm, filesystem_of, machine_line, work_directory
+from benchlib import Summary, filesystem_of, machine_line, run_in_work_directory
 
 from lockerd.dev.provision import BankKit, make_bank
 from lockerd.services.cache import CodeCache
@@ -731,19 +731,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_sigterm()
-    status = 0
-    try:
-        # The daemon logs one line per bundle: to the work directory's log file.
-        with work_directory(args.dir) as work:
-            run(args, work)
-    except RuntimeError as exc:
-        print(f"bundle_apply: {exc}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        print("bundle_apply: interrupted", file=sys.stderr)
-        status = 130
-    return status
+    # The daemon logs one line per bundle: to the work directory's log file.
+    return run_in_work_directory("bundle_apply", args.dir, lambda work: run(args, work))
 
 
 if __name__ == "__main__":

@@ -15,18 +15,17 @@ from pathlib import Path
 from benchlib import (
     LOCKERD,
     START_TIMEOUT_S,
-    exit_on_sigterm,
     machine_line,
     proc_status,
     provision,
+    run_in_work_directory,
     stop_process,
-    work_directory,
 )
 
 from lockerd.dev.provision import to_toml
 
 TARGET_RATIO = 1.5
-"""Issue 14: a start with an unchanged bundle file within 1.5x of a start without one."""
+"""The target: a start with an unchanged bundle file within 1.5x of a start without one."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,18 +127,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_sigterm()
-    status = 0
-    try:
-        with work_directory(args.dir) as work:
-            run(args, work)
-    except RuntimeError as exc:
-        print(f"startup_bundle_file: {exc}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        print("startup_bundle_file: interrupted", file=sys.stderr)
-        status = 130
-    return status
+    return run_in_work_directory("startup_bundle_file", args.dir, lambda work: run(args, work))
 
 
 if __name__ == "__main__":
