@@ -53,7 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--tour", action="store_true",
                       help="run the guided tour (a courier deposits a parcel, its customer "
                       "picks it up with the derived pickup code) and exit; exit status 1 if a "
-                      "step of it fails")
+                      "step of it fails; in the UI, the tour plays step by step and the UI "
+                      "stays open)")
+    demo.add_argument("--plain", action="store_true",
+                      help="the transcript demo (what runs when stdin or stdout is not a "
+                      "terminal) instead of the terminal UI")
+    demo.add_argument("--socket", type=Path, default=None,
+                      help="with --db: open the UI on a daemon already running on the "
+                      "simulator, by its [backends.sim] socket")
+    demo.add_argument("--db", type=Path, default=None,
+                      help="with --socket: that daemon's database (<state_dir>/lockerd.db), "
+                      "read-only, for its events")
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit",
                            description="Validate a configuration file with every check "
@@ -78,14 +88,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """The terminal UI when this is a terminal, the transcript otherwise (or with --plain)."""
+    if (args.socket is None) != (args.db is None):
+        print("lockerd demo: --socket and --db go together", file=sys.stderr)
+        return 2
+    if args.socket is not None:
+        from lockerd.dev.ui.run import attach_ui
+
+        return attach_ui(socket=args.socket, db=args.db)
+    if not args.plain and sys.stdin.isatty() and sys.stdout.isatty():
+        from lockerd.dev.ui.run import run_ui
+
+        return run_ui(directory=args.dir, compartments=args.compartments, wire=args.wire,
+                      tour=args.tour)
+    from lockerd.dev.demo import run_demo
+
+    return run_demo(directory=args.dir, compartments=args.compartments, wire=args.wire,
+                    tour=args.tour)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from lockerd.dev.demo import run_demo
-
-            return run_demo(directory=args.dir, compartments=args.compartments, wire=args.wire,
-                            tour=args.tour)
+            return _demo(args)
         config = load_config(args.config)
         configure_logging(config.logging.level, config.logging.format)
         if args.command == "run":

@@ -1,0 +1,1 @@
+"""The simulator's terminal UI: see the bank, press its keys, put parcels in, inject faults."""
