@@ -11,6 +11,7 @@ from textual import events, on
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Input, RichLog, Static
 
 from lockerd.dev.ui.feed import FeedError
@@ -100,6 +101,7 @@ class LockerUi(App[None]):
         self.play_tour = tour
         self.tour_result: bool | None = None
         self.sub_title = link.title
+        self._refreshing = asyncio.Lock()  # one poll at a time: each event is read once
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -122,7 +124,8 @@ class LockerUi(App[None]):
         yield Static("", id="status", markup=False)
         yield Footer()
 
-    async def on_mount(self) -> None:
+    async def on_ready(self) -> None:
+        """The main screen is up: start polling the bank (and the tour)."""
         narration = self.query_one("#narration", Static)
         narration.display = self.play_tour
         self.run_worker(self._poll_forever(), name="poll", exclusive=True, group="poll")
@@ -138,20 +141,28 @@ class LockerUi(App[None]):
 
     async def refresh_bank(self) -> None:
         """One poll: the simulator's state and the events recorded since the last."""
-        try:
-            snapshot = await self.link.snapshot()
-            rows = await self.link.feed.poll()
-        except (SimError, OSError, TimeoutError, FeedError) as exc:
-            self.status(f"cannot reach the bank: {exc}", error=True)
-            await asyncio.sleep(1.0)
-            return
-        self._show(snapshot)
-        for row in rows:
-            self._log_event(row)
-        self.polls += 1
+        async with self._refreshing:
+            try:
+                snapshot = await self.link.snapshot()
+                rows = await self.link.feed.poll()
+            except (SimError, OSError, TimeoutError, FeedError) as exc:
+                self.status(f"cannot reach the bank: {exc}", error=True)
+                await asyncio.sleep(1.0)
+                return
+            try:
+                self._show(snapshot)
+                for row in rows:
+                    self._log_event(row)
+                if rows:
+                    self._show_codes()  # a deposit confirmed gives a parcel its code
+            except NoMatches:
+                return  # the screen is being taken down: the app is leaving
+            self.polls += 1
 
-    def _show(self, snapshot: Snapshot) -> None:
+    def _show(self, snapshot: Snapshot, *, force: bool = False) -> None:
         before = self.snapshot
+        if snapshot == before and not force:
+            return  # nothing moved: redraw nothing (an idle bank costs no CPU)
         for cell in snapshot.cells:
             was = before.cell(cell.id) if before is not None else None
             if cell.door_open and (was is None or not was.door_open) and before is not None:
@@ -162,6 +173,9 @@ class LockerUi(App[None]):
             widget.show(cell, selected=cell.id == self.selected, latest=cell.id == self.latest)
         self.query_one(DisplayPanel).show("\n".join(snapshot.display))
         self._show_selection()
+        self._show_codes()
+
+    def _show_codes(self) -> None:
         codes = self.link.hooks.codes
         if codes is not None:
             self.query_one("#codes", Static).update("\n".join(codes()))
@@ -206,7 +220,12 @@ class LockerUi(App[None]):
         await self._act(f"pressed {keys}", lambda: self.link.control.press(keys))
 
     async def on_key(self, event: events.Key) -> None:
-        if isinstance(self.focused, Input) or self.screen is not self.screen_stack[0]:
+        if isinstance(self.focused, Input):
+            if event.key == "escape":  # leave the scanner field: keys go to the keypad again
+                event.stop()
+                self.set_focus(None)
+            return
+        if self.screen is not self.screen_stack[0]:
             return
         key = {"enter": "#", "backspace": "*"}.get(event.key, event.character or "")
         if len(key) == 1 and key in KEYPAD_KEYS:
@@ -228,13 +247,14 @@ class LockerUi(App[None]):
             self.status("the scanner reads nothing: type a label or paste a QR token")
             return
         message.input.value = ""
+        self.set_focus(None)  # what comes next is a key: a size, * or another code
         shown = data if len(data) <= 32 else f"{data[:20]}...{data[-8:]}"
         await self._act(f"scanned {shown}", lambda: self.link.control.scan(data))
 
     def _select(self, cid: str) -> None:
         self.selected = cid
         if self.snapshot is not None:
-            self._show(self.snapshot)
+            self._show(self.snapshot, force=True)
 
     def action_select(self, step: int) -> None:
         if not self.ids:

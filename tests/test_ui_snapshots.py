@@ -1,0 +1,29 @@
+"""What people see of the simulator UI, as SVG snapshots: a change to it is a reviewed change.
+
+`pytest tests/test_ui_snapshots.py --snapshot-update` writes them again after a wanted change
+(review the SVGs under tests/__snapshots__/ in the diff)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pytest_textual_snapshot import SVGImageExtension  # type: ignore[import-untyped]
+from syrupy.assertion import SnapshotAssertion
+from uikit import app_of, running_ui, ui_kit
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_the_main_screen_and_the_help_screen(bank_dir: Path,
+                                                   snapshot: SnapshotAssertion) -> None:
+    svg = snapshot.use_extension(SVGImageExtension)
+    async with running_ui(ui_kit(bank_dir)) as pilot:
+        ui = app_of(pilot)
+        # A bank at rest: fixed codes, bank L1, the three start-up events, nothing selected
+        # but compartment 1, no status line.
+        await pilot.pause()
+        assert svg(name="main") == ui.export_screenshot(title="lockerd demo")
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert svg(name="help") == ui.export_screenshot(title="lockerd demo")
