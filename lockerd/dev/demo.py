@@ -7,19 +7,21 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO, TypeVar
 
 from lockerd.app import App, build_app
 from lockerd.config import load_config
-from lockerd.core.deposit import SessionPhase, is_parcel_id
+from lockerd.core.deposit import is_parcel_id
 from lockerd.core.help import Step
+from lockerd.dev.demobank import DemoBank
+from lockerd.dev.helpdesk import backend_answers
 from lockerd.dev.provision import BankKit, PlainCode, make_bank, random_code
+from lockerd.dev.tour import TOUR_STEP_S, play_tour
 from lockerd.logs import configure_logging
-from lockerd.services.help import HelpService
 from lockerd.store.events import StoredEvent
-from lockerd.trust.digest import derived_pickup_code, support_code, support_window
+from lockerd.trust.digest import support_code, support_window
 from sim.backend import world_of
 from sim.wire.bank import WireBank
 from sim.world import (
@@ -61,7 +63,6 @@ Commands (a compartment is named by its number):
 
 COURIER_ID = "c-1"
 COURIER_USES = 100
-TOUR_STEP_S = 6.0  # a step of the tour that takes longer than this has failed
 _POLL_S = 0.02
 
 
@@ -77,7 +78,7 @@ def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | N
     base = Path(tempfile.mkdtemp(prefix="lockerd-demo-")) if directory is None else directory
     try:
         wire_dir = base / "wire" if wire else None
-        kit = _provision(base / "bank", compartments, wire_dir)
+        kit = provision_demo_bank(base / "bank", compartments, wire_dir)
         config = load_config(kit.config_path)
         # Logs go to a file so the terminal shows the customer's view; JSON lines for grep.
         log_file = (base / "lockerd.log").open("a", encoding="utf-8")
@@ -117,7 +118,11 @@ def demo_sizes(compartments: int) -> list[str]:
     return ["S"] * small + ["M"] * medium + ["L"] * (compartments - small - medium)
 
 
-def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> BankKit:
+def provision_demo_bank(directory: Path, compartments: int = 8,
+                        wire_dir: Path | None = None) -> BankKit:
+    """A fresh demo bank in `directory` (emptied first if it holds one): the printed pickup
+    codes of compartments 1-3 with their parcels inside, the courier code `c-1`, derived and
+    support codes on; with `wire_dir`, its hardware on the wire-level emulators there."""
     if (directory / "lockerd.toml").exists():
         shutil.rmtree(directory)
     count = min(3, compartments)
@@ -142,17 +147,13 @@ def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> Ban
                      wire=wire_dir)
 
 
-def _courier_code(kit: BankKit) -> PlainCode | None:
-    return next((c for c in kit.codes if c.kind == "courier"), None)
-
-
 def _print_codes(kit: BankKit, out: TextIO) -> None:
     print("Pickup codes (the parcels are in their compartments):", file=out)
     for code in kit.codes:
         if code.kind == "pickup":
             print(f"  compartment {code.compartment}: {code.code}   (code id {code.id})",
                   file=out)
-    courier = _courier_code(kit)
+    courier = next((c for c in kit.codes if c.kind == "courier"), None)
     if courier is not None:
         print(f"Courier code: {courier.code}   (code id {courier.id}): type it, then 'label "
               "PX200' scans a parcel, a digit picks the size, 'put N' and 'close N' deposit it, "
@@ -180,10 +181,11 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
     display = world_of(app.hal)
     printer = _Printer(app, out)
     printing = asyncio.create_task(printer.run(world, display), name="printer")
-    demo = _Demo(world=world, display=display, app=app, kit=kit, out=out, printer=printer)
+    demo = _Demo(DemoBank(world=world, display=display, app=app, kit=kit), out=out,
+                 printer=printer)
     try:
         if tour:
-            return await _Tour(demo).run()
+            return await demo.tour()
         await _read_commands(demo, stdin)
         return True
     finally:
@@ -251,18 +253,29 @@ async def _read_commands(demo: _Demo, stdin: TextIO) -> None:
 class _Demo:
     """The typed commands: a person's hands on the simulated bank, plus the backend's tools."""
 
-    def __init__(self, *, world: SimWorld, display: SimWorld, app: App, kit: BankKit,
-                 out: TextIO, printer: _Printer) -> None:
-        self.world = world
-        self.display = display
-        self.app = app
-        self.kit = kit
+    def __init__(self, bank: DemoBank, *, out: TextIO, printer: _Printer) -> None:
+        self.bank = bank
+        self.world = bank.world
+        self.display = bank.display
+        self.app = bank.app
+        self.kit = bank.kit
         self.out = out
         self.printer = printer
 
     def say(self, text: str) -> None:
         print(text, file=self.out)
         self.out.flush()
+
+    async def tour(self) -> bool:
+        """The guided tour, each step's line printed after what the last step made happen."""
+
+        async def narrate(line: str) -> None:
+            await self.printer.settle()
+            self.say(f"[tour] {line}")
+
+        ok = await play_tour(self.bank, narrate)
+        await self.printer.settle()
+        return ok
 
     async def command(self, line: str) -> bool:
         """Run one typed command; False means leave."""
@@ -274,7 +287,7 @@ class _Demo:
             return False
         try:
             if word == "tour":
-                await _Tour(self).run()
+                await self.tour()
             elif word == "help" and arg:
                 await _ask_for_help(self, arg)
             elif set(line) <= set("0123456789*#"):
@@ -333,10 +346,6 @@ class _Demo:
                  + (f"press #: 'unjam {arg}' then '#' within {retry_s:g} s is that guided retry"
                     if retry_s > 0 else "call support ([doors] jam_retry_s = 0)"))
 
-    def derived_code(self, parcel_id: str) -> str:
-        return derived_pickup_code(self.kit.code_key, self.kit.locker_id, parcel_id,
-                                   self.app.config.codes.derived_digits)
-
     def _derive(self, arg: str) -> None:
         if not arg or " " in arg:
             self.say("usage: derive PARCEL (the parcel id on its label, e.g. PX200)")
@@ -344,7 +353,7 @@ class _Demo:
         if not is_parcel_id(arg):
             self.say(f"bad parcel id {arg!r}: 1-64 printable ASCII characters, no spaces")
             return
-        self.say(f"derived pickup code of parcel {arg}: {self.derived_code(arg)}   (the "
+        self.say(f"derived pickup code of parcel {arg}: {self.bank.derived_code(arg)}   (the "
                  "daemon accepts it while that parcel lies here)")
 
     def _support(self, arg: str) -> None:
@@ -432,79 +441,12 @@ async def _ask_for_help(demo: _Demo, arg: str) -> None:
         demo.say("[backend] no help request was recorded (see 'events')")
         return
     await demo.printer.settle()
-    await _backend_answers(demo, request)
 
+    async def tell(line: str) -> None:
+        demo.say(f"[backend] {line}")
 
-async def _backend_answers(demo: _Demo, request: StoredEvent) -> str:
-    """The demo's backend answers a help request as `lockerctl respond-help` would: resent
-    for a parcel on record here, not_found otherwise. Returns the outcome."""
-    app = demo.app
-    tracking, phone = str(request.data["tracking"]), str(request.data["phone_last4"])
-    if tracking in _parcels_here(demo):
-        outcome, message = "resent", f"New code sent by SMS to ***{phone[-2:]}"
-    else:
-        outcome, message = "not_found", "No parcel found for these details. Call support"
-    demo.say(f"[backend] help request H-{request.data['reference']} for {tracking}: {outcome}")
-    responder = HelpService(
-        link=None, topic="", cache=app.cache, requests=app.controller.help_requests,
-        events=app.events, locker_id=demo.kit.locker_id,
-        answer=lambda help_id, outcome_, text: app.controller.help_reply(
-            help_id, outcome=outcome_, message=text),
-        reply_valid_s=app.config.help.reply_valid_s, now=app.clock.wall,
-        monotonic=app.clock.monotonic)
-    await responder.receive(demo.kit.help_reply(str(request.data["help_id"]), outcome=outcome,
-                                                message=message))
+    await backend_answers(demo.bank, request, tell)
     await demo.printer.settle()
-    return outcome
-
-
-def _parcels_here(demo: _Demo) -> set[str]:
-    """The parcels the demo's backend knows to be in this bank: those on record (deposited
-    here), and those of the printed codes whose compartment holds a parcel."""
-    comps = demo.app.controller.compartments
-    here = {c.parcel_id for c in comps.values() if c.parcel_id}
-    here |= {c.parcel_id for c in demo.kit.codes
-             if c.parcel_id and c.compartment and comps[c.compartment].occupied}
-    return here
-
-
-async def _no_code_chapter(tour: _Tour) -> None:
-    """The tour's "no code" chapter, help part: a customer whose SMS never came asks for
-    help at the bank, the backend resends the code, and that code opens the door."""
-    demo, app, world = tour.demo, tour.app, tour.world
-    ctl = app.controller
-    code = next((c for c in demo.kit.codes if c.kind == "pickup" and c.compartment
-                 and c.parcel_id in _parcels_here(demo)), None)
-    if code is None or code.compartment is None or code.parcel_id is None:
-        await tour._step("no code: no parcel with a known code is left here; chapter skipped")
-        return
-    cid, parcel = code.compartment, code.parcel_id
-    app.controller.online = lambda: True  # the demo's backend is in this process
-    await tour._step(f"chapter 'no code': the SMS for parcel {parcel} never came; its "
-                     "customer presses # with nothing typed")
-    mark = app.events.last_seq()
-    world.press("#")
-    await tour._until("the display to ask for a tracking number",
-                      lambda: True if ctl.bank.help is not None else None)
-    await tour._step(f"the customer scans the tracking number on the notice: {parcel}")
-    world.scan(parcel)
-    await tour._until("the display to ask for the phone's last 4 digits",
-                      lambda: True if ctl.bank.help is not None
-                      and ctl.bank.help.step is Step.PHONE else None)
-    await tour._step("the customer types the last 4 digits of their phone: 9876")
-    world.press("9876")
-    request = await tour._event(mark, "help.requested", what="the help request")
-    await tour._step(f"help.requested is on its way; the customer reads the reference "
-                     f"H-{request.data['reference']}")
-    if await _backend_answers(demo, request) != "resent":
-        raise TourFailed(f"the backend did not find parcel {parcel}")
-    await tour._event(mark, "help.answered", what="the reply to be accepted")
-    await tour._step(f"the SMS arrives with the pickup code: the customer types {code.code}#")
-    world.press(code.code + "#")
-    await tour._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
-                      fail=("code.rejected", "door.jammed"))
-    await tour._step(f"door {cid} is open: the customer takes parcel {parcel} and closes it")
-    await tour._take_out(mark, cid)
 
 
 async def _wait_for(check: Callable[[], T | None]) -> T | None:
@@ -520,241 +462,6 @@ async def _wait_for(check: Callable[[], T | None]) -> T | None:
 
 def _shorten(token: str) -> str:
     return token if len(token) <= 32 else f"{token[:20]}...{token[-8:]}"
-
-
-_HINTS = {
-    "no_free_compartment": "every compartment holds a parcel or is in use; take one out "
-    "with a pickup code first, or run the demo with more compartments",
-    "locked_out": "too many wrong codes were typed; wait for the lockout to end",
-    "parcel_already_here": "that parcel is already in a compartment",
-}
-
-
-class TourFailed(Exception):
-    """A step of the tour did not happen; the message says which and why."""
-
-
-class _Tour:
-    """A courier deposits a parcel, then its customer picks it up with the derived code.
-
-    Every step acts on the world as a person would and then waits, with a deadline, for the
-    daemon's event or the world's change that shows it worked."""
-
-    def __init__(self, demo: _Demo) -> None:
-        self.demo = demo
-        self.app = demo.app
-        self.world = demo.world
-
-    def _say(self, text: str) -> None:
-        self.demo.say(f"[tour] {text}")
-
-    async def run(self) -> bool:
-        try:
-            await self._run()
-        except TourFailed as exc:
-            await self.demo.printer.settle()
-            self._say(f"FAILED: {exc}")
-            if self.app.controller.session is not None and not self.app.stop.is_set():
-                self._say("the courier presses * to end the session")
-                mark = self.app.events.last_seq()
-                self.world.press("*")
-                try:
-                    await self._event(mark, "session.ended", what="the session to end")
-                except TourFailed as again:
-                    self._say(f"FAILED: {again}")
-                await self.demo.printer.settle()
-            return False
-        return True
-
-    async def _run(self) -> None:
-        demo, world, ctl = self.demo, self.world, self.app.controller
-        courier = _courier_code(demo.kit)
-        if courier is None:
-            raise TourFailed("this bank has no courier code")
-        if ctl.session is not None:
-            raise TourFailed("a courier session is already running: press * to end it, then "
-                             "type 'tour' again")
-        parcel = self._parcel_id()
-        self._say(f"a courier arrives with parcel {parcel}")
-        await self._step(f"the courier types code {courier.code}#")
-        mark = self.app.events.last_seq()
-        world.press(courier.code + "#")
-        await self._event(mark, "session.started", what="the courier session to start",
-                          fail=("code.rejected",))
-
-        await self._step(f"the display asks for a label: the courier scans parcel {parcel}")
-        world.scan_label(parcel)
-        sizes = ctl.rules.sizes
-        if len(sizes) > 1:
-            def asks_size() -> bool | None:
-                session = ctl.session
-                if (session is not None and session.phase is SessionPhase.SIZE
-                        and session.parcel_id == parcel):
-                    return True
-                self._find(mark, "deposit.refused", fail=("deposit.refused",))
-                return None
-
-            await self._until("the display to ask for a size", asks_size)
-            await self._step(f"the parcel is small: the courier presses 1 (size {sizes[0]}); "
-                             f"the daemon opens the smallest free door of size {sizes[0]} "
-                             "or larger")
-            world.press("1")
-        pulse = await self._event(mark, "lock.pulse", what="a door to be assigned",
-                                  fail=("deposit.refused", "session.ended"))
-        cid = pulse.compartment or ""
-        await self._event(mark, "door.opened", compartment=cid, what=f"door {cid} to open",
-                          fail=("door.jammed",))
-        size = ctl.compartments[cid].size or "?"
-        await self._step(f"door {cid} (size {size}) is open: the courier puts parcel {parcel} "
-                         "in")
-        world.set_parcel(cid, True)
-        await self._until(f"the occupancy sensor of {cid} to see the parcel",
-                          lambda: True if ctl.compartments[cid].occupied else None)
-        await self._step(f"the courier closes door {cid}")
-        world.close_door(cid)
-        await self._event(mark, "deposit.confirmed", compartment=cid,
-                          what="the deposit to be confirmed", fail=("deposit.aborted",))
-        # No person is quicker than the lock pulse: let the latch catch the door first.
-        await self._until(f"the latch of door {cid} to engage",
-                          lambda: True if world.compartment(cid).locked else None)
-        await self._step(f"deposit.confirmed is on its way to the backend: parcel {parcel} "
-                         f"lies in compartment {cid}")
-        await self._step("the courier presses * to end the session")
-        world.press("*")
-        await self._event(mark, "session.ended", what="the courier session to end")
-
-        code = demo.derived_code(parcel)
-        await self._step(f"the backend derives the customer's pickup code from the parcel id "
-                         f"alone (nothing sent to the locker): {code}")
-        await self._step(f"the customer types code {code}#")
-        mark = self.app.events.last_seq()
-        world.press(code + "#")
-        await self._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
-                          fail=("code.rejected", "door.jammed"))
-        await self._step(f"door {cid} is open: the customer takes parcel {parcel} out")
-        await self._take_out(mark, cid, closing=f"the customer closes door {cid}")
-        await self._step(f"pickup completed with code derived:{parcel}.")
-        await _no_code_chapter(self)
-        if not await self._jam_chapter():
-            await self._step("End of the tour.")
-
-    async def _take_out(self, mark: int, cid: str, *, closing: str | None = None) -> None:
-        """The customer takes the parcel out of the open door `cid` and closes it; returns once
-        `pickup.completed` is recorded and the latch holds the door. `closing`: a step said
-        before the door is closed."""
-        world, ctl = self.world, self.app.controller
-        world.set_parcel(cid, False)
-        await self._until(f"the occupancy sensor of {cid} to see it empty",
-                          lambda: True if ctl.compartments[cid].occupied is False else None)
-        if closing is not None:
-            await self._step(closing)
-        world.close_door(cid)
-        await self._event(mark, "pickup.completed", compartment=cid,
-                          what="the pickup to complete", fail=("pickup.incomplete",))
-        await self._until(f"the latch of door {cid} to engage",
-                          lambda: True if world.compartment(cid).locked else None)
-
-    async def _jam_chapter(self) -> bool:
-        """A customer's door jams; the display asks to push it and press `#`; the guided
-        retry opens it and the code is used once. False when it was skipped (no provisioned
-        parcel left here, or the guided retry is off)."""
-        world = self.world
-        code = self._parcel_with_a_code()
-        if code is None or self.app.config.doors.jam_retry_s <= 0:
-            self._say("(no guided jam retry this time: no provisioned parcel left here, or "
-                      "[doors] jam_retry_s is 0)")
-            return False
-        cid = code.compartment or ""
-        await self._step(f"a customer comes for parcel {code.parcel_id} in compartment {cid}, "
-                         f"but its lock sticks (the tour jams it: 'jam {cid}')")
-        world.set_fault(f"lock:{cid}", "jam", True)
-        try:
-            mark = self.app.events.last_seq()
-            await self._step(f"the customer types code {code.code}#")
-            world.press(code.code + "#")
-            both_pulses = 2 * self.app.config.doors.open_timeout_s
-            await self._event(mark, "door.jammed", compartment=cid, within=both_pulses,
-                              what=f"door {cid} to be reported jammed after two pulses",
-                              fail=("code.rejected", "pickup.opened"))
-            await self._step("the display asks to push the door firmly and press #; the code "
-                             "is still valid and nothing was used")
-            await self._step("the customer pushes the door (the tour clears the jam: "
-                             f"'unjam {cid}') and presses #")
-            world.set_fault(f"lock:{cid}", "jam", False)
-            world.press("#")
-            await self._event(mark, "pickup.opened", compartment=cid,
-                              what=f"the guided retry to open door {cid}",
-                              fail=("compartment.out_of_service",))
-        finally:
-            world.set_fault(f"lock:{cid}", "jam", False)
-        await self._step(f"door {cid} is open: the customer takes the parcel and closes it")
-        await self._take_out(mark, cid)
-        await self._step(f"pickup completed after the guided retry, code {code.id} used once. "
-                         "End of the tour.")
-        return True
-
-    def _parcel_with_a_code(self) -> PlainCode | None:
-        """A provisioned pickup code whose parcel is still in its compartment, unused."""
-        for code in self.demo.kit.codes:
-            comp = self.app.controller.compartments.get(code.compartment or "")
-            if code.kind != "pickup" or comp is None:
-                continue
-            record = self.app.codes.lookup(self.demo.kit.digest(code.code))
-            if (comp.in_service and comp.occupied and comp.view().idle and record is not None
-                    and record.uses < record.max_uses):
-                return code
-        return None
-
-    def _parcel_id(self) -> str:
-        """PX-TOUR-1, or the next number if that parcel is already here."""
-        on_record = {c.parcel_id for c in self.app.controller.compartments.values()}
-        n = 1
-        while f"PX-TOUR-{n}" in on_record:
-            n += 1
-        return f"PX-TOUR-{n}"
-
-    async def _step(self, text: str) -> None:
-        # What the last step made the daemon print comes before the next line of narration.
-        await self.demo.printer.settle()
-        self._say(text)
-
-    def _find(self, since: int, *types: str, compartment: str | None = None,
-              fail: Collection[str] = ()) -> StoredEvent | None:
-        for event in self.app.events.since(since):
-            if compartment is not None and event.compartment not in (None, compartment):
-                continue
-            if event.type in fail:
-                reason = event.data.get("reason")
-                hint = _HINTS.get(reason) if isinstance(reason, str) else None
-                raise TourFailed(f"the daemon recorded {event.type}"
-                                 + (f" ({reason})" if reason else "")
-                                 + (f" for door {event.compartment}" if event.compartment
-                                    else "")
-                                 + (f": {hint}" if hint else ""))
-            if event.type in types and (compartment is None or event.compartment == compartment):
-                return event
-        return None
-
-    async def _event(self, since: int, type_: str, *, what: str,
-                     compartment: str | None = None, fail: Collection[str] = (),
-                     within: float = 0.0) -> StoredEvent:
-        return await self._until(what, lambda: self._find(since, type_, compartment=compartment,
-                                                          fail=fail), within=within)
-
-    async def _until(self, what: str, check: Callable[[], T | None], *,
-                     within: float = 0.0) -> T:
-        """`within`: how much longer than a step this one may take (the door timeouts)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TOUR_STEP_S + within
-        while True:
-            result = check()
-            if result is not None:
-                return result
-            if loop.time() >= deadline or self.app.stop.is_set():
-                shown = " | ".join(self.demo.display.display.lines)
-                raise TourFailed(f"waited {TOUR_STEP_S + within:.0f} s for {what}, in vain "
-                                 f"(the display shows: {shown or 'nothing'})")
-            await asyncio.sleep(_POLL_S)
 
 
 def _print_event(event: StoredEvent, out: TextIO) -> None:
