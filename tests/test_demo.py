@@ -221,11 +221,18 @@ def test_demo_courier_commands_label_derive_and_qr(tmp_path: Path) -> None:
         term.expect(r"event #\d+ pickup\.opened door 4 code derived:PX9 parcel PX9")
 
         term.type("qr pickup-parcel PX8")
-        term.expect(r"scanning a signed QR token: LK1:.*\(\d+ characters\)")
-        term.expect(r"event #\d+ pickup\.opened door 5 parcel PX8")
+        cti = term.expect(r"scanning a signed QR token: LK1:.*\(\d+ characters, token id "
+                          r"([0-9a-f]{32})\)").group(1)
+        # The events name the token, what it is for and, refused, why.
+        term.expect(rf"event #\d+ pickup\.opened door 5 token {cti} \(pickup QR token for "
+                    r"parcel PX8\)$")
         term.type("qr pickup 1")
         term.expect(r"scanning a signed QR token: LK1:")
-        term.expect(r"event #\d+ pickup\.opened door 1$")
+        term.expect(r"event #\d+ pickup\.opened door 1 token [0-9a-f]{32} \(pickup QR token "
+                    r"for door 1\)$")
+        term.type("qr pickup 1")  # door 1 is open now: refused, and the reason is shown
+        term.expect(r"event #\d+ code\.rejected door 1 token [0-9a-f]{32} \(pickup QR token "
+                    r"for door 1\) reason \w+$")
 
         # Bad arguments: a readable line each, and the demo goes on.
         term.type("qr pickup 99")
