@@ -8,11 +8,10 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 from lockerd.app import App, build_app
 from lockerd.config import load_config
@@ -27,8 +26,8 @@ from sim.wire.bank import WireBank
 COURIER_ID = "c-1"
 COURIER_USES = 100
 PROMPT = "bank> "
-# Closing the terminal (SIGHUP) or a kill (SIGTERM) stops the demo as Ctrl-C does.
-_STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
+# Ctrl-C, closing the terminal (SIGHUP) and a kill (SIGTERM) all stop the demo cleanly.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 
 def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | None = None,
@@ -46,7 +45,7 @@ def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | N
                  prompt=PROMPT if not tour and _is_terminal(source) and _is_terminal(stream)
                  else None)
     temp = directory is None
-    with _stop_signals_interrupt():
+    with _StopRequest() as stop:
         base = Path(tempfile.mkdtemp(prefix="lockerd-demo-")) if directory is None else directory
         try:
             wire_dir = base / "wire" if wire else None
@@ -59,11 +58,15 @@ def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | N
                     f"{c.id}:{c.size}" for c in config.compartments)):
                 out.line(line)
             try:
-                ok = asyncio.run(_session(config_app=lambda: build_app(config), kit=kit,
-                                          stdin=source, out=out, wire_dir=wire_dir,
-                                          tour=tour))
+                if stop.signal is None:
+                    ok = asyncio.run(_session(
+                        config_app=lambda: build_app(config), kit=kit, stdin=source, out=out,
+                        wire_dir=wire_dir, tour=tour, stop=stop))
+                else:  # stopped while the bank was being made: the daemon never started
+                    ok = True
+                    out.line("lockerd demo stopped.")
             finally:
-                _arm_stop_signals()
+                stop.arm()
                 log_file.close()
             return 0 if ok else 1
         finally:
@@ -96,26 +99,30 @@ def _is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+class _StopRequest:
+    """The stop signals that come while no event loop takes them (provisioning, cleaning
+    up): noted, so that the demo stops cleanly at the next step instead of dying with its
+    temporary keys left behind. In the loop, the session's handlers stop the daemon."""
 
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}  # what getsignal gave
 
-def _arm_stop_signals() -> None:
-    """SIGHUP and SIGTERM raise KeyboardInterrupt, as Ctrl-C does, outside the event loop
-    (provisioning, cleaning up); inside it, the session turns them into a clean stop. Again
-    after the loop: removing its handlers leaves the signals' default (die) behind."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, _interrupt)
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signal.Signals(signum).name
 
+    def arm(self) -> None:
+        """Take the signals (again: the loop leaves their default behind when it ends)."""
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self)
 
-@contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
-    _arm_stop_signals()
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
+    def __enter__(self) -> _StopRequest:
+        self._previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        self.arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
@@ -157,9 +164,19 @@ def provision_demo_bank(directory: Path, compartments: int = 8,
 
 
 async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO,
-                   out: Output, wire_dir: Path | None = None, tour: bool = False) -> bool:
+                   out: Output, stop: _StopRequest, wire_dir: Path | None = None,
+                   tour: bool = False) -> bool:
     """Run the daemon and the person's commands (or the tour); False if the tour failed."""
     loop = asyncio.get_running_loop()
+    apps: list[App] = []
+
+    def halt() -> None:
+        stop.signal = stop.signal or "signal"
+        for app in apps:
+            app.request_stop()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, halt)
     bank: WireBank | None = None
     bank_task: asyncio.Task[None] | None = None
     if wire_dir is not None:
@@ -171,11 +188,17 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
         bank_task = asyncio.create_task(bank.run(), name="wire bank")
         await bank.ready.wait()
     app = config_app()
-    for sig in _STOP_SIGNALS:
-        loop.add_signal_handler(sig, app.request_stop)
+    apps.append(app)
+    if stop.signal is not None:
+        app.request_stop()  # it starts, sees the stop and shuts down as it would on Ctrl-C
     try:
         daemon = asyncio.create_task(app.run(), name="daemon")
-        await app.ready.wait()
+        ready = asyncio.create_task(app.ready.wait())
+        await asyncio.wait({daemon, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not app.ready.is_set():
+            ready.cancel()
+            await daemon  # it ended before it was ready: its error, if any, goes up
+            return False
         # The person acts on the bank's world; the customer display is the daemon's.
         world = bank.world if bank is not None else world_of(app.hal)
         display = world_of(app.hal)
