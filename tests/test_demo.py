@@ -2,65 +2,18 @@
 
 from __future__ import annotations
 
-import queue
 import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from demo_terminal import Terminal
 from waiting import until
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class Terminal:
-    """A `lockerd demo` process with its output read line by line in the background."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lockerd.cli.lockerd_cmd", "demo", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            bufsize=1,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        # The demo closed its output: it is ending. Its pipes are ours to close.
-        self.proc.wait()
-        self.proc.stdout.close()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-
-    def expect(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.seen:
-                m = re.search(pattern, line)
-                if m:
-                    self.seen.remove(line)
-                    return m
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no line matching {pattern!r}; output so far: {self.seen}")
-            try:
-                self.seen.append(self.lines.get(timeout=left))
-            except queue.Empty:
-                continue
-
-    def type(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
 
 
 def test_demo_pickup_with_a_printed_code(tmp_path: Path) -> None:
@@ -221,11 +174,18 @@ def test_demo_courier_commands_label_derive_and_qr(tmp_path: Path) -> None:
         term.expect(r"event #\d+ pickup\.opened door 4 code derived:PX9 parcel PX9")
 
         term.type("qr pickup-parcel PX8")
-        term.expect(r"scanning a signed QR token: LK1:.*\(\d+ characters\)")
-        term.expect(r"event #\d+ pickup\.opened door 5 parcel PX8")
+        cti = term.expect(r"scanning a signed QR token: LK1:.*\(\d+ characters, token id "
+                          r"([0-9a-f]{32})\)").group(1)
+        # The events name the token, what it is for and, refused, why.
+        term.expect(rf"event #\d+ pickup\.opened door 5 token {cti} \(pickup QR token for "
+                    r"parcel PX8\)$")
         term.type("qr pickup 1")
         term.expect(r"scanning a signed QR token: LK1:")
-        term.expect(r"event #\d+ pickup\.opened door 1$")
+        term.expect(r"event #\d+ pickup\.opened door 1 token [0-9a-f]{32} \(pickup QR token "
+                    r"for door 1\)$")
+        term.type("qr pickup 1")  # door 1 is open now: refused, and the reason is shown
+        term.expect(r"event #\d+ code\.rejected door 1 token [0-9a-f]{32} \(pickup QR token "
+                    r"for door 1\) reason \w+$")
 
         # Bad arguments: a readable line each, and the demo goes on.
         term.type("qr pickup 99")

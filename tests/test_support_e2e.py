@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RunFn, running
-from test_demo import Terminal
+from demo_terminal import Terminal
 from test_derived_e2e import courier, courier_deposit
 
 from hal.values import KeyPressed, OccupancyChanged

@@ -5,64 +5,29 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO, TypeVar
+from types import FrameType
+from typing import Any, TextIO
 
 from lockerd.app import App, build_app
 from lockerd.config import load_config
-from lockerd.core.deposit import SessionPhase, is_parcel_id
-from lockerd.core.help import Step
+from lockerd.dev.commands import Commands, code_lines
+from lockerd.dev.demobank import DemoBank
 from lockerd.dev.provision import BankKit, PlainCode, make_bank, random_code
+from lockerd.dev.transcript import Output, Printer, use_colour
 from lockerd.logs import configure_logging
-from lockerd.services.help import HelpService
-from lockerd.store.events import StoredEvent
-from lockerd.trust.digest import derived_pickup_code, support_code, support_window
 from sim.backend import world_of
 from sim.wire.bank import WireBank
-from sim.world import (
-    DisplayChanged,
-    DoorMoved,
-    LockChanged,
-    SimError,
-    SimWorld,
-    Subscription,
-    WorldChange,
-)
-
-T = TypeVar("T")
-
-HELP = """\
-Commands (a compartment is named by its number):
-  123456#        press keys on the keypad (* clears, # enters); digits alone get a # added
-  scan TEXT      the scanner reads TEXT
-  label PARCEL   the courier scans the label of parcel PARCEL (after typing the courier code)
-  open N         open door N by hand (only works once it is unlocked)
-  close N        close door N
-  take N / put N take the parcel out of / put a parcel into compartment N
-  force N        force door N open (the daemon reports door.forced)
-  jam N / unjam N  jam the lock of N so the door does not spring open / clear the jam
-                 (after door.jammed: 'unjam N' then '#' is the customer's guided retry)
-  help TRACKING PHONE4  a customer without a code asks for help (# on an empty entry):
-                 tracking number, phone's last 4 digits; the demo's backend answers
-  derive PARCEL  the pickup code of a parcel deposited here, as the backend derives it offline
-  support PARCEL the code support reads out over the phone for a parcel here (10-20 minutes)
-  qr pickup N    scan a signed pickup QR token for compartment N
-  qr pickup-parcel PARCEL  scan a signed pickup QR token for the compartment holding PARCEL
-  tour           a guided run: a courier deposits a parcel, a customer picks it up
-  state          what the simulator sees: doors, locks, parcels, sizes, display
-  codes          the demo codes again
-  events [N]     the last N events the daemon recorded (10)
-  help           this text
-  quit           stop the daemon and leave (Ctrl-D works too)
-"""
 
 COURIER_ID = "c-1"
 COURIER_USES = 100
-TOUR_STEP_S = 6.0  # a step of the tour that takes longer than this has failed
-_POLL_S = 0.02
+PROMPT = "bank> "
+# Ctrl-C, closing the terminal (SIGHUP) and a kill (SIGTERM) all stop the demo cleanly.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 
 def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | None = None,
@@ -71,42 +36,94 @@ def run_demo(*, directory: Path | None, compartments: int = 8, stdin: TextIO | N
 
     With `wire`, the simulated hardware runs on pseudo-terminals (Kerong boards, a serial
     scanner and keypad) and the daemon uses its real drivers for them. With `tour`, run the
-    guided tour instead of reading commands, and return 1 if one of its steps fails."""
-    out = stdout or sys.stdout
+    guided tour instead of reading commands, and return 1 if one of its steps fails. Ctrl-C,
+    a closed terminal (SIGHUP) and SIGTERM stop the daemon; a temporary directory (no
+    `directory`) is removed with its keys however the demo ends."""
+    stream = stdout or sys.stdout
+    source = stdin or sys.stdin
+    out = Output(stream, colour=use_colour(stream),
+                 prompt=PROMPT if not tour and _is_terminal(source) and _is_terminal(stream)
+                 else None)
     temp = directory is None
-    base = Path(tempfile.mkdtemp(prefix="lockerd-demo-")) if directory is None else directory
-    try:
-        wire_dir = base / "wire" if wire else None
-        kit = _provision(base / "bank", compartments, wire_dir)
-        config = load_config(kit.config_path)
-        # Logs go to a file so the terminal shows the customer's view; JSON lines for grep.
-        log_file = (base / "lockerd.log").open("a", encoding="utf-8")
-        configure_logging("info", "json", stream=log_file)
-        print(f"lockerd demo: bank {kit.locker_id} with {compartments} compartments "
-              f"(files in {base})", file=out)
-        if wire_dir is not None:
-            print(f"Hardware on the wire: Kerong boards on {wire_dir / 'kerong'}, serial "
-                  f"scanner on {wire_dir / 'scanner'}, serial keypad on "
-                  f"{wire_dir / 'keypad'}; the daemon uses its real drivers.", file=out)
-        print("Compartment sizes: " + "  ".join(
-            f"{c.id}:{c.size}" for c in config.compartments), file=out)
-        _print_codes(kit, out)
-        if tour:
-            print("Running the tour ('lockerd demo' without --tour lets you drive the bank "
-                  "yourself).\n", file=out)
-        else:
-            print("Type 'help' for commands, 'tour' for a guided deposit and pickup, 'quit' "
-                  "to leave.\n", file=out)
+    with _StopRequest() as stop:
+        base = Path(tempfile.mkdtemp(prefix="lockerd-demo-")) if directory is None else directory
         try:
-            ok = asyncio.run(_session(config_app=lambda: build_app(config), kit=kit,
-                                      stdin=stdin or sys.stdin, out=out, wire_dir=wire_dir,
-                                      tour=tour))
+            wire_dir = base / "wire" if wire else None
+            kit = provision_demo_bank(base / "bank", compartments, wire_dir)
+            config = load_config(kit.config_path)
+            # Logs go to a file so the terminal shows the customer's view; JSON lines for grep.
+            log_file = (base / "lockerd.log").open("a", encoding="utf-8")
+            configure_logging("info", "json", stream=log_file)
+            for line in _opening(kit, base, wire_dir, tour, sizes="  ".join(
+                    f"{c.id}:{c.size}" for c in config.compartments)):
+                out.line(line)
+            try:
+                if stop.signal is None:
+                    ok = asyncio.run(_session(
+                        config_app=lambda: build_app(config), kit=kit, stdin=source, out=out,
+                        wire_dir=wire_dir, tour=tour, stop=stop))
+                else:  # stopped while the bank was being made: the daemon never started
+                    ok = True
+                    out.line("lockerd demo stopped.")
+            finally:
+                stop.arm()
+                log_file.close()
+            return 0 if ok else 1
         finally:
-            log_file.close()
-        return 0 if ok else 1
-    finally:
-        if temp:
-            shutil.rmtree(base, ignore_errors=True)
+            if temp:
+                shutil.rmtree(base, ignore_errors=True)
+
+
+def _opening(kit: BankKit, base: Path, wire_dir: Path | None, tour: bool, *,
+             sizes: str) -> list[str]:
+    """The lines printed before the daemon starts: the bank, its files, sizes and codes."""
+    lines = [f"lockerd demo: bank {kit.locker_id} with {len(kit.compartments)} compartments "
+             f"(files in {base})"]
+    if wire_dir is not None:
+        lines.append(f"Hardware on the wire: Kerong boards on {wire_dir / 'kerong'}, serial "
+                     f"scanner on {wire_dir / 'scanner'}, serial keypad on "
+                     f"{wire_dir / 'keypad'}; the daemon uses its real drivers.")
+    lines.append(f"Compartment sizes: {sizes}")
+    lines += code_lines(kit)
+    lines.append("Running the tour ('lockerd demo' without --tour lets you drive the bank "
+                 "yourself).\n" if tour else
+                 "Type 'help' for commands, 'tour' for a guided deposit and pickup, 'quit' "
+                 "to leave.\n")
+    return lines
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+class _StopRequest:
+    """The stop signals that come while no event loop takes them (provisioning, cleaning
+    up): noted, so that the demo stops cleanly at the next step instead of dying with its
+    temporary keys left behind. In the loop, the session's handlers stop the daemon."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}  # what getsignal gave
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def arm(self) -> None:
+        """Take the signals (again: the loop leaves their default behind when it ends)."""
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self)
+
+    def __enter__(self) -> _StopRequest:
+        self._previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        self.arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def demo_sizes(compartments: int) -> list[str]:
@@ -117,7 +134,11 @@ def demo_sizes(compartments: int) -> list[str]:
     return ["S"] * small + ["M"] * medium + ["L"] * (compartments - small - medium)
 
 
-def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> BankKit:
+def provision_demo_bank(directory: Path, compartments: int = 8,
+                        wire_dir: Path | None = None) -> BankKit:
+    """A fresh demo bank in `directory` (emptied first if it holds one): the printed pickup
+    codes of compartments 1-3 with their parcels inside, the courier code `c-1`, derived and
+    support codes on; with `wire_dir`, its hardware on the wire-level emulators there."""
     if (directory / "lockerd.toml").exists():
         shutil.rmtree(directory)
     count = min(3, compartments)
@@ -142,26 +163,20 @@ def _provision(directory: Path, compartments: int, wire_dir: Path | None) -> Ban
                      wire=wire_dir)
 
 
-def _courier_code(kit: BankKit) -> PlainCode | None:
-    return next((c for c in kit.codes if c.kind == "courier"), None)
-
-
-def _print_codes(kit: BankKit, out: TextIO) -> None:
-    print("Pickup codes (the parcels are in their compartments):", file=out)
-    for code in kit.codes:
-        if code.kind == "pickup":
-            print(f"  compartment {code.compartment}: {code.code}   (code id {code.id})",
-                  file=out)
-    courier = _courier_code(kit)
-    if courier is not None:
-        print(f"Courier code: {courier.code}   (code id {courier.id}): type it, then 'label "
-              "PX200' scans a parcel, a digit picks the size, 'put N' and 'close N' deposit it, "
-              "* ends the session.", file=out)
-
-
 async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO,
-                   out: TextIO, wire_dir: Path | None = None, tour: bool = False) -> bool:
+                   out: Output, stop: _StopRequest, wire_dir: Path | None = None,
+                   tour: bool = False) -> bool:
     """Run the daemon and the person's commands (or the tour); False if the tour failed."""
+    loop = asyncio.get_running_loop()
+    apps: list[App] = []
+
+    def halt() -> None:
+        stop.signal = stop.signal or "signal"
+        for app in apps:
+            app.request_stop()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, halt)
     bank: WireBank | None = None
     bank_task: asyncio.Task[None] | None = None
     if wire_dir is not None:
@@ -173,41 +188,57 @@ async def _session(*, config_app: Callable[[], App], kit: BankKit, stdin: TextIO
         bank_task = asyncio.create_task(bank.run(), name="wire bank")
         await bank.ready.wait()
     app = config_app()
-    daemon = asyncio.create_task(app.run(), name="daemon")
-    await app.ready.wait()
-    # The person acts on the bank's world; the customer display is the daemon's (simulated).
-    world = bank.world if bank is not None else world_of(app.hal)
-    display = world_of(app.hal)
-    printer = _Printer(app, out)
-    printing = asyncio.create_task(printer.run(world, display), name="printer")
-    demo = _Demo(world=world, display=display, app=app, kit=kit, out=out, printer=printer)
+    apps.append(app)
+    if stop.signal is not None:
+        app.request_stop()  # it starts, sees the stop and shuts down as it would on Ctrl-C
     try:
-        if tour:
-            return await _Tour(demo).run()
-        await _read_commands(demo, stdin)
-        return True
+        daemon = asyncio.create_task(app.run(), name="daemon")
+        ready = asyncio.create_task(app.ready.wait())
+        await asyncio.wait({daemon, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if not app.ready.is_set():
+            ready.cancel()
+            await daemon  # it ended before it was ready: its error, if any, goes up
+            return False
+        # The person acts on the bank's world; the customer display is the daemon's.
+        world = bank.world if bank is not None else world_of(app.hal)
+        display = world_of(app.hal)
+        printer = Printer(app, out)
+        printing = asyncio.create_task(printer.run(world, display), name="printer")
+        commands = Commands(DemoBank(world=world, display=display, app=app, kit=kit),
+                            out=out, printer=printer)
+        try:
+            if tour:
+                return await commands.tour()
+            await _read_commands(commands, stdin, out)
+            return True
+        finally:
+            app.request_stop()
+            await daemon
+            printing.cancel()
+            out.answered()
+            out.line("lockerd demo stopped.")
     finally:
-        app.request_stop()
-        await daemon
-        printing.cancel()
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
         if bank_task is not None:
             bank_task.cancel()
             await asyncio.gather(bank_task, return_exceptions=True)
-        print("lockerd demo stopped.", file=out)
 
 
-async def _read_commands(demo: _Demo, stdin: TextIO) -> None:
-    app = demo.app
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
+def _line_reader(stdin: TextIO, lines: asyncio.Queue[str | None]) -> Callable[[], None]:
+    """Feed the lines typed on `stdin` into `lines` (None at the end); returns the function
+    that stops reading."""
     loop = asyncio.get_running_loop()
-
     pending = b""
 
     def on_input() -> None:
         # Read the descriptor directly: a buffered readline() would hide a second line already
         # read into Python's buffer from the selector.
         nonlocal pending
-        chunk = os.read(fd, 4096)
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal is gone
+            chunk = b""
         if not chunk:
             if pending:
                 lines.put_nowait(pending.decode("utf-8", "replace"))
@@ -222,15 +253,27 @@ async def _read_commands(demo: _Demo, stdin: TextIO) -> None:
     try:
         fd = stdin.fileno()
         loop.add_reader(fd, on_input)
-        reader = True
     except (OSError, ValueError, NotImplementedError):
         # Not a selectable file (a test's StringIO): read it all at once.
-        reader = False
         for line in stdin.read().splitlines():
             lines.put_nowait(line)
         lines.put_nowait(None)
+        return lambda: None
+
+    def stop() -> None:
+        loop.remove_reader(fd)
+
+    return stop
+
+
+async def _read_commands(commands: Commands, stdin: TextIO, out: Output) -> None:
+    app = commands.app
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    stop_reading = _line_reader(stdin, lines)
     try:
         while not app.stop.is_set():
+            await commands.printer.settle()
+            out.ask()
             get = asyncio.create_task(lines.get())
             stop = asyncio.create_task(app.stop.wait())
             done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -238,583 +281,11 @@ async def _read_commands(demo: _Demo, stdin: TextIO) -> None:
             if get not in done:
                 get.cancel()
                 break
+            out.answered()
             text = get.result()
-            if text is None or not await demo.command(text.strip()):
+            if text is None or not await commands.command(text.strip()):
                 break
             # Let the daemon react before the next command is read.
             await asyncio.sleep(0.15)
     finally:
-        if reader:
-            loop.remove_reader(fd)
-
-
-class _Demo:
-    """The typed commands: a person's hands on the simulated bank, plus the backend's tools."""
-
-    def __init__(self, *, world: SimWorld, display: SimWorld, app: App, kit: BankKit,
-                 out: TextIO, printer: _Printer) -> None:
-        self.world = world
-        self.display = display
-        self.app = app
-        self.kit = kit
-        self.out = out
-        self.printer = printer
-
-    def say(self, text: str) -> None:
-        print(text, file=self.out)
-        self.out.flush()
-
-    async def command(self, line: str) -> bool:
-        """Run one typed command; False means leave."""
-        if not line:
-            return True
-        word, _, rest = line.partition(" ")
-        arg = rest.strip()
-        if word in ("quit", "exit"):
-            return False
-        try:
-            if word == "tour":
-                await _Tour(self).run()
-            elif word == "help" and arg:
-                await _ask_for_help(self, arg)
-            elif set(line) <= set("0123456789*#"):
-                self.world.press(line if line.endswith(("#", "*")) else line + "#")
-            else:
-                handler = self._handlers().get(word)
-                if handler is None:
-                    self.say(f"unknown command {word!r}; type 'help'")
-                else:
-                    handler(arg)
-        except SimError as exc:
-            self.say(f"simulator: {exc}")
-        return True
-
-    def _handlers(self) -> dict[str, Callable[[str], object]]:
-        """The typed words besides keys, tour and quit, each with what it does to its argument."""
-        world = self.world
-        return {
-            "help": lambda _: self.say(HELP),
-            "scan": world.scan,
-            "label": self._label,
-            "open": world.open_door,
-            "close": world.close_door,
-            "take": lambda cid: world.set_parcel(cid, False),
-            "put": lambda cid: world.set_parcel(cid, True),
-            "force": world.force_door,
-            "jam": lambda cid: self._jam(cid, True),
-            "unjam": lambda cid: self._jam(cid, False),
-            "derive": self._derive,
-            "support": self._support,
-            "qr": self._qr,
-            "state": lambda _: self._state(),
-            "codes": lambda _: _print_codes(self.kit, self.out),
-            "events": self._events,
-        }
-
-    def _label(self, arg: str) -> None:
-        if not arg:
-            self.say("usage: label PARCEL (the parcel id on its label, e.g. PX200)")
-        else:
-            self.world.scan_label(arg)
-
-    def _events(self, arg: str) -> None:
-        n = int(arg) if arg.isdigit() else 10
-        for event in self.app.events.recent(n):
-            _print_event(event, self.out)
-
-    def _jam(self, arg: str, on: bool) -> None:
-        self.world.set_fault(f"lock:{arg}", "jam", on)
-        if not on:
-            self.say(f"lock {arg} works again")
-            return
-        retry_s = self.app.config.doors.jam_retry_s
-        self.say(f"lock {arg} jammed: a pulse no longer opens door {arg}. 'unjam {arg}' clears "
-                 "it; after door.jammed the display asks the customer to push the door and "
-                 + (f"press #: 'unjam {arg}' then '#' within {retry_s:g} s is that guided retry"
-                    if retry_s > 0 else "call support ([doors] jam_retry_s = 0)"))
-
-    def derived_code(self, parcel_id: str) -> str:
-        return derived_pickup_code(self.kit.code_key, self.kit.locker_id, parcel_id,
-                                   self.app.config.codes.derived_digits)
-
-    def _derive(self, arg: str) -> None:
-        if not arg or " " in arg:
-            self.say("usage: derive PARCEL (the parcel id on its label, e.g. PX200)")
-            return
-        if not is_parcel_id(arg):
-            self.say(f"bad parcel id {arg!r}: 1-64 printable ASCII characters, no spaces")
-            return
-        self.say(f"derived pickup code of parcel {arg}: {self.derived_code(arg)}   (the "
-                 "daemon accepts it while that parcel lies here)")
-
-    def _support(self, arg: str) -> None:
-        if not arg or " " in arg or not is_parcel_id(arg):
-            self.say("usage: support PARCEL (the parcel id the customer reads out, e.g. PX101)")
-            return
-        # The bank's own trusted time: the window the daemon checks the code against.
-        window = support_window(self.app.clock.wall().timestamp())
-        code = support_code(self.kit.code_key, self.kit.locker_id, arg, window,
-                            self.app.config.codes.derived_digits)
-        self.say(f"support code of parcel {arg}: {code}   (valid once, for 10 to 20 minutes, "
-                 "while that parcel lies here)")
-
-    def _qr(self, arg: str) -> None:
-        kind, _, target = arg.partition(" ")
-        target = target.strip()
-        usage = "usage: qr pickup N | qr pickup-parcel PARCEL"
-        if kind == "pickup" and target:
-            if target not in self.kit.compartments:
-                self.say(f"no compartment {target!r} in this bank (1-{len(self.kit.compartments)})"
-                         f"; {usage}")
-                return
-            token = self.kit.qr_token("pickup", compartment=target)
-        elif kind == "pickup-parcel" and target:
-            if not is_parcel_id(target):
-                self.say(f"bad parcel id {target!r}: 1-64 printable ASCII characters, no "
-                         f"spaces; {usage}")
-                return
-            token = self.kit.qr_token("pickup", parcel_id=target)
-        else:
-            self.say(usage)
-            return
-        self.say(f"scanning a signed QR token: {_shorten(token)} ({len(token)} characters)")
-        self.world.scan(token)
-
-    def _state(self) -> None:
-        state = self.world.state()
-        compartments = self.app.controller.compartments
-        self.say("  door  size  lock      door    parcel  service  parcel on record")
-        for cid, c in state["compartments"].items():
-            comp = compartments.get(cid)
-            size = (comp.size if comp is not None else None) or "-"
-            parcel_id = (comp.parcel_id if comp is not None else None) or "-"
-            self.say(f"  {cid:>4}  {size:4}  {'locked' if c['locked'] else 'released':8}  "
-                     f"{'open' if c['door_open'] else 'closed':6}  "
-                     f"{'yes' if c['occupied'] else 'no':6}  "
-                     f"{'in' if c['in_service'] else 'OUT':7}  {parcel_id}")
-        self.say("  display: " + " | ".join(self.display.state()["display"].splitlines()))
-
-
-async def _ask_for_help(demo: _Demo, arg: str) -> None:
-    """`help TRACKING PHONE4`: a customer asks for help at the bank; the demo plays the
-    backend, which answers with a signed reply through the bank's own checks."""
-    tracking, _, phone = arg.partition(" ")
-    phone = phone.strip() or "1234"
-    if not (len(phone) == 4 and phone.isdigit()):
-        demo.say("usage: help TRACKING PHONE4 (e.g. help PX200 9876)")
-        return
-    app, world = demo.app, demo.world
-    # The demo's backend is in this process: requests reach it, so the customer waits for
-    # the reply as at a bank that is online.
-    app.controller.online = lambda: True
-    mark = app.events.last_seq()
-
-    def at(step: Step) -> bool | None:
-        flow = app.controller.bank.help
-        return True if flow is not None and flow.step is step else None
-
-    # Keys and scans come from two devices: each waits for the screen that asks for it.
-    world.press("#")
-    if await _wait_for(lambda: at(Step.TRACKING)) is None:
-        demo.say("[backend] help did not start (see 'state')")
-        return
-    if tracking.isdigit():
-        world.press(tracking + "#")
-    else:
-        world.scan(tracking)
-    if await _wait_for(lambda: at(Step.PHONE)) is None:
-        demo.say("[backend] the tracking number was not taken (see 'state')")
-        return
-    world.press(phone)
-    request = await _wait_for(lambda: next((e for e in app.events.since(mark)
-                                            if e.type == "help.requested"), None))
-    if request is None:
-        demo.say("[backend] no help request was recorded (see 'events')")
-        return
-    await demo.printer.settle()
-    await _backend_answers(demo, request)
-
-
-async def _backend_answers(demo: _Demo, request: StoredEvent) -> str:
-    """The demo's backend answers a help request as `lockerctl respond-help` would: resent
-    for a parcel on record here, not_found otherwise. Returns the outcome."""
-    app = demo.app
-    tracking, phone = str(request.data["tracking"]), str(request.data["phone_last4"])
-    if tracking in _parcels_here(demo):
-        outcome, message = "resent", f"New code sent by SMS to ***{phone[-2:]}"
-    else:
-        outcome, message = "not_found", "No parcel found for these details. Call support"
-    demo.say(f"[backend] help request H-{request.data['reference']} for {tracking}: {outcome}")
-    responder = HelpService(
-        link=None, topic="", cache=app.cache, requests=app.controller.help_requests,
-        events=app.events, locker_id=demo.kit.locker_id,
-        answer=lambda help_id, outcome_, text: app.controller.help_reply(
-            help_id, outcome=outcome_, message=text),
-        reply_valid_s=app.config.help.reply_valid_s, now=app.clock.wall,
-        monotonic=app.clock.monotonic)
-    await responder.receive(demo.kit.help_reply(str(request.data["help_id"]), outcome=outcome,
-                                                message=message))
-    await demo.printer.settle()
-    return outcome
-
-
-def _parcels_here(demo: _Demo) -> set[str]:
-    """The parcels the demo's backend knows to be in this bank: those on record (deposited
-    here), and those of the printed codes whose compartment holds a parcel."""
-    comps = demo.app.controller.compartments
-    here = {c.parcel_id for c in comps.values() if c.parcel_id}
-    here |= {c.parcel_id for c in demo.kit.codes
-             if c.parcel_id and c.compartment and comps[c.compartment].occupied}
-    return here
-
-
-async def _no_code_chapter(tour: _Tour) -> None:
-    """The tour's "no code" chapter, help part: a customer whose SMS never came asks for
-    help at the bank, the backend resends the code, and that code opens the door."""
-    demo, app, world = tour.demo, tour.app, tour.world
-    ctl = app.controller
-    code = next((c for c in demo.kit.codes if c.kind == "pickup" and c.compartment
-                 and c.parcel_id in _parcels_here(demo)), None)
-    if code is None or code.compartment is None or code.parcel_id is None:
-        await tour._step("no code: no parcel with a known code is left here; chapter skipped")
-        return
-    cid, parcel = code.compartment, code.parcel_id
-    app.controller.online = lambda: True  # the demo's backend is in this process
-    await tour._step(f"chapter 'no code': the SMS for parcel {parcel} never came; its "
-                     "customer presses # with nothing typed")
-    mark = app.events.last_seq()
-    world.press("#")
-    await tour._until("the display to ask for a tracking number",
-                      lambda: True if ctl.bank.help is not None else None)
-    await tour._step(f"the customer scans the tracking number on the notice: {parcel}")
-    world.scan(parcel)
-    await tour._until("the display to ask for the phone's last 4 digits",
-                      lambda: True if ctl.bank.help is not None
-                      and ctl.bank.help.step is Step.PHONE else None)
-    await tour._step("the customer types the last 4 digits of their phone: 9876")
-    world.press("9876")
-    request = await tour._event(mark, "help.requested", what="the help request")
-    await tour._step(f"help.requested is on its way; the customer reads the reference "
-                     f"H-{request.data['reference']}")
-    if await _backend_answers(demo, request) != "resent":
-        raise TourFailed(f"the backend did not find parcel {parcel}")
-    await tour._event(mark, "help.answered", what="the reply to be accepted")
-    await tour._step(f"the SMS arrives with the pickup code: the customer types {code.code}#")
-    world.press(code.code + "#")
-    await tour._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
-                      fail=("code.rejected", "door.jammed"))
-    await tour._step(f"door {cid} is open: the customer takes parcel {parcel} and closes it")
-    await tour._take_out(mark, cid)
-
-
-async def _wait_for(check: Callable[[], T | None]) -> T | None:
-    """`check()` once it is not None, or None after TOUR_STEP_S."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TOUR_STEP_S
-    while True:
-        result = check()
-        if result is not None or loop.time() >= deadline:
-            return result
-        await asyncio.sleep(_POLL_S)
-
-
-def _shorten(token: str) -> str:
-    return token if len(token) <= 32 else f"{token[:20]}...{token[-8:]}"
-
-
-_HINTS = {
-    "no_free_compartment": "every compartment holds a parcel or is in use; take one out "
-    "with a pickup code first, or run the demo with more compartments",
-    "locked_out": "too many wrong codes were typed; wait for the lockout to end",
-    "parcel_already_here": "that parcel is already in a compartment",
-}
-
-
-class TourFailed(Exception):
-    """A step of the tour did not happen; the message says which and why."""
-
-
-class _Tour:
-    """A courier deposits a parcel, then its customer picks it up with the derived code.
-
-    Every step acts on the world as a person would and then waits, with a deadline, for the
-    daemon's event or the world's change that shows it worked."""
-
-    def __init__(self, demo: _Demo) -> None:
-        self.demo = demo
-        self.app = demo.app
-        self.world = demo.world
-
-    def _say(self, text: str) -> None:
-        self.demo.say(f"[tour] {text}")
-
-    async def run(self) -> bool:
-        try:
-            await self._run()
-        except TourFailed as exc:
-            await self.demo.printer.settle()
-            self._say(f"FAILED: {exc}")
-            if self.app.controller.session is not None and not self.app.stop.is_set():
-                self._say("the courier presses * to end the session")
-                mark = self.app.events.last_seq()
-                self.world.press("*")
-                try:
-                    await self._event(mark, "session.ended", what="the session to end")
-                except TourFailed as again:
-                    self._say(f"FAILED: {again}")
-                await self.demo.printer.settle()
-            return False
-        return True
-
-    async def _run(self) -> None:
-        demo, world, ctl = self.demo, self.world, self.app.controller
-        courier = _courier_code(demo.kit)
-        if courier is None:
-            raise TourFailed("this bank has no courier code")
-        if ctl.session is not None:
-            raise TourFailed("a courier session is already running: press * to end it, then "
-                             "type 'tour' again")
-        parcel = self._parcel_id()
-        self._say(f"a courier arrives with parcel {parcel}")
-        await self._step(f"the courier types code {courier.code}#")
-        mark = self.app.events.last_seq()
-        world.press(courier.code + "#")
-        await self._event(mark, "session.started", what="the courier session to start",
-                          fail=("code.rejected",))
-
-        await self._step(f"the display asks for a label: the courier scans parcel {parcel}")
-        world.scan_label(parcel)
-        sizes = ctl.rules.sizes
-        if len(sizes) > 1:
-            def asks_size() -> bool | None:
-                session = ctl.session
-                if (session is not None and session.phase is SessionPhase.SIZE
-                        and session.parcel_id == parcel):
-                    return True
-                self._find(mark, "deposit.refused", fail=("deposit.refused",))
-                return None
-
-            await self._until("the display to ask for a size", asks_size)
-            await self._step(f"the parcel is small: the courier presses 1 (size {sizes[0]}); "
-                             f"the daemon opens the smallest free door of size {sizes[0]} "
-                             "or larger")
-            world.press("1")
-        pulse = await self._event(mark, "lock.pulse", what="a door to be assigned",
-                                  fail=("deposit.refused", "session.ended"))
-        cid = pulse.compartment or ""
-        await self._event(mark, "door.opened", compartment=cid, what=f"door {cid} to open",
-                          fail=("door.jammed",))
-        size = ctl.compartments[cid].size or "?"
-        await self._step(f"door {cid} (size {size}) is open: the courier puts parcel {parcel} "
-                         "in")
-        world.set_parcel(cid, True)
-        await self._until(f"the occupancy sensor of {cid} to see the parcel",
-                          lambda: True if ctl.compartments[cid].occupied else None)
-        await self._step(f"the courier closes door {cid}")
-        world.close_door(cid)
-        await self._event(mark, "deposit.confirmed", compartment=cid,
-                          what="the deposit to be confirmed", fail=("deposit.aborted",))
-        # No person is quicker than the lock pulse: let the latch catch the door first.
-        await self._until(f"the latch of door {cid} to engage",
-                          lambda: True if world.compartment(cid).locked else None)
-        await self._step(f"deposit.confirmed is on its way to the backend: parcel {parcel} "
-                         f"lies in compartment {cid}")
-        await self._step("the courier presses * to end the session")
-        world.press("*")
-        await self._event(mark, "session.ended", what="the courier session to end")
-
-        code = demo.derived_code(parcel)
-        await self._step(f"the backend derives the customer's pickup code from the parcel id "
-                         f"alone (nothing sent to the locker): {code}")
-        await self._step(f"the customer types code {code}#")
-        mark = self.app.events.last_seq()
-        world.press(code + "#")
-        await self._event(mark, "pickup.opened", compartment=cid, what=f"door {cid} to open",
-                          fail=("code.rejected", "door.jammed"))
-        await self._step(f"door {cid} is open: the customer takes parcel {parcel} out")
-        await self._take_out(mark, cid, closing=f"the customer closes door {cid}")
-        await self._step(f"pickup completed with code derived:{parcel}.")
-        await _no_code_chapter(self)
-        if not await self._jam_chapter():
-            await self._step("End of the tour.")
-
-    async def _take_out(self, mark: int, cid: str, *, closing: str | None = None) -> None:
-        """The customer takes the parcel out of the open door `cid` and closes it; returns once
-        `pickup.completed` is recorded and the latch holds the door. `closing`: a step said
-        before the door is closed."""
-        world, ctl = self.world, self.app.controller
-        world.set_parcel(cid, False)
-        await self._until(f"the occupancy sensor of {cid} to see it empty",
-                          lambda: True if ctl.compartments[cid].occupied is False else None)
-        if closing is not None:
-            await self._step(closing)
-        world.close_door(cid)
-        await self._event(mark, "pickup.completed", compartment=cid,
-                          what="the pickup to complete", fail=("pickup.incomplete",))
-        await self._until(f"the latch of door {cid} to engage",
-                          lambda: True if world.compartment(cid).locked else None)
-
-    async def _jam_chapter(self) -> bool:
-        """A customer's door jams; the display asks to push it and press `#`; the guided
-        retry opens it and the code is used once. False when it was skipped (no provisioned
-        parcel left here, or the guided retry is off)."""
-        world = self.world
-        code = self._parcel_with_a_code()
-        if code is None or self.app.config.doors.jam_retry_s <= 0:
-            self._say("(no guided jam retry this time: no provisioned parcel left here, or "
-                      "[doors] jam_retry_s is 0)")
-            return False
-        cid = code.compartment or ""
-        await self._step(f"a customer comes for parcel {code.parcel_id} in compartment {cid}, "
-                         f"but its lock sticks (the tour jams it: 'jam {cid}')")
-        world.set_fault(f"lock:{cid}", "jam", True)
-        try:
-            mark = self.app.events.last_seq()
-            await self._step(f"the customer types code {code.code}#")
-            world.press(code.code + "#")
-            both_pulses = 2 * self.app.config.doors.open_timeout_s
-            await self._event(mark, "door.jammed", compartment=cid, within=both_pulses,
-                              what=f"door {cid} to be reported jammed after two pulses",
-                              fail=("code.rejected", "pickup.opened"))
-            await self._step("the display asks to push the door firmly and press #; the code "
-                             "is still valid and nothing was used")
-            await self._step("the customer pushes the door (the tour clears the jam: "
-                             f"'unjam {cid}') and presses #")
-            world.set_fault(f"lock:{cid}", "jam", False)
-            world.press("#")
-            await self._event(mark, "pickup.opened", compartment=cid,
-                              what=f"the guided retry to open door {cid}",
-                              fail=("compartment.out_of_service",))
-        finally:
-            world.set_fault(f"lock:{cid}", "jam", False)
-        await self._step(f"door {cid} is open: the customer takes the parcel and closes it")
-        await self._take_out(mark, cid)
-        await self._step(f"pickup completed after the guided retry, code {code.id} used once. "
-                         "End of the tour.")
-        return True
-
-    def _parcel_with_a_code(self) -> PlainCode | None:
-        """A provisioned pickup code whose parcel is still in its compartment, unused."""
-        for code in self.demo.kit.codes:
-            comp = self.app.controller.compartments.get(code.compartment or "")
-            if code.kind != "pickup" or comp is None:
-                continue
-            record = self.app.codes.lookup(self.demo.kit.digest(code.code))
-            if (comp.in_service and comp.occupied and comp.view().idle and record is not None
-                    and record.uses < record.max_uses):
-                return code
-        return None
-
-    def _parcel_id(self) -> str:
-        """PX-TOUR-1, or the next number if that parcel is already here."""
-        on_record = {c.parcel_id for c in self.app.controller.compartments.values()}
-        n = 1
-        while f"PX-TOUR-{n}" in on_record:
-            n += 1
-        return f"PX-TOUR-{n}"
-
-    async def _step(self, text: str) -> None:
-        # What the last step made the daemon print comes before the next line of narration.
-        await self.demo.printer.settle()
-        self._say(text)
-
-    def _find(self, since: int, *types: str, compartment: str | None = None,
-              fail: Collection[str] = ()) -> StoredEvent | None:
-        for event in self.app.events.since(since):
-            if compartment is not None and event.compartment not in (None, compartment):
-                continue
-            if event.type in fail:
-                reason = event.data.get("reason")
-                hint = _HINTS.get(reason) if isinstance(reason, str) else None
-                raise TourFailed(f"the daemon recorded {event.type}"
-                                 + (f" ({reason})" if reason else "")
-                                 + (f" for door {event.compartment}" if event.compartment
-                                    else "")
-                                 + (f": {hint}" if hint else ""))
-            if event.type in types and (compartment is None or event.compartment == compartment):
-                return event
-        return None
-
-    async def _event(self, since: int, type_: str, *, what: str,
-                     compartment: str | None = None, fail: Collection[str] = (),
-                     within: float = 0.0) -> StoredEvent:
-        return await self._until(what, lambda: self._find(since, type_, compartment=compartment,
-                                                          fail=fail), within=within)
-
-    async def _until(self, what: str, check: Callable[[], T | None], *,
-                     within: float = 0.0) -> T:
-        """`within`: how much longer than a step this one may take (the door timeouts)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TOUR_STEP_S + within
-        while True:
-            result = check()
-            if result is not None:
-                return result
-            if loop.time() >= deadline or self.app.stop.is_set():
-                shown = " | ".join(self.demo.display.display.lines)
-                raise TourFailed(f"waited {TOUR_STEP_S + within:.0f} s for {what}, in vain "
-                                 f"(the display shows: {shown or 'nothing'})")
-            await asyncio.sleep(_POLL_S)
-
-
-def _print_event(event: StoredEvent, out: TextIO) -> None:
-    where = f" door {event.compartment}" if event.compartment else ""
-    code = f" code {event.code_id}" if event.code_id else ""
-    parcel = event.data.get("parcel_id")
-    what = f" parcel {parcel}" if isinstance(parcel, str) else ""
-    print(f"  event #{event.seq} {event.type}{where}{code}{what}", file=out)
-
-
-class _Printer:
-    """Prints what a person at the bank would notice, as it happens."""
-
-    def __init__(self, app: App, out: TextIO) -> None:
-        self.app = app
-        self.out = out
-        self.seen = app.events.last_seq()
-        self.changes: asyncio.Queue[WorldChange] = asyncio.Queue()
-        self._sources: list[Subscription] = []
-
-    async def run(self, world: SimWorld, display: SimWorld) -> None:
-        with world.subscribe(DisplayChanged, DoorMoved, LockChanged) as sub, \
-                display.subscribe(DisplayChanged) as shown:
-
-            async def forward(source: Subscription) -> None:
-                while True:
-                    self.changes.put_nowait(await source.get())
-
-            self._sources = [sub] if display is world else [sub, shown]
-            tasks = [asyncio.create_task(forward(s)) for s in self._sources]
-            try:
-                while True:
-                    self._print(await self.changes.get())
-            finally:
-                for task in tasks:
-                    task.cancel()
-
-    def _print(self, change: WorldChange) -> None:
-        if isinstance(change, DisplayChanged):
-            if not change.message.lines[0].startswith("Code: "):
-                # (one masked line per digit typed adds nothing here)
-                print("  [display] " + " | ".join(change.message.lines), file=self.out)
-        elif isinstance(change, DoorMoved):
-            print(f"  [door {change.compartment}] {'opened' if change.open else 'closed'}",
-                  file=self.out)
-        self.catch_up()
-
-    def catch_up(self) -> None:
-        """Print the events recorded since the last ones printed."""
-        for event in self.app.events.since(self.seen):
-            _print_event(event, self.out)
-            self.seen = event.seq
-        self.out.flush()
-
-    async def settle(self) -> None:
-        """Print the changes already made before going on (a few loop turns at most)."""
-        for _ in range(50):
-            if self.changes.empty() and all(s.queue.empty() for s in self._sources):
-                break
-            await asyncio.sleep(0)
-        while not self.changes.empty():
-            self._print(self.changes.get_nowait())
-        self.catch_up()
+        stop_reading()
