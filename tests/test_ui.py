@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import Static
-from uikit import COURIER, PICKUPS, app_of, running_ui, ui_kit, wait_event, wait_ui
+from uikit import (
+    COURIER,
+    PICKUPS,
+    app_of,
+    event_types,
+    running_ui,
+    ui_kit,
+    wait_event,
+    wait_ui,
+)
 
 from lockerd.dev.ui.app import LockerUi
 from lockerd.dev.ui.widgets import CompartmentCell, DisplayPanel
@@ -112,3 +121,14 @@ async def test_a_courier_deposit(bank_dir: Path) -> None:
                       what="the derived pickup code of PX200 among the codes")
         await pilot.press("asterisk")
         await wait_event(pilot, "session.ended")
+
+
+async def test_the_tour_plays_in_the_ui_with_a_line_per_step(bank_dir: Path) -> None:
+    async with running_ui(ui_kit(bank_dir), tour=True) as pilot:
+        ui = app_of(pilot)
+        await wait_ui(pilot, lambda: ui.tour_result is not None, what="the tour to end",
+                      timeout=40.0)
+        assert ui.tour_result is True, _text(ui, "#narration")
+        assert _text(ui, "#narration").startswith("Tour over")
+        assert {"deposit.confirmed", "pickup.completed", "help.requested",
+                "door.jammed"} <= set(event_types(pilot))

@@ -31,6 +31,8 @@ def test_an_event_in_words() -> None:
     refused = EventRow(seq=11, type="code.rejected", data={"reason": "unknown_code",
                                                            "source": "keypad"})
     assert describe(refused) == "code.rejected — a code from the keypad was refused: unknown code"
+    jam = EventRow(seq=13, type="door.jammed", compartment="2", data={"guided_retry_s": 60.0})
+    assert describe(jam).endswith("press # within 60 s")
     assert describe(EventRow(seq=12, type="no.such")) == "no.such"
 
 

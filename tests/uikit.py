@@ -37,7 +37,7 @@ def ui_kit(directory: Path, **overrides: dict[str, Any]) -> BankKit:
 async def running_ui(kit: BankKit, *, tour: bool = False) -> AsyncIterator[Pilot[None]]:
     """The daemon on the simulator and the UI over it, the first events shown."""
     async with DemoHost(kit) as link:
-        ui = LockerUi(link, list(kit.compartments), tour=tour)
+        ui = LockerUi(link, list(kit.compartments), tour=tour, tour_pause_s=0.0)
         async with ui.run_test(size=SIZE) as pilot:
             await wait_ui(pilot, lambda: any(e.type == "daemon.started" for e in ui.events_seen),
                           what="daemon.started in the event pane")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
 
@@ -54,6 +55,7 @@ HelpScreen, StuckKeyScreen { align: center middle; }
 """
 
 POLL_S = 0.1
+TOUR_PAUSE_S = 4.0  # how long a step of the tour is shown before it runs (space: at once)
 ROW = 4  # compartments per row of the grid
 LOCKS_PER_BOARD = 16  # the wire bank's Kerong wiring: compartment i on board i // 16
 
@@ -82,14 +84,17 @@ class LockerUi(App[None]):
         Binding("a", "tamper", "Tamper"),
         Binding("s", "focus_scanner", "Scanner"),
         Binding("r", "qr", "QR pickup"),
+        Binding("space", "next_step", "Next tour step"),
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("left", "select(-1)", "Previous", show=False),
         Binding("right", "select(1)", "Next", show=False),
         Binding("up", f"select(-{ROW})", "Row up", show=False),
         Binding("down", f"select({ROW})", "Row down", show=False),
     ]
 
-    def __init__(self, link: BankLink, compartments: list[str], *, tour: bool = False) -> None:
+    def __init__(self, link: BankLink, compartments: list[str], *, tour: bool = False,
+                 tour_pause_s: float = TOUR_PAUSE_S) -> None:
         super().__init__()
         self.link = link
         self.ids = compartments
@@ -100,6 +105,8 @@ class LockerUi(App[None]):
         self.events_seen: list[EventRow] = []
         self.play_tour = tour
         self.tour_result: bool | None = None
+        self.tour_pause_s = tour_pause_s
+        self._next_step = asyncio.Event()
         self.sub_title = link.title
         self._refreshing = asyncio.Lock()  # one poll at a time: each event is read once
 
@@ -348,10 +355,24 @@ class LockerUi(App[None]):
     # -- the guided tour -------------------------------------------------------------------
 
     async def narrate(self, text: str) -> None:
-        """Show one step of the tour and let the screen catch up before the step runs."""
-        self.query_one("#narration", Static).update(f"Tour: {text}")
+        """Show one step of the tour, then give the person time to read it (space: go on)
+        before the step acts on the bank."""
+        await self.refresh_bank()  # what the last step did comes before this step's line
+        self.query_one("#narration", Static).update(
+            f"Tour: {text}" + ("" if text.startswith("FAILED") else "   (space: go on)"))
         self.query_one("#events", RichLog).write(Text(f"[tour] {text}", style="italic"))
-        await self.refresh_bank()
+        self._next_step.clear()
+        if self.tour_pause_s > 0 and not text.startswith("FAILED"):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._next_step.wait(), self.tour_pause_s)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "next_step":  # only while a tour plays
+            return self.play_tour and self.tour_result is None
+        return True
+
+    def action_next_step(self) -> None:
+        self._next_step.set()
 
     async def _tour(self) -> None:
         tour = self.link.hooks.tour
@@ -359,8 +380,10 @@ class LockerUi(App[None]):
             await self.narrate("the guided tour needs the daemon in this process")
             return
         self.tour_result = ok = await tour(self.narrate)
-        await self.narrate("the tour is over: drive the bank yourself, or press q to leave"
-                           if ok else "the tour stopped (see the events): press q to leave")
+        self.refresh_bindings()
+        self.query_one("#narration", Static).update(
+            "Tour over: drive the bank yourself, or press q to leave" if ok
+            else "The tour stopped (the events say why): press q to leave")
 
 
 def _key_name(key: str) -> str:

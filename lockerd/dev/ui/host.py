@@ -11,7 +11,9 @@ from types import TracebackType
 
 from lockerd.app import DB_NAME, App, build_app
 from lockerd.config import load_config
+from lockerd.dev.demobank import DemoBank
 from lockerd.dev.provision import BankKit
+from lockerd.dev.tour import play_tour
 from lockerd.dev.ui.feed import EventFeed
 from lockerd.dev.ui.link import BankLink, DaemonHooks
 from lockerd.trust.digest import derived_pickup_code
@@ -96,15 +98,19 @@ class DemoHost:
         def service() -> Mapping[str, bool]:
             return {cid: c.in_service for cid, c in app.controller.compartments.items()}
 
+        shown = world_of(app.hal)  # the daemon's own display, simulated even with --wire
+        bank = DemoBank(world=self.bank.world if self.bank is not None else shown,
+                        display=shown, app=app, kit=kit)
+
         def display() -> str:
-            return "\n".join(world_of(app.hal).display.lines)
+            return "\n".join(shown.display.lines)
 
         return DaemonHooks(
             display=display if self.bank is not None else None,
             service=service, put_in_service=put_in_service,
             codes=lambda: codes_lines(kit, app),
             qr_token=lambda cid: kit.qr_token("pickup", compartment=cid),
-            tour=None)
+            tour=lambda say: play_tour(bank, say))
 
 
 def codes_lines(kit: BankKit, app: App) -> list[str]:

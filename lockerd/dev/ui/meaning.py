@@ -20,6 +20,8 @@ class EventRow:
 
 def _get(event: EventRow, key: str, default: str = "?") -> str:
     value = event.data.get(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 60.0 s reads as 60 s
     return default if value is None else str(value)
 
 

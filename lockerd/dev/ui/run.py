@@ -23,13 +23,13 @@ _LEAVE_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
 def run_ui(*, directory: Path | None, compartments: int = 8, wire: bool = False,
            tour: bool = False) -> int:
     """Provision a demo bank, run its daemon here and the UI over it until the person leaves."""
-    from lockerd.dev.demo import _provision  # the transcript demo's bank, the same here
+    from lockerd.dev.demo import provision_demo_bank  # the transcript's bank, the same here
 
     temp = directory is None
     base = Path(tempfile.mkdtemp(prefix="lockerd-demo-")) if directory is None else directory
     try:
         wire_dir = base / "wire" if wire else None
-        kit = _provision(base / "bank", compartments, wire_dir)
+        kit = provision_demo_bank(base / "bank", compartments, wire_dir)
         # The terminal is the UI's: the daemon logs JSON lines to a file.
         with (base / "lockerd.log").open("a", encoding="utf-8") as log_file:
             configure_logging("info", "json", stream=log_file)
