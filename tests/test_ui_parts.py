@@ -62,7 +62,9 @@ def test_a_state_reply_with_faults_and_odd_fields() -> None:
     assert snap.stuck_key == "5" and snap.has_fault("lock:2", "jam")
     assert snap.display[0] == "Hello".ljust(20)
     # The daemon's own view wins where it is given (a wire bank's world knows no service).
-    assert snapshot_of(state, service={"1": False}, display="X").cells[0].in_service is False
+    view = snapshot_of(state, service={"1": False}, display="X", sizes={"2": "L"})
+    assert view.cells[0].in_service is False and view.display[0].startswith("X")
+    assert view.cells[0].size == "S" and view.cells[1].size == "L"  # the reply wins if it knows
 
 
 async def test_the_feed_reads_new_events_once_and_refuses_a_missing_or_foreign_file(

@@ -55,7 +55,9 @@ class DemoHost:
         self._tasks.append(asyncio.create_task(app.run(install_signal_handlers=False),
                                                name="daemon"))
         await self._ready(app.ready, self._tasks[-1])
-        self.link = BankLink(title=f"bank {self.kit.locker_id}", control=SimClient(socket),
+        title = f"bank {self.kit.locker_id}" + (
+            ": real drivers, hardware emulated on ptys" if self.bank is not None else "")
+        self.link = BankLink(title=title, control=SimClient(socket),
                              feed=EventFeed(config.state_dir / DB_NAME),
                              hooks=self._hooks(app))
         return self.link
@@ -108,6 +110,7 @@ class DemoHost:
         return DaemonHooks(
             display=display if self.bank is not None else None,
             service=service, put_in_service=put_in_service,
+            sizes=lambda: {cid: c.size for cid, c in app.controller.compartments.items()},
             codes=lambda: codes_lines(kit, app),
             qr_token=lambda cid: kit.qr_token("pickup", compartment=cid),
             tour=lambda say: play_tour(bank, say))

@@ -23,6 +23,8 @@ class DaemonHooks:
     display: Callable[[], str] | None = None
     # compartment id -> in service, as the daemon sees it.
     service: Callable[[], Mapping[str, bool]] | None = None
+    # compartment id -> size label, from the daemon's configuration.
+    sizes: Callable[[], Mapping[str, str | None]] | None = None
     # Put a compartment back into service (after a jam); True when it changed.
     put_in_service: Callable[[str], Awaitable[bool]] | None = None
     # The codes a person may type here, one line each.
@@ -51,7 +53,8 @@ class BankLink:
         state = await self.control.state()
         hooks = self.hooks
         return snapshot_of(state, display=hooks.display() if hooks.display else None,
-                           service=hooks.service() if hooks.service else None)
+                           service=hooks.service() if hooks.service else None,
+                           sizes=hooks.sizes() if hooks.sizes else None)
 
     async def close(self) -> None:
         await self.control.close()

@@ -56,10 +56,11 @@ def display_lines(text: str) -> tuple[str, ...]:
 
 
 def snapshot_of(state: Mapping[str, Any], *, display: str | None = None,
-                service: Mapping[str, bool] | None = None) -> Snapshot:
-    """A Snapshot from a `state` reply. `display` and `service` replace the reply's display
-    text and in-service flags when they come from elsewhere (the daemon's own display and
-    view, when the world of the reply is a wire-level bank's)."""
+                service: Mapping[str, bool] | None = None,
+                sizes: Mapping[str, str | None] | None = None) -> Snapshot:
+    """A Snapshot from a `state` reply. `display`, `service` and `sizes` replace the reply's
+    display text, in-service flags and sizes when they come from elsewhere (the daemon's own
+    display and view, when the world of the reply is a wire-level bank's)."""
     faults = tuple(f for f in state.get("faults", []) if isinstance(f, dict))
     stuck = {str(f.get("target", "")).removeprefix("door_sensor:"): str(f.get("kind"))
              for f in faults if str(f.get("target", "")).startswith("door_sensor:")}
@@ -68,6 +69,8 @@ def snapshot_of(state: Mapping[str, Any], *, display: str | None = None,
         if not isinstance(entry, dict):
             continue
         size = entry.get("size")
+        if size is None and sizes is not None:
+            size = sizes.get(cid)
         in_service = _flag(entry, "in_service", True)
         if service is not None and cid in service:
             in_service = service[cid]
