@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from typing import Any
 
 import pytest
@@ -46,17 +45,23 @@ def test_event_colours() -> None:
     assert event_kind("door.closed") == "event"
 
 
+class _TerminalText(io.StringIO):
+    """Text that says it is a terminal, as sys.stdout in a terminal window does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_colour_only_on_a_terminal_without_no_color() -> None:
     assert not use_colour(io.StringIO(), {})
-    master, slave = os.openpty()
-    with open(slave, "w", encoding="utf-8") as tty:
-        try:
-            assert use_colour(tty, {"TERM": "xterm"})
-            assert use_colour(tty, {"TERM": "xterm", "NO_COLOR": ""})  # empty: not set
-            assert not use_colour(tty, {"TERM": "xterm", "NO_COLOR": "1"})
-            assert not use_colour(tty, {"TERM": "dumb"})
-        finally:
-            os.close(master)
+    tty = _TerminalText()
+    assert use_colour(tty, {"TERM": "xterm"})
+    assert use_colour(tty, {"TERM": "xterm", "NO_COLOR": ""})  # empty: not set
+    assert not use_colour(tty, {"TERM": "xterm", "NO_COLOR": "1"})
+    assert not use_colour(tty, {"TERM": "dumb"})
+    closed = io.StringIO()
+    closed.close()
+    assert not use_colour(closed, {})  # a closed stream: ValueError, no colour
 
 
 def test_the_prompt_stays_below_the_lines_printed_while_it_waits() -> None:
