@@ -109,6 +109,9 @@ def test_service_puts_a_jammed_compartment_back_in_service(tmp_path: Path) -> No
         term.expect(r"event #\d+ compartment\.out_of_service door 3 reason technician at the "
                     r"bank \(demo\)")
         term.expect(r"^compartment 3 is out of service: no code opens it until 'service 3'")
+        term.type("unjam 3")
+        term.expect(r"^lock 3 works again; compartment 3 is still out of service: 'service 3' "
+                    "puts it back")
         term.type("service 3 maybe")
         term.expect(r"^usage: service N \(back in service\) \| service N off")
         term.type("service 7")

@@ -197,11 +197,11 @@ class Commands:
     def _jam(self, arg: str, on: bool) -> None:
         self.world.set_fault(f"lock:{arg}", "jam", on)
         if not on:
-            out = not self.app.controller.compartments[arg].in_service \
-                if arg in self.app.controller.compartments else False
+            comp = self.app.controller.compartments.get(arg)
+            out_of_service = comp is not None and not comp.in_service
             self.say(f"lock {arg} works again"
                      + (f"; compartment {arg} is still out of service: 'service {arg}' puts it "
-                        "back" if out else ""))
+                        "back" if out_of_service else ""))
             return
         retry_s = self.app.config.doors.jam_retry_s
         self.say(f"lock {arg} jammed: a pulse no longer opens door {arg}. 'unjam {arg}' clears "

@@ -258,7 +258,9 @@ class _Tour:
             result = check()
             if result is not None:
                 return result
-            if loop.time() >= deadline or self.app.stop.is_set():
+            if self.app.stop.is_set():
+                raise TourFailed(f"the demo is stopping (while waiting for {what})")
+            if loop.time() >= deadline:
                 shown = " | ".join(self.bank.display.display.lines)
                 raise TourFailed(f"waited {TOUR_STEP_S + within:.0f} s for {what}, in vain "
                                  f"(the display shows: {shown or 'nothing'})")
