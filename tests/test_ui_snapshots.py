@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pytest_textual_snapshot import SVGImageExtension  # type: ignore[import-untyped]
 from syrupy.assertion import SnapshotAssertion
+from textual.widgets import Static
 from uikit import app_of, running_ui, ui_kit
 
 pytestmark = pytest.mark.e2e
@@ -26,4 +27,10 @@ async def test_the_main_screen_and_the_help_screen(bank_dir: Path,
         assert svg(name="main") == ui.export_screenshot(title="lockerd demo")
         await pilot.press("question_mark")
         await pilot.pause()
+        text = str(ui.screen.query_one("#help-text", Static).content)
+        for binding in ui._bindings_list():  # every key the footer shows, with what it does
+            assert not binding.show or (binding.tooltip and binding.tooltip in text)
+        assert "0-9 * #" in text
         assert svg(name="help") == ui.export_screenshot(title="lockerd demo")
+        await pilot.press("escape")
+        assert ui.screen is ui.screen_stack[0]

@@ -28,7 +28,7 @@ CSS = """
 #top { height: auto; }
 #left { width: 1fr; height: auto; }
 #right { width: 26; height: auto; }
-#bank { grid-size: 4; grid-gutter: 0 1; height: auto; border: round $primary;
+#bank { grid-size: 4; grid-gutter: 1 1; height: auto; border: round $primary;
         padding: 0 1; }
 .cell { height: 5; border-left: tall $panel-lighten-2; padding: 0 1; }
 .cell.open { background: $success-darken-3; }
@@ -43,12 +43,13 @@ CSS = """
 #keypad { grid-size: 3; grid-gutter: 0 1; width: 24; height: 6; border: round $primary;
           padding: 0 1; }
 .key { width: 100%; min-width: 5; }
-#scanner { width: 26; }
+#scanner { width: 26; border: round $primary; }
+#scanner:focus { border: round $accent; }
 #events { height: 1fr; border: round $primary; }
 #status { height: 1; padding: 0 1; }
 #status.error { color: $error; }
 HelpScreen, StuckKeyScreen { align: center middle; }
-#help-box { width: 80; height: auto; max-height: 90%; border: round $accent;
+#help-box { width: 100; height: auto; max-height: 90%; border: round $accent;
             background: $surface; padding: 0 1; }
 #stuck-box { width: 50; height: 5; border: round $accent; background: $surface;
              padding: 1 2; }
@@ -67,25 +68,39 @@ class LockerUi(App[None]):
     TITLE = "lockerd simulator"
     AUTO_FOCUS = None  # typing goes to the keypad until the scanner field is chosen
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("question_mark", "help", "Help"),
-        Binding("o", "door('open')", "Open door"),
-        Binding("c", "door('close')", "Close door"),
-        Binding("f", "door('force')", "Force door"),
-        Binding("p", "parcel(True)", "Put parcel"),
-        Binding("t", "parcel(False)", "Take parcel"),
-        Binding("j", "jam", "Jam lock"),
-        Binding("y", "sensor('stuck_open')", "Sensor stuck open"),
-        Binding("n", "sensor('stuck_closed')", "Sensor stuck closed"),
-        Binding("i", "in_service", "In service"),
-        Binding("k", "stuck_key", "Stuck key"),
-        Binding("d", "scanner('dead')", "Scanner dead"),
-        Binding("g", "scanner('garbage')", "Scanner garbage"),
-        Binding("b", "board", "Board offline"),
-        Binding("a", "tamper", "Tamper"),
-        Binding("s", "focus_scanner", "Scanner"),
-        Binding("r", "qr", "QR pickup"),
-        Binding("space", "next_step", "Next tour step"),
-        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help", tooltip="this list of keys"),
+        Binding("o", "door('open')", "Open", tooltip="a person opens the selected door "
+                "(refused while it is latched)"),
+        Binding("c", "door('close')", "Close", tooltip="a person closes the selected door"),
+        Binding("f", "door('force')", "Force", tooltip="the selected door is forced open "
+                "whatever the latch (door.forced)"),
+        Binding("p", "parcel(True)", "Put", tooltip="a parcel goes into the selected "
+                "compartment"),
+        Binding("t", "parcel(False)", "Take", tooltip="the parcel comes out of the selected "
+                "compartment"),
+        Binding("j", "jam", "Jam", tooltip="jam the selected lock, or clear its jam: a pulse "
+                "no longer opens the door"),
+        Binding("y", "sensor('stuck_open')", "Stuck open", tooltip="the selected door "
+                "sensor says open whatever the door does (again: clear)"),
+        Binding("n", "sensor('stuck_closed')", "Stuck closed", tooltip="the selected door "
+                "sensor says closed whatever the door does (again: clear)"),
+        Binding("i", "in_service", "In service", tooltip="put the selected compartment back "
+                "into service (after a jam), as a technician would"),
+        Binding("k", "stuck_key", "Stuck key", tooltip="a keypad key sticks: asks which "
+                "(again: clear)"),
+        Binding("d", "scanner('dead')", "Scanner dead", tooltip="the scanner swallows every "
+                "scan (again: clear)"),
+        Binding("g", "scanner('garbage')", "Garbage", tooltip="the scanner reads random "
+                "bytes instead of each scan (again: clear)"),
+        Binding("b", "board", "Board off", tooltip="the lock board of the selected "
+                "compartment goes silent (with --wire; again: clear)"),
+        Binding("a", "tamper", "Tamper", tooltip="the enclosure is opened (again: closed)"),
+        Binding("s", "focus_scanner", "Scan", tooltip="type a label or paste a QR token, "
+                "Enter scans it, Escape leaves the field"),
+        Binding("r", "qr", "QR", tooltip="scan a signed pickup QR token for the selected "
+                "compartment"),
+        Binding("space", "next_step", "Next step", tooltip="the tour's next step, at once"),
+        Binding("q", "quit", "Quit", tooltip="stop the daemon and leave (Ctrl-C too)"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("left", "select(-1)", "Previous", show=False),
         Binding("right", "select(1)", "Next", show=False),
@@ -129,7 +144,7 @@ class LockerUi(App[None]):
         log.can_focus = False
         yield log
         yield Static("", id="status", markup=False)
-        yield Footer()
+        yield Footer(compact=True)
 
     async def on_ready(self) -> None:
         """The main screen is up: start polling the bank (and the tour)."""
@@ -346,7 +361,8 @@ class LockerUi(App[None]):
                         f"({len(token)} characters)", lambda: self.link.control.scan(token))
 
     def action_help(self) -> None:
-        rows = [(_key_name(b.key), b.description) for b in self._bindings_list() if b.show]
+        rows = [(_key_name(b.key), b.tooltip or b.description)
+                for b in self._bindings_list() if b.show]
         self.push_screen(HelpScreen(rows))
 
     def _bindings_list(self) -> list[Binding]:
@@ -387,7 +403,7 @@ class LockerUi(App[None]):
 
 
 def _key_name(key: str) -> str:
-    return {"question_mark": "?"}.get(key, key)
+    return {"question_mark": "?", "space": "Space"}.get(key, key)
 
 
 def _fault_words(fault: Mapping[str, str]) -> str:
