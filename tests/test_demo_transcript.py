@@ -143,14 +143,15 @@ def test_a_closed_terminal_sighup_cleans_up_like_ctrl_c(when: str) -> None:
 
 
 class _Pty:
-    """`lockerd demo` on a pseudo-terminal, as a person in a terminal runs it."""
+    """`lockerd demo --plain` on a pseudo-terminal, as a person in a terminal runs the
+    transcript (without --plain a terminal gets the UI: tests/test_ui_terminal.py)."""
 
     def __init__(self, *args: str, **env: str) -> None:
         master, slave = os.openpty()
         environ = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lockerd.cli.lockerd_cmd", "demo", "--compartments", "4",
-             *args],
+            [sys.executable, "-m", "lockerd.cli.lockerd_cmd", "demo", "--plain",
+             "--compartments", "4", *args],
             stdin=slave, stdout=slave, stderr=slave, env={**environ, "TERM": "xterm", **env},
             close_fds=True)
         os.close(slave)

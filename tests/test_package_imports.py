@@ -25,3 +25,12 @@ def test_importing_a_module_does_not_load_its_unneeded_siblings(module: str, sib
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["True", "False"], f"importing {module} loaded {sibling}"
+
+
+@pytest.mark.parametrize("module", ["lockerd.cli.lockerd_cmd", "lockerd.app"])
+def test_the_daemon_does_not_load_the_simulator_ui_library(module: str) -> None:
+    # textual is for the demo's UI only: on a 512 MB board the daemon never pays for it.
+    probe = f"import sys, {module}; print('textual' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"], f"importing {module} loaded textual"
