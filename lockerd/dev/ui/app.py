@@ -28,9 +28,9 @@ CSS = """
 #top { height: auto; }
 #left { width: 1fr; height: auto; }
 #right { width: 26; height: auto; }
-#bank { grid-size: 4; grid-gutter: 1 1; height: auto; border: round $primary;
+#bank { grid-size: 4; grid-rows: 6; grid-gutter: 0 1; height: auto; border: round $primary;
         padding: 0 1; }
-.cell { height: 5; border-left: tall $panel-lighten-2; padding: 0 1; }
+.cell { height: 6; border-left: tall $panel-lighten-2; padding: 0 1; }
 .cell.open { background: $success-darken-3; }
 .cell.out { background: $warning-darken-3; }
 .cell.jammed { background: $error-darken-3; }
@@ -51,7 +51,7 @@ CSS = """
 HelpScreen, StuckKeyScreen { align: center middle; }
 #help-box { width: 100; height: auto; max-height: 90%; border: round $accent;
             background: $surface; padding: 0 1; }
-#stuck-box { width: 50; height: 5; border: round $accent; background: $surface;
+#stuck-box { width: 64; height: auto; border: round $accent; background: $surface;
              padding: 1 2; }
 """
 

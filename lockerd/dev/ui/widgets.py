@@ -14,15 +14,14 @@ KEYPAD_KEYS = "123456789*0#"
 
 
 def cell_text(cell: Cell) -> str:
-    """A compartment's five lines: id and size, door, latch, parcel, service."""
+    """A compartment's lines: id and size, door, latch, parcel, service, a stuck sensor."""
     door = "[b]OPEN[/b]" if cell.door_open else "closed"
-    if cell.sensor_stuck:
-        door += f" [i](sensor {cell.sensor_stuck})[/i]"
+    sensor = f"\n[i]sensor stuck {cell.sensor_stuck}[/i]" if cell.sensor_stuck else ""
     latch = "[b]JAMMED[/b]" if cell.jammed else ("latched" if cell.locked else "released")
     parcel = "[b]parcel[/b]" if cell.occupied else "empty"
     service = "in service" if cell.in_service else "[b]OUT of service[/b]"
     return (f"[b]{escape(cell.id)}[/b]  size {escape(cell.size or '-')}\n"
-            f"door  {door}\nlock  {latch}\n{parcel}\n{service}")
+            f"door  {door}\nlock  {latch}\n{parcel}\n{service}{sensor}")
 
 
 class CompartmentCell(Static):
