@@ -90,3 +90,4 @@ async def test_the_feed_reads_new_events_once_and_refuses_a_missing_or_foreign_f
     assert rows[0].data == {"kind": "pickup"} and rows[1].data == {} and rows[2].data == {}
     assert await feed.poll() == []
     feed.close()
+    assert await feed.poll() == []  # closed: nothing more is read, no connection reopened

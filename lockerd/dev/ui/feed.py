@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 from lockerd.dev.ui.meaning import EventRow
@@ -38,6 +39,10 @@ class EventFeed:
         self.path = path
         self.last_seq = 0
         self._conn: sqlite3.Connection | None = None
+        # A poll runs in a worker thread; closing the connection under a read in progress
+        # would crash sqlite, so reads and the close take turns.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -48,13 +53,16 @@ class EventFeed:
         return self._conn
 
     def _read(self, after: int) -> list[EventRow]:
-        try:
-            rows = self._connect().execute(
-                "SELECT seq, type, compartment, code_id, data FROM events WHERE seq > ? "
-                "ORDER BY seq LIMIT ?", (after, POLL_LIMIT)).fetchall()
-        except sqlite3.Error as exc:
-            self.close()
-            raise FeedError(f"cannot read events from {self.path}: {exc}") from exc
+        with self._lock:
+            if self._closed:
+                return []  # the UI is leaving: a last poll reads nothing
+            try:
+                rows = self._connect().execute(
+                    "SELECT seq, type, compartment, code_id, data FROM events WHERE seq > ? "
+                    "ORDER BY seq LIMIT ?", (after, POLL_LIMIT)).fetchall()
+            except sqlite3.Error as exc:
+                self._close()
+                raise FeedError(f"cannot read events from {self.path}: {exc}") from exc
         return [_row(*r) for r in rows]
 
     async def poll(self) -> list[EventRow]:
@@ -65,6 +73,12 @@ class EventFeed:
         return rows
 
     def close(self) -> None:
+        """Close the connection; a read under way in a thread finishes first (milliseconds)."""
+        with self._lock:
+            self._closed = True
+            self._close()
+
+    def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
