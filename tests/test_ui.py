@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textual import events
 from textual.pilot import Pilot
 from textual.widgets import Static
 from uikit import (
@@ -41,7 +42,8 @@ def _key_id(key: str) -> str:
 
 
 async def test_a_pickup_by_clicking_the_keypad(bank_dir: Path) -> None:
-    async with running_ui(ui_kit(bank_dir)) as pilot:
+    kit = ui_kit(bank_dir)
+    async with running_ui(kit) as pilot:
         ui = app_of(pilot)
         # A person first tries the latched door: refused, said why, and nothing stops.
         await pilot.press("o")
@@ -69,6 +71,9 @@ async def test_a_pickup_by_clicking_the_keypad(bank_dir: Path) -> None:
         await wait_ui(pilot, lambda: not _cell(pilot, "1").has_class("open"),
                       what="compartment 1 shown closed")
         assert "empty" in str(_cell(pilot, "1").content)
+        # A QR token pasted on the main screen is scanned as it is.
+        ui.post_message(events.Paste(kit.qr_token("pickup", compartment="3")))
+        await wait_event(pilot, "pickup.opened", compartment="3")
 
 
 async def test_a_jam_is_shown_and_cleared_and_the_compartment_goes_back_into_service(

@@ -263,13 +263,16 @@ class LockerUi(App[None]):
         self._select(message.cid)
 
     @on(Input.Submitted, "#scanner")
-    async def _scan(self, message: Input.Submitted) -> None:
-        data = message.value.strip()
+    async def _scanned(self, message: Input.Submitted) -> None:
+        message.input.value = ""
+        self.set_focus(None)  # what comes next is a key: a size, * or another code
+        await self.scan(message.value.strip())
+
+    async def scan(self, data: str) -> None:
+        """The scanner reads `data` (a label, a QR token, anything)."""
         if not data:
             self.status("the scanner reads nothing: type a label or paste a QR token")
             return
-        message.input.value = ""
-        self.set_focus(None)  # what comes next is a key: a size, * or another code
         shown = data if len(data) <= 32 else f"{data[:20]}...{data[-8:]}"
         await self._act(f"scanned {shown}", lambda: self.link.control.scan(data))
 
@@ -285,7 +288,16 @@ class LockerUi(App[None]):
         self._select(self.ids[max(0, min(len(self.ids) - 1, index + step))])
 
     def action_focus_scanner(self) -> None:
-        self.query_one("#scanner", Input).focus()
+        # At once, not later as Widget.focus() does: the keys typed right after `s` (all in
+        # one read from a fast terminal) are the label's.
+        self.set_focus(self.query_one("#scanner", Input))
+
+    async def on_paste(self, event: events.Paste) -> None:
+        """A QR token or a label pasted outside the scanner field is scanned as it is."""
+        if isinstance(self.focused, Input):
+            return
+        event.stop()
+        await self.scan(event.text.strip())
 
     def on_input_blurred(self) -> None:
         self.set_focus(None)
