@@ -45,22 +45,25 @@ def _drain(master: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
                 return
 
 
-@pytest.mark.parametrize("how", ["sighup", "q"])
+@pytest.mark.parametrize(("how", "args"), [("sighup", ()), ("q", ("--wire",))])
 def test_a_terminal_gets_the_ui_and_leaving_it_stops_the_daemon_and_cleans_up(
-        tmp_path: Path, how: str) -> None:
+        tmp_path: Path, how: str, args: tuple[str, ...]) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 42, 130, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "TMPDIR": str(temp)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lockerd.cli.lockerd_cmd", "demo", "--compartments", "4"],
+        [sys.executable, "-m", "lockerd.cli.lockerd_cmd", "demo", "--compartments", "4",
+         *args],
         stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
         start_new_session=True)
     os.close(slave)
     try:
         shown = _read_until(master, b"daemon.started", timeout=30)
         assert b"lockerd simulator" in shown
+        if args:  # the daemon's real drivers on the emulated hardware's ptys
+            assert b"emulated on ptys" in shown
         assert len(list(temp.iterdir())) == 1  # the demo's bank, keys and database
         if how == "sighup":
             proc.send_signal(signal.SIGHUP)  # the terminal window was closed

@@ -37,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, type=Path, help="TOML configuration file")
 
     demo = sub.add_parser(
-        "demo", help="run the daemon on the simulator and type codes in this terminal",
+        "demo", help="run the daemon on the simulator and drive it from this terminal",
         description="Start lockerd on the simulated bank with a freshly generated demo key set "
-        "and codes bundle (no broker needed), print a few pickup codes, and read commands "
+        "and codes bundle (no broker needed). In a terminal it opens the simulator's UI (the "
+        "compartments, the display, a keypad, the events; '?' lists its keys). With --plain, "
+        "or without a terminal, it prints a few pickup codes and reads commands "
         "from the terminal: type a code ending in # to enter it, 'open 3' / 'close 3' to move "
         "a door, 'take 3' to take a parcel out, 'tour' for a guided courier deposit and "
         "pickup, 'help' for the rest. A courier code is printed too.")
