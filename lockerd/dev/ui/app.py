@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
 
@@ -25,11 +26,11 @@ from sim.world import SimError
 
 CSS = """
 #narration { height: auto; padding: 0 1; background: $accent-darken-2; color: $text; }
-#top { height: auto; }
+#top { height: auto; max-height: 75vh; }
 #left { width: 1fr; height: auto; }
 #right { width: 26; height: auto; }
-#bank { grid-size: 4; grid-rows: 6; grid-gutter: 0 1; height: auto; border: round $primary;
-        padding: 0 1; }
+#bank { grid-size: 4; grid-rows: 6; grid-gutter: 0 1; height: auto; max-height: 50vh;
+        overflow-y: auto; border: round $primary; padding: 0 1; }
 .cell { height: 6; border-left: tall $panel-lighten-2; padding: 0 1; }
 .cell.open { background: $success-darken-3; }
 .cell.out { background: $warning-darken-3; }
@@ -45,7 +46,7 @@ CSS = """
 .key { width: 100%; min-width: 5; }
 #scanner { width: 26; border: round $primary; }
 #scanner:focus { border: round $accent; }
-#events { height: 1fr; border: round $primary; }
+#events { height: 1fr; min-height: 8; border: round $primary; }
 #status { height: 1; padding: 0 1; }
 #status.error { color: $error; }
 HelpScreen, StuckKeyScreen { align: center middle; }
@@ -56,6 +57,7 @@ HelpScreen, StuckKeyScreen { align: center middle; }
 """
 
 POLL_S = 0.1
+EVENTS_KEPT = 5000  # the event pane keeps the newest; the database has them all
 TOUR_PAUSE_S = 4.0  # how long a step of the tour is shown before it runs (space: at once)
 ROW = 4  # compartments per row of the grid
 LOCKS_PER_BOARD = 16  # the wire bank's Kerong wiring: compartment i on board i // 16
@@ -117,7 +119,7 @@ class LockerUi(App[None]):
         self.latest: str | None = None  # the compartment whose door opened last
         self.snapshot: Snapshot | None = None
         self.polls = 0  # snapshots taken: a test waits for the next one
-        self.events_seen: list[EventRow] = []
+        self.events_seen: deque[EventRow] = deque(maxlen=EVENTS_KEPT)
         self.play_tour = tour
         self.tour_result: bool | None = None
         self.tour_pause_s = tour_pause_s
@@ -139,7 +141,8 @@ class LockerUi(App[None]):
                 scanner = Input(placeholder="label or QR token, Enter scans", id="scanner")
                 scanner.border_title = "Scanner (s)"
                 yield scanner
-        log = RichLog(id="events", wrap=True, markup=False, min_width=40)
+        log = RichLog(id="events", wrap=True, markup=False, min_width=40,
+                      max_lines=EVENTS_KEPT)
         log.border_title = "Events"
         log.can_focus = False
         yield log
@@ -278,6 +281,7 @@ class LockerUi(App[None]):
 
     def _select(self, cid: str) -> None:
         self.selected = cid
+        self.query_one(f"#cell-{cid}", CompartmentCell).scroll_visible()  # a large bank
         if self.snapshot is not None:
             self._show(self.snapshot, force=True)
 
