@@ -16,11 +16,13 @@ from uikit import app_of, running_ui, ui_kit
 pytestmark = pytest.mark.e2e
 
 
-async def test_the_main_screen_and_the_help_screen(bank_dir: Path,
-                                                   snapshot: SnapshotAssertion) -> None:
+async def test_the_main_screen_and_the_help_screen(bank_dir: Path, snapshot: SnapshotAssertion,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     svg = snapshot.use_extension(SVGImageExtension)
+    monkeypatch.delenv("NO_COLOR", raising=False)  # the picture in colour wherever it runs
     async with running_ui(ui_kit(bank_dir)) as pilot:
         ui = app_of(pilot)
+        ui.theme = "textual-dark"  # whatever TEXTUAL_THEME says here
         # A bank at rest: fixed codes, bank L1, the three start-up events, nothing selected
         # but compartment 1, no status line.
         await pilot.pause()
