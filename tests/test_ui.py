@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import running
 from textual import events
 from textual.pilot import Pilot
 from textual.widgets import Static
 from uikit import (
     COURIER,
     PICKUPS,
+    SIZE,
     app_of,
     event_types,
     running_ui,
@@ -19,7 +21,9 @@ from uikit import (
     wait_ui,
 )
 
+from lockerd.app import DB_NAME
 from lockerd.dev.ui.app import LockerUi
+from lockerd.dev.ui.link import BankLink
 from lockerd.dev.ui.widgets import CompartmentCell, DisplayPanel
 
 pytestmark = pytest.mark.e2e
@@ -137,3 +141,22 @@ async def test_the_tour_plays_in_the_ui_with_a_line_per_step(bank_dir: Path) -> 
         assert _text(ui, "#narration").startswith("Tour over")
         assert {"deposit.confirmed", "pickup.completed", "help.requested",
                 "door.jammed"} <= set(event_types(pilot))
+
+
+async def test_attached_to_a_daemon_by_its_socket_and_database_alone(bank_dir: Path) -> None:
+    kit = ui_kit(bank_dir)
+    async with running(kit):
+        link = BankLink.attach(socket=kit.socket_path, db=kit.state_dir / DB_NAME)
+        ui = LockerUi(link, list(kit.compartments))
+        async with ui.run_test(size=SIZE) as pilot:
+            await wait_event(pilot, "daemon.started")
+            await pilot.press(*PICKUPS["1"], "enter")
+            await wait_event(pilot, "pickup.opened", compartment="1")
+            await wait_ui(pilot, lambda: _cell(pilot, "1").has_class("open"),
+                          what="compartment 1 shown open")
+            # What needs the demo's own daemon says so, and changes nothing.
+            await pilot.press("i")
+            assert "needs the daemon in this process" in _text(ui, "#status")
+            await pilot.press("r")
+            assert "need the demo's keys" in _text(ui, "#status")
+        await link.close()

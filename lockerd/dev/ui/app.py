@@ -56,7 +56,7 @@ HelpScreen, StuckKeyScreen { align: center middle; }
              padding: 1 2; }
 """
 
-POLL_S = 0.1
+POLL_S = 0.25  # a person sees a change within a quarter second; actions show at once
 EVENTS_KEPT = 5000  # the event pane keeps the newest; the database has them all
 TOUR_PAUSE_S = 4.0  # how long a step of the tour is shown before it runs (space: at once)
 ROW = 4  # compartments per row of the grid
@@ -125,6 +125,7 @@ class LockerUi(App[None]):
         self.tour_pause_s = tour_pause_s
         self._next_step = asyncio.Event()
         self.sub_title = link.title
+        self._codes_shown = ""
         self._refreshing = asyncio.Lock()  # one poll at a time: each event is read once
 
     def compose(self) -> ComposeResult:
@@ -203,7 +204,10 @@ class LockerUi(App[None]):
     def _show_codes(self) -> None:
         codes = self.link.hooks.codes
         if codes is not None:
-            self.query_one("#codes", Static).update("\n".join(codes()))
+            text = "\n".join(codes())
+            if text != self._codes_shown:  # a new line changes the layout: only then
+                self._codes_shown = text
+                self.query_one("#codes", Static).update(text)
 
     def _show_selection(self) -> None:
         snapshot = self.snapshot
@@ -211,7 +215,7 @@ class LockerUi(App[None]):
         faults = ", ".join(_fault_words(f) for f in snapshot.faults) if snapshot else ""
         text = f"Selected: compartment {self.selected}" if cell else "No compartment"
         self.query_one("#selection", Static).update(
-            f"{text}   faults on: {faults or 'none'}")
+            f"{text}   faults on: {faults or 'none'}", layout=False)
 
     def _log_event(self, row: EventRow) -> None:
         self.events_seen.append(row)
@@ -223,7 +227,7 @@ class LockerUi(App[None]):
 
     def status(self, text: str, *, error: bool = False) -> None:
         widget = self.query_one("#status", Static)
-        widget.update(text)
+        widget.update(text, layout=False)
         widget.set_class(error, "error")
 
     # -- the person's hands ----------------------------------------------------------------

@@ -35,9 +35,14 @@ class CompartmentCell(Static):
     def __init__(self, cid: str) -> None:
         super().__init__(id=f"cell-{cid}", classes="cell", markup=True)
         self.cid = cid
+        self._shown: tuple[Cell, bool, bool] | None = None
 
     def show(self, cell: Cell, *, selected: bool, latest: bool) -> None:
-        self.update(cell_text(cell))
+        shown = (cell, selected, latest)
+        if shown == self._shown:
+            return  # unchanged: no redraw (a key typed changes the display, not the cells)
+        self._shown = shown
+        self.update(cell_text(cell), layout=False)  # a cell's size is fixed
         self.set_class(cell.door_open, "open")
         self.set_class(cell.jammed, "jammed")
         self.set_class(not cell.in_service, "out")
@@ -70,7 +75,7 @@ class DisplayPanel(Static):
         self.show("")
 
     def show(self, text: str) -> None:
-        self.update("\n".join(display_lines(text)))
+        self.update("\n".join(display_lines(text)), layout=False)  # always 4 x 20
 
 
 def _key_id(key: str) -> str:
