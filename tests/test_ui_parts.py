@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lockerd.cli.lockerd_cmd import main as lockerd_main
 from lockerd.core.events import EventType
 from lockerd.dev.ui.feed import EventFeed, FeedError
 from lockerd.dev.ui.meaning import MEANINGS, EventRow, describe
@@ -91,3 +92,14 @@ async def test_the_feed_reads_new_events_once_and_refuses_a_missing_or_foreign_f
     assert await feed.poll() == []
     feed.close()
     assert await feed.poll() == []  # closed: nothing more is read, no connection reopened
+
+
+def test_attaching_takes_a_socket_and_a_database_and_says_what_is_wrong(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sock, db = str(tmp_path / "sim.sock"), str(tmp_path / "lockerd.db")
+    assert lockerd_main(["demo", "--socket", sock]) == 2
+    assert "--socket and --db go together" in capsys.readouterr().err
+    assert lockerd_main(["demo", "--socket", sock, "--db", db, "--tour"]) == 2
+    assert "for the demo's own bank" in capsys.readouterr().err
+    assert lockerd_main(["demo", "--socket", sock, "--db", db]) == 1  # nothing listens there
+    assert f"cannot reach the simulator at {sock}" in capsys.readouterr().err

@@ -96,6 +96,11 @@ def _demo(args: argparse.Namespace) -> int:
         print("lockerd demo: --socket and --db go together", file=sys.stderr)
         return 2
     if args.socket is not None:
+        if args.wire or args.tour or args.plain or args.dir is not None:
+            print("lockerd demo: --socket and --db open the UI on a daemon already running; "
+                  "--wire, --tour, --plain and --dir are for the demo's own bank",
+                  file=sys.stderr)
+            return 2
         from lockerd.dev.ui.run import attach_ui
 
         return attach_ui(socket=args.socket, db=args.db)
