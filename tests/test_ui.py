@@ -121,7 +121,8 @@ async def test_a_courier_deposit(bank_dir: Path) -> None:
         await wait_event(pilot, "deposit.opened")
         cid = next(e.compartment for e in ui.events_seen if e.type == "deposit.opened")
         assert cid is not None
-        await pilot.click(f"#cell-{cid}")
+        # The door that opened is selected: the courier's hands go there.
+        await wait_ui(pilot, lambda: ui.selected == cid, what=f"compartment {cid} selected")
         await pilot.press("p", "c")
         await wait_event(pilot, "deposit.confirmed", compartment=cid)
         confirmed = next(e for e in ui.events_seen if e.type == "deposit.confirmed")

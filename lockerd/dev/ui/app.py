@@ -192,7 +192,8 @@ class LockerUi(App[None]):
         for cell in snapshot.cells:
             was = before.cell(cell.id) if before is not None else None
             if cell.door_open and (was is None or not was.door_open) and before is not None:
-                self.latest = cell.id
+                # The door that opened is where the hands go next (put, take, close).
+                self.latest = self.selected = cell.id
         self.snapshot = snapshot
         for cell in snapshot.cells:
             widget = self.query_one(f"#cell-{cell.id}", CompartmentCell)
