@@ -35,6 +35,9 @@ def test_an_event_in_words() -> None:
     jam = EventRow(seq=13, type="door.jammed", compartment="2", data={"guided_retry_s": 60.0})
     assert describe(jam).endswith("press # within 60 s")
     assert describe(EventRow(seq=12, type="no.such")) == "no.such"
+    ended = EventRow(seq=14, type="session.ended", data={"reason": "ended_by_user",
+                                                         "deposits": 1})
+    assert describe(ended).endswith("(ended by user, 1 deposit)")
 
 
 def test_the_display_is_four_rows_of_twenty() -> None:

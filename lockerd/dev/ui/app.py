@@ -97,8 +97,9 @@ class LockerUi(App[None]):
         Binding("b", "board", "Board off", tooltip="the lock board of the selected "
                 "compartment goes silent (with --wire; again: clear)"),
         Binding("a", "tamper", "Tamper", tooltip="the enclosure is opened (again: closed)"),
-        Binding("s", "focus_scanner", "Scan", tooltip="type a label or paste a QR token, "
-                "Enter scans it, Escape leaves the field"),
+        Binding("s", "focus_scanner", "Scan",
+                tooltip="type a label or paste a QR token, Enter scans it, Escape leaves "
+                "the field"),
         Binding("r", "qr", "QR", tooltip="scan a signed pickup QR token for the selected "
                 "compartment"),
         Binding("space", "next_step", "Next step", tooltip="the tour's next step, at once"),
@@ -251,9 +252,7 @@ class LockerUi(App[None]):
 
     async def on_key(self, event: events.Key) -> None:
         if isinstance(self.focused, Input):
-            if event.key == "escape":  # leave the scanner field: keys go to the keypad again
-                event.stop()
-                self.set_focus(None)
+            await self._in_flight(self.focused, event)
             return
         if self.screen is not self.screen_stack[0]:
             return
@@ -261,6 +260,20 @@ class LockerUi(App[None]):
         if len(key) == 1 and key in KEYPAD_KEYS:
             event.stop()
             await self.press(key)
+
+    async def _in_flight(self, field: Input, event: events.Key) -> None:
+        """A key that reached the app while the scanner field has the focus: Escape leaves
+        the field; a character or Enter typed so fast after `s` that it was on its way
+        before the field took the focus belongs to the field."""
+        if event.key == "escape":  # keys go to the keypad again
+            event.stop()
+            self.set_focus(None)
+        elif event.key == "enter":
+            event.stop()
+            await field.action_submit()
+        elif event.is_printable and event.character is not None:
+            event.stop()
+            field.insert_text_at_cursor(event.character)
 
     @on(Keypad.Pressed)
     async def _keypad(self, message: Keypad.Pressed) -> None:

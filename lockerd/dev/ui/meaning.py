@@ -25,6 +25,11 @@ def _get(event: EventRow, key: str, default: str = "?") -> str:
     return default if value is None else str(value)
 
 
+def _count(event: EventRow, key: str, noun: str) -> str:
+    n = event.data.get(key, 0)
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _credential(event: EventRow) -> str:
     """The credential in words: a code id, a QR token's id, a support code."""
     if event.data.get("via") == "support":
@@ -107,7 +112,7 @@ MEANINGS: dict[str, _Describe] = {
                                  f"({_get(e, 'reason').replace('_', ' ')})",
     "deposit.refused": _refused,
     "session.ended": lambda e: f"the courier session ended ({_get(e, 'reason').replace('_', ' ')}"
-                               f", {_get(e, 'deposits', '0')} deposits)",
+                               f", {_count(e, 'deposits', 'deposit')})",
     "parcel.removed": lambda e: f"{_parcel(e)} removed from {e.compartment} by a technician",
     "compartment.out_of_service": lambda e: f"compartment {e.compartment} is out of service "
                                             f"({_get(e, 'reason').replace('_', ' ')})",
