@@ -146,7 +146,7 @@ async def test_the_tour_plays_in_the_ui_with_a_line_per_step(bank_dir: Path) -> 
 
 async def test_attached_to_a_daemon_by_its_socket_and_database_alone(bank_dir: Path) -> None:
     kit = ui_kit(bank_dir)
-    async with running(kit):
+    async with running(kit) as daemon:
         link = BankLink.attach(socket=kit.socket_path, db=kit.state_dir / DB_NAME)
         ui = LockerUi(link, list(kit.compartments))
         async with ui.run_test(size=SIZE) as pilot:
@@ -160,4 +160,9 @@ async def test_attached_to_a_daemon_by_its_socket_and_database_alone(bank_dir: P
             assert "needs the daemon in this process" in _text(ui, "#status")
             await pilot.press("r")
             assert "need the demo's keys" in _text(ui, "#status")
+            # The daemon goes away: the UI says so and stays up.
+            daemon.app.request_stop()
+            await wait_ui(pilot, lambda: "cannot reach the bank" in _text(ui, "#status"),
+                          what="the UI to notice the daemon is gone")
+            assert ui.is_running
         await link.close()

@@ -127,6 +127,7 @@ class LockerUi(App[None]):
         self._next_step = asyncio.Event()
         self.sub_title = link.title
         self._codes_shown = ""
+        self._unreachable = False  # the last poll failed: say so until one works
         self._refreshing = asyncio.Lock()  # one poll at a time: each event is read once
 
     def compose(self) -> ComposeResult:
@@ -174,8 +175,12 @@ class LockerUi(App[None]):
                 rows = await self.link.feed.poll()
             except (SimError, OSError, TimeoutError, FeedError) as exc:
                 self.status(f"cannot reach the bank: {exc}", error=True)
+                self._unreachable = True
                 await asyncio.sleep(1.0)
                 return
+            if self._unreachable:
+                self._unreachable = False
+                self.status("the bank answers again")
             try:
                 self._show(snapshot)
                 for row in rows:
