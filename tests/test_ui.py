@@ -56,9 +56,8 @@ async def test_a_pickup_by_clicking_the_keypad(bank_dir: Path) -> None:
         await pilot.press("s", "enter")  # an empty scan reads nothing
         assert "reads nothing" in _text(ui, "#status")
         await pilot.press("escape")
-        for n, key in enumerate(PICKUPS["1"], start=1):
+        for n, key in enumerate(PICKUPS["1"], start=1):  # 111222: the same key quickly again
             await pilot.click(_key_id(key))
-            # A person clicks one key after the other: the next once the display took this one.
             await wait_ui(pilot, lambda n=n: "Code: " + "*" * n + " " in _shown(pilot),
                           what=f"{n} keys on the display")
         await pilot.click(_key_id("#"))

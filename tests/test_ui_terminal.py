@@ -47,8 +47,8 @@ def _drain(master: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 @pytest.mark.parametrize(("how", "args"), [("sighup", ()), ("q", ("--wire",))])
 def test_a_terminal_gets_the_ui_and_leaving_it_stops_the_daemon_and_cleans_up(
-        tmp_path: Path, how: str, args: tuple[str, ...]) -> None:
-    temp = tmp_path / "tmp"
+        bank_dir: Path, how: str, args: tuple[str, ...]) -> None:
+    temp = bank_dir / "tmp"  # short: the demo's control socket path has ~100 bytes at most
     temp.mkdir()
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 42, 130, 0, 0))

@@ -99,6 +99,9 @@ class Keypad(Grid):
         for key in KEYPAD_KEYS:
             button = Button(key, id=_key_id(key), classes="key", compact=True)
             button.can_focus = False
+            # A Button ignores clicks during its 0.2 s press effect: "11" clicked quickly
+            # would be one 1. Every click of a keypad key is a key press.
+            button.active_effect_duration = 0
             yield button
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
