@@ -9,7 +9,9 @@ import pytest
 
 from lockerd.cli.lockerd_cmd import main as lockerd_main
 from lockerd.core.events import EventType
+from lockerd.dev.provision import make_bank
 from lockerd.dev.ui.feed import EventFeed, FeedError
+from lockerd.dev.ui.host import DemoHost, HostError
 from lockerd.dev.ui.meaning import MEANINGS, EventRow, describe
 from lockerd.dev.ui.model import display_lines, snapshot_of
 
@@ -106,3 +108,11 @@ def test_attaching_takes_a_socket_and_a_database_and_says_what_is_wrong(
     assert "for the demo's own bank" in capsys.readouterr().err
     assert lockerd_main(["demo", "--socket", sock, "--db", db]) == 1  # nothing listens there
     assert f"cannot reach the simulator at {sock}" in capsys.readouterr().err
+
+
+async def test_a_demo_bank_whose_socket_path_is_too_long_is_refused_before_it_starts(
+        tmp_path: Path) -> None:
+    kit = make_bank(tmp_path / ("x" * 110), compartments=2)
+    with pytest.raises(HostError, match="longer than a Unix socket allows"):
+        async with DemoHost(kit):
+            pass

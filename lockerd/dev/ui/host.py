@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -20,8 +21,10 @@ from lockerd.trust.digest import derived_pickup_code
 from sim.backend import world_of
 from sim.client import SimClient
 from sim.wire.bank import WireBank
+from sim.world import SimError
 
 START_S = 15.0  # a daemon not ready within this has failed to start
+MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path on Linux, less the final NUL
 
 
 class HostError(Exception):
@@ -41,6 +44,10 @@ class DemoHost:
 
     async def __aenter__(self) -> BankLink:
         socket = self.kit.socket_path
+        if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+            raise HostError(f"the simulator's control socket path {socket} is longer than a "
+                            f"Unix socket allows ({MAX_SOCKET_PATH} bytes): use a shorter "
+                            "--dir or TMPDIR")
         if self.wire_dir is not None:
             # The "hardware" is there before the daemon opens its ports, as at a real bank.
             self.bank = WireBank(compartments=list(self.kit.compartments),
@@ -60,7 +67,26 @@ class DemoHost:
         self.link = BankLink(title=title, control=SimClient(socket),
                              feed=EventFeed(config.state_dir / DB_NAME),
                              hooks=self._hooks(app))
+        await self._answering(socket)
         return self.link
+
+    async def _answering(self, socket: Path) -> None:
+        """The UI speaks only through the control socket: it must answer (a socket path too
+        long for the system, for one, leaves the daemon running without it)."""
+        assert self.link is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_S
+        while True:
+            try:
+                await self.link.control.state()
+                return
+            except (OSError, SimError, TimeoutError) as exc:
+                if loop.time() > deadline:
+                    await self._stop()
+                    raise HostError(f"the simulator's control socket {socket} does not "
+                                    f"answer ({exc}); a shorter --dir or TMPDIR helps when "
+                                    "the path is long") from exc
+            await asyncio.sleep(0.05)
 
     async def _ready(self, ready: asyncio.Event, task: asyncio.Task[None]) -> None:
         waiting = asyncio.create_task(ready.wait())
