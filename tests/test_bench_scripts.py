@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-LIBRARIES = {"benchlib", "benchbroker"}
+LIBRARIES = {"benchlib", "benchbroker", "bundlepaths"}
 """Modules of bench/ that are shared code, not benchmarks: they have no main."""
 
 
