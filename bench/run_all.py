@@ -298,6 +298,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _shown(path: Path, repo: Path) -> str:
+    """`path` relative to the repository when it is inside it (.venv/bin/python)."""
+    try:
+        return str(path.relative_to(repo))
+    except ValueError:
+        return str(path)
+
+
 def default_out(bench_dir: Path, when: str, commit: str, quick: bool) -> Path:
     return bench_dir / "results" / f"{when[:10]}-{commit}{'-quick' if quick else ''}.md"
 
@@ -319,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     commit = commit_of(repo)
     facts = machine_facts(repo)
-    command = " ".join(["python bench/run_all.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join([_shown(Path(sys.executable), repo), "bench/run_all.py",
+                        *(argv if argv is not None else sys.argv[1:])])
     print(f"run_all: {when}, commit {commit}{', quick' if args.quick else ''}")
     for name, value in facts:
         print(f"  {name}: {value}")
