@@ -232,11 +232,18 @@ def rows_of(entries: Sequence[CodeEntry]) -> list[Row]:
 
 
 class Files:
-    """Fresh database paths in the work directory, each removed (with -wal, -shm) on drop."""
+    """Fresh database paths in the work directory, each removed (with -wal, -shm) on drop;
+    with `inputs`, the signed snapshots and their rows are saved there too, for the
+    whole-process and MQTT paths."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, inputs: bool) -> None:
         self.work = work
         self.count = 0
+        self.inputs = inputs
+
+    def save(self, kind: str, size: int, raw: bytes, rows: Sequence[Row]) -> None:
+        if self.inputs:
+            bundlepaths.save_inputs(self.work, kind, size, raw, rows)
 
     def fresh(self, name: str) -> Path:
         self.count += 1
@@ -390,7 +397,7 @@ def measure_size(
     raw, payload_bytes = m.sign(entries, version=1, base_version=None)
     rows = rows_of(entries)
     del entries
-    bundlepaths.save_inputs(files.work, "snapshot", size, raw, rows)
+    files.save("snapshot", size, raw, rows)
     result = SizeResult(
         size, runs, payload_bytes, len(raw), time.perf_counter() - t0, peak_rss_kib()
     )
@@ -471,7 +478,7 @@ def measure_replace(m: Material, files: Files, kept: Kept) -> ReplaceResult:
     raw, _ = m.sign(entries, version=kept.version + 1, base_version=None)
     rows = rows_of(entries)
     del entries
-    bundlepaths.save_inputs(files.work, "replace", size, raw, rows)
+    files.save("replace", size, raw, rows)
     kept.bare = copy_database(kept.db, files.fresh(f"bare-replace-{size}"))
     bundle = verify_bundle(
         raw, codes_role=m.codes_role, keyring_expires_at=m.keyring.expires_at,
@@ -767,7 +774,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         # come after, and the last --unknown are never issued.
         total = largest + largest // 2 + args.deltas * DELTA_CODES + args.unknown
         m = make_material(work, total, args.seed)
-        files = Files(work)
+        files = Files(work, inputs=not (args.skip_process and args.skip_mqtt))
         print(
             f"bundle_apply: snapshots of {', '.join(f'{n:,}' for n in args.sizes)} pickup codes; "
             f"{args.deltas} deltas of {DELTA_CODES}; {args.lookups} + {args.unknown} lookups"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import marshal
+import os
 import sqlite3
 import subprocess
 import sys
@@ -67,12 +68,19 @@ def inputs_dir(work: Path) -> Path:
 
 
 def save_inputs(work: Path, kind: str, size: int, raw: bytes, rows: Sequence[Row]) -> None:
-    """The signed file `lockerd import-bundle` reads and the rows the bare process inserts."""
+    """The signed file `lockerd import-bundle` reads and the rows the bare process inserts,
+    each fsynced before it is closed: left dirty, the kernel would write them back during the
+    next timed commit's fsync (the bare insert's, which runs next) and charge it for them."""
     directory = inputs_dir(work)
     directory.mkdir(exist_ok=True)
-    (directory / f"{kind}-{size}.json").write_bytes(raw)
+    with (directory / f"{kind}-{size}.json").open("wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
     with (directory / f"{kind}-{size}.rows").open("wb") as f:
         marshal.dump(list(rows), f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def bank_config(kit: BankKit, directory: Path, extra: Mapping[str, Any] | None = None) -> Path:
