@@ -579,7 +579,10 @@ def provision_bank(directory: Path, broker: Broker | None, n: int, *,
         "outbox": {"max_events": max(200_000, 2 * n)},
     }
     if broker is not None:
+        # A client id of its own: no bank takes over a session of an earlier round's bank, and
+        # with it the acks the broker queued for that one.
         overrides["mqtt"] = {"host": broker.host, "port": broker.port,
+                             "client_id": f"lockerd-{directory.name}",
                              **(QUICK_RECONNECT if quick_reconnect else {})}
     # No keyring or bundle files to import: importing would commit events of its own, and the
     # backlog is to be seqs 1..N exactly. Codes are not needed here.
