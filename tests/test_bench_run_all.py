@@ -27,7 +27,8 @@ def main() -> None:
     print("RESULT help_keypress: 700 ns against 690 ns; ratio 1.01x (target <= 1.1x) HOLDS")
 
 
-main()
+if __name__ == "__main__":
+    main()
 '''
 
 FAILS = '''"""Stand-in."""
@@ -39,7 +40,8 @@ def main() -> None:
     sys.exit(3)
 
 
-main()
+if __name__ == "__main__":
+    main()
 '''
 
 EXTRA = '''"""Stand-in."""
@@ -49,7 +51,8 @@ def main() -> None:
     print("an extra bench, no target")
 
 
-main()
+if __name__ == "__main__":
+    main()
 '''
 
 
@@ -70,6 +73,7 @@ def test_results_of_every_bench_in_one_file(run_all: ModuleType, tmp_path: Path,
     (bench / "deadlines.py").write_text(FAILS, encoding="utf-8")
     (bench / "extra_one.py").write_text(EXTRA, encoding="utf-8")
     (bench / "startup_bundle_file.py").write_text(EXTRA, encoding="utf-8")
+    # Shared code: no __main__ guard, so not a benchmark, main or not.
     (bench / "benchlib.py").write_text('"""Not a bench."""\n\n\ndef main() -> None: ...\n',
                                        encoding="utf-8")
     out = tmp_path / "results.md"

@@ -14,8 +14,6 @@ import pytest
 pytestmark = pytest.mark.unit
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-LIBRARIES = {"benchlib", "benchbroker", "bundlepaths"}
-"""Modules of bench/ that are shared code, not benchmarks: they have no main."""
 
 
 @pytest.fixture
@@ -37,15 +35,24 @@ def bench_module(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-def scripts() -> list[str]:
-    return sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in LIBRARIES)
+def modules() -> list[str]:
+    return sorted(p.stem for p in BENCH.glob("*.py"))
 
 
-@pytest.mark.parametrize("name", scripts())
-def test_every_benchmark_imports_and_has_main(bench_path: None, name: str) -> None:
+@pytest.mark.parametrize("name", modules())
+def test_every_module_of_bench_imports(bench_path: None, name: str) -> None:
     module = bench_module(name)
-    assert callable(getattr(module, "main", None)), f"bench/{name}.py has no main()"
     assert module.__doc__ and module.__doc__.strip(), f"bench/{name}.py has no docstring"
+    if bench_module("run_all").is_bench(BENCH / f"{name}.py"):
+        assert callable(getattr(module, "main", None)), f"bench/{name}.py has no main()"
+
+
+def test_run_all_knows_every_benchmark(bench_path: None) -> None:
+    run_all = bench_module("run_all")
+    benches = {p.stem for p in BENCH.glob("*.py") if run_all.is_bench(p)}
+    assert {"bundle_apply", "outbox_drain", "deadlines", "credentials"} <= benches
+    assert not {"benchlib", "benchbroker", "bundlepaths", "run_all"} & benches
+    assert benches <= {b.script for b in run_all.discover(BENCH)}
 
 
 def test_a_ratio_under_its_target_holds(bench_path: None) -> None:
