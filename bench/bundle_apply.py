@@ -415,15 +415,21 @@ def measure_size(
             result.peaks[name] = (max(old[0], before), max(old[1], peak_rss_kib()))
         return elapsed, value
 
-    for run in range(runs):
-        last = run == runs - 1
-        # The baseline first, then the three daemon figures; all on fresh files.
+    def bare() -> None:
         path = files.fresh(f"bare-{size}")
         conn = bare_connect(path)
         elapsed, _ = step("bare", partial(bare_insert, conn, rows))
         result.bare.append(elapsed)
         conn.close()
         files.drop(path)
+
+    for run in range(runs):
+        last = run == runs - 1
+        # The baseline before the three daemon figures in even runs and after them in odd
+        # ones, so that neither side always runs first; a single run has it both before and
+        # after. All on fresh files.
+        if run % 2 == 0:
+            bare()
 
         elapsed, bundle = step(
             "verify",
@@ -456,6 +462,8 @@ def measure_size(
         else:
             db.close()
             files.drop(path)
+        if run % 2 == 1 or runs == 1:
+            bare()
     return result, kept
 
 
@@ -606,7 +614,8 @@ def report_size(r: SizeResult) -> None:
     print(
         f"snapshot of {r.size:,} codes: payload {r.payload_bytes:,} bytes, envelope "
         f"{r.envelope_bytes:,} bytes (built and signed in {r.build_s:.1f} s, not timed); "
-        f"median of {r.runs} run{'s' if r.runs > 1 else ''}"
+        f"median of {r.runs} run{'s' if r.runs > 1 else ''} ({len(r.bare)} of the baseline, "
+        "before and after the daemon's figures in turn)"
     )
     print(f"  {'':<52}{'wall s':>9}{'cpu s':>8}{'us/code':>10}{'x bare':>9}")
     lines = (
