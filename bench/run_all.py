@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -168,23 +169,30 @@ def run_one(bench: Bench, bench_dir: Path, quick: bool, timeout_s: float) -> Out
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
                             cwd=bench_dir.parent, env=env)
+    timed_out = threading.Event()
+
+    def out_of_time() -> None:
+        # SIGTERM: the benches stop their daemons and brokers on it; reading goes on to EOF.
+        timed_out.set()
+        proc.send_signal(signal.SIGTERM)
+
+    timer = threading.Timer(timeout_s, out_of_time)
+    timer.start()
     stop_now = True
     try:
         assert proc.stdout is not None
-        # The timeout is checked as lines arrive: every bench prints as it goes.
         for line in proc.stdout:
             print(line, end="", flush=True)
             outcome.output.append(line.rstrip("\n"))
             result = parse_result(line)
             if result is not None:
                 outcome.results.append(result)
-            if time.monotonic() - t0 > timeout_s:
-                outcome.status = "timeout"
-                break
-        else:
-            stop_now = False
+        stop_now = False
     finally:
+        timer.cancel()
         _finish(proc, stop_now=stop_now)
+    if timed_out.is_set():
+        outcome.status = "timeout"
     outcome.seconds = time.monotonic() - t0
     if outcome.status == "ok" and proc.returncode != 0:
         outcome.status = f"exit {proc.returncode}"

@@ -97,3 +97,30 @@ def test_results_of_every_bench_in_one_file(run_all: ModuleType, tmp_path: Path,
     printed = capsys.readouterr().out
     assert "1 of 2 targets hold" in printed
     assert "MISSING keypress_to_unlock" in printed
+
+
+SILENT = '''"""Stand-in: says one line, then nothing for a long time."""
+import time
+
+
+def main() -> None:
+    print("started", flush=True)
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_a_bench_past_its_time_is_stopped(run_all: ModuleType, tmp_path: Path) -> None:
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "help_keypress.py").write_text(SILENT, encoding="utf-8")
+    out = tmp_path / "results.md"
+    status = run_all.main(["--bench-dir", str(bench), "--out", str(out), "--only",
+                           "help_keypress", "--timeout", "1"])
+    assert status == 1
+    text = out.read_text(encoding="utf-8")
+    assert "| help_keypress | `(defaults)` | timeout |" in text
+    assert "started" in text
