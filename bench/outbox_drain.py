@@ -71,6 +71,8 @@ COMMIT_WARMUP = 20
 STARTED = time.monotonic()
 LOAD_AT_START = os.getloadavg()
 POLL_S = 0.005
+RETRY_S = 0.01
+"""How often the subscriber of a process run tries to connect while the broker is down."""
 
 EVENTS_DDL = """
 CREATE TABLE events (
@@ -207,7 +209,8 @@ def subscriber_main(host: str, port: int, n: int, ack_every: int, timeout_s: flo
                     conn: Connection, identifier: str | None) -> None:
     """Child process: subscribe to the events topic at QoS 1, say "ready", count seqs 1..N and
     ack (`{"upto_seq": contiguous}`) every `ack_every` messages and once all have come. With
-    an `identifier`, it resumes that persistent session (what the broker queued for it)."""
+    an `identifier`, it resumes that persistent session (what the broker queued for it): it
+    says "trying" and tries to connect every RETRY_S until the broker is up."""
     try:
         asyncio.run(_subscribe(host, port, n, ack_every, timeout_s, conn, identifier))
     except BaseException as exc:
@@ -224,8 +227,8 @@ async def _subscribe(host: str, port: int, n: int, ack_every: int, timeout_s: fl
     distinct = received = duplicates = extra = contiguous = 0
     all_at = math.nan
     acks: set[asyncio.Task[None]] = set()
-    async with aiomqtt.Client(host, port, identifier=identifier or f"bench-backend-{os.getpid()}",
-                              clean_session=identifier is None) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        client = await _connect(stack, host, port, identifier, timeout_s, conn)
 
         def ack() -> None:
             nonlocal contiguous
@@ -269,8 +272,29 @@ async def _subscribe(host: str, port: int, n: int, ack_every: int, timeout_s: fl
     conn.send(("done", Received(all_at, distinct, received, duplicates, extra, cpu_s)))
 
 
+async def _connect(stack: contextlib.AsyncExitStack, host: str, port: int,
+                   identifier: str | None, timeout_s: float, conn: Connection) -> aiomqtt.Client:
+    """A connected client, entered into `stack`. A persistent session (`identifier`) is tried
+    every RETRY_S until the broker answers, after saying "trying"."""
+    if identifier is None:
+        client = aiomqtt.Client(host, port, identifier=f"bench-backend-{os.getpid()}",
+                                clean_session=True)
+        return await stack.enter_async_context(client)
+    conn.send(("trying",))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        client = aiomqtt.Client(host, port, identifier=identifier, clean_session=False)
+        try:
+            return await stack.enter_async_context(client)
+        except aiomqtt.MqttError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(RETRY_S)
+
+
 class Subscriber:
-    """The child process, started and subscribed on entry, gone on exit."""
+    """The child process, started and subscribed on entry, gone on exit. With an
+    `identifier` it may be launched first, before the broker is up (`launch`)."""
 
     def __init__(self, broker: Broker, n: int, ack_every: int, timeout_s: float,
                  identifier: str | None = None) -> None:
@@ -284,10 +308,21 @@ class Subscriber:
         self._child = child
         self._n = n
         self._timeout_s = timeout_s
+        self._launched = False
 
-    async def __aenter__(self) -> Subscriber:
+    async def launch(self) -> None:
+        """Start the child and wait until it is trying to connect (its imports done)."""
         self._proc.start()
         self._child.close()
+        self._launched = True
+        reply = await self._recv(30.0)
+        if reply[0] != "trying":
+            raise RuntimeError(f"the subscriber did not start: {reply}")
+
+    async def __aenter__(self) -> Subscriber:
+        if not self._launched:
+            self._proc.start()
+            self._child.close()
         reply = await self._recv(30.0)
         if reply[0] != "ready":
             raise RuntimeError(f"the subscriber did not start: {reply}")
@@ -360,6 +395,9 @@ class Drain:
     """CPU time of this process from the start to the N-th PUBACK."""
     subscriber: Received
     broker_cpu_s: float
+    subscriber_back_s: float = math.nan
+    """Process runs: from the start to the subscriber having resumed its session (it comes
+    back after the broker, a spawned process; what was published before, the broker queued)."""
 
     @property
     def rate(self) -> float:
@@ -472,12 +510,17 @@ async def process_run(kit: BankKit, broker: Broker, n: int, ack_every: int) -> D
     identifier = f"bench-backend-{kit.directory.name}"
     await prime_session(broker, identifier)
     await asyncio.to_thread(broker.stop)
+    sub = Subscriber(broker, n, ack_every, drain_timeout(n), identifier)
     daemon = await asyncio.to_thread(start_daemon, kit)
     try:
+        # Launched while the broker is down: it tries to connect every RETRY_S, so it is
+        # back within moments of the broker, as a backend's consumer would be.
+        await sub.launch()
         cpu0 = cpu_seconds(daemon.pid)
         await asyncio.to_thread(broker.start)
         cpu_broker0 = _broker_cpu(broker)
-        async with Subscriber(broker, n, ack_every, drain_timeout(n), identifier) as sub:
+        async with sub:
+            back = time.monotonic()
             got = await sub.result()
             cpu1, cpu_broker1 = cpu_seconds(daemon.pid), _broker_cpu(broker)
         t0 = connected_at(daemon.log_path)
@@ -486,7 +529,7 @@ async def process_run(kit: BankKit, broker: Broker, n: int, ack_every: int) -> D
     if status != 0:
         raise RuntimeError(f"the daemon exited with status {status}:\n{daemon.log_tail()}")
     return Drain("lockerd run process (MqttLink + OutboxPublisher)", n, got.all_at - t0,
-                 math.nan, cpu1 - cpu0, got, cpu_broker1 - cpu_broker0)
+                 math.nan, cpu1 - cpu0, got, cpu_broker1 - cpu_broker0, back - t0)
 
 
 async def prime_session(broker: Broker, identifier: str) -> None:
@@ -744,6 +787,10 @@ def report_drain(args: argparse.Namespace, res: DrainResults, out: TextIO) -> No
         extra = sum(d.subscriber.extra for d in runs)
         print(f"  {label}: {dups} duplicates, {extra} messages outside 1..N received before "
               "the last", file=out)
+    if res.process:
+        print(f"  process: the subscriber had resumed its session "
+              f"{', '.join(f'{d.subscriber_back_s:.2f}' for d in res.process)} s after the "
+              "daemon connected (negative: before)", file=out)
     if res.acked_s:
         print(f"  in-process: acked_upto >= N in the database "
               f"{', '.join(f'{a:.2f}' for a in res.acked_s)} s after the link came up", file=out)
