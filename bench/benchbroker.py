@@ -29,9 +29,12 @@ def free_port() -> int:
 
 
 class Broker:
-    """One mosquitto process on 127.0.0.1, no persistence, its log in `directory`."""
+    """One mosquitto process on 127.0.0.1, its log in `directory`. The port stays the same
+    across stop and start. No persistence, unless `persistent`: then sessions, subscriptions
+    and queued messages are saved in `directory` when it stops and restored when it starts."""
 
-    def __init__(self, directory: Path, *, extra_config: str = "") -> None:
+    def __init__(self, directory: Path, *, extra_config: str = "",
+                 persistent: bool = False) -> None:
         self.directory = directory
         self.host = "127.0.0.1"
         self.port = free_port()
@@ -43,7 +46,8 @@ class Broker:
             # benchmark's private directory.
             f"user {getpass.getuser()}",
             "allow_anonymous true",
-            "persistence false",
+            *(["persistence true", f"persistence_location {directory}/", "autosave_interval 0"]
+              if persistent else ["persistence false"]),
             f"log_dest file {self.log}",
             "log_type error",
             "log_type warning",

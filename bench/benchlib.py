@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -305,3 +306,83 @@ class Summary:
             min=s[0] if s else math.nan,
             max=s[-1] if s else math.nan,
         )
+
+
+# -- the result line --------------------------------------------------------------------------
+
+RESULT_PREFIX = "RESULT "
+"""Every benchmark prints one line per target it checks, starting with this, in one format:
+`RESULT <name>: <figure>; ratio 1.23x (target <= 1.5x) HOLDS` (or MISSES). `bench/run_all.py`
+collects these lines into the table of docs/benchmarks.md."""
+
+_RESULT_LINE = re.compile(
+    r"^RESULT (?P<name>[^:]+): (?P<figure>.*); (?P<kind>ratio|value) (?P<value>\S+?)"
+    r"(?P<unit>x| \S+) \(target (?P<op><=|>=) (?P<target>\S+?)(?:x| \S+)\) "
+    r"(?P<verdict>HOLDS|MISSES)$"
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One parsed RESULT line."""
+
+    name: str
+    figure: str
+    value: float
+    unit: str
+    """"x" for a ratio to a baseline, else the unit of an absolute figure (" ms", " %")."""
+    target: float
+    lower_is_better: bool
+    holds: bool
+
+    @property
+    def ratio_text(self) -> str:
+        return f"{self.value:.2f}{self.unit}"
+
+    @property
+    def target_text(self) -> str:
+        return f"{'<=' if self.lower_is_better else '>='} {self.target:g}{self.unit}"
+
+    @property
+    def verdict(self) -> str:
+        return "HOLDS" if self.holds else "MISSES"
+
+
+def result_line(name: str, figure: str, ratio: float, target: float, *,
+                lower_is_better: bool = True, unit: str = "x") -> str:
+    """The RESULT line of one target: `ratio` (a figure over its same-run baseline, or with
+    `unit` another than "x" an absolute figure, e.g. " ms") against `target`. A ratio that
+    is not a number (nothing measured) misses."""
+    if ":" in name or ";" in figure or "\n" in name + figure:
+        raise ValueError(f"a result's name holds no ':' and its figure no ';': {name!r}")
+    finite = math.isfinite(ratio)
+    holds = finite and (ratio <= target if lower_is_better else ratio >= target)
+    kind = "ratio" if unit == "x" else "value"
+    shown = f"{ratio:.2f}" if finite else "nan"
+    op = "<=" if lower_is_better else ">="
+    return (f"{RESULT_PREFIX}{name}: {figure}; {kind} {shown}{unit} (target {op} {target:g}"
+            f"{unit}) {'HOLDS' if holds else 'MISSES'}")
+
+
+def report(name: str, figure: str, ratio: float, target: float, *,
+           lower_is_better: bool = True, unit: str = "x") -> Result:
+    """Print the RESULT line of one target (see `result_line`) and return it parsed."""
+    line = result_line(name, figure, ratio, target, lower_is_better=lower_is_better, unit=unit)
+    print(line, flush=True)
+    parsed = parse_result(line)
+    assert parsed is not None
+    return parsed
+
+
+def parse_result(line: str) -> Result | None:
+    """The Result of a RESULT line, or None for any other line."""
+    match = _RESULT_LINE.match(line.rstrip("\n"))
+    if match is None:
+        return None
+    unit = match["unit"]
+    value = float(match["value"])
+    return Result(
+        name=match["name"], figure=match["figure"], value=value, unit=unit,
+        target=float(match["target"]), lower_is_better=match["op"] == "<=",
+        holds=match["verdict"] == "HOLDS",
+    )

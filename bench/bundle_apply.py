@@ -1,8 +1,12 @@
 """Verifying and applying big codes bundles, and looking a code up among a million, beside bare
 SQLite and HMAC baselines measured in the same run. Prints figures; asserts nothing.
 
-Everything runs in this process, on the daemon's own functions (verify_bundle, CodeStore,
-CodeCache) and databases opened with its open_database; no daemon subprocess is needed."""
+In this process, on the daemon's own functions (verify_bundle, CodeStore, CodeCache): a snapshot
+into an empty database, a snapshot replacing a held one, deltas, lookups. The bare insert runs
+with the store's settings: a database made by open_database (the same schema and indexes, WAL,
+synchronous=FULL) and the page cache CodeStore.apply sets. Then the whole-process path
+(`lockerd import-bundle` as a process beside a bare-insert process) and the MQTT path (a
+`lockerd run` process taking the snapshot from a local broker), in bundlepaths.py."""
 
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchlib import Summary, filesystem_of, machine_line, run_in_work_directory
+import bundlepaths
+from benchlib import Summary, filesystem_of, machine_line, report, run_in_work_directory
 
+import lockerd.store.codes
 from lockerd.dev.provision import BankKit, make_bank
 from lockerd.services.cache import CodeCache
 from lockerd.store import CodeStore, Database, EventLog, open_database
@@ -42,43 +48,38 @@ DELTA_CODES = 100
 CODE_SPACE = 10**8
 """8-digit codes, as the other benchmarks use."""
 
-Row = tuple[str, str, str, str | None, str | None, int | None, int, int]
-"""A row of the `codes` table, in its column order (what CodeStore.apply inserts)."""
+APPLY_TARGET = 3.0
+"""docs/benchmarks.md: CodeStore.apply and the whole load_bundle within 3x of a bare insert."""
+LOOKUP_TARGET = 2.0
+"""The lookup of an entered code within 2x of a bare HMAC + SELECT by digest."""
 
-BARE_TABLE = """
-CREATE TABLE codes (
-    digest      TEXT PRIMARY KEY,
-    id          TEXT NOT NULL,
-    kind        TEXT NOT NULL,
-    compartment TEXT,
-    parcel_id   TEXT,
-    not_before  INTEGER,
-    not_after   INTEGER NOT NULL,
-    max_uses    INTEGER NOT NULL
-) WITHOUT ROWID
-"""
-"""The `codes` table of lockerd/store/db.py without the UNIQUE constraint on `id`."""
+APPLY_CACHE_KIB: int = getattr(lockerd.store.codes, "APPLY_CACHE_KIB", 65536)
+"""The page cache CodeStore.apply works with (KiB); the bare inserts get the same."""
 
-BARE_TABLE_UNIQUE_ID = BARE_TABLE.replace("id          TEXT NOT NULL,", "id TEXT NOT NULL UNIQUE,")
-"""Exactly the `codes` table of lockerd/store/db.py (UNIQUE(id) is a second B-tree)."""
+Row = bundlepaths.Row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Build signed snapshots of N pickup codes (untimed), then time, in-process: "
-        "verify_bundle alone, CodeStore.apply alone on a fresh database, and the whole "
-        "CodeCache.load_bundle on another; then a 100-code delta on the largest snapshot; then "
-        "the lookup of one entered code (code_digest + CodeStore.lookup) among the largest set. "
-        "Same-run baselines: a bare SQLite executemany of the same rows (WAL, synchronous=FULL, "
-        "one transaction) and a bare HMAC + SELECT by digest. Prints figures; asserts nothing."
+        "verify_bundle alone, CodeStore.apply alone on an empty database, and the whole "
+        "CodeCache.load_bundle on another; at the largest size a snapshot of N replacing a "
+        "held N (half the codes the same), 100-code deltas, and the lookup of one entered code "
+        "(code_digest + CodeStore.lookup). Then `lockerd import-bundle` as a process, and a "
+        "`lockerd run` process taking the snapshot over a local broker. Same-run baselines: a "
+        "bare SQLite executemany of the same rows with the store's settings (schema, indexes, "
+        "WAL, synchronous=FULL, page cache; one transaction), in-process and as a process, and "
+        "a bare HMAC + SELECT by digest. Prints figures and RESULT lines; asserts nothing."
     )
     parser.add_argument(
+        "--codes",
         "--sizes",
+        dest="sizes",
         type=_sizes,
         default=[10_000, 100_000, 1_000_000],
         metavar="N,N,...",
-        help="snapshot sizes in codes, comma-separated (10000,100000,1000000); the delta and "
-        "the lookups use the largest",
+        help="snapshot sizes in codes, comma-separated (10000,100000,1000000); the replace, "
+        "the deltas and the lookups use the largest",
     )
     parser.add_argument(
         "--lookups",
@@ -113,6 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=1, metavar="N", help="seed of the generated codes (1)"
     )
     parser.add_argument(
+        "--skip-process", action="store_true",
+        help="leave out the whole-process path (lockerd import-bundle as a process)",
+    )
+    parser.add_argument(
+        "--skip-mqtt", action="store_true",
+        help="leave out the MQTT path (a lockerd run process, the snapshot over a broker)",
+    )
+    parser.add_argument(
         "--dir",
         type=Path,
         default=None,
@@ -124,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.lookups < 1 or args.unknown < 0 or args.runs < 0 or args.deltas < 1:
         parser.error("--lookups and --deltas must be at least 1, --unknown and --runs at least 0")
+    if args.sizes[-1] < 2:
+        parser.error("the largest size must be at least 2 codes (its replace keeps half)")
     return args
 
 
@@ -221,11 +232,18 @@ def rows_of(entries: Sequence[CodeEntry]) -> list[Row]:
 
 
 class Files:
-    """Fresh database paths in the work directory, each removed (with -wal, -shm) on drop."""
+    """Fresh database paths in the work directory, each removed (with -wal, -shm) on drop;
+    with `inputs`, the signed snapshots and their rows are saved there too, for the
+    whole-process and MQTT paths."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, inputs: bool) -> None:
         self.work = work
         self.count = 0
+        self.inputs = inputs
+
+    def save(self, kind: str, size: int, raw: bytes, rows: Sequence[Row]) -> None:
+        if self.inputs:
+            bundlepaths.save_inputs(self.work, kind, size, raw, rows)
 
     def fresh(self, name: str) -> Path:
         self.count += 1
@@ -237,20 +255,38 @@ class Files:
             Path(str(path) + suffix).unlink(missing_ok=True)
 
 
-def bare_connect(path: Path, table: str = BARE_TABLE) -> sqlite3.Connection:
-    """A bare connection with the daemon's pragmas (WAL, synchronous=FULL) and one table."""
+def bare_connect(path: Path) -> sqlite3.Connection:
+    """A bare connection to a database with the store's schema and indexes (made by
+    open_database if it does not exist yet), with the store's pragmas (WAL,
+    synchronous=FULL) and the page cache CodeStore.apply sets."""
+    if not path.exists():
+        open_database(path).close()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(table)
+    conn.execute(f"PRAGMA cache_size=-{APPLY_CACHE_KIB}")
     return conn
 
 
-def bare_insert(conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
-    """One transaction, one executemany: the commit (fsync, WAL checkpoint) included."""
+def bare_insert(conn: sqlite3.Connection, rows: Sequence[Row], *, replace: bool = False) -> None:
+    """One transaction, one executemany (after deleting every code, for a replace): the
+    commit (fsync, WAL checkpoint) included."""
     conn.execute("BEGIN IMMEDIATE")
+    if replace:
+        conn.execute("DELETE FROM codes")
     conn.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
     conn.execute("COMMIT")
+
+
+def copy_database(db: Database, path: Path) -> sqlite3.Connection:
+    """A copy of `db` at `path` (SQLite's backup API), opened as `bare_connect` opens one:
+    the bare baseline of a replace starts from the very rows and pages the store holds."""
+    target = sqlite3.connect(path)
+    try:
+        db.conn.backup(target)
+    finally:
+        target.close()
+    return bare_connect(path)
 
 
 def make_cache(db: Database, m: Material) -> CodeCache:
@@ -328,7 +364,6 @@ class SizeResult:
     """getrusage peak RSS right after building (before any reset): the build's peak, or an
     earlier one."""
     bare: list[Sample] = field(default_factory=list)
-    bare_unique: list[Sample] = field(default_factory=list)
     verify: list[Sample] = field(default_factory=list)
     apply: list[Sample] = field(default_factory=list)
     load: list[Sample] = field(default_factory=list)
@@ -338,13 +373,20 @@ class SizeResult:
 
 @dataclass
 class Kept:
-    """The databases of the largest snapshot, kept for the delta and the lookups."""
+    """The databases of the largest snapshot, kept for the replace, the deltas and the
+    lookups."""
 
     db: Database
     """Loaded through CodeCache.load_bundle: the daemon's database, as after an import."""
-    bare: sqlite3.Connection
-    """The bare-insert baseline's database, same rows."""
+    bare: sqlite3.Connection | None
+    """The bare baseline's database: a copy of `db` made just before the replace."""
     version: int
+    size: int
+
+    @property
+    def bare_conn(self) -> sqlite3.Connection:
+        assert self.bare is not None
+        return self.bare
 
 
 def measure_size(
@@ -355,11 +397,11 @@ def measure_size(
     raw, payload_bytes = m.sign(entries, version=1, base_version=None)
     rows = rows_of(entries)
     del entries
+    files.save("snapshot", size, raw, rows)
     result = SizeResult(
         size, runs, payload_bytes, len(raw), time.perf_counter() - t0, peak_rss_kib()
     )
     kept: Kept | None = None
-    kept_bare: sqlite3.Connection | None = None
     track = largest and reset_peak_rss()
 
     def step(name: str, fn: Callable[[], T]) -> tuple[Sample, T]:
@@ -373,22 +415,21 @@ def measure_size(
             result.peaks[name] = (max(old[0], before), max(old[1], peak_rss_kib()))
         return elapsed, value
 
+    def bare() -> None:
+        path = files.fresh(f"bare-{size}")
+        conn = bare_connect(path)
+        elapsed, _ = step("bare", partial(bare_insert, conn, rows))
+        result.bare.append(elapsed)
+        conn.close()
+        files.drop(path)
+
     for run in range(runs):
         last = run == runs - 1
-        # Baselines first, then the three daemon figures; all on fresh files.
-        for table, samples, name in (
-            (BARE_TABLE, result.bare, "bare"),
-            (BARE_TABLE_UNIQUE_ID, result.bare_unique, "bare_unique"),
-        ):
-            path = files.fresh(f"{name}-{size}")
-            conn = bare_connect(path, table)
-            elapsed, _ = step(name, partial(bare_insert, conn, rows))
-            samples.append(elapsed)
-            if last and largest and table is BARE_TABLE:
-                kept_bare = conn
-            else:
-                conn.close()
-                files.drop(path)
+        # The baseline before the three daemon figures in even runs and after them in odd
+        # ones, so that neither side always runs first; a single run has it both before and
+        # after. All on fresh files.
+        if run % 2 == 0:
+            bare()
 
         elapsed, bundle = step(
             "verify",
@@ -416,12 +457,45 @@ def measure_size(
         cache = make_cache(db, m)
         elapsed, _ = step("load", partial(cache.load_bundle, raw, source="bench"))
         result.load.append(elapsed)
-        if last and kept_bare is not None:
-            kept = Kept(db=db, bare=kept_bare, version=1)
+        if last and largest:
+            kept = Kept(db=db, bare=None, version=1, size=size)
         else:
             db.close()
             files.drop(path)
+        if run % 2 == 1 or runs == 1:
+            bare()
     return result, kept
+
+
+@dataclass
+class ReplaceResult:
+    size: int
+    same: int
+    """Codes of the new snapshot that the held one had too."""
+    bare: Sample
+    apply: Sample
+
+
+def measure_replace(m: Material, files: Files, kept: Kept) -> ReplaceResult:
+    """A snapshot of N codes over the N held (the second half of the held codes and as many
+    new ones): CodeStore.apply on the kept database, beside a bare DELETE + insert of the
+    same rows in one transaction on a copy of it made just before. Verified untimed."""
+    size = kept.size
+    first = size // 2
+    entries = m.entries(first, size)
+    raw, _ = m.sign(entries, version=kept.version + 1, base_version=None)
+    rows = rows_of(entries)
+    del entries
+    files.save("replace", size, raw, rows)
+    kept.bare = copy_database(kept.db, files.fresh(f"bare-replace-{size}"))
+    bundle = verify_bundle(
+        raw, codes_role=m.codes_role, keyring_expires_at=m.keyring.expires_at,
+        locker_id=m.kit.locker_id, held_version=kept.version, now=utcnow(),
+    )
+    bare, _ = timed(partial(bare_insert, kept.bare, rows, replace=True))
+    applied, _ = timed(partial(CodeStore(kept.db).apply, bundle))
+    kept.version += 1
+    return ReplaceResult(size, size - first, bare, applied)
 
 
 @dataclass
@@ -433,7 +507,8 @@ class DeltaResult:
 
 
 def measure_deltas(m: Material, kept: Kept, first: int, count: int) -> DeltaResult:
-    """`count` deltas of 100 new codes each, versions 2, 3, ... each on the one before."""
+    """`count` deltas of 100 new codes each, each version on the one before; the baseline
+    inserts the same rows into the bare copy, with the same settings."""
     store = CodeStore(kept.db)
     out = DeltaResult()
     for i in range(count):
@@ -443,7 +518,7 @@ def measure_deltas(m: Material, kept: Kept, first: int, count: int) -> DeltaResu
         rows = rows_of(entries)
         gc.collect()
         t0 = time.perf_counter()
-        bare_insert(kept.bare, rows)
+        bare_insert(kept.bare_conn, rows)
         out.bare.append(time.perf_counter() - t0)
         gc.collect()
         t0 = time.perf_counter()
@@ -474,12 +549,14 @@ class LookupResult:
     daemon_unknown: list[float] = field(default_factory=list)
 
 
-def measure_lookups(m: Material, kept: Kept, issued: int, known: int, unknown: int) -> LookupResult:
+def measure_lookups(m: Material, kept: Kept, issued: range, known: int,
+                    unknown: int) -> LookupResult:
     """Each code looked up the daemon's way and the bare way, alternately (which one goes
-    first alternates too), so both see the same caches and the same machine moments."""
+    first alternates too), so both see the same caches and the same machine moments.
+    `issued`: the indexes of the codes held."""
     store = CodeStore(kept.db)
     key, locker = m.kit.code_key, m.kit.locker_id
-    bare = kept.bare
+    bare = kept.bare_conn
     select = "SELECT * FROM codes WHERE digest = ?"
     result = LookupResult(held=store.count())
 
@@ -495,7 +572,7 @@ def measure_lookups(m: Material, kept: Kept, issued: int, known: int, unknown: i
         return time.perf_counter() - t0, row
 
     rng = random.Random(m.rng.random())
-    known_codes = [m.codes[i] for i in rng.sample(range(issued), min(known, issued))]
+    known_codes = [m.codes[i] for i in rng.sample(issued, min(known, len(issued)))]
     unknown_codes = m.codes[-unknown:] if unknown else []
     # Warm-up, untimed: the statements are prepared and the code paths imported.
     for code in known_codes[:50]:
@@ -537,14 +614,14 @@ def report_size(r: SizeResult) -> None:
     print(
         f"snapshot of {r.size:,} codes: payload {r.payload_bytes:,} bytes, envelope "
         f"{r.envelope_bytes:,} bytes (built and signed in {r.build_s:.1f} s, not timed); "
-        f"median of {r.runs} run{'s' if r.runs > 1 else ''}"
+        f"median of {r.runs} run{'s' if r.runs > 1 else ''} ({len(r.bare)} of the baseline, "
+        "before and after the daemon's figures in turn)"
     )
     print(f"  {'':<52}{'wall s':>9}{'cpu s':>8}{'us/code':>10}{'x bare':>9}")
     lines = (
-        ("baseline: bare SQLite insert (WAL, FULL, 1 txn)", r.bare),
-        ("baseline: the same with UNIQUE(id), as `codes`", r.bare_unique),
+        ("baseline: bare insert, the store's settings, 1 txn", r.bare),
         ("(a) verify_bundle (parse + signature + checks)", r.verify),
-        ("(b) CodeStore.apply (fresh database)", r.apply),
+        ("(b) CodeStore.apply (empty database)", r.apply),
         ("(c) CodeCache.load_bundle (verify + apply + event)", r.load),
     )
     for label, values in lines:
@@ -561,7 +638,6 @@ def report_linearity(results: Sequence[SizeResult]) -> None:
     print(f"  {'':<36}" + "".join(f"{r.size:>12,}" for r in results))
     for label, attr in (
         ("bare insert", "bare"),
-        ("bare insert with UNIQUE(id)", "bare_unique"),
         ("(a) verify_bundle", "verify"),
         ("(b) CodeStore.apply", "apply"),
         ("(c) CodeCache.load_bundle", "load"),
@@ -587,6 +663,19 @@ def us_row(label: str, values: Sequence[float], base: Sequence[float]) -> str:
     return (
         f"  {label:<52}{s.n:>5}{us[0]:>9.1f}{us[1]:>9.1f}{us[2]:>9.1f}{us[3]:>9.1f}{ratio:>8.2f}"
     )
+
+
+def report_replace(r: ReplaceResult) -> None:
+    print(f"snapshot of {r.size:,} codes replacing the {r.size:,} held ({r.same:,} of them held "
+          "already), verified untimed; one run")
+    print(f"  {'':<52}{'wall s':>9}{'cpu s':>8}{'us/code':>10}{'x bare':>9}")
+    for label, sample in (
+        ("baseline: bare DELETE + insert, a copy of the db", r.bare),
+        ("CodeStore.apply (replace)", r.apply),
+    ):
+        print(f"  {label:<52}{sample.wall:>9.3f}{sample.cpu:>8.3f}"
+              f"{sample.wall / r.size * 1e6:>10.2f}{sample.wall / r.bare.wall:>9.2f}")
+    print()
 
 
 def report_deltas(d: DeltaResult, held: int) -> None:
@@ -624,7 +713,6 @@ def report_memory(r: SizeResult, before_kib: int, lifetime_kib: int) -> None:
               "/proc/self/clear_refs), and RSS before it:")
         names = {
             "bare": "bare insert",
-            "bare_unique": "bare insert with UNIQUE(id)",
             "verify": "(a) verify_bundle",
             "apply": "(b) CodeStore.apply (the verified bundle is held)",
             "load": "(c) CodeCache.load_bundle",
@@ -645,15 +733,29 @@ def report_memory(r: SizeResult, before_kib: int, lifetime_kib: int) -> None:
     print()
 
 
-def report_targets(results: Sequence[SizeResult], lookups: LookupResult) -> None:
+def report_targets(results: Sequence[SizeResult], replace: ReplaceResult, deltas: DeltaResult,
+                   lookups: LookupResult) -> None:
     big = results[-1]
-    apply_x = med(big.apply) / med(big.bare)
-    load_x = med(big.load) / med(big.bare)
-    look_x = statistics.median(lookups.daemon_known) / statistics.median(lookups.bare_known)
-    print("targets of the issue (printed, not asserted):")
-    print(f"  apply <= 3x bare insert at {big.size:,}: CodeStore.apply {apply_x:.2f}x, "
-          f"whole load_bundle {load_x:.2f}x")
-    print(f"  lookup <= 2x bare: {look_x:.2f}x (median, issued codes)")
+    n = f"{big.size:,}".replace(",", " ")
+    print("targets (printed, not asserted):")
+    report(f"bundle_apply apply {n} empty",
+           f"CodeStore.apply {med(big.apply):.3f} s against a bare insert {med(big.bare):.3f} s",
+           med(big.apply) / med(big.bare), APPLY_TARGET)
+    report(f"bundle_apply load_bundle {n} empty",
+           f"CodeCache.load_bundle {med(big.load):.3f} s against a bare insert "
+           f"{med(big.bare):.3f} s", med(big.load) / med(big.bare), APPLY_TARGET)
+    report(f"bundle_apply apply {n} replace",
+           f"CodeStore.apply {replace.apply.wall:.3f} s against a bare DELETE + insert "
+           f"{replace.bare.wall:.3f} s", replace.apply.wall / replace.bare.wall, APPLY_TARGET)
+    total, bare = statistics.median(deltas.total), statistics.median(deltas.bare)
+    report(f"bundle_apply delta {DELTA_CODES} on {n}",
+           f"verify + apply {total * 1000:.2f} ms against a bare insert {bare * 1000:.2f} ms",
+           total / bare, APPLY_TARGET)
+    daemon_us = statistics.median(lookups.daemon_known) * 1e6
+    bare_us = statistics.median(lookups.bare_known) * 1e6
+    report(f"bundle_apply lookup among {lookups.held:,}".replace(",", " "),
+           f"code_digest + CodeStore.lookup {daemon_us:.1f} us against a bare HMAC + SELECT "
+           f"{bare_us:.1f} us", daemon_us / bare_us, LOOKUP_TARGET)
     if len(results) > 1:
         first = results[0]
         for label, attr in (
@@ -677,9 +779,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
     kept: Kept | None = None
     try:
         largest = args.sizes[-1]
-        total = largest + args.deltas * DELTA_CODES + args.unknown
+        # Codes 0..N-1 are the snapshot, N/2..3N/2-1 the one that replaces it, the deltas'
+        # come after, and the last --unknown are never issued.
+        total = largest + largest // 2 + args.deltas * DELTA_CODES + args.unknown
         m = make_material(work, total, args.seed)
-        files = Files(work)
+        files = Files(work, inputs=not (args.skip_process and args.skip_mqtt))
         print(
             f"bundle_apply: snapshots of {', '.join(f'{n:,}' for n in args.sizes)} pickup codes; "
             f"{args.deltas} deltas of {DELTA_CODES}; {args.lookups} + {args.unknown} lookups"
@@ -690,8 +794,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; SQLite {sqlite3.sqlite_version}; "
             f"databases in {work} ({filesystem_of(work)}); load average {load_start}"
         )
-        print("  every time is in-process, time.perf_counter, gc.collect() before each; each "
-              "snapshot measurement on a fresh database file")
+        print("  in-process times: time.perf_counter, gc.collect() before each; each "
+              "snapshot measurement on a fresh database file; the bare inserts on databases "
+              f"made by open_database, page cache {APPLY_CACHE_KIB} KiB as CodeStore.apply's")
         print(flush=True)
         results: list[SizeResult] = []
         before_kib = lifetime_kib = 0
@@ -711,13 +816,27 @@ def run(args: argparse.Namespace, work: Path) -> None:
         assert kept is not None
         report_linearity(results)
         report_memory(results[-1], before_kib, lifetime_kib)
-        deltas = measure_deltas(m, kept, largest, args.deltas)
+        replace = measure_replace(m, files, kept)
+        report_replace(replace)
+        first_delta = largest // 2 + largest
+        deltas = measure_deltas(m, kept, first_delta, args.deltas)
         report_deltas(deltas, largest)
         lookups = measure_lookups(
-            m, kept, largest + args.deltas * DELTA_CODES, args.lookups, args.unknown
+            m, kept, range(largest // 2, first_delta + args.deltas * DELTA_CODES),
+            args.lookups, args.unknown,
         )
         report_lookups(lookups)
-        report_targets(results, lookups)
+        report_targets(results, replace, deltas, lookups)
+        kept.db.close()
+        kept.bare_conn.close()
+        kept = None
+        bare_inserts = {r.size: med(r.bare) for r in results}
+        if not args.skip_process:
+            bundlepaths.report_process(bundlepaths.measure_process(
+                m.kit, work, args.sizes, APPLY_CACHE_KIB))
+        if not args.skip_mqtt:
+            bundlepaths.report_mqtt(bundlepaths.measure_mqtt(m.kit, work, args.sizes),
+                                    bare_inserts)
         print(
             f"\n  whole run: {time.perf_counter() - started:.0f} s; load average "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the start: {load_start})"
@@ -726,7 +845,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         # Closed before the work directory goes.
         if kept is not None:
             kept.db.close()
-            kept.bare.close()
+            if kept.bare is not None:
+                kept.bare.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from benchlib import (
     exit_on_sigterm,
     filesystem_of,
     machine_line,
+    report,
     start_daemon,
     stop_process,
     work_directory,
@@ -977,12 +978,14 @@ def report_support(results: Sequence[SupportResult]) -> None:
                   r.decide_off, 1e6))
         ratio = Summary.of(r.submit_on).median / Summary.of(r.submit_off).median
         added = Summary.of(r.decide_on).median - Summary.of(r.decide_off).median
-        verdict = "within" if ratio <= SUPPORT_TARGET else "OVER"
         print(
-            f"    keypress with support on: {ratio:.2f}x off ({verdict} the {SUPPORT_TARGET}x "
-            f"target); per candidate parcel {added / r.parcels * 1e6:.2f} us a keypress, "
+            f"    per candidate parcel {added / r.parcels * 1e6:.2f} us a keypress, "
             f"{Summary.of(r.cold).median / r.parcels * 1e6:.2f} us once a window (3 HMACs)"
         )
+        report(f"credentials support {r.parcels} parcels",
+               f"Controller.submit of a wrong code {Summary.of(r.submit_on).median * 1e6:.0f} "
+               f"us with support codes on against {Summary.of(r.submit_off).median * 1e6:.0f} "
+               "us off", ratio, SUPPORT_TARGET)
     print(flush=True)
 
 

@@ -21,6 +21,7 @@ from benchlib import (
     machine_line,
     proc_status,
     provision,
+    report,
     rss_kib,
     start_daemon,
     stop_process,
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'VmHWM after the flood (whole life)':<40}{hwm_kib / 1024:>10.1f}")
         print()
         ratio = max(peak_kib, hwm_kib) / idle_kib
-        print(f"  peak / idle: {ratio:.2f}x (target under {TARGET_RATIO:.0f}x)")
+        report(f"inbox_flood {args.messages} x {args.size} bytes",
+               f"peak RSS {max(peak_kib, hwm_kib) / 1024:.1f} MiB against "
+               f"{idle_kib / 1024:.1f} MiB idle", ratio, TARGET_RATIO)
         print(f"  answered on cmd/result: {answered} of {args.messages} in {seconds:.1f} s "
               f"({answered / seconds:.0f} messages/s, {busy.samples} RSS samples)")
     except (RuntimeError, OSError) as exc:
