@@ -62,6 +62,7 @@ from lockerd.services.diagnostics import Diagnostics, register_diagnostic_comman
 from lockerd.services.help import HelpService
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
+from lockerd.services.parts import PartsService, PartsSettings, StagingWorker
 from lockerd.services.records_console import register_codes_commands, register_event_commands
 from lockerd.services.status_console import register_status_commands
 from lockerd.services.sync import SyncService
@@ -76,6 +77,7 @@ from lockerd.store.parcels import ParcelStore, SpentTokens
 from lockerd.timeutil import format_time
 from lockerd.trust.digest import load_code_key, support_window
 from lockerd.trust.dsse import RoleKeys
+from lockerd.trust.parts import PartLimits
 
 log = get_logger("lockerd.app")
 
@@ -130,6 +132,7 @@ class App:
     diagnostics: Diagnostics
     link: MqttLink | None = None
     sync: SyncService | None = None
+    parts: PartsService | None = None
     publisher: OutboxPublisher | None = None
     commands: CommandService | None = None
     # Network services run beside the hardware ones: name -> coroutine factory.
@@ -592,6 +595,7 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
         now=clock.wall, on_too_large=too_large,
     )
     app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
+    _build_parts(app, topics, mqtt.max_payload_bytes)
 
     def outbox_full(depth: int) -> None:
         controller.commit_event(EventType.HARDWARE_FAULT, {
@@ -625,6 +629,25 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
                 now=clock.wall, monotonic=clock.monotonic)
     app.services.update({"mqtt": app.link.run, "outbox": app.publisher.run,
                          "telemetry": telemetry.run})
+
+
+def _build_parts(app: App, topics: Topics, max_payload_bytes: int) -> None:
+    """Snapshots in parts: staged in a worker thread with a connection of its own."""
+    codes_section, sync = app.config.codes, app.sync
+    assert sync is not None and app.link is not None
+    settings = PartsSettings(
+        limits=PartLimits(max_parts=codes_section.max_parts,
+                          max_entries=codes_section.max_entries,
+                          max_part_bytes=min(codes_section.max_part_bytes, max_payload_bytes)),
+        idle_s=codes_section.parts_idle_s, timeout_s=codes_section.parts_timeout_s)
+    parts = PartsService(
+        link=app.link, topics=topics, locker_id=app.config.locker.id, cache=app.cache,
+        codes=app.codes, events=app.events, worker=StagingWorker(app.db.path),
+        settings=settings, now=app.clock.wall, monotonic=app.clock.monotonic,
+        applied=sync.publish_state, request_sync=sync.request_sync)
+    sync.report("parts", parts.wanted)
+    app.parts = parts
+    app.services["parts"] = parts.run
 
 
 def build_cache(
