@@ -260,3 +260,27 @@ async def _pickup(kit: BankKit, code: PlainCode) -> None:
         await sim.press(code.code + "#")
         await until_value(sim.state, lambda s: s["compartments"][code.compartment]["door_open"],
                           5, what="the door of a code that came in parts open", interval=0.02)
+
+
+async def test_parts_published_before_the_bank_came_are_served_again_on_request(
+        kit: BankKit, broker: Broker, tmp_path: Path) -> None:
+    rows = ["id,code,kind,compartment,parcel_id"] + [
+        f"{c.id},{c.code},pickup,{c.compartment},{c.parcel_id}" for c in plain_codes(300)]
+    (tmp_path / "codes.csv").write_text("\n".join(rows) + "\n")
+    keys = kit.directory / "keys"
+    out = tmp_path / "set"
+    assert lockerctl(["parts", "--locker", "L1", "--version", "4", "--code-key",
+                      str(keys / "code_key"), "--codes", str(tmp_path / "codes.csv"),
+                      "--not-after-in", "7d", "--expires-in", "2d", "--sign",
+                      str(keys / "codes.key"), "--part-bytes", "4096", "-o", str(out)]) == 0
+    # No session of the bank yet: the broker keeps the retained manifest, drops the parts.
+    serving = asyncio.create_task(asyncio.to_thread(lockerctl, [
+        "publish-parts", "--broker", broker.address, "--locker", "L1", "--serve", "6",
+        str(out)]))
+    async with watching(broker) as w:
+        await wait_until(lambda: len(w.messages) > 0, what="the manifest published")
+    async with running(kit) as r:
+        await wait_until(lambda: r.app.codes.version() == 4, timeout=10,
+                         what="parts served again on the bank's request")
+        assert held(r, plain_codes(300)[299])
+    assert await serving == 0
