@@ -145,7 +145,7 @@ async def test_an_older_manifest_and_one_of_a_wrong_key_are_refused(
         await send(broker, forged, forged_parts)
         await wait_until(lambda: {d["reason"] for d in rejected(r)} >= {"rollback", "signature"},
                          what="both manifests refused")
-        assert all(d["what"] == "codes_manifest" for d in rejected(r))
+        assert all(d["what"] == "codes/manifest" for d in rejected(r))
         assert r.app.codes.version() == 5 and held(r, plain_codes(10)[3])
         # The version held, retained and delivered again at a reconnect, is no attack.
         before = len(rejected(r))
@@ -237,6 +237,7 @@ def test_lockerctl_parts_and_publish_parts_to_lockerd_run(
                             stderr=subprocess.DEVNULL)
     try:
         until_sync(kit.socket_path.exists, 20, what="lockerd run up", interval=0.05)
+        asyncio.run(asyncio.wait_for(bank_online(broker), 20))
         assert lockerctl(["publish-parts", "--broker", broker.address, "--locker", "L1",
                           str(out)]) == 0
 
@@ -251,6 +252,15 @@ def test_lockerctl_parts_and_publish_parts_to_lockerd_run(
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+async def bank_online(broker: Broker) -> None:
+    """Until the bank's retained state says online: it has subscribed by then."""
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        await client.subscribe(TOPICS + "state", qos=1)
+        async for message in client.messages:
+            if isinstance(message.payload, bytes) and b'"online"' in message.payload:
+                return
 
 
 async def _pickup(kit: BankKit, code: PlainCode) -> None:
@@ -284,3 +294,26 @@ async def test_parts_published_before_the_bank_came_are_served_again_on_request(
                          what="parts served again on the bank's request")
         assert held(r, plain_codes(300)[299])
     assert await serving == 0
+
+
+async def test_a_snapshot_bundle_applied_mid_transfer_has_the_parts_staged_again(
+        kit: BankKit, broker: Broker) -> None:
+    codes = plain_codes(40)
+    manifest, parts = make_parts(kit, codes, version=5)
+    async with watching(broker) as w, running(kit) as r:
+        await online(r)
+        await send(broker, manifest, parts[:2])
+        await wait_until(lambda: r.app.parts is not None and r.app.parts.progress is not None
+                         and len(r.app.parts.progress.received) == 2, what="two staged")
+        async with aiomqtt.Client(broker.host, broker.port) as client:
+            await client.publish(TOPICS + "codes", kit.bundle([OLD], version=3), qos=1)
+        await wait_until(lambda: r.app.codes.version() == 3, what="the bundle applied")
+        await send(broker, None, parts[2:3])
+
+        def asked_all() -> bool:
+            return any(b.get("parts") == {"version": 5, "missing": [[0, len(parts) - 1]]}
+                       for b in w.on("sync/request"))
+        await wait_until(asked_all, what="every part asked for again")
+        await send(broker, None, parts)
+        await wait_until(lambda: r.app.codes.version() == 5, what="the parts applied after all")
+        assert all(held(r, c) for c in codes) and not held(r, OLD)

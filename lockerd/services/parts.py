@@ -270,7 +270,7 @@ class PartsService:
     def _refuse_manifest(self, raw: bytes, exc: TrustError) -> None:
         if exc.reason == "rollback" and _manifest_version(raw) == self._codes.version():
             return  # the version held, delivered again (retained): quietly ignored
-        self._cache.refuse("codes_manifest", exc.reason, str(exc), source="mqtt")
+        self._cache.refuse("codes/manifest", exc.reason, str(exc), source="mqtt")
 
     async def _on_part(self, message: aiomqtt.Message) -> None:
         raw = payload_bytes(message)
@@ -279,7 +279,7 @@ class PartsService:
             try:
                 header = read_header(raw)
             except TrustError as exc:
-                self._cache.refuse("codes_part", exc.reason, str(exc), source="mqtt")
+                self._cache.refuse("codes/part", exc.reason, str(exc), source="mqtt")
                 return
             if progress is None or header.version != progress.manifest.version:
                 # A part of a transfer that is over (swapped, superseded): nothing to do.
@@ -292,7 +292,7 @@ class PartsService:
         try:
             index = await self._worker.call(self._worker.stage, raw)
         except PartRefused as exc:
-            self._cache.refuse("codes_part", exc.error.reason, str(exc), source="mqtt")
+            self._cache.refuse("codes/part", exc.error.reason, str(exc), source="mqtt")
             return
         except TrustError as exc:
             await self._abandon(progress, exc)
@@ -312,12 +312,17 @@ class PartsService:
         uses the same table): begin again and ask for every part."""
         log.warning("staging failed; the snapshot in parts starts again",
                     version=progress.manifest.version, error=str(exc))
+        try:
+            self._verify(self._raw_manifest)
+        except TrustError as refused:
+            await self._abandon(progress, refused)
+            return
         await self._begin(self._raw_manifest, progress.manifest)
         await self._request_sync("parts_missing")
 
     async def _abandon(self, progress: PartsProgress, exc: TrustError) -> None:
         """Refuse the whole transfer: what is staged is dropped, the codes held stay."""
-        self._cache.refuse("codes_manifest", exc.reason, str(exc), source="mqtt")
+        self._cache.refuse("codes/manifest", exc.reason, str(exc), source="mqtt")
         await self._worker.call(self._worker.discard)
         self._raw_manifest = b""
         log.warning("snapshot in parts refused", version=progress.manifest.version,

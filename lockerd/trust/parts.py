@@ -339,37 +339,37 @@ def check_part(raw: bytes, manifest: CodesManifest) -> PartHeader:
 
 
 def _read_text(raw: bytes, at: int, what: str) -> tuple[str, int]:
-    if at >= len(raw):
-        raise ValueError(f"{what} missing")
-    length = raw[at]
-    end = at + 1 + length
-    if length == 0 or end > len(raw):
-        raise ValueError(f"{what} of {length} bytes does not fit")
+    end = at + 1 + (raw[at] if at < len(raw) else 0)
+    if end == at + 1 or end > len(raw):
+        raise ValueError(f"{what} missing or longer than the part")
     return raw[at + 1:end].decode("utf-8"), end
 
 
-def _read_time(epoch: int, what: str) -> datetime:
-    if not 0 <= epoch <= _LAST_SECOND:
-        raise ValueError(f"{what} {epoch} is not a time of 1970 to 9999")
-    return datetime.fromtimestamp(epoch, UTC)
+def _read_time(epoch: int, what: str, times: dict[int, datetime]) -> datetime:
+    """`epoch` as a datetime; `times` keeps those made for this part (a set issued at once
+    shares a few not_after values)."""
+    dt = times.get(epoch)
+    if dt is None:
+        if not 0 <= epoch <= _LAST_SECOND:
+            raise ValueError(f"{what} {epoch} is not a time of 1970 to 9999")
+        dt = times[epoch] = datetime.fromtimestamp(epoch, UTC)
+    return dt
 
 
-def _decode_entry(raw: bytes, at: int) -> tuple[CodeEntry, int]:
+def _decode_entry(raw: bytes, at: int, times: dict[int, datetime]) -> tuple[CodeEntry, int]:
     if at + _FIXED.size > len(raw):
         raise ValueError("truncated")
     digest, kind, flags, not_after, max_uses = _FIXED.unpack_from(raw, at)
     at += _FIXED.size
-    if kind >= len(CODE_KINDS):
-        raise ValueError(f"unknown kind {kind}")
-    if flags & ~_KNOWN_FLAGS:
-        raise ValueError(f"unknown flags {flags:#x}")
+    if kind >= len(CODE_KINDS) or flags & ~_KNOWN_FLAGS:
+        raise ValueError(f"unknown kind {kind} or flags {flags:#x}")
     if not 1 <= max_uses <= _MAX_INT64:
         raise ValueError(f"max_uses {max_uses} is not 1 to 2**63 - 1")
     not_before = None
     if flags & _NOT_BEFORE:
         if at + _TIME.size > len(raw):
             raise ValueError("truncated")
-        not_before = _read_time(_TIME.unpack_from(raw, at)[0], "not_before")
+        not_before = _read_time(_TIME.unpack_from(raw, at)[0], "not_before", times)
         at += _TIME.size
     code_id, at = _read_text(raw, at, "id")
     compartment = parcel_id = None
@@ -377,11 +377,11 @@ def _decode_entry(raw: bytes, at: int) -> tuple[CodeEntry, int]:
         compartment, at = _read_text(raw, at, "compartment")
     if flags & _PARCEL:
         parcel_id, at = _read_text(raw, at, "parcel_id")
+    # CodeEntry validates the rest as it does a bundle's entry (compartment id, text, times).
     entry = CodeEntry(
         id=code_id, kind=cast(CodeKind, CODE_KINDS[kind]), digest=digest.hex(),
-        not_after=_read_time(not_after, "not_after"), compartment=compartment,
-        parcel_id=parcel_id, not_before=not_before,
-        max_uses=max_uses)
+        not_after=_read_time(not_after, "not_after", times), compartment=compartment,
+        parcel_id=parcel_id, not_before=not_before, max_uses=max_uses)
     return entry, at
 
 
@@ -392,9 +392,10 @@ def iter_part_entries(raw: bytes, *, revoke: Collection[str] = ()) -> Iterator[C
     header = read_header(raw)
     at = HEADER_BYTES
     seen: set[str] = set()
+    times: dict[int, datetime] = {}
     for index in range(header.count):
         try:
-            entry, at = _decode_entry(raw, at)
+            entry, at = _decode_entry(raw, at, times)
         except (ValueError, UnicodeDecodeError) as exc:
             raise _malformed("codes part", f"part {header.index} entry {index}: {exc}") from exc
         if entry.id in seen:
