@@ -40,6 +40,9 @@ from lockerd.trust.parts import (
 
 log = get_logger("lockerd.parts")
 T = TypeVar("T")
+# The staging connection's page cache while filling: what a transfer adds to the daemon's
+# memory is this, a few parts in flight and one part decoded (the 2x-idle target of a 1M set).
+PARTS_CACHE_KIB = 16384
 
 
 class PartRefused(Exception):
@@ -82,7 +85,7 @@ class StagingWorker:
     def _open(self) -> CodeStaging:
         if self._staging is None:
             self._db = open_database(self._path)
-            self._staging = CodeStaging(self._db)
+            self._staging = CodeStaging(self._db, cache_kib=PARTS_CACHE_KIB)
         return self._staging
 
     def begin(self, manifest: CodesManifest) -> None:

@@ -79,8 +79,11 @@ class CodeStaging:
     transaction at synchronous=FULL: two renames, the snapshot's meta and its event.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, cache_kib: int = STAGING_CACHE_KIB) -> None:
+        # `cache_kib`: the page cache while filling; a receiver bounded in memory (snapshots
+        # in parts, services/parts.py) asks for less than the default.
         self._db = db
+        self._cache_kib = cache_kib
         self._version: int | None = None
         self._count = 0
 
@@ -104,7 +107,7 @@ class CodeStaging:
         version = self._require()
         conn = self._db.conn
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA cache_size=-{STAGING_CACHE_KIB}")
+        conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
         try:
             for start in range(0, len(entries), CHUNK_ROWS):
                 rows = [entry_row(e) for e in entries[start:start + CHUNK_ROWS]]

@@ -47,7 +47,7 @@ _MAX_INT64 = 2**63 - 1
 # The longest entry that can be encoded: the fixed fields, not_before, three strings.
 MAX_ENTRY_BYTES = _FIXED.size + _TIME.size + 3 * (1 + MAX_TEXT_BYTES)
 MIN_PART_BYTES = HEADER_BYTES + MAX_ENTRY_BYTES
-DEFAULT_PART_BYTES = 1 << 20
+DEFAULT_PART_BYTES = 256 << 10
 
 _Hex64 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
 _Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT64)]
