@@ -143,6 +143,22 @@ class App:
     # console or network task that crash-loops is restarted with backoff, never the bank.
     watchdog_tasks: set[str] = field(default_factory=set)
     stopping_recorded: bool = False
+    bundle_file_loaded: bool = False
+
+    async def load_bundle_file(self) -> None:
+        """Apply the codes bundle file named in the config (once), unless it is the file
+        already applied: read, verified and applied in a worker thread (a snapshot beside
+        the live codes, then one short swap), so the event loop never waits for it. `run`
+        does it before the doors are served; a test driving the controller itself calls it."""
+        name = self.config.codes.bundle_file
+        if self.bundle_file_loaded or not name:
+            return
+        self.bundle_file_loaded = True
+        path = self.config.path(name)
+        try:
+            await self.cache.load_bundle_file_off_loop(path)
+        except (OSError, TrustError) as exc:
+            _signed_file_refused("codes", path, exc)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Run until SIGTERM/SIGINT or `stop` is set; outputs are off before and after."""
@@ -151,6 +167,7 @@ class App:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
+            await self.load_bundle_file()
             await self._start_devices()
             if self.commands is not None:
                 self.commands.recover()
@@ -471,7 +488,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
     # The windows are judged on the controller's clock (the trusted one, unless injected).
     codes.prune_support_uses(
         before_window=support_window(clock.wall().timestamp()) - SUPPORT_WINDOWS_KEPT)
-    _import_files(config, cache)
+    _import_keyring_file(config, cache)
     out_of_service = db.get_meta("out_of_service") or {}
     timings = DoorTimings(
         open_timeout_s=config.doors.open_timeout_s,
@@ -647,33 +664,31 @@ def build_cache(
     )
 
 
-def _import_files(config: Config, cache: CodeCache) -> None:
-    """Load the keyring and codes bundle files named in the config, when they are newer.
+def _import_keyring_file(config: Config, cache: CodeCache) -> None:
+    """Load the keyring file named in the config, when it is not the keyring held.
 
-    A refused file is logged and evented; the daemon keeps the keyring and codes it has.
+    A refused file is logged and evented; the daemon keeps the keyring it has. (The codes
+    bundle file is applied by `App.load_bundle_file`, off the event loop.)
     """
-    # A file that is the one already held (the keyring byte for byte; the bundle by its
-    # SHA-256 with the version it produced) is not parsed or verified again.
-    files: list[tuple[str, str | None, Callable[[Path], object]]] = [
-        ("keyring", config.trust.keyring_file, cache.load_keyring_file),
-        ("codes", config.codes.bundle_file, cache.load_bundle_file)]
-    for what, name, loader in files:
-        if not name:
-            continue
-        path = config.path(name)
-        try:
-            loader(path)
-        except OSError as exc:
-            log.error("cannot read signed file named in the config", what=what, path=str(path),
-                      error=exc.strerror)
-            continue
-        except TrustError as exc:
-            if exc.reason == "rollback":
-                log.info("signed file is not newer than what is held; kept", what=what,
-                         path=str(path))
-            else:
-                log.error("signed file refused; keeping what is held", what=what,
-                          path=str(path), reason=exc.reason, error=str(exc))
+    # A file that is the one already held (byte for byte) is not verified again.
+    if not config.trust.keyring_file:
+        return
+    path = config.path(config.trust.keyring_file)
+    try:
+        cache.load_keyring_file(path)
+    except (OSError, TrustError) as exc:
+        _signed_file_refused("keyring", path, exc)
+
+
+def _signed_file_refused(what: str, path: Path, exc: OSError | TrustError) -> None:
+    if isinstance(exc, OSError):
+        log.error("cannot read signed file named in the config", what=what, path=str(path),
+                  error=exc.strerror)
+    elif exc.reason == "rollback":
+        log.info("signed file is not newer than what is held; kept", what=what, path=str(path))
+    else:
+        log.error("signed file refused; keeping what is held", what=what,
+                  path=str(path), reason=exc.reason, error=str(exc))
 
 
 __all__ = ["App", "LockerdError", "build_app"]
