@@ -73,6 +73,7 @@ from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
 from lockerd.store.outbox import Outbox
 from lockerd.store.parcels import ParcelStore, SpentTokens
+from lockerd.store.writer import DbWriter
 from lockerd.timeutil import format_time
 from lockerd.trust.digest import load_code_key, support_window
 from lockerd.trust.dsse import RoleKeys
@@ -128,6 +129,7 @@ class App:
     outbox: Outbox
     notifier: SdNotifier
     diagnostics: Diagnostics
+    writer: DbWriter | None = None
     link: MqttLink | None = None
     sync: SyncService | None = None
     publisher: OutboxPublisher | None = None
@@ -171,7 +173,7 @@ class App:
             await self._start_devices()
             if self.commands is not None:
                 self.commands.recover()
-            self.controller.commit_event(EventType.DAEMON_STARTED, {
+            await self.controller.commit_event(EventType.DAEMON_STARTED, {
                 "codes_version": self.codes.version(),
                 "keyring_version": self.cache.keyring_version})
             inputs = self._input_runners()
@@ -275,7 +277,7 @@ class App:
     async def _goodbye(self) -> None:
         """While every service still runs: record `daemon.stopping`, let it reach the broker,
         then leave the retained state `offline` (a clean disconnect discards the will)."""
-        seq = self._record_stopping()
+        seq = await self._record_stopping()
         link, publisher = self.link, self.publisher
         if link is None or not link.connected.is_set():
             return
@@ -288,13 +290,13 @@ class App:
                         "stays in the outbox for the next start")
         await link.close(timeout_s=GOODBYE_S)
 
-    def _record_stopping(self) -> int | None:
+    async def _record_stopping(self) -> int | None:
         """Commit `daemon.stopping` once; its seq, or None (already recorded, or it failed)."""
         if self.stopping_recorded:
             return None
         self.stopping_recorded = True
         try:
-            return self.controller.commit_event(EventType.DAEMON_STOPPING, {}).seq
+            return (await self.controller.commit_event(EventType.DAEMON_STOPPING, {})).seq
         except Exception:
             log.exception("could not record daemon.stopping")
             return None
@@ -342,21 +344,21 @@ class App:
                 delay, crashes = RESTART_MIN_S, 0
             if error is not None:
                 crashes += 1
-                self._task_failed(name, error, delay_s=delay, first=crashes == 1)
+                await self._task_failed(name, error, delay_s=delay, first=crashes == 1)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX_S)
 
-    def _task_failed(self, name: str, error: BaseException, *, delay_s: float,
-                     first: bool) -> None:
+    async def _task_failed(self, name: str, error: BaseException, *, delay_s: float,
+                           first: bool) -> None:
         gates = name in self.watchdog_tasks
         with contextlib.suppress(Exception):
-            self.controller.commit_event(EventType.DAEMON_TASK_FAILED, {
+            await self.controller.commit_event(EventType.DAEMON_TASK_FAILED, {
                 "task": name, "error": repr(error)[:500], "delay_s": delay_s})
         if first:
             then = ("the watchdog is held until it runs again" if gates
                     else "the doors keep working meanwhile")
             with contextlib.suppress(Exception):
-                self.controller.commit_event(EventType.HARDWARE_FAULT, {
+                await self.controller.commit_event(EventType.HARDWARE_FAULT, {
                     "device": f"task:{name}", "task": name,
                     "detail": f"task {name} crashed ({repr(error)[:200]}); restarting it with "
                               f"backoff; {then}"})
@@ -377,7 +379,7 @@ class App:
 
     async def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        self._record_stopping()  # when the stop did not come through _wait_stop
+        await self._record_stopping()  # when the stop did not come through _wait_stop
         await self.controller.wait_pulses()
         try:
             await self.devices.lock.all_off()
@@ -388,6 +390,9 @@ class App:
                 await device.close()
             except HalError as exc:
                 log.warning("device did not close cleanly", error=str(exc))
+        if self.writer is not None:
+            # Runs what is queued, flushes the log, closes its connection.
+            await asyncio.to_thread(self.writer.close)
         self.db.close()
         log.info("lockerd stopped")
 
@@ -476,6 +481,9 @@ def build_app(config: Config, *, clock: Clock | None = None,
     prepared = prepare(config)
     code_key, context, devices = prepared.code_key, prepared.context, prepared.devices
     db = open_database(state_dir / DB_NAME)
+    # The one writer of the daemon's commits: a thread with its own connection.
+    writer = DbWriter(db.path)
+    writer.start()
     events = EventLog(db)
     codes = CodeStore(db)
     trusted = TrustedClock(db=db, mode=config.time.trust_system_clock)
@@ -536,13 +544,15 @@ def build_app(config: Config, *, clock: Clock | None = None,
         lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
         parcels=parcels, tokens=tokens,
         online=lambda: app.link is not None and app.link.connected.is_set(),
+        writer=writer,
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
               devices=devices, controller=controller, clock=clock,
               outbox=Outbox(db, max_events=config.outbox.max_events,
                             keep_acked=config.outbox.keep_acked),
               notifier=notifier or SdNotifier(),
-              diagnostics=Diagnostics(controller=controller, devices=devices.by_name()))
+              diagnostics=Diagnostics(controller=controller, devices=devices.by_name()),
+              writer=writer)
     keeper = DeadlineKeeper(db=db, codes=codes, events=events, clock=clock,
                             synchronised=trusted.synchronised,
                             compartments=lambda: controller.compartments,
@@ -611,13 +621,13 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
     app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
 
     def outbox_full(depth: int) -> None:
-        controller.commit_event(EventType.HARDWARE_FAULT, {
+        controller.record_soon(EventType.HARDWARE_FAULT, {
             "device": "outbox", "detail": f"{depth} unacknowledged events, over "
             f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
     def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
         # `seqs` names the gaps for good: a backend must not acknowledge past a gap otherwise.
-        controller.commit_event(EventType.OUTBOX_SHED, {"count": count,
+        controller.record_soon(EventType.OUTBOX_SHED, {"count": count,
                                                 "seqs": [list(run) for run in runs]})
 
     app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from lockerd.logs import get_logger
 from lockerd.store.db import Database, open_database
@@ -19,6 +19,29 @@ log = get_logger("lockerd.writer")
 
 T = TypeVar("T")
 Job = Callable[[Database], T]
+
+
+class Writer(Protocol):
+    """What the services write through: `run` a job on the connection that owns writes."""
+
+    async def run(self, fn: Job[T], *, durable: bool = True) -> T: ...
+
+    async def flush(self) -> None: ...
+
+
+class InlineWriter:
+    """A `Writer` that runs each job at once on the caller's own connection (always at
+    synchronous=FULL): for a controller built without the daemon's writer thread, as a
+    test that drives one step at a time builds it."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def run(self, fn: Job[T], *, durable: bool = True) -> T:
+        return fn(self._db)
+
+    async def flush(self) -> None:
+        return None
 
 
 @dataclass(slots=True)
@@ -69,6 +92,10 @@ class DbWriter:
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put(_Task(fn, durable, loop, future))
         return await future
+
+    async def flush(self) -> None:
+        """Return once every commit submitted before it is on the disk."""
+        await self.run(lambda _db: self._flush(), durable=True)
 
     def close(self) -> None:
         """Finish the jobs submitted, flush the log, close the connection (blocks)."""
