@@ -91,7 +91,7 @@ def test_the_parcel_index_moves_with_the_table_and_is_not_made_twice(tmp_path: P
     assert parcel_index(db.conn) != first  # three swaps: the other name
     plan = db.conn.execute("EXPLAIN QUERY PLAN SELECT id FROM codes WHERE parcel_id = 'P'"
                            ).fetchall()
-    assert parcel_index(db.conn) in str(plan)
+    assert str(parcel_index(db.conn)) in str(plan)
     db.close()
     again = open_database(tmp_path / "lockerd.db")
     indexes = [r[0] for r in again.conn.execute(
