@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -179,13 +180,13 @@ class CodeCache:
             return None
         raw = await asyncio.to_thread(path.read_bytes)
         file_sha256 = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
-        try:
-            return await self.load_bundle_off_loop(raw, source=str(path),
-                                                   file_sha256=file_sha256)
-        except TrustError as exc:
-            if exc.reason == "rollback":
-                self._mark_verified_older(raw, file_sha256)
-            raise
+
+        def mark_older(version: int) -> None:
+            self._db.set_meta(BUNDLE_FILE_META,
+                              {"sha256": file_sha256, "version": version, "verified": True})
+
+        return await self.load_bundle_off_loop(raw, source=str(path), file_sha256=file_sha256,
+                                               on_rollback=mark_older)
 
     def _file_unchanged(self, path: Path, digest: str) -> bool:
         mark = self._db.get_meta(BUNDLE_FILE_META)
@@ -237,32 +238,44 @@ class CodeCache:
         self._accepted(bundle, source)
         return bundle
 
-    async def load_bundle_off_loop(self, raw: bytes, *, source: str,
-                                   file_sha256: str | None = None) -> CodesBundle:
+    async def load_bundle_off_loop(
+        self, raw: bytes, *, source: str, file_sha256: str | None = None,
+        on_rollback: Callable[[int], None] | None = None,
+    ) -> CodesBundle:
         """`load_bundle` with the verification and the apply in a worker thread on a
         connection of its own: a snapshot is built beside the live codes in short
         transactions and swapped in by one short one, so neither the loop nor the daemon's
-        writer waits for it. One apply at a time."""
+        writer waits for it. One apply at a time. A refusal as a rollback reads the signed
+        version in the worker too (a big payload is never parsed on the loop), and gives it
+        to `on_rollback`."""
         async with self._apply_lock:
             held = self._codes.version()
             floor_reset = self._codes.floor_reset_pending()
             try:
-                bundle = await asyncio.to_thread(
+                outcome = await asyncio.to_thread(
                     self._verify_and_apply_in_worker, raw, source=source, held=held,
                     floor_reset=floor_reset, file_sha256=file_sha256)
-            except TrustError as exc:
-                if not _is_repeat(exc, raw, held):
-                    self._reject("codes", exc, source)
-                raise
             finally:
                 self._codes.forget_cached()
-            self._accepted(bundle, source)
-            return bundle
+            if isinstance(outcome, _Refused):
+                exc, version = outcome.error, outcome.signed_version
+                if exc.reason == "rollback" and version is not None:
+                    if on_rollback is not None:
+                        on_rollback(version)
+                    # The very version held, delivered again: quietly ignored (_is_repeat).
+                    if version == held:
+                        raise exc
+                self._reject("codes", exc, source)
+                raise exc
+            self._accepted(outcome, source)
+            return outcome
 
-    def _verify_and_apply_in_worker(self, raw: bytes, **kwargs: Any) -> CodesBundle:
+    def _verify_and_apply_in_worker(self, raw: bytes, **kwargs: Any) -> CodesBundle | _Refused:
         db = open_database(self._db.path)
         try:
             return self._verify_and_apply(db, raw, **kwargs)
+        except TrustError as exc:
+            return _Refused(exc, _envelope_version(raw) if exc.reason == "rollback" else None)
         finally:
             db.close()
 
@@ -323,6 +336,14 @@ class CodeCache:
         log.warning("signed update refused", **data)
         self._rejections.record(EventType.CACHE_REJECTED, data)
 
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A bundle the worker refused, with the version its payload names (for a rollback)."""
+
+    error: TrustError
+    signed_version: int | None
 
 
 def _file_sha256(path: Path) -> str:
