@@ -20,7 +20,6 @@ from lockerd.dev.provision import PlainCode, make_bank
 TARGET_MS = 20.0
 """The target: no stall of the loop over 20 ms during any apply."""
 TICK_S = 0.001
-LOCKERCTL = [sys.executable, "-m", "lockerd.cli.lockerctl_cmd"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run the daemon in this process on a simulated bank with a probe task "
         "that sleeps 1 ms and records how late it wakes (the loop's stall). Reports the "
         "longest stall while a snapshot of N codes arrives over MQTT (its own mosquitto; "
-        "published by `lockerctl publish` in its own process) and is applied, and from "
+        "published by a small paho process) and is applied, and from "
         "`App.run` to READY with a `[codes] bundle_file` of N codes on a fresh database; "
         "beside each, the same probe over the same time with the daemon idle. Prints "
         "figures; asserts nothing.")
@@ -107,13 +106,9 @@ async def mqtt_apply(work: Path, broker: Broker, n: int) -> tuple[float, float, 
         probe.start()
         await asyncio.sleep(0.5)
         start = time.perf_counter()
-        publisher = await asyncio.create_subprocess_exec(
-            *LOCKERCTL, "publish", "--broker", f"{broker.host}:{broker.port}", "--locker",
-            kit.locker_id, str(snapshot), stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
-        _, err = await publisher.communicate()
-        if publisher.returncode != 0:
-            raise RuntimeError(f"lockerctl publish failed: {err.decode()}")
+        publisher = await bare_publish(broker, f"lockers/{kit.locker_id}/codes", snapshot)
+        if await publisher.wait() != 0:
+            raise RuntimeError("publishing the snapshot failed")
         while app.codes.version() != 2:
             if time.perf_counter() - start > 600:
                 raise RuntimeError("the snapshot was not applied in 10 minutes")
@@ -125,6 +120,37 @@ async def mqtt_apply(work: Path, broker: Broker, n: int) -> tuple[float, float, 
 
     result: tuple[float, float, float] = await serving(app, body)
     return result
+
+
+async def bare_publish(broker: Broker, topic: str,
+                       payload: Path) -> asyncio.subprocess.Process:
+    """The same small publisher process for both rows: paho's `single`, QoS 1."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys, paho.mqtt.publish as p; "
+        "p.single(sys.argv[4], open(sys.argv[1], 'rb').read(), qos=1, "
+        "hostname=sys.argv[2], port=int(sys.argv[3]))",
+        str(payload), broker.host, str(broker.port), topic)
+
+
+async def bare_receive(broker: Broker, payload: Path) -> tuple[float, float, float]:
+    """The baseline of the MQTT row: a bare aiomqtt client in this loop receiving the same
+    payload from the same publisher (paho reads one big packet on the loop)."""
+    import aiomqtt
+
+    probe = Probe()
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        await client.subscribe("bench/bare", qos=1)
+        probe.start()
+        await asyncio.sleep(0.5)
+        start = time.perf_counter()
+        publisher = await bare_publish(broker, "bench/bare", payload)
+        async for _ in client.messages:
+            break
+        end = time.perf_counter()
+        await publisher.wait()
+        idle = await idle_stall(probe, end - start)
+        await probe.stop()
+    return probe.longest(start, end), end - start, idle
 
 
 async def bundle_file_start(work: Path, n: int) -> tuple[float, float, float]:
@@ -155,6 +181,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     broker.start()
     try:
         mqtt = asyncio.run(mqtt_apply(work, broker, args.codes))
+        bare = asyncio.run(bare_receive(broker, work / "snapshot.json"))
     finally:
         broker.stop()
     start = asyncio.run(bundle_file_start(work, args.codes))
@@ -162,10 +189,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"  {machine_line()}")
     print(f"  {'':34} {'seconds':>8} {'longest stall ms':>17} {'idle, as long ms':>17}")
     for label, (stall, seconds, idle) in (("snapshot over MQTT, applied", mqtt),
+                                          ("  bare aiomqtt receive (baseline)", bare),
                                           ("bundle_file start, run to READY", start)):
         verdict = "holds" if stall * 1e3 < TARGET_MS else "MISSED"
         print(f"  {label:34} {seconds:>8.2f} {stall * 1e3:>17.2f} {idle * 1e3:>17.2f}"
               f"   (target < {TARGET_MS:.0f} ms: {verdict})")
+    print(f"  MQTT apply stall / bare receive stall: {mqtt[0] / max(bare[0], 1e-6):.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
