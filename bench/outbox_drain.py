@@ -472,7 +472,7 @@ def pickup_records(i: int) -> list[Record]:
     ]
 
 
-def fill_backlog(app: App, n: int) -> float:
+async def fill_backlog(app: App, n: int) -> float:
     """Commit N events (pickups' events in turn) with the daemon's Controller.commit,
     FILL_BATCH per transaction; returns the seconds it took."""
     records: list[Record] = []
@@ -482,7 +482,7 @@ def fill_backlog(app: App, n: int) -> float:
         pickup += 1
     t0 = time.perf_counter()
     for start in range(0, n, FILL_BATCH):
-        app.controller.commit(*records[start : min(n, start + FILL_BATCH)])
+        await app.controller.commit(*records[start : min(n, start + FILL_BATCH)])
     return time.perf_counter() - t0
 
 
@@ -538,7 +538,7 @@ async def measure_drain(args: argparse.Namespace, work: Path, broker: Broker) ->
         app = build_app(load_config(kit.config_path))
         assert app.link is not None
         window = results.window = app.link.max_inflight
-        results.fill_s.append(fill_backlog(app, n))
+        results.fill_s.append(await fill_backlog(app, n))
         bodies = wire_bodies(app, n)
         if r == 0:
             results.sizes = [len(b.encode()) for b in bodies]
@@ -565,7 +565,7 @@ async def measure_drain(args: argparse.Namespace, work: Path, broker: Broker) ->
 # -- commit latency ---------------------------------------------------------------------------
 
 
-def measure_commits(work: Path, n: int) -> dict[str, list[float]]:
+async def measure_commits(work: Path, n: int) -> dict[str, list[float]]:
     """Controller.commit of one event on a provisioned bank's database, interleaved with a bare
     INSERT of the same row into a fresh file with the same pragmas, one transaction each."""
     kit = provision_bank(work / "commit-bank", None, n)
@@ -588,7 +588,7 @@ def measure_commits(work: Path, n: int) -> dict[str, list[float]]:
         bare_s: list[float] = []
         for i, row in enumerate(rows):
             t0 = time.perf_counter()
-            app.controller.commit(COMMIT_RECORD)
+            await app.controller.commit(COMMIT_RECORD)
             t1 = time.perf_counter()
             bare.execute("BEGIN IMMEDIATE")
             bare.execute(sql, row)
@@ -698,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
                     broker = Broker(work / "broker", extra_config=BROKER_CONFIG)
                     broker.start()
                     drain = asyncio.run(measure_drain(args, work, broker))
-                commits = None if args.skip_commit else measure_commits(work, args.commits)
+                commits = None if args.skip_commit else asyncio.run(
+                    measure_commits(work, args.commits))
                 report(args, work, drain, commits)
             finally:
                 # Stopped before its directory goes.

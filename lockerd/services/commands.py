@@ -154,7 +154,7 @@ class CommandService:
             await self._resync()
             return "ok", "sync requested", {}
         if cmd.action == "clear_lockout":
-            self._controller.clear_lockout()
+            await self._controller.clear_lockout()
             return "ok", "keypad lockout cleared", {}
         raise RequestRefused(f"action {cmd.action!r} is not implemented")
 

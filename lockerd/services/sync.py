@@ -88,7 +88,7 @@ class SyncService:
 
     async def _on_codes(self, message: aiomqtt.Message) -> None:
         try:
-            self._cache.load_bundle(payload_bytes(message), source="mqtt")
+            await self._cache.load_bundle_off_loop(payload_bytes(message), source="mqtt")
         except TrustError as exc:
             if exc.reason in ("gap", "no_keyring"):
                 await self.request_sync(exc.reason)
