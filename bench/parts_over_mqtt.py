@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +24,13 @@ from benchlib import (
     stop_process,
     unique_codes,
 )
+from loop_lag import TARGET_MS as STALL_TARGET_MS
+from loop_lag import Probe, idle_stall, serving
 
+from lockerd.app import build_app
 from lockerd.cli.lockerctl_parts import load_parts_set
-from lockerd.dev.provision import make_bank
+from lockerd.config import load_config
+from lockerd.dev.provision import make_bank, to_toml
 from lockerd.mqtt import Topics
 from lockerd.services.parts import PARTS_CACHE_KIB
 from lockerd.store.staging import entry_row
@@ -114,6 +119,47 @@ async def publish(broker: Broker, locker_id: str, directory: Path) -> None:
             await client.publish(topics.codes_part, parts.part(index), qos=1)
 
 
+def in_process_config(config_path: Path) -> Path:
+    """The bank's config with a state directory of its own, beside it (same keys)."""
+    config = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    config["locker"]["state_dir"] = "state-in-process"
+    config["backends"]["sim"].pop("socket", None)
+    path = config_path.with_name("lockerd-in-process.toml")
+    path.write_text(to_toml(config), encoding="utf-8")
+    return path
+
+
+async def loop_stall(config_path: Path, broker: Broker, locker_id: str,
+                     parts: Path) -> tuple[float, float, float]:
+    """The daemon in this process with loop_lag's probe: (longest stall while the parts are
+    published and applied, the seconds that took, longest stall idle as long)."""
+    app = build_app(load_config(config_path))
+    probe = Probe()
+
+    async def body() -> tuple[float, float, float]:
+        assert app.link is not None
+        await asyncio.wait_for(app.link.subscribed.wait(), 30)
+        probe.start()
+        await asyncio.sleep(0.5)
+        start = time.perf_counter()
+        # The publisher in its own process: its work is not the daemon's loop's.
+        proc = await asyncio.create_subprocess_exec(
+            *LOCKERCTL, "publish-parts", "--broker", f"{broker.host}:{broker.port}",
+            "--locker", locker_id, str(parts), stdout=subprocess.DEVNULL)
+        while app.codes.version() != 2:
+            if time.perf_counter() - start > 600:
+                raise RuntimeError("the parts were not applied in 10 minutes")
+            await asyncio.sleep(0.01)
+        end = time.perf_counter()
+        await proc.wait()
+        idle = await idle_stall(probe, end - start)
+        await probe.stop()
+        return probe.longest(start, end), end - start, idle
+
+    result: tuple[float, float, float] = await serving(app, body)
+    return result
+
+
 def bare_insert(parts: Path, db_path: Path) -> float:
     """Seconds for the same rows in one executemany (the parts decoded beforehand)."""
     rows = [entry_row(e) for p in sorted(parts.glob("part-*.bin"))
@@ -168,6 +214,8 @@ def run(work: Path, args: argparse.Namespace) -> None:
         finally:
             stop_process(daemon.proc)
         bare_s = bare_insert(parts, work / "bare.db")
+        stall = asyncio.run(loop_stall(in_process_config(kit.config_path), broker,
+                                       kit.locker_id, parts))
     finally:
         broker.stop()
     peak = max(sampler.peak_kib, idle)
@@ -181,6 +229,12 @@ def run(work: Path, args: argparse.Namespace) -> None:
     print(f"daemon RSS idle {idle / 1024:.1f} MiB, peak while applying {peak / 1024:.1f} MiB "
           f"(sampled every {SAMPLE_S * 1000:.0f} ms; VmHWM since start {hwm / 1024:.1f} MiB)")
     print(f"  ratio {peak / idle:.2f}x {verdict(peak / idle, TARGET_RSS)}")
+    during, seconds, idle_stall_s = stall
+    print(f"in-process daemon, a fresh database: longest event-loop stall while the parts "
+          f"were applied ({seconds:.2f} s) {during * 1e3:.2f} ms, idle as long "
+          f"{idle_stall_s * 1e3:.2f} ms")
+    print(f"  {during * 1e3:.2f} ms (target < {STALL_TARGET_MS:g} ms: "
+          f"{'holds' if during * 1e3 < STALL_TARGET_MS else 'does not hold'})")
 
 
 def verdict(ratio: float, target: float) -> str:
