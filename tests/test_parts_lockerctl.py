@@ -121,3 +121,12 @@ def test_only_well_formed_requests_for_this_version_name_parts(
         {"parts": {"version": 3, "missing": {"0": 1}}}]
     for body in bodies:
         assert wanted_parts(body, manifest) == []
+
+
+def test_publish_of_a_manifest_alone_points_at_publish_parts(
+        make_kit: Callable[..., BankKit], run: RunFn, tmp_path: Path) -> None:
+    kit = make_kit()
+    out = tmp_path / "set"
+    assert run(*parts_args(kit, csv_file(tmp_path / "c.csv", rows(3)), out)).status == 0
+    result = run("publish", "--broker", "127.0.0.1:1", "--locker", "L1", out / "manifest.json")
+    assert result.status == 1 and "publish-parts" in result.err
