@@ -16,7 +16,7 @@ import pytest
 from broker import Broker
 from conftest import Running, running, wait_until
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_sync_mqtt import watching
+from test_sync_mqtt import _keyring, watching
 from waiting import until_sync, until_value
 
 from lockerd.cli.lockerctl_cmd import main as lockerctl
@@ -317,3 +317,25 @@ async def test_a_snapshot_bundle_applied_mid_transfer_has_the_parts_staged_again
         await send(broker, None, parts)
         await wait_until(lambda: r.app.codes.version() == 5, what="the parts applied after all")
         assert all(held(r, c) for c in codes) and not held(r, OLD)
+
+
+async def test_after_a_codes_key_rotation_a_manifest_of_a_lower_version_sets_the_floor(
+        kit: BankKit, broker: Broker) -> None:
+    fresh = generate_key()
+    async with running(kit) as r:
+        await online(r)
+        manifest, parts = make_parts(kit, plain_codes(10), version=50)
+        await send(broker, manifest, parts)
+        await wait_until(lambda: r.app.codes.version() == 50, what="version 50 applied")
+        async with aiomqtt.Client(broker.host, broker.port) as client:
+            await client.publish(TOPICS + "keyring", _keyring(
+                kit, version=2, root=[kit.root_key], signers=[kit.root_key],
+                codes_keys=[fresh]), qos=1, retain=True)
+        await r.wait_event("codes.floor_reset")
+        lower, lower_parts = make_parts(kit, plain_codes(10, start=300), version=3, signer=fresh)
+        await send(broker, lower, lower_parts)
+        await wait_until(lambda: r.app.codes.version() == 3, what="the lower snapshot applied")
+        updated = r.events("cache.updated")[-1].data
+        assert updated["floor_reset"] is True and updated["previous_version"] == 50
+        assert not r.app.codes.floor_reset_pending()
+        assert held(r, plain_codes(1, start=300)[0]) and not held(r, plain_codes(1)[0])
