@@ -193,7 +193,8 @@ async def test_a_restart_mid_transfer_stages_again_what_it_asks_for(
     async with running(kit) as r:
         await online(r)
         await send(broker, manifest, parts[:2])
-        await wait_until(lambda: r.app.codes.version() == 1)
+        await wait_until(lambda: r.app.parts is not None and r.app.parts.progress is not None
+                         and len(r.app.parts.progress.received) == 2, what="two staged")
     async with watching(broker) as w, running(kit) as r:
         def asked() -> list[list[int]]:
             for body in w.on("sync/request"):
