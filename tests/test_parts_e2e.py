@@ -340,3 +340,25 @@ async def test_after_a_codes_key_rotation_a_manifest_of_a_lower_version_sets_the
         assert updated["floor_reset"] is True and updated["previous_version"] == 50
         assert not r.app.codes.floor_reset_pending()
         assert held(r, plain_codes(1, start=300)[0]) and not held(r, plain_codes(1)[0])
+
+
+async def test_after_a_broker_outage_the_bank_names_the_missing_parts_and_gets_them(
+        kit: BankKit, broker: Broker) -> None:
+    manifest, parts = make_parts(kit, plain_codes(40), version=2)
+    async with running(kit) as r:
+        await online(r)
+        await send(broker, manifest, parts[:1])
+        await wait_until(lambda: r.app.parts is not None and r.app.parts.progress is not None
+                         and len(r.app.parts.progress.received) == 1, what="one staged")
+        broker.stop()
+        link = r.app.link
+        assert link is not None
+        await wait_until(lambda: not link.connected.is_set(), what="link down")
+        broker.start()
+        async with watching(broker) as w:
+            def asked() -> bool:
+                return any(b.get("parts") == {"version": 2, "missing": [[1, len(parts) - 1]]}
+                           for b in w.on("sync/request"))
+            await wait_until(asked, timeout=10, what="a sync/request naming the parts")
+            await send(broker, None, parts[1:])
+            await wait_until(lambda: r.app.codes.version() == 2, what="applied after it")

@@ -239,8 +239,8 @@ class PartsService:
         async with self._lock:
             progress = self.progress
             if progress is not None and raw == self._raw_manifest:
-                # Delivered again (retained, at a reconnect): the transfer goes on.
-                await self._request_sync("parts_missing")
+                # Delivered again (retained, at a reconnect, whose sync/request has named the
+                # missing parts already; or published again): the transfer goes on.
                 return
             try:
                 manifest = self._verify(raw)
