@@ -362,3 +362,14 @@ async def test_after_a_broker_outage_the_bank_names_the_missing_parts_and_gets_t
             await wait_until(asked, timeout=10, what="a sync/request naming the parts")
             await send(broker, None, parts[1:])
             await wait_until(lambda: r.app.codes.version() == 2, what="applied after it")
+
+
+async def test_a_manifest_of_no_codes_empties_the_set_at_once(kit: BankKit,
+                                                              broker: Broker) -> None:
+    manifest, parts = make_parts(kit, [], version=2)
+    assert parts == []
+    async with running(kit) as r:
+        await online(r)
+        await send(broker, manifest, [])
+        await wait_until(lambda: r.app.codes.version() == 2, what="the empty snapshot applied")
+        assert r.app.codes.count() == 0 and not held(r, OLD)

@@ -130,3 +130,17 @@ def test_publish_of_a_manifest_alone_points_at_publish_parts(
     assert run(*parts_args(kit, csv_file(tmp_path / "c.csv", rows(3)), out)).status == 0
     result = run("publish", "--broker", "127.0.0.1:1", "--locker", "L1", out / "manifest.json")
     assert result.status == 1 and "publish-parts" in result.err
+
+
+def test_a_json_codes_file_and_no_codes_at_all(make_kit: Callable[..., BankKit], run: RunFn,
+                                               tmp_path: Path) -> None:
+    kit = make_kit()
+    codes = tmp_path / "c.json"
+    codes.write_text('[{"id": "p-1", "code": "12345678", "kind": "deposit"}]')
+    assert run(*parts_args(kit, codes, tmp_path / "one")).status == 0
+    only = load_parts_set(tmp_path / "one", locker_id="L1")
+    assert [e.kind for e in decode_part(only.part(0))] == ["deposit"]
+    args = [a for a in parts_args(kit, codes, tmp_path / "none") if a not in ("--codes", codes)]
+    result = run(*args)
+    assert result.status == 0 and "0 code(s) in 0 part(s)" in result.out
+    assert load_parts_set(tmp_path / "none", locker_id="L1").manifest.part_count == 0
