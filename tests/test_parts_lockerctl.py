@@ -9,7 +9,7 @@ import pytest
 from conftest import RunFn
 
 from lockerd.cli.lockerctl_common import InputError
-from lockerd.cli.lockerctl_parts import load_parts_set, part_file, wanted_parts
+from lockerd.cli.lockerctl_parts import load_parts_set, part_file, wanted_parts, wants_all
 from lockerd.dev.provision import BankKit
 from lockerd.trust.dsse import RoleKeys
 from lockerd.trust.parts import PartLimits, check_part, decode_part, verify_manifest
@@ -121,6 +121,10 @@ def test_only_well_formed_requests_for_this_version_name_parts(
         {"parts": {"version": 3, "missing": {"0": 1}}}]
     for body in bodies:
         assert wanted_parts(body, manifest) == []
+    assert wants_all({"codes_version": 2, "keyring_version": 1}, manifest)
+    for other in ({"codes_version": 3}, {"codes_version": 2, "parts": None},
+                  {"codes_version": True}, {"codes_version": "1"}, None):
+        assert not wants_all(other, manifest)
 
 
 def test_publish_of_a_manifest_alone_points_at_publish_parts(

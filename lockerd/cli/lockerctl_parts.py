@@ -218,6 +218,15 @@ def load_parts_set(directory: Path, *, locker_id: str) -> PartsSet:
     return PartsSet(directory=directory, raw_manifest=raw, manifest=manifest)
 
 
+def wants_all(body: Any, manifest: CodesManifest) -> bool:
+    """A bank below this version that receives no snapshot in parts (it restarted, or the
+    broker lost the retained manifest): it needs the manifest and every part again."""
+    if not isinstance(body, dict) or "parts" in body:
+        return False
+    held = body.get("codes_version")
+    return isinstance(held, int) and not isinstance(held, bool) and held < manifest.version
+
+
 def wanted_parts(body: Any, manifest: CodesManifest) -> list[int]:
     """The part indexes a bank's sync/request asks for again, for this manifest's version."""
     parts = body.get("parts") if isinstance(body, dict) else None
@@ -240,7 +249,7 @@ async def _publish_parts(client: aiomqtt.Client, topics: Topics, parts: PartsSet
 
 
 async def _serve(client: aiomqtt.Client, topics: Topics, parts: PartsSet,
-                 seconds: float) -> int:
+                 seconds: float, *, retain: bool) -> int:
     """Answer the bank's sync/requests for missing parts for `seconds`; parts re-published."""
     again = 0
     deadline = time.monotonic() + seconds
@@ -256,7 +265,15 @@ async def _serve(client: aiomqtt.Client, topics: Topics, parts: PartsSet,
             body = json.loads(payload if isinstance(payload, bytes | str) else b"")
         except ValueError:
             continue
-        indexes = wanted_parts(body, parts.manifest)
+        if wants_all(body, parts.manifest):
+            print(f"lockerctl: the bank holds codes version {body['codes_version']} and "
+                  f"receives no parts; publishing the manifest and every part again",
+                  file=sys.stderr)
+            await client.publish(topics.codes_manifest, parts.raw_manifest, qos=1,
+                                 retain=retain)
+            indexes = list(range(parts.manifest.part_count))
+        else:
+            indexes = wanted_parts(body, parts.manifest)
         if indexes:
             print(f"lockerctl: the bank asks for {len(indexes)} part(s) of version "
                   f"{parts.manifest.version} again; publishing them", file=sys.stderr)
@@ -281,7 +298,9 @@ def cmd_publish_parts(args: argparse.Namespace) -> int:
             print(f"published codes manifest version {manifest.version} to "
                   f"{topics.codes_manifest} and its {manifest.part_count} part(s) to "
                   f"{topics.codes_part}", flush=True)
-            return await _serve(client, topics, parts, args.serve) if args.serve > 0 else 0
+            if args.serve <= 0:
+                return 0
+            return await _serve(client, topics, parts, args.serve, retain=not args.no_retain)
 
     again = _run(go(), settings)
     if args.serve > 0:
@@ -326,7 +345,8 @@ def add_parsers(sub: Subparsers) -> None:
         "codes/manifest (retained, QoS 1), then each part to lockers/<id>/codes/part (QoS 1, "
         "not retained), one part in memory at a time. With --serve SECONDS, stay connected "
         "and publish again the parts a bank names in its sync/request (\"parts\": "
-        "{\"version\", \"missing\"}).")
+        "{\"version\", \"missing\"}), and the manifest and every part to a bank whose "
+        "sync/request shows an older codes version and no parts under way.")
     add_broker_arguments(p)
     p.add_argument("directory", help="the directory written by lockerctl parts")
     p.add_argument("--serve", type=float, default=0.0, metavar="SECONDS",
