@@ -581,7 +581,7 @@ def build_console(app: App, *, socket_path: Path, serial_url: str | None,
         base_s, max_s = section.base_s, section.max_s
     locker_id, controller = app.config.locker.id, app.controller
     auth = ConsoleAuth(locker_id=locker_id, db=app.db, cache=app.cache, clock=app.clock,
-                       record=controller.commit_event,
+                       record=controller.record_on_loop,
                        throttle=ThrottleSettings(free_attempts=free_attempts, base_s=base_s,
                                                  max_s=max_s))
     registry: Registry[Session] = Registry()
@@ -624,19 +624,19 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
     app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
     _build_parts(app, topics, mqtt.max_payload_bytes)
 
-    def outbox_full(depth: int) -> None:
-        controller.record_soon(EventType.HARDWARE_FAULT, {
+    async def outbox_full(depth: int) -> None:
+        await controller.commit_event(EventType.HARDWARE_FAULT, {
             "device": "outbox", "detail": f"{depth} unacknowledged events, over "
             f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
-    def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
+    async def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
         # `seqs` names the gaps for good: a backend must not acknowledge past a gap otherwise.
-        controller.record_soon(EventType.OUTBOX_SHED, {"count": count,
-                                                "seqs": [list(run) for run in runs]})
+        await controller.commit_event(EventType.OUTBOX_SHED, {
+            "count": count, "seqs": [list(run) for run in runs]})
 
     app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
                                     locker_id=config.locker.id, on_full=outbox_full,
-                                    on_shed=outbox_shed)
+                                    on_shed=outbox_shed, writer=app.writer)
     app.events.on_append(app.publisher.wake)
     sync = app.sync
     app.commands = CommandService(
@@ -644,7 +644,7 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
         events=app.events, cache=cache, controller=controller, diagnostics=app.diagnostics,
         resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
         now=clock.wall, monotonic=clock.monotonic,
-        observe_signed_time=trusted.observe_signed_time)
+        observe_signed_time=trusted.observe_signed_time, writer=app.writer)
     telemetry = TelemetryService(link=app.link, topics=topics,
                                  interval_s=config.telemetry.interval_s,
                                  snapshot=app.telemetry)

@@ -127,6 +127,9 @@ async def test_lockerctl_acks_past_the_gaps_a_full_outbox_left(
                                            data={"open": True}))
             await r.app.controller.commit(Record("tamper", data={"open": False}))
         await r.wait_event("outbox.shed")
+        # Recorded by the outbox's guard right after the shedding, in the same turn of it.
+        await wait_until(lambda: any(e.data.get("device") == "outbox"
+                                     for e in r.events("hardware.fault")), what="outbox full")
         last = r.app.events.last_seq()
         shed = [e for e in r.events("outbox.shed")]
         assert sum(e.data["count"] for e in shed) > 0
