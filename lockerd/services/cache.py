@@ -73,6 +73,12 @@ class CodeCache:
         self._observe_time(issued_at)
 
     @property
+    def apply_lock(self) -> asyncio.Lock:
+        """Held while codes are staged or applied: one at a time, since a snapshot bundle and
+        a snapshot in parts (services/parts.py) stage in the same table."""
+        return self._apply_lock
+
+    @property
     def keyring_version(self) -> int:
         return self.keyring.version if self.keyring else 0
 

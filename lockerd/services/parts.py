@@ -221,6 +221,12 @@ class PartsService:
             else:
                 await self._request_sync("parts_missing")
 
+    async def _staged(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A call of the staging thread, under the cache's apply lock: a snapshot bundle
+        applied meanwhile would stage in the same table."""
+        async with self._cache.apply_lock:
+            return await self._worker.call(fn, *args, **kwargs)
+
     def _verify(self, raw: bytes) -> CodesManifest:
         keyring = self._cache.keyring
         if keyring is None:
@@ -260,7 +266,7 @@ class PartsService:
             await self._begin(raw, manifest)
 
     async def _begin(self, raw: bytes, manifest: CodesManifest) -> None:
-        await self._worker.call(self._worker.begin, manifest)
+        await self._staged(self._worker.begin, manifest)
         self._raw_manifest = raw
         self._last_progress = self._monotonic()
         self._changed.set()
@@ -293,7 +299,7 @@ class PartsService:
 
     async def _stage(self, progress: PartsProgress, raw: bytes) -> None:
         try:
-            index = await self._worker.call(self._worker.stage, raw)
+            index = await self._staged(self._worker.stage, raw)
         except PartRefused as exc:
             self._cache.refuse("codes/part", exc.error.reason, str(exc), source="mqtt")
             return
@@ -326,7 +332,7 @@ class PartsService:
     async def _abandon(self, progress: PartsProgress, exc: TrustError) -> None:
         """Refuse the whole transfer: what is staged is dropped, the codes held stay."""
         self._cache.refuse("codes/manifest", exc.reason, str(exc), source="mqtt")
-        await self._worker.call(self._worker.discard)
+        await self._staged(self._worker.discard)
         self._raw_manifest = b""
         log.warning("snapshot in parts refused", version=progress.manifest.version,
                     reason=exc.reason)
@@ -358,7 +364,7 @@ class PartsService:
         meta = SnapshotMeta(version=manifest.version, issued_at=manifest.issued_at,
                             expires_at=manifest.expires_at, revoke=manifest.revoke)
         try:
-            count = await self._worker.call(self._worker.swap, meta, with_event, held=held)
+            count = await self._staged(self._worker.swap, meta, with_event, held=held)
         except TrustError as exc:
             await self._abandon(progress, exc)
             return
