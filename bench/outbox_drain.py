@@ -584,7 +584,7 @@ def pickup_records(i: int) -> list[Record]:
     ]
 
 
-def fill_backlog(app: App, n: int) -> float:
+async def fill_backlog(app: App, n: int) -> float:
     """Commit N events (pickups' events in turn) with the daemon's Controller.commit,
     FILL_BATCH per transaction; returns the seconds it took."""
     records: list[Record] = []
@@ -594,7 +594,7 @@ def fill_backlog(app: App, n: int) -> float:
         pickup += 1
     t0 = time.perf_counter()
     for start in range(0, n, FILL_BATCH):
-        app.controller.commit(*records[start : min(n, start + FILL_BATCH)])
+        await app.controller.commit(*records[start : min(n, start + FILL_BATCH)])
     return time.perf_counter() - t0
 
 
@@ -659,7 +659,7 @@ async def measure_drain(args: argparse.Namespace, work: Path, broker: Broker) ->
             kit = provision_bank(work / f"bank-{r + 1}-{mode}", broker, n,
                                  quick_reconnect=mode == "process")
             apps[mode] = (kit, build_app(load_config(kit.config_path)))
-            results.fill_s.append(fill_backlog(apps[mode][1], n))
+            results.fill_s.append(await fill_backlog(apps[mode][1], n))
         app = apps[modes[0]][1]
         assert app.link is not None
         window = results.window = app.link.max_inflight
@@ -697,7 +697,7 @@ async def measure_drain(args: argparse.Namespace, work: Path, broker: Broker) ->
 # -- commit latency ---------------------------------------------------------------------------
 
 
-def measure_commits(work: Path, n: int) -> dict[str, list[float]]:
+async def measure_commits(work: Path, n: int) -> dict[str, list[float]]:
     """Controller.commit of one event on a provisioned bank's database, interleaved with a bare
     INSERT of the same row into a fresh file with the same pragmas, one transaction each."""
     kit = provision_bank(work / "commit-bank", None, n)
@@ -720,7 +720,7 @@ def measure_commits(work: Path, n: int) -> dict[str, list[float]]:
         bare_s: list[float] = []
         for i, row in enumerate(rows):
             t0 = time.perf_counter()
-            app.controller.commit(COMMIT_RECORD)
+            await app.controller.commit(COMMIT_RECORD)
             t1 = time.perf_counter()
             bare.execute("BEGIN IMMEDIATE")
             bare.execute(sql, row)
@@ -846,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
                     broker = Broker(work / "broker", extra_config=BROKER_CONFIG, persistent=True)
                     broker.start()
                     drain = asyncio.run(measure_drain(args, work, broker))
-                commits = None if args.skip_commit else measure_commits(work, args.commits)
+                commits = None if args.skip_commit else asyncio.run(
+                    measure_commits(work, args.commits))
                 report_all(args, work, drain, commits)
             finally:
                 # Stopped before its directory goes.

@@ -62,6 +62,7 @@ from lockerd.services.diagnostics import Diagnostics, register_diagnostic_comman
 from lockerd.services.help import HelpService
 from lockerd.services.link import MqttLink
 from lockerd.services.outbox import OutboxPublisher
+from lockerd.services.parts import PartsService, PartsSettings, StagingWorker
 from lockerd.services.records_console import register_codes_commands, register_event_commands
 from lockerd.services.status_console import register_status_commands
 from lockerd.services.sync import SyncService
@@ -73,9 +74,11 @@ from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
 from lockerd.store.outbox import Outbox
 from lockerd.store.parcels import ParcelStore, SpentTokens
+from lockerd.store.writer import DbWriter
 from lockerd.timeutil import format_time
 from lockerd.trust.digest import load_code_key, support_window
 from lockerd.trust.dsse import RoleKeys
+from lockerd.trust.parts import PartLimits
 
 log = get_logger("lockerd.app")
 
@@ -128,8 +131,10 @@ class App:
     outbox: Outbox
     notifier: SdNotifier
     diagnostics: Diagnostics
+    writer: DbWriter | None = None
     link: MqttLink | None = None
     sync: SyncService | None = None
+    parts: PartsService | None = None
     publisher: OutboxPublisher | None = None
     commands: CommandService | None = None
     # Network services run beside the hardware ones: name -> coroutine factory.
@@ -143,6 +148,22 @@ class App:
     # console or network task that crash-loops is restarted with backoff, never the bank.
     watchdog_tasks: set[str] = field(default_factory=set)
     stopping_recorded: bool = False
+    bundle_file_loaded: bool = False
+
+    async def load_bundle_file(self) -> None:
+        """Apply the codes bundle file named in the config (once), unless it is the file
+        already applied: read, verified and applied in a worker thread (a snapshot beside
+        the live codes, then one short swap), so the event loop never waits for it. `run`
+        does it before the doors are served; a test driving the controller itself calls it."""
+        name = self.config.codes.bundle_file
+        if self.bundle_file_loaded or not name:
+            return
+        self.bundle_file_loaded = True
+        path = self.config.path(name)
+        try:
+            await self.cache.load_bundle_file_off_loop(path)
+        except (OSError, TrustError) as exc:
+            _signed_file_refused("codes", path, exc)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Run until SIGTERM/SIGINT or `stop` is set; outputs are off before and after."""
@@ -151,10 +172,11 @@ class App:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         try:
+            await self.load_bundle_file()
             await self._start_devices()
             if self.commands is not None:
                 self.commands.recover()
-            self.controller.commit_event(EventType.DAEMON_STARTED, {
+            await self.controller.commit_event(EventType.DAEMON_STARTED, {
                 "codes_version": self.codes.version(),
                 "keyring_version": self.cache.keyring_version})
             inputs = self._input_runners()
@@ -258,7 +280,7 @@ class App:
     async def _goodbye(self) -> None:
         """While every service still runs: record `daemon.stopping`, let it reach the broker,
         then leave the retained state `offline` (a clean disconnect discards the will)."""
-        seq = self._record_stopping()
+        seq = await self._record_stopping()
         link, publisher = self.link, self.publisher
         if link is None or not link.connected.is_set():
             return
@@ -271,13 +293,13 @@ class App:
                         "stays in the outbox for the next start")
         await link.close(timeout_s=GOODBYE_S)
 
-    def _record_stopping(self) -> int | None:
+    async def _record_stopping(self) -> int | None:
         """Commit `daemon.stopping` once; its seq, or None (already recorded, or it failed)."""
         if self.stopping_recorded:
             return None
         self.stopping_recorded = True
         try:
-            return self.controller.commit_event(EventType.DAEMON_STOPPING, {}).seq
+            return (await self.controller.commit_event(EventType.DAEMON_STOPPING, {})).seq
         except Exception:
             log.exception("could not record daemon.stopping")
             return None
@@ -325,21 +347,21 @@ class App:
                 delay, crashes = RESTART_MIN_S, 0
             if error is not None:
                 crashes += 1
-                self._task_failed(name, error, delay_s=delay, first=crashes == 1)
+                await self._task_failed(name, error, delay_s=delay, first=crashes == 1)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX_S)
 
-    def _task_failed(self, name: str, error: BaseException, *, delay_s: float,
-                     first: bool) -> None:
+    async def _task_failed(self, name: str, error: BaseException, *, delay_s: float,
+                           first: bool) -> None:
         gates = name in self.watchdog_tasks
         with contextlib.suppress(Exception):
-            self.controller.commit_event(EventType.DAEMON_TASK_FAILED, {
+            await self.controller.commit_event(EventType.DAEMON_TASK_FAILED, {
                 "task": name, "error": repr(error)[:500], "delay_s": delay_s})
         if first:
             then = ("the watchdog is held until it runs again" if gates
                     else "the doors keep working meanwhile")
             with contextlib.suppress(Exception):
-                self.controller.commit_event(EventType.HARDWARE_FAULT, {
+                await self.controller.commit_event(EventType.HARDWARE_FAULT, {
                     "device": f"task:{name}", "task": name,
                     "detail": f"task {name} crashed ({repr(error)[:200]}); restarting it with "
                               f"backoff; {then}"})
@@ -360,7 +382,7 @@ class App:
 
     async def _shutdown(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        self._record_stopping()  # when the stop did not come through _wait_stop
+        await self._record_stopping()  # when the stop did not come through _wait_stop
         await self.controller.wait_pulses()
         try:
             await self.devices.lock.all_off()
@@ -371,6 +393,9 @@ class App:
                 await device.close()
             except HalError as exc:
                 log.warning("device did not close cleanly", error=str(exc))
+        if self.writer is not None:
+            # Runs what is queued, flushes the log, closes its connection.
+            await asyncio.to_thread(self.writer.close)
         self.db.close()
         log.info("lockerd stopped")
 
@@ -459,6 +484,9 @@ def build_app(config: Config, *, clock: Clock | None = None,
     prepared = prepare(config)
     code_key, context, devices = prepared.code_key, prepared.context, prepared.devices
     db = open_database(state_dir / DB_NAME)
+    # The one writer of the daemon's commits: a thread with its own connection.
+    writer = DbWriter(db.path)
+    writer.start()
     events = EventLog(db)
     codes = CodeStore(db)
     trusted = TrustedClock(db=db, mode=config.time.trust_system_clock)
@@ -471,7 +499,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
     # The windows are judged on the controller's clock (the trusted one, unless injected).
     codes.prune_support_uses(
         before_window=support_window(clock.wall().timestamp()) - SUPPORT_WINDOWS_KEPT)
-    _import_files(config, cache)
+    _import_keyring_file(config, cache)
     out_of_service = db.get_meta("out_of_service") or {}
     timings = DoorTimings(
         open_timeout_s=config.doors.open_timeout_s,
@@ -519,13 +547,15 @@ def build_app(config: Config, *, clock: Clock | None = None,
         lock=devices.lock, display=devices.display, pulse_s=config.doors.pulse_s, clock=clock,
         parcels=parcels, tokens=tokens,
         online=lambda: app.link is not None and app.link.connected.is_set(),
+        writer=writer,
     )
     app = App(config=config, db=db, events=events, codes=codes, cache=cache, hal=context,
               devices=devices, controller=controller, clock=clock,
               outbox=Outbox(db, max_events=config.outbox.max_events,
                             keep_acked=config.outbox.keep_acked),
               notifier=notifier or SdNotifier(),
-              diagnostics=Diagnostics(controller=controller, devices=devices.by_name()))
+              diagnostics=Diagnostics(controller=controller, devices=devices.by_name()),
+              writer=writer)
     keeper = DeadlineKeeper(db=db, codes=codes, events=events, clock=clock,
                             synchronised=trusted.synchronised,
                             compartments=lambda: controller.compartments,
@@ -551,7 +581,7 @@ def build_console(app: App, *, socket_path: Path, serial_url: str | None,
         base_s, max_s = section.base_s, section.max_s
     locker_id, controller = app.config.locker.id, app.controller
     auth = ConsoleAuth(locker_id=locker_id, db=app.db, cache=app.cache, clock=app.clock,
-                       record=controller.commit_event,
+                       record=controller.record_on_loop,
                        throttle=ThrottleSettings(free_attempts=free_attempts, base_s=base_s,
                                                  max_s=max_s))
     registry: Registry[Session] = Registry()
@@ -592,20 +622,21 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
         now=clock.wall, on_too_large=too_large,
     )
     app.sync = SyncService(link=app.link, topics=topics, cache=cache, state=app.state)
+    _build_parts(app, topics, mqtt.max_payload_bytes)
 
-    def outbox_full(depth: int) -> None:
-        controller.commit_event(EventType.HARDWARE_FAULT, {
+    async def outbox_full(depth: int) -> None:
+        await controller.commit_event(EventType.HARDWARE_FAULT, {
             "device": "outbox", "detail": f"{depth} unacknowledged events, over "
             f"[outbox] max_events; none is dropped, the backend is not acknowledging"})
 
-    def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
+    async def outbox_shed(count: int, runs: tuple[tuple[int, int], ...]) -> None:
         # `seqs` names the gaps for good: a backend must not acknowledge past a gap otherwise.
-        controller.commit_event(EventType.OUTBOX_SHED, {"count": count,
-                                                "seqs": [list(run) for run in runs]})
+        await controller.commit_event(EventType.OUTBOX_SHED, {
+            "count": count, "seqs": [list(run) for run in runs]})
 
     app.publisher = OutboxPublisher(link=app.link, topics=topics, outbox=app.outbox,
                                     locker_id=config.locker.id, on_full=outbox_full,
-                                    on_shed=outbox_shed)
+                                    on_shed=outbox_shed, writer=app.writer)
     app.events.on_append(app.publisher.wake)
     sync = app.sync
     app.commands = CommandService(
@@ -613,7 +644,7 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
         events=app.events, cache=cache, controller=controller, diagnostics=app.diagnostics,
         resync=lambda: sync.request_sync("command"), locker_id=config.locker.id,
         now=clock.wall, monotonic=clock.monotonic,
-        observe_signed_time=trusted.observe_signed_time)
+        observe_signed_time=trusted.observe_signed_time, writer=app.writer)
     telemetry = TelemetryService(link=app.link, topics=topics,
                                  interval_s=config.telemetry.interval_s,
                                  snapshot=app.telemetry)
@@ -625,6 +656,25 @@ def _build_network(app: App, trusted: TrustedClock, broker: BrokerSettings | Non
                 now=clock.wall, monotonic=clock.monotonic)
     app.services.update({"mqtt": app.link.run, "outbox": app.publisher.run,
                          "telemetry": telemetry.run})
+
+
+def _build_parts(app: App, topics: Topics, max_payload_bytes: int) -> None:
+    """Snapshots in parts: staged in a worker thread with a connection of its own."""
+    codes_section, sync = app.config.codes, app.sync
+    assert sync is not None and app.link is not None
+    settings = PartsSettings(
+        limits=PartLimits(max_parts=codes_section.max_parts,
+                          max_entries=codes_section.max_entries,
+                          max_part_bytes=min(codes_section.max_part_bytes, max_payload_bytes)),
+        idle_s=codes_section.parts_idle_s, timeout_s=codes_section.parts_timeout_s)
+    parts = PartsService(
+        link=app.link, topics=topics, locker_id=app.config.locker.id, cache=app.cache,
+        codes=app.codes, events=app.events, worker=StagingWorker(app.db.path),
+        settings=settings, now=app.clock.wall, monotonic=app.clock.monotonic,
+        applied=sync.publish_state, request_sync=sync.request_sync)
+    sync.report("parts", parts.wanted)
+    app.parts = parts
+    app.services["parts"] = parts.run
 
 
 def build_cache(
@@ -647,33 +697,31 @@ def build_cache(
     )
 
 
-def _import_files(config: Config, cache: CodeCache) -> None:
-    """Load the keyring and codes bundle files named in the config, when they are newer.
+def _import_keyring_file(config: Config, cache: CodeCache) -> None:
+    """Load the keyring file named in the config, when it is not the keyring held.
 
-    A refused file is logged and evented; the daemon keeps the keyring and codes it has.
+    A refused file is logged and evented; the daemon keeps the keyring it has. (The codes
+    bundle file is applied by `App.load_bundle_file`, off the event loop.)
     """
-    # A file that is the one already held (the keyring byte for byte; the bundle by its
-    # SHA-256 with the version it produced) is not parsed or verified again.
-    files: list[tuple[str, str | None, Callable[[Path], object]]] = [
-        ("keyring", config.trust.keyring_file, cache.load_keyring_file),
-        ("codes", config.codes.bundle_file, cache.load_bundle_file)]
-    for what, name, loader in files:
-        if not name:
-            continue
-        path = config.path(name)
-        try:
-            loader(path)
-        except OSError as exc:
-            log.error("cannot read signed file named in the config", what=what, path=str(path),
-                      error=exc.strerror)
-            continue
-        except TrustError as exc:
-            if exc.reason == "rollback":
-                log.info("signed file is not newer than what is held; kept", what=what,
-                         path=str(path))
-            else:
-                log.error("signed file refused; keeping what is held", what=what,
-                          path=str(path), reason=exc.reason, error=str(exc))
+    # A file that is the one already held (byte for byte) is not verified again.
+    if not config.trust.keyring_file:
+        return
+    path = config.path(config.trust.keyring_file)
+    try:
+        cache.load_keyring_file(path)
+    except (OSError, TrustError) as exc:
+        _signed_file_refused("keyring", path, exc)
+
+
+def _signed_file_refused(what: str, path: Path, exc: OSError | TrustError) -> None:
+    if isinstance(exc, OSError):
+        log.error("cannot read signed file named in the config", what=what, path=str(path),
+                  error=exc.strerror)
+    elif exc.reason == "rollback":
+        log.info("signed file is not newer than what is held; kept", what=what, path=str(path))
+    else:
+        log.error("signed file refused; keeping what is held", what=what,
+                  path=str(path), reason=exc.reason, error=str(exc))
 
 
 __all__ = ["App", "LockerdError", "build_app"]

@@ -67,6 +67,13 @@ class CodesSection(_Section, kw_only=True, frozen=True):
     # Most a pickup code's not_after is extended locally, in total, for the time its parcel
     # waited behind a bank that was down or a compartment out of service (PROTOCOL section 14).
     max_extension_s: Annotated[int, msgspec.Meta(ge=0)] = 259200
+    # Snapshots in parts over MQTT (docs/protocol.md): what a manifest may name, and how long
+    # a transfer waits for its parts. A part is also bound by [mqtt] max_payload_bytes.
+    max_parts: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    max_entries: Annotated[int, msgspec.Meta(ge=1)] = 2_000_000
+    max_part_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
+    parts_idle_s: PositiveSeconds = 15.0
+    parts_timeout_s: PositiveSeconds = 600.0
 
 
 SizeLabel = Annotated[str, msgspec.Meta(pattern=_SIZE_LABEL)]

@@ -45,6 +45,16 @@ class Topics:
         return self.prefix + "codes"
 
     @property
+    def codes_manifest(self) -> str:
+        """The signed manifest of a snapshot in parts (retained, like a snapshot bundle)."""
+        return self.prefix + "codes/manifest"
+
+    @property
+    def codes_part(self) -> str:
+        """The parts of the snapshot a manifest names, every part on this one topic."""
+        return self.prefix + "codes/part"
+
+    @property
     def sync_request(self) -> str:
         return self.prefix + "sync/request"
 

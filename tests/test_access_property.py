@@ -128,6 +128,7 @@ steps = st.lists(
 async def _play(kit: BankKit, plan: list[tuple[str, str]]) -> None:
     clock = ManualClock()
     app = build_app(load_config(kit.config_path), clock=clock)
+    await app.load_bundle_file()
     ctl = app.controller
     door_open = dict.fromkeys(CIDS, False)
     occupied = {"1": True, "2": True, "3": False, "4": False}

@@ -31,7 +31,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "config" / "mosquitto"
 ACL = SHIPPED / "acl"
 DYNSEC_SCRIPT = SHIPPED / "lockerd-dynsec.sh"
 USERS = ("backend", "L1", "L2")
-TO_BANK = ("keyring", "codes", "events/ack", "events/resend", "cmd", "help/reply")
+TO_BANK = ("keyring", "codes", "codes/manifest", "codes/part", "events/ack", "events/resend",
+           "cmd", "help/reply")
 FROM_BANK = ("sync/request", "events", "cmd/result", "state", "telemetry")
 NOT_AUTHORIZED = 0x87
 ACCEPTED = {0x00, 0x10}  # Success; No matching subscribers (the publish was allowed)

@@ -73,7 +73,7 @@ async def test_a_console_of_door_commands_alone_over_a_pty(
         # the real database and keyring for the login.
         controller = r.app.controller
         auth = ConsoleAuth(locker_id="L1", db=r.app.db, cache=r.app.cache, clock=r.app.clock,
-                           record=controller.commit_event,
+                           record=controller.record_on_loop,
                            throttle=ThrottleSettings(free_attempts=5, base_s=30.0,
                                                      max_s=3600.0))
         cleared: list[str] = []

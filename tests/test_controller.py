@@ -125,7 +125,7 @@ async def test_wrong_codes_lock_the_keypad_persistently(tmp_path: Path) -> None:
     assert load_lockout_state(rig.db).lockouts == 1
     await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
     assert rig.world.pulses == []
-    rig.ctl.clear_lockout()
+    await rig.ctl.clear_lockout()
     assert load_lockout_state(rig.db).failures == 0
     rig.db.close()
 

@@ -145,7 +145,7 @@ async def test_thousands_of_events_survive_an_outage_in_order(
             r.world.press("482913#")  # a real pickup among the pile
             await r.wait_event("pickup.opened")
             for i in range(3000):
-                r.app.controller.commit(Record("tamper", data={"open": i % 2 == 0}))
+                await r.app.controller.commit(Record("tamper", data={"open": i % 2 == 0}))
             last = r.app.events.last_seq()
             assert r.app.outbox.depth() == last
             broker.start()
@@ -215,9 +215,9 @@ async def test_a_full_outbox_of_access_events_is_reported_not_dropped(
                                            "reconnect_min_s": 0.05, "reconnect_max_s": 0.2}})
     async with running(kit) as r:
         for _ in range(max_events + 20):
-            r.app.controller.commit(Record("code.rejected", data={"reason": "unknown_code"}))
+            await r.app.controller.commit(Record("code.rejected", data={"reason": "unknown_code"}))
         for _ in range(30):
-            r.app.controller.commit(Record("door.opened", compartment="1"))
+            await r.app.controller.commit(Record("door.opened", compartment="1"))
     db = open_database(kit.state_dir / "lockerd.db")
     try:
         types = [r[0] for r in db.conn.execute("SELECT type FROM events")]

@@ -180,7 +180,7 @@ async def test_lockout_grows_and_survives_restart(make_kit: Callable[..., BankKi
         assert ev.data["reason"] == "locked_out"
         assert r2.world.pulses == []
         # A technician clears it (the console will call this); the next failure locks longer.
-        r2.app.controller.clear_lockout()
+        await r2.app.controller.clear_lockout()
         assert r2.app.controller.bank.lockout.remaining(utcnow().timestamp()) == 0
 
 

@@ -29,10 +29,13 @@ async def published_alone(r: Running, count: int) -> int:
     assert r.app.link is not None and r.app.publisher is not None
     await asyncio.wait_for(r.app.link.subscribed.wait(), 10)
     for i in range(count):
-        r.app.controller.commit(Record("tamper", data={"open": i % 2 == 0}))
+        await r.app.controller.commit(Record("tamper", data={"open": i % 2 == 0}))
     last = r.app.events.last_seq()
     publisher = r.app.publisher
-    await wait_until(lambda: publisher.published_upto >= last, what="events published")
+    # Confirmed by the broker (PUBACK), not only handed to the client: each of 1..last is
+    # published once before any resend, so `confirmed` counts them.
+    await wait_until(lambda: publisher.published_upto >= last and publisher.confirmed >= last,
+                     what="events published")
     return last
 
 
@@ -103,7 +106,7 @@ async def test_lockerctl_started_late_asks_resend_and_acks_only_what_it_got(
         await wait_until(lambda: r.app.outbox.acked_upto() == last, what="acked up to N")
         assert json.loads(state.read_text()) == {"locker_id": "L1", "upto_seq": last}
         # Started again, it asks from where it stopped and prints only what is new.
-        r.app.controller.commit(Record("tamper", data={"open": True}))
+        await r.app.controller.commit(Record("tamper", data={"open": True}))
         result = await asyncio.to_thread(run, *argv[:-4], "--count", "1", "--wait", "30")
         assert [json.loads(line)["seq"] for line in result.out.splitlines()] == [last + 1]
         assert f"asking lockers/L1/events/resend from seq {last + 1}" in result.err
@@ -120,10 +123,13 @@ async def test_lockerctl_acks_past_the_gaps_a_full_outbox_left(
         assert r.app.link is not None
         await asyncio.wait_for(r.app.link.subscribed.wait(), 10)
         for i in range(60):  # telemetry-class door movements between access events
-            r.app.controller.commit(Record("door.opened" if i % 2 else "tamper",
+            await r.app.controller.commit(Record("door.opened" if i % 2 else "tamper",
                                            data={"open": True}))
-            r.app.controller.commit(Record("tamper", data={"open": False}))
+            await r.app.controller.commit(Record("tamper", data={"open": False}))
         await r.wait_event("outbox.shed")
+        # Recorded by the outbox's guard right after the shedding, in the same turn of it.
+        await wait_until(lambda: any(e.data.get("device") == "outbox"
+                                     for e in r.events("hardware.fault")), what="outbox full")
         last = r.app.events.last_seq()
         shed = [e for e in r.events("outbox.shed")]
         assert sum(e.data["count"] for e in shed) > 0

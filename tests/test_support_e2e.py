@@ -132,6 +132,7 @@ async def test_old_support_marks_are_pruned_at_start_and_recent_ones_still_refus
         db.close()
     app = build_app(load_config(kit.config_path), clock=StillClock(now))
     try:
+        await app.load_bundle_file()
         rows = app.db.conn.execute(
             "SELECT parcel_id, window FROM support_uses ORDER BY window").fetchall()
         # Two windows back and later are kept; older marks can never be matched again.

@@ -38,7 +38,7 @@ new_client() {
 }
 
 # The topics of the wire contract (docs/protocol.md, "MQTT"), under lockers/<locker id>/.
-TO_BANK="keyring codes events/ack events/resend cmd help/reply"
+TO_BANK="keyring codes codes/manifest codes/part events/ack events/resend cmd help/reply"
 FROM_BANK="sync/request events cmd/result state telemetry"
 
 # allow ROLE TOPIC send|receive: publish (send) or subscribe to and be sent (receive) TOPIC.

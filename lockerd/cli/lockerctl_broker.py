@@ -19,6 +19,7 @@ from lockerd.errors import LockerdError, TrustError
 from lockerd.mqtt import BrokerSettings, Topics, read_password
 from lockerd.trust.bundle import is_locker_id
 from lockerd.trust.dsse import (
+    CODES_MANIFEST_PAYLOAD_TYPE,
     CODES_PAYLOAD_TYPE,
     COMMAND_PAYLOAD_TYPE,
     HELP_REPLY_PAYLOAD_TYPE,
@@ -86,6 +87,9 @@ def _topic_for(raw: bytes, topics: Topics) -> tuple[str, bool, str]:
         return topics.cmd, False, "command"
     if env.payload_type == HELP_REPLY_PAYLOAD_TYPE:
         return topics.help_reply, False, "help reply"
+    if env.payload_type == CODES_MANIFEST_PAYLOAD_TYPE:
+        raise TrustError("a codes manifest goes with its parts: publish its directory with "
+                         "lockerctl publish-parts", reason="payload_type")
     raise TrustError(f"payloadType {env.payload_type!r} is not published by lockerctl",
                      reason="payload_type")
 

@@ -18,6 +18,7 @@ from lockerd.cli import (
     lockerctl_help,
     lockerctl_inspect,
     lockerctl_keys,
+    lockerctl_parts,
     lockerctl_qr,
 )
 from lockerd.cli.lockerctl_common import (
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The order of these calls is the order of the commands in --help.
     for subject in (lockerctl_keys, lockerctl_codes, lockerctl_inspect, lockerctl_commands,
-                    lockerctl_qr, lockerctl_broker, lockerctl_help):
+                    lockerctl_qr, lockerctl_broker, lockerctl_parts, lockerctl_help):
         subject.add_parsers(sub)
     return parser
 

@@ -7,7 +7,7 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -85,32 +85,19 @@ class CodeRow:
 
 def read_codes_csv(path: Path) -> list[CodeRow]:
     """Rows of a codes CSV with a header line; empty cells become None."""
+    return list(iter_codes_csv(path))
+
+
+def iter_codes_csv(path: Path) -> Iterator[CodeRow]:
+    """`read_codes_csv` one row at a time: memory holds a row, not the file."""
     try:
         handle = path.open(encoding="utf-8-sig", newline="")
     except OSError as exc:
         raise InputError(f"--codes: cannot read {str(path)!r}: {exc.strerror}") from exc
-    rows: list[CodeRow] = []
     with handle:
         reader = csv.reader(handle)
         try:
-            header = next(reader, None)
-            if header is None:
-                raise InputError(f"{path}: empty file, expected a header line")
-            columns = [cell.strip() for cell in header]
-            unknown = [c for c in columns if c not in CODE_COLUMNS]
-            if unknown:
-                raise InputError(
-                    f"{path} line 1: unknown column(s) {', '.join(map(repr, unknown))}; "
-                    f"known columns are {', '.join(CODE_COLUMNS)}"
-                )
-            missing = [c for c in REQUIRED_CODE_COLUMNS if c not in columns]
-            if missing:
-                raise InputError(
-                    f"{path} line 1: header lacks required column(s) {', '.join(missing)}"
-                )
-            duplicated = {c for c in columns if columns.count(c) > 1}
-            if duplicated:
-                raise InputError(f"{path} line 1: column(s) {', '.join(duplicated)} repeated")
+            columns = _csv_columns(path, next(reader, None))
             for cells in reader:
                 where = f"{path} line {reader.line_num}"
                 if not any(cell.strip() for cell in cells):
@@ -124,12 +111,32 @@ def read_codes_csv(path: Path) -> list[CodeRow]:
                     column: (cell.strip() or None)
                     for column, cell in zip(columns, cells, strict=True)
                 }
-                rows.append(CodeRow(where=where, fields=fields))
+                yield CodeRow(where=where, fields=fields)
         except csv.Error as exc:
             raise InputError(f"{path} line {reader.line_num}: bad CSV: {exc}") from exc
         except UnicodeDecodeError as exc:
             raise InputError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    return rows
+
+
+def _csv_columns(path: Path, header: list[str] | None) -> list[str]:
+    if header is None:
+        raise InputError(f"{path}: empty file, expected a header line")
+    columns = [cell.strip() for cell in header]
+    unknown = [c for c in columns if c not in CODE_COLUMNS]
+    if unknown:
+        raise InputError(
+            f"{path} line 1: unknown column(s) {', '.join(map(repr, unknown))}; "
+            f"known columns are {', '.join(CODE_COLUMNS)}"
+        )
+    missing = [c for c in REQUIRED_CODE_COLUMNS if c not in columns]
+    if missing:
+        raise InputError(
+            f"{path} line 1: header lacks required column(s) {', '.join(missing)}"
+        )
+    duplicated = {c for c in columns if columns.count(c) > 1}
+    if duplicated:
+        raise InputError(f"{path} line 1: column(s) {', '.join(duplicated)} repeated")
+    return columns
 
 
 def read_codes_json(path: Path) -> list[CodeRow]:
@@ -276,12 +283,17 @@ def entries_from_rows(rows: Sequence[CodeRow], ctx: CodesInput) -> list[CodeEntr
 
 
 def _read_rows(path_text: str) -> list[CodeRow]:
+    return list(iter_rows(path_text))
+
+
+def iter_rows(path_text: str) -> Iterator[CodeRow]:
+    """The rows of a codes file: a .csv one at a time, a .json read whole."""
     path = Path(path_text)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return read_codes_csv(path)
+        return iter_codes_csv(path)
     if suffix == ".json":
-        return read_codes_json(path)
+        return iter(read_codes_json(path))
     raise InputError(f"--codes: {path_text!r} must end in .csv or .json")
 
 
@@ -321,7 +333,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     raw = sign_envelope(CODES_PAYLOAD_TYPE, payload, signers)
     if args.keyring is not None:
         keyring = load_keyring_file(args.keyring, option="--keyring")
-        _check_codes_signers(parse_envelope(raw), keyring, now, args.keyring)
+        check_codes_signers(parse_envelope(raw), keyring, now, args.keyring,
+                            payload_type=CODES_PAYLOAD_TYPE)
     write_output(args.output, raw)
     shape = "snapshot" if base_version is None else f"delta on version {base_version}"
     report(
@@ -333,9 +346,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_codes_signers(env: Envelope, keyring: Keyring, now: datetime, path: str) -> None:
+def check_codes_signers(env: Envelope, keyring: Keyring, now: datetime, path: str, *,
+                        payload_type: str) -> None:
+    """InputError unless the codes role of the keyring at `path` accepts the envelope."""
     try:
-        verify_role(env, expected_type=CODES_PAYLOAD_TYPE, role=keyring.codes)
+        verify_role(env, expected_type=payload_type, role=keyring.codes)
     except TrustError as exc:
         raise InputError(
             f"--sign: the codes role of {path!r} does not accept these signers: {exc}"

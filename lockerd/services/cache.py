@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.services.rejections import RejectionRecorder
 from lockerd.store.codes import CodeStore
-from lockerd.store.db import Database
+from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
 from lockerd.trust.bundle import CodesBundle, verify_bundle
 from lockerd.trust.dsse import RoleKeys, parse_envelope
@@ -63,11 +65,18 @@ class CodeCache:
             per_minute=rejected_per_minute, monotonic=monotonic,
             write=lambda type_, data: events.record(type=type_, at=now(), data=data))
         self.keyring: Keyring | None = self._load_stored_keyring()
+        self._apply_lock = asyncio.Lock()
 
     def observe_signed_time(self, issued_at: datetime) -> None:
         """A document signed under this keyring (a technician token) was issued at
         `issued_at`: raise the trusted time floor as an accepted bundle does."""
         self._observe_time(issued_at)
+
+    @property
+    def apply_lock(self) -> asyncio.Lock:
+        """Held while codes are staged or applied: one at a time, since a snapshot bundle and
+        a snapshot in parts (services/parts.py) stage in the same table."""
+        return self._apply_lock
 
     @property
     def keyring_version(self) -> int:
@@ -156,23 +165,10 @@ class CodeCache:
         rollback, marked with its version: skipped while that version is below the one held.
         Anything else goes through `load_bundle` as before.
         Raises OSError when the file cannot be read, TrustError when it is refused.
+        A blocking call: the daemon uses `load_bundle_file_off_loop`.
         """
-        digest = _file_sha256(path)
-        mark = self._db.get_meta(BUNDLE_FILE_META)
-        held = self._codes.version()
-        if not self._codes.floor_reset_pending() and isinstance(mark, dict):
-            if mark == {"sha256": digest, "version": held}:
-                log.info("codes bundle file unchanged since it was applied; not read again",
-                         path=str(path), version=held, sha256=digest)
-                return None
-            # Verified once and refused as older than the codes held: while no floor reset
-            # is pending the held version only grows, so it would be refused again.
-            version = mark.get("version")
-            if (mark.get("sha256") == digest and mark.get("verified") is True
-                    and isinstance(version, int) and version < held):
-                log.info(OLDER_FILE_SKIPPED, path=str(path), version=version, held_version=held,
-                         sha256=digest)
-                return None
+        if self._file_unchanged(path, _file_sha256(path)):
+            return None
         raw = path.read_bytes()
         # The hash of the bytes verified, not of the earlier pass: the file may have changed.
         file_sha256 = hashlib.sha256(raw).hexdigest()
@@ -182,6 +178,40 @@ class CodeCache:
             if exc.reason == "rollback":
                 self._mark_verified_older(raw, file_sha256)
             raise
+
+    async def load_bundle_file_off_loop(self, path: Path) -> CodesBundle | None:
+        """`load_bundle_file` with the reading, hashing, verifying and applying in a worker
+        thread: the event loop goes on meanwhile (safety rule 9)."""
+        if self._file_unchanged(path, await asyncio.to_thread(_file_sha256, path)):
+            return None
+        raw = await asyncio.to_thread(path.read_bytes)
+        file_sha256 = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
+
+        def mark_older(version: int) -> None:
+            self._db.set_meta(BUNDLE_FILE_META,
+                              {"sha256": file_sha256, "version": version, "verified": True})
+
+        return await self.load_bundle_off_loop(raw, source=str(path), file_sha256=file_sha256,
+                                               on_rollback=mark_older)
+
+    def _file_unchanged(self, path: Path, digest: str) -> bool:
+        mark = self._db.get_meta(BUNDLE_FILE_META)
+        held = self._codes.version()
+        if self._codes.floor_reset_pending() or not isinstance(mark, dict):
+            return False
+        if mark == {"sha256": digest, "version": held}:
+            log.info("codes bundle file unchanged since it was applied; not read again",
+                     path=str(path), version=held, sha256=digest)
+            return True
+        # Verified once and refused as older than the codes held: while no floor reset
+        # is pending the held version only grows, so it would be refused again.
+        version = mark.get("version")
+        if (mark.get("sha256") == digest and mark.get("verified") is True
+                and isinstance(version, int) and version < held):
+            log.info(OLDER_FILE_SKIPPED, path=str(path), version=version, held_version=held,
+                     sha256=digest)
+            return True
+        return False
 
     def _mark_verified_older(self, raw: bytes, file_sha256: str) -> None:
         """Remember a bundle file refused as a rollback: `verify_bundle` only says rollback
@@ -197,53 +227,110 @@ class CodeCache:
         """Verify and apply a codes bundle; on any refusal the codes held stay in force.
 
         `file_sha256` (from `load_bundle_file`) is stored with the version applied, in the
-        same transaction, so the next start can see the file is unchanged."""
+        same transaction, so the next start can see the file is unchanged. A blocking call,
+        on this cache's own database (`lockerd import-bundle`); the daemon uses
+        `load_bundle_off_loop`."""
         held = self._codes.version()
         floor_reset = self._codes.floor_reset_pending()
         try:
-            if self.keyring is None:
-                raise TrustError(
-                    "no keyring is held yet: a codes bundle can only be verified once a keyring "
-                    "signed by the pinned root keys has been loaded",
-                    reason="no_keyring",
-                )
-            bundle = verify_bundle(
-                raw,
-                codes_role=self.keyring.roles["codes"],
-                keyring_expires_at=self.keyring.expires_at,
-                locker_id=self._locker_id,
-                held_version=held,
-                now=self._now(),
-                floor_reset=floor_reset,
-            )
-            data: dict[str, Any] = {
-                "version": bundle.version,
-                "base_version": bundle.base_version,
-                "upserted": len(bundle.upsert),
-                "revoked": len(bundle.revoke),
-                "source": source,
-            }
-            if floor_reset:
-                data.update(floor_reset=True, previous_version=held)
-            def with_event(conn: sqlite3.Connection) -> None:
-                self._events.append(conn, type=EventType.CACHE_UPDATED, at=self._now(),
-                                    data=data)
-                if file_sha256 is not None:
-                    self._db.set_meta(BUNDLE_FILE_META,
-                                      {"sha256": file_sha256, "version": bundle.version},
-                                      conn=conn)
-
-            # The codes and the event that reports them in one transaction, like the keyring.
-            self._codes.apply(bundle, with_event=with_event)
-            self._observe_time(bundle.issued_at)
+            bundle = self._verify_and_apply(self._db, raw, source=source, held=held,
+                                            floor_reset=floor_reset, file_sha256=file_sha256)
         except TrustError as exc:
             if not _is_repeat(exc, raw, held):
                 self._reject("codes", exc, source)
             raise
+        finally:
+            self._codes.forget_cached()
+        self._accepted(bundle, source)
+        return bundle
+
+    async def load_bundle_off_loop(
+        self, raw: bytes, *, source: str, file_sha256: str | None = None,
+        on_rollback: Callable[[int], None] | None = None,
+    ) -> CodesBundle:
+        """`load_bundle` with the verification and the apply in a worker thread on a
+        connection of its own: a snapshot is built beside the live codes in short
+        transactions and swapped in by one short one, so neither the loop nor the daemon's
+        writer waits for it. One apply at a time. A refusal as a rollback reads the signed
+        version in the worker too (a big payload is never parsed on the loop), and gives it
+        to `on_rollback`."""
+        async with self._apply_lock:
+            held = self._codes.version()
+            floor_reset = self._codes.floor_reset_pending()
+            try:
+                outcome = await asyncio.to_thread(
+                    self._verify_and_apply_in_worker, raw, source=source, held=held,
+                    floor_reset=floor_reset, file_sha256=file_sha256)
+            finally:
+                self._codes.forget_cached()
+            if isinstance(outcome, _Refused):
+                exc, version = outcome.error, outcome.signed_version
+                if exc.reason == "rollback" and version is not None:
+                    if on_rollback is not None:
+                        on_rollback(version)
+                    # The very version held, delivered again: quietly ignored (_is_repeat).
+                    if version == held:
+                        raise exc
+                self._reject("codes", exc, source)
+                raise exc
+            self._accepted(outcome, source)
+            return outcome
+
+    def _verify_and_apply_in_worker(self, raw: bytes, **kwargs: Any) -> CodesBundle | _Refused:
+        db = open_database(self._db.path)
+        try:
+            return self._verify_and_apply(db, raw, **kwargs)
+        except TrustError as exc:
+            return _Refused(exc, _envelope_version(raw) if exc.reason == "rollback" else None)
+        finally:
+            db.close()
+
+    def _verify_and_apply(self, db: Database, raw: bytes, *, source: str, held: int,
+                          floor_reset: bool, file_sha256: str | None) -> CodesBundle:
+        """Verify `raw` and apply it through `db` (the caller's thread's connection); the
+        event and the file mark in the apply's last transaction. Reads nothing else of self
+        but the keyring, the clock and the locker id, so a worker thread may run it."""
+        keyring = self.keyring
+        if keyring is None:
+            raise TrustError(
+                "no keyring is held yet: a codes bundle can only be verified once a keyring "
+                "signed by the pinned root keys has been loaded",
+                reason="no_keyring",
+            )
+        bundle = verify_bundle(
+            raw,
+            codes_role=keyring.roles["codes"],
+            keyring_expires_at=keyring.expires_at,
+            locker_id=self._locker_id,
+            held_version=held,
+            now=self._now(),
+            floor_reset=floor_reset,
+        )
+        data: dict[str, Any] = {
+            "version": bundle.version,
+            "base_version": bundle.base_version,
+            "upserted": len(bundle.upsert),
+            "revoked": len(bundle.revoke),
+            "source": source,
+        }
+        if floor_reset:
+            data.update(floor_reset=True, previous_version=held)
+
+        def with_event(conn: sqlite3.Connection) -> None:
+            self._events.append(conn, type=EventType.CACHE_UPDATED, at=self._now(), data=data)
+            if file_sha256 is not None:
+                db.set_meta(BUNDLE_FILE_META, {"sha256": file_sha256, "version": bundle.version},
+                            conn=conn)
+
+        # The codes and the event that reports them in one transaction, like the keyring.
+        CodeStore(db).apply(bundle, with_event=with_event)
+        return bundle
+
+    def _accepted(self, bundle: CodesBundle, source: str) -> None:
+        self._observe_time(bundle.issued_at)
         self._events.notify()
         log.info("codes bundle applied", version=bundle.version, base_version=bundle.base_version,
                  upserted=len(bundle.upsert), revoked=len(bundle.revoke), source=source)
-        return bundle
 
     def refuse(self, what: str, reason: str, detail: str, *, source: str) -> None:
         """Record a refusal decided before verification (e.g. a payload over the size limit)."""
@@ -255,6 +342,14 @@ class CodeCache:
         log.warning("signed update refused", **data)
         self._rejections.record(EventType.CACHE_REJECTED, data)
 
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A bundle the worker refused, with the version its payload names (for a rollback)."""
+
+    error: TrustError
+    signed_version: int | None
 
 
 def _file_sha256(path: Path) -> str:

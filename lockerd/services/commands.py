@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 
@@ -20,7 +21,10 @@ from lockerd.services.rejections import RejectionRecorder
 from lockerd.services.sync import payload_bytes
 from lockerd.store.commands import CommandJournal, CommandResult
 from lockerd.store.events import EventLog
+from lockerd.store.writer import InlineWriter, Writer
 from lockerd.trust.command import Command, override_authorised, peek_cmd_id, verify_command
+
+T = TypeVar("T")
 
 log = get_logger("lockerd.commands")
 
@@ -46,8 +50,10 @@ class CommandService:
         now: Callable[[], datetime],
         monotonic: Callable[[], float],
         observe_signed_time: Callable[[datetime], None],
+        writer: Writer | None = None,
     ) -> None:
         self._link = link
+        self._writer: Writer = writer or InlineWriter(journal.db)
         self._topics = topics
         self._journal = journal
         self._events = events
@@ -80,7 +86,16 @@ class CommandService:
         for result in self._journal.unsent_results():
             if not await self._send(result):
                 return
-            self._journal.mark_sent(result.cmd_id)
+            await self._write(functools.partial(CommandJournal.mark_sent, cmd_id=result.cmd_id),
+                              durable=False)
+
+    async def _write(self, fn: Callable[[CommandJournal], T], *, durable: bool) -> T:
+        """A journal write through the writer (`started` durable before the command runs);
+        the outbox is woken here, on the loop, once it is committed."""
+        journal = self._journal
+        result = await self._writer.run(lambda db: fn(journal.on(db)), durable=durable)
+        self._events.notify()
+        return result
 
     async def _on_command(self, message: aiomqtt.Message) -> None:
         raw = payload_bytes(message)
@@ -108,7 +123,8 @@ class CommandService:
             await self._reject(cmd.cmd_id, "replay", "this cmd_id was already received")
             return
         self._observe_time(cmd.issued_at)
-        self._journal.start(cmd, at=self._now())
+        at = self._now()
+        await self._write(lambda journal: journal.start(cmd, at=at), durable=True)
         log.info("command started", cmd_id=cmd.cmd_id, action=cmd.action,
                  compartment=cmd.compartment, code_id=None)
         try:
@@ -121,11 +137,13 @@ class CommandService:
         except Exception as exc:  # the journal must record how it ended, whatever happened
             log.exception("command failed", cmd_id=cmd.cmd_id)
             status, detail, data = "error", f"internal error: {exc!r}"[:300], {}
-        result = self._journal.finish(cmd, status, detail, at=self._now(), data=data)
+        at = self._now()
+        result = await self._write(
+            lambda journal: journal.finish(cmd, status, detail, at=at, data=data), durable=False)
         log.info("command finished", cmd_id=cmd.cmd_id, action=cmd.action, status=status,
                  detail=detail, compartment=cmd.compartment, code_id=None)
         if await self._send(result):
-            self._journal.mark_sent(cmd.cmd_id)
+            await self._write(lambda journal: journal.mark_sent(cmd.cmd_id), durable=False)
 
     async def _run(self, cmd: Command) -> tuple[str, str, dict[str, Any]]:
         ref = {"cmd_id": cmd.cmd_id}
@@ -154,7 +172,7 @@ class CommandService:
             await self._resync()
             return "ok", "sync requested", {}
         if cmd.action == "clear_lockout":
-            self._controller.clear_lockout()
+            await self._controller.clear_lockout()
             return "ok", "keypad lockout cleared", {}
         raise RequestRefused(f"action {cmd.action!r} is not implemented")
 

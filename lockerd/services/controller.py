@@ -52,6 +52,7 @@ from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog, StoredEvent
 from lockerd.store.parcels import ParcelStore, SpentTokens
+from lockerd.store.writer import InlineWriter, Writer
 
 log = get_logger("lockerd.controller")
 
@@ -115,10 +116,14 @@ class Controller:
         parcels: ParcelStore | None = None,
         tokens: SpentTokens | None = None,
         online: Callable[[], bool] | None = None,
+        writer: Writer | None = None,
     ) -> None:
         self.bank = bank
         self._credentials = credentials
         self._db = db
+        # Every write goes through the writer (the daemon's: a thread with its own
+        # connection), so a commit that waits for the lock or the disk never stalls the loop.
+        self._writer: Writer = writer or InlineWriter(db)
         self._events = events
         self._codes = codes
         self._lock = lock
@@ -130,6 +135,7 @@ class Controller:
         self._inputs: asyncio.Queue[InputEvent | None] = asyncio.Queue()
         self._display_until: float | None = None
         self._pulses: set[asyncio.Task[None]] = set()
+        self._flushes: set[asyncio.Task[object]] = set()
         self._service_saved = self._service_snapshot()
         self._service_shown = self._out_of_service()
         # Opens requested by a command, a self-test or a technician, awaiting the door sensor.
@@ -302,10 +308,10 @@ class Controller:
                 report[name] = {"ok": False, "detail": str(exc)}
         return report
 
-    def clear_lockout(self) -> None:
+    async def clear_lockout(self) -> None:
         for action in self.bank.clear_lockout():
             if isinstance(action, Save):
-                self._save(action)
+                await self._save(action)
 
     # -- time -------------------------------------------------------------------------------
 
@@ -323,6 +329,8 @@ class Controller:
             return
         pending: list[Record] = []
         recorded = False
+        # Only a commit before a pulse waits for the disk (safety rule 1); the others are
+        # flushed right after, while the customer sees the door or the display already.
         for action in actions:
             # isinstance, not match: this loop runs for every input, and the class patterns
             # cost more than the rest of a key press.
@@ -338,11 +346,11 @@ class Controller:
                 continue
             # Everything recorded so far is durable before the next output (safety rule 1).
             if pending:
-                self.commit(*pending)
+                await self.commit(*pending, durable=isinstance(action, Pulse))
                 pending = []
             await self._carry_out(action)
         if pending:
-            self.commit(*pending)
+            await self.commit(*pending, durable=False)
         if recorded:
             # A compartment leaves or re-enters service only with the event that says so.
             await self._save_service_if_changed()
@@ -354,7 +362,7 @@ class Controller:
         elif isinstance(action, Show):
             await self._show(action.message, hold_s=action.hold_s)
         elif isinstance(action, Save):
-            self._save(action)
+            await self._save(action)
         elif isinstance(action, AskHelp):
             help_id, reference = new_help_ids()
             await self._execute(self.bank.help_sent(
@@ -373,36 +381,62 @@ class Controller:
         if outcome is not None and not outcome.done():
             outcome.set_result(settled.outcome)
 
-    def _save(self, action: Save) -> None:
+    async def _save(self, action: Save) -> None:
+        key: str
+        value: object
         if action.what == "lockout":
-            self._db.set_meta(LOCKOUT_META, asdict(self.bank.lockout.state))
+            key, value = LOCKOUT_META, asdict(self.bank.lockout.state)
         elif action.what == "help_limit":
             help_state = self.bank.help_limit.state
-            self._db.set_meta(HELP_LIMIT_META, {"requests": list(help_state.requests),
-                                                "refused": help_state.refused})
+            key, value = HELP_LIMIT_META, {"requests": list(help_state.requests),
+                                           "refused": help_state.refused}
         else:
             state = self.bank.open_budget.state
-            self._db.set_meta(BUDGET_META, {"opens": list(state.opens),
-                                            "reported_at": state.reported_at})
+            key, value = BUDGET_META, {"opens": list(state.opens),
+                                       "reported_at": state.reported_at}
+        await self._writer.run(lambda db: db.set_meta(key, value))
 
-    def commit(self, *records: Record) -> list[StoredEvent]:
-        """Make events durable in one transaction (one fsync), each with the changes it reports
-        (a credential's use, a parcel on record)."""
+    async def commit(self, *records: Record, durable: bool = True) -> list[StoredEvent]:
+        """Commit events in one transaction, each with the changes it reports (a credential's
+        use, a parcel on record), through the writer. `durable`: on the disk when this
+        returns (one fsync); otherwise committed (and read back by every reader) at once and
+        flushed to the disk right after, and the outbox woken only once it is, so that
+        nothing is published that a power cut could still take back."""
         if not records:
             return []
         at = self._clock.wall()
-        with self._db.transaction() as conn:
-            stored = []
-            for record in records:
-                stored.append(self._events.append(
-                    conn, type=record.type, at=at, compartment=record.compartment,
-                    code_id=record.code_id, data=record.data))
-                self._apply_effects(conn, record, at)
-        self._events.notify()
+
+        def write(db: Database) -> list[StoredEvent]:
+            with db.transaction() as conn:
+                stored = []
+                for record in records:
+                    stored.append(self._events.append(
+                        conn, type=record.type, at=at, compartment=record.compartment,
+                        code_id=record.code_id, data=record.data))
+                    self._apply_effects(conn, record, at)
+            return stored
+
+        stored = await self._writer.run(write, durable=durable)
+        self._codes.forget_cached()
+        if durable:
+            self._events.notify()
+        else:
+            self._notify_when_flushed()
         for event in stored:
             log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
                      code_id=event.code_id)
         return stored
+
+    def _notify_when_flushed(self) -> None:
+        task = asyncio.create_task(self._flushed_then_notify(), name="events-flushed")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flushed_then_notify(self) -> None:
+        try:
+            await self._writer.flush()
+        finally:
+            self._events.notify()
 
     def _apply_effects(self, conn: sqlite3.Connection, record: Record, at: datetime) -> None:
         use = record.use
@@ -425,8 +459,17 @@ class Controller:
         """A verified reply to a help request: recorded, shown if its customer still waits."""
         await self._execute(self.bank.help_reply(help_id, outcome=outcome, message=message))
 
-    def commit_event(self, type_: str, data: Mapping[str, object]) -> StoredEvent:
-        return self.commit(Record(type_, data=data))[0]
+    async def commit_event(self, type_: str, data: Mapping[str, object]) -> StoredEvent:
+        return (await self.commit(Record(type_, data=data)))[0]
+
+    def record_on_loop(self, type_: str, data: Mapping[str, object]) -> StoredEvent:
+        """One event with no effects, committed at once on the loop's own connection: for
+        the console's login events, whose callers cannot await and whose tests and users
+        read the event right after the reply. Short (one row), and it waits at most for
+        one short transaction of another writer (a snapshot is staged in those)."""
+        event = self._events.record(type=type_, at=self._clock.wall(), data=data)
+        log.info("event", type=event.type, seq=event.seq, compartment=None, code_id=None)
+        return event
 
     def _start_pulse(self, cid: str) -> None:
         # The pulse runs beside the controller so a door opening during it is seen at once.
@@ -439,7 +482,7 @@ class Controller:
             await self._lock.pulse(cid, self._pulse_s)
         except HalError as exc:
             log.error("lock pulse failed", compartment=cid, error=str(exc))
-            self.commit(Record(EventType.HARDWARE_FAULT, compartment=cid,
+            await self.commit(Record(EventType.HARDWARE_FAULT, compartment=cid,
                                data={"device": "lock", "detail": str(exc)}))
 
     async def _show(self, message: DisplayMessage, *, hold_s: float | None = None) -> None:
@@ -469,7 +512,7 @@ class Controller:
     async def _save_service_if_changed(self) -> None:
         snapshot = self._service_snapshot()
         if snapshot != self._service_saved:
-            self._db.set_meta("out_of_service", snapshot)
+            await self._writer.run(lambda db: db.set_meta("out_of_service", snapshot))
             self._service_saved = snapshot
         shown = self._out_of_service()
         if shown == self._service_shown:

@@ -86,7 +86,7 @@ def register_door_commands(registry: Registry[C], *, controller: Controller,
                      {"compartment": cid, "in_service": state == "on", "changed": changed})
 
     async def lockout_clear(s: Caller, a: Args) -> Reply:
-        controller.clear_lockout()
+        await controller.clear_lockout()
         clear_console_lockouts()
         return Reply(["keypad and console lockouts cleared"], {"cleared": True})
 

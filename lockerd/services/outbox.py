@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
@@ -15,6 +15,7 @@ from lockerd.mqtt import Topics
 from lockerd.services.link import MqttLink, NotConnected
 from lockerd.services.sync import payload_bytes
 from lockerd.store.outbox import Outbox
+from lockerd.store.writer import InlineWriter, Writer
 
 log = get_logger("lockerd.outbox")
 
@@ -39,10 +40,13 @@ class OutboxPublisher:
         topics: Topics,
         outbox: Outbox,
         locker_id: str,
-        on_shed: Callable[[int, tuple[tuple[int, int], ...]], None] | None = None,
-        on_full: Callable[[int], None] | None = None,
+        on_shed: Callable[[int, tuple[tuple[int, int], ...]], Awaitable[object]] | None = None,
+        on_full: Callable[[int], Awaitable[object]] | None = None,
+        writer: Writer | None = None,
     ) -> None:
         self._link = link
+        # The acknowledgement mark, the pruning and the shedding are writes: the writer's.
+        self._writer: Writer = writer or InlineWriter(outbox.db)
         self._topics = topics
         self._outbox = outbox
         self._locker_id = locker_id
@@ -86,7 +90,7 @@ class OutboxPublisher:
             self._check_pressure.clear()
             # last_seq - acked_upto bounds the depth from above and costs one index lookup.
             if self._outbox.upper_bound_depth() > self._outbox.max_events:
-                self._relieve_pressure()
+                await self._relieve_pressure()
 
     async def _publish(self) -> None:
         while True:
@@ -156,19 +160,20 @@ class OutboxPublisher:
             wake.cancel()
             down.cancel()
 
-    def _relieve_pressure(self) -> None:
-        pressure = self._outbox.shed()
+    async def _relieve_pressure(self) -> None:
+        outbox = self._outbox
+        pressure = await self._writer.run(lambda db: outbox.on(db).shed(), durable=False)
         if pressure.shed:
             log.warning("outbox over its limit: telemetry events shed", shed=pressure.shed,
                         depth=pressure.depth, limit=self._outbox.max_events)
             if self._on_shed is not None:
-                self._on_shed(pressure.shed, pressure.shed_runs)
+                await self._on_shed(pressure.shed, pressure.shed_runs)
         if pressure.over_limit and not self._full_reported:
             self._full_reported = True
             log.error("outbox full of access and fault events; none is dropped",
                       depth=pressure.depth, limit=self._outbox.max_events)
             if self._on_full is not None:
-                self._on_full(pressure.depth)
+                await self._on_full(pressure.depth)
         elif not pressure.over_limit:
             self._full_reported = False
 
@@ -184,7 +189,8 @@ class OutboxPublisher:
                         published_upto=self.published_upto)
             return
         before = self._outbox.acked_upto()
-        after = self._outbox.ack(upto)
+        outbox = self._outbox
+        after = await self._writer.run(lambda db: outbox.on(db).ack(upto), durable=False)
         if after > before:
             log.debug("events acknowledged", upto_seq=after)
 

@@ -45,6 +45,7 @@ class SyncService:
         self._topics = topics
         self._cache = cache
         self._state = state
+        self._reports: dict[str, Callable[[], Any]] = {}
         link.handle(topics.keyring, self._on_keyring)
         link.handle(topics.codes, self._on_codes)
         link.on_connect(self._on_connect)
@@ -53,9 +54,17 @@ class SyncService:
         await self.publish_state()
         await self.request_sync("connect")
 
+    def report(self, key: str, provider: Callable[[], Any]) -> None:
+        """Add `key` to every sync/request while `provider` gives something other than None
+        (the snapshot in parts under way names the parts it misses)."""
+        self._reports[key] = provider
+
     async def request_sync(self, why: str) -> None:
-        body = {"codes_version": self._cache.codes_version,
-                "keyring_version": self._cache.keyring_version}
+        body: dict[str, Any] = {"codes_version": self._cache.codes_version,
+                                "keyring_version": self._cache.keyring_version}
+        for key, provider in self._reports.items():
+            if (value := provider()) is not None:
+                body[key] = value
         try:
             await self._link.publish_json(self._topics.sync_request, body, qos=1)
             log.info("sync requested", why=why, **body)
@@ -79,7 +88,7 @@ class SyncService:
 
     async def _on_codes(self, message: aiomqtt.Message) -> None:
         try:
-            self._cache.load_bundle(payload_bytes(message), source="mqtt")
+            await self._cache.load_bundle_off_loop(payload_bytes(message), source="mqtt")
         except TrustError as exc:
             if exc.reason in ("gap", "no_keyring"):
                 await self.request_sync(exc.reason)

@@ -12,6 +12,7 @@ from typing import Any
 from lockerd.core.access import CodeRecord
 from lockerd.errors import TrustError
 from lockerd.store.db import Database
+from lockerd.store.staging import CodeStaging, SnapshotMeta, entry_row
 from lockerd.trust.bundle import CodesBundle
 
 _LOOKUP = """
@@ -228,47 +229,61 @@ class CodeStore:
         with_event: Callable[[sqlite3.Connection], object] | None = None,
     ) -> None:
         """Apply a verified snapshot or delta atomically: all of it, or nothing on any error.
-        `with_event` appends the event that reports it, in the same transaction."""
-        rows = [
-            (
-                e.digest, e.id, e.kind, e.compartment, e.parcel_id,
-                _epoch(e.not_before), _epoch(e.not_after), e.max_uses,
-            )
-            for e in bundle.upsert
-        ]
+        `with_event` appends the event that reports it, in the same transaction.
+
+        A blocking call, for a worker thread with a `Database` of its own: a snapshot is built
+        beside the live codes in short transactions and swapped in by one short transaction
+        (`CodeStaging`); a delta, small by nature, is one transaction."""
+        try:
+            if bundle.base_version is None:
+                self._apply_snapshot(bundle, with_event)
+            else:
+                self._apply_delta(bundle, with_event)
+        finally:
+            self._parcel_ids = None
+
+    def forget_cached(self) -> None:
+        """Another connection changed the codes or their uses: read them again when asked."""
+        self._parcel_ids = None
+
+    def _apply_snapshot(self, bundle: CodesBundle,
+                        with_event: Callable[[sqlite3.Connection], object] | None) -> None:
+        staging = CodeStaging(self._db)
+        staging.begin(bundle.version)
+        try:
+            staging.add(bundle.upsert)
+            staging.swap(SnapshotMeta(version=bundle.version, issued_at=bundle.issued_at,
+                                      expires_at=bundle.expires_at,
+                                      revoke=tuple(bundle.revoke)), with_event=with_event)
+        except BaseException:
+            staging.discard()
+            raise
+
+    def _apply_delta(self, bundle: CodesBundle,
+                     with_event: Callable[[sqlite3.Connection], object] | None) -> None:
+        rows = [entry_row(e) for e in bundle.upsert]
         touched = [(i,) for i in bundle.revoke] + [(e.id,) for e in bundle.upsert]
-        # A big snapshot touches pages all over the table: a larger page cache for the
-        # duration of the apply saves re-reading them (the default is about 2 MiB).
         self._db.conn.execute(f"PRAGMA cache_size=-{APPLY_CACHE_KIB}")
         try:
             with self._db.transaction() as conn:
-                held = 0 if bundle.base_version is None else self._kept_count(conn)
-                count = self._write_rows(conn, bundle, rows, touched, held=held)
+                count = self._write_rows(conn, bundle, rows, touched,
+                                         held=self._kept_count(conn))
                 self._db.set_meta(COUNT_META, count, conn=conn)
                 self._db.set_meta("codes_version", bundle.version, conn=conn)
-                if bundle.base_version is None:
-                    # This snapshot is the new floor.
-                    conn.execute("DELETE FROM meta WHERE key = ?", (FLOOR_RESET_META,))
                 self._db.set_meta("codes_expires_at", _epoch(bundle.expires_at), conn=conn)
                 self._db.set_meta("codes_issued_at", _epoch(bundle.issued_at), conn=conn)
                 if with_event is not None:
                     with_event(conn)
         finally:
-            self._parcel_ids = None
             self._reset_cache()
 
     @staticmethod
-    def _carry_extensions(conn: sqlite3.Connection, bundle: CodesBundle,
-                          touched: Sequence[tuple[str]]) -> None:
+    def _carry_extensions(conn: sqlite3.Connection, touched: Sequence[tuple[str]]) -> None:
         """An extension holds for the not_after it extended: a rewritten row with the same
         not_after gets it back, one with another not_after replaces it (and its total)."""
-        if bundle.base_version is None:
-            conn.execute(_STALE_EXTENSIONS.format(where=""))
-            rows = conn.execute("SELECT extended_s, digest, id FROM code_extensions").fetchall()
-        else:
-            conn.executemany(_STALE_EXTENSIONS.format(where="id = ? AND"), touched)
-            rows = [row for (code_id,) in dict.fromkeys(touched) for row in conn.execute(
-                "SELECT extended_s, digest, id FROM code_extensions WHERE id = ?", (code_id,))]
+        conn.executemany(_STALE_EXTENSIONS.format(where="id = ? AND"), touched)
+        rows = [row for (code_id,) in dict.fromkeys(touched) for row in conn.execute(
+            "SELECT extended_s, digest, id FROM code_extensions WHERE id = ?", (code_id,))]
         conn.executemany(
             "UPDATE codes SET not_after = not_after + ? WHERE digest = ? AND id = ?", rows)
 
@@ -276,29 +291,19 @@ class CodeStore:
     def _write_rows(conn: sqlite3.Connection, bundle: CodesBundle,
                     rows: Sequence[tuple[object, ...]], touched: Sequence[tuple[str]], *,
                     held: int) -> int:
-        """The code rows of `bundle`, inside the caller's transaction; a digest given to two
+        """The code rows of a delta, inside the caller's transaction; a digest given to two
         code ids is refused as a malformed bundle. Returns the number of codes after it,
-        from `held` (the number before; 0 for a snapshot) and the rows each statement changed."""
+        from `held` (the number before) and the rows each statement changed."""
         try:
-            count = held
-            if bundle.base_version is None:
-                conn.execute("DELETE FROM codes")
-            else:
-                count -= conn.executemany("DELETE FROM codes WHERE id = ?", touched).rowcount
+            count = held - conn.executemany("DELETE FROM codes WHERE id = ?", touched).rowcount
             count += conn.executemany(
                 "INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
-            if bundle.base_version is None and bundle.revoke:
-                count -= conn.executemany("DELETE FROM codes WHERE id = ?",
-                                          [(i,) for i in bundle.revoke]).rowcount
             # A use stays recorded while the same (id, digest) is still issued; a revoked
             # or replaced code's uses go with it. A delta can only affect the ids it names.
-            stale = ("DELETE FROM code_uses WHERE {where} NOT EXISTS (SELECT 1 FROM codes"
-                     " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)")
-            if bundle.base_version is None:
-                conn.execute(stale.format(where=""))
-            else:
-                conn.executemany(stale.format(where="id = ? AND"), touched)
-            CodeStore._carry_extensions(conn, bundle, touched)
+            conn.executemany(
+                "DELETE FROM code_uses WHERE id = ? AND NOT EXISTS (SELECT 1 FROM codes"
+                " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)", touched)
+            CodeStore._carry_extensions(conn, touched)
             derived = [(i.removeprefix(DERIVED_PREFIX), bundle.version)
                        for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
             conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)

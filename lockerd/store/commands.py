@@ -29,9 +29,19 @@ class CommandJournal:
     """A command is journalled as `started` (with its event) before anything is done for it;
     one still `started` at startup died with the process and is reported `unknown`."""
 
-    def __init__(self, db: Database, events: EventLog) -> None:
+    def __init__(self, db: Database, events: EventLog, *, notify: bool = True) -> None:
         self._db = db
         self._events = events
+        self._notify = events.notify if notify else (lambda: None)
+
+    @property
+    def db(self) -> Database:
+        return self._db
+
+    def on(self, db: Database) -> CommandJournal:
+        """The same journal through another connection (the writer thread's); its writes
+        leave waking the outbox (`EventLog.notify`) to the caller, on the loop."""
+        return CommandJournal(db, self._events, notify=False)
 
     def seen(self, cmd_id: str) -> bool:
         row = self._db.conn.execute("SELECT 1 FROM commands WHERE cmd_id = ?",
@@ -49,7 +59,7 @@ class CommandJournal:
                                 compartment=cmd.compartment,
                                 data={"cmd_id": cmd.cmd_id, "action": cmd.action,
                                       "reason": cmd.reason})
-        self._events.notify()
+        self._notify()
 
     def finish(self, cmd: Command, status: str, detail: str, *, at: datetime,
                data: dict[str, Any] | None = None) -> CommandResult:
@@ -60,7 +70,7 @@ class CommandJournal:
                                 compartment=cmd.compartment,
                                 data={"cmd_id": cmd.cmd_id, "action": cmd.action,
                                       "status": status, "detail": detail, **(data or {})})
-        self._events.notify()
+        self._notify()
         return CommandResult(cmd.cmd_id, status, detail)
 
     def recover(self, *, at: datetime) -> list[CommandResult]:

@@ -97,8 +97,8 @@ CREATE TABLE IF NOT EXISTS support_uses (
     window    INTEGER NOT NULL,
     PRIMARY KEY (parcel_id, window)
 ) WITHOUT ROWID;
--- The pickup codes that name a parcel: the parcels a support code may be for.
-CREATE INDEX IF NOT EXISTS codes_by_parcel ON codes (parcel_id) WHERE parcel_id IS NOT NULL;
+-- The pickup codes that name a parcel (the parcels a support code may be for): an index
+-- made by `_ensure_parcel_index`, under one of two names a snapshot swap alternates between.
 -- Local extensions of a code's not_after (downtime, out of service), for the not_after the
 -- bundle set: a bundle that sets another not_after for the code replaces the extension.
 CREATE TABLE IF NOT EXISTS code_extensions (
@@ -109,6 +109,28 @@ CREATE TABLE IF NOT EXISTS code_extensions (
     PRIMARY KEY (id, digest)
 ) WITHOUT ROWID;
 """
+
+
+# The parcel index of the codes table: a snapshot built beside the live set (store/staging.py)
+# gets the name the live table does not use, and keeps it when it is renamed to `codes`.
+PARCEL_INDEXES = ("codes_by_parcel", "codes_by_parcel_b")
+
+
+def parcel_index(conn: sqlite3.Connection) -> str | None:
+    """The name of the codes table's parcel index, None when it has none."""
+    row = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'codes'"
+        f" AND name IN {PARCEL_INDEXES!r}").fetchone()
+    return None if row is None else str(row[0])
+
+
+def _ensure_parcel_index(conn: sqlite3.Connection) -> None:
+    if parcel_index(conn) is None:
+        taken = {str(r[0]) for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        name = next(n for n in PARCEL_INDEXES if n not in taken)
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON codes (parcel_id)"
+                     " WHERE parcel_id IS NOT NULL")
 
 
 class Database:
@@ -162,6 +184,7 @@ def open_database(path: Path) -> Database:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(_SCHEMA)
+        _ensure_parcel_index(conn)
         db = Database(conn, path)
         version = db.get_meta("schema_version")
         if version is None:

@@ -36,6 +36,14 @@ class Outbox:
         self.max_events = max_events
         self.keep_acked = keep_acked
 
+    @property
+    def db(self) -> Database:
+        return self._db
+
+    def on(self, db: Database) -> Outbox:
+        """The same outbox through another connection (the writer thread's)."""
+        return Outbox(db, max_events=self.max_events, keep_acked=self.keep_acked)
+
     def acked_upto(self) -> int:
         return int(self._db.get_meta("acked_upto") or 0)
 

@@ -246,6 +246,48 @@ def build_bundle_payload(
     return payload
 
 
+def check_keyring_current(keyring_expires_at: datetime, *, now: datetime) -> None:
+    """TrustError("keyring_expired") once the keyring held has expired: nothing new is
+    accepted under it until a fresh keyring arrives."""
+    if now >= keyring_expires_at:
+        raise TrustError(
+            f"the keyring expired at {format_time(keyring_expires_at)}: no new codes bundle "
+            "is accepted until a fresh keyring arrives",
+            reason="keyring_expired",
+        )
+
+
+def check_update_claims(
+    *,
+    what: str,
+    claimed_locker: str,
+    version: int,
+    expires_at: datetime,
+    locker_id: str,
+    held_version: int,
+    now: datetime,
+    floor_reset: bool,
+) -> None:
+    """The checks every signed codes update passes once its signature has (PROTOCOL section
+    4), in this order: wrong_locker, rollback (not with `floor_reset`), expired."""
+    if claimed_locker != locker_id:
+        raise TrustError(
+            f"{what} is for locker {claimed_locker!r} but this locker is {locker_id!r}",
+            reason="wrong_locker",
+        )
+    if version <= held_version and not floor_reset:
+        raise TrustError(
+            f"{what} version {version} is not newer than the held version "
+            f"{held_version}; ignored",
+            reason="rollback",
+        )
+    if now >= expires_at:
+        raise TrustError(
+            f"{what} version {version} expired at {format_time(expires_at)}",
+            reason="expired",
+        )
+
+
 def verify_bundle(
     raw_envelope: bytes,
     *,
@@ -265,29 +307,12 @@ def verify_bundle(
     """
     env = parse_envelope(raw_envelope)
     payload = verify_role(env, expected_type=CODES_PAYLOAD_TYPE, role=codes_role)
-    if now >= keyring_expires_at:
-        raise TrustError(
-            f"the keyring expired at {format_time(keyring_expires_at)}: no new codes bundle "
-            "is accepted until a fresh keyring arrives",
-            reason="keyring_expired",
-        )
+    check_keyring_current(keyring_expires_at, now=now)
     bundle = parse_bundle_payload(payload)
-    if bundle.locker_id != locker_id:
-        raise TrustError(
-            f"codes bundle is for locker {bundle.locker_id!r} but this locker is {locker_id!r}",
-            reason="wrong_locker",
-        )
-    if bundle.version <= held_version and not floor_reset:
-        raise TrustError(
-            f"codes bundle version {bundle.version} is not newer than the held version "
-            f"{held_version}; ignored",
-            reason="rollback",
-        )
-    if now >= bundle.expires_at:
-        raise TrustError(
-            f"codes bundle version {bundle.version} expired at {format_time(bundle.expires_at)}",
-            reason="expired",
-        )
+    check_update_claims(what="codes bundle", claimed_locker=bundle.locker_id,
+                        version=bundle.version, expires_at=bundle.expires_at,
+                        locker_id=locker_id, held_version=held_version, now=now,
+                        floor_reset=floor_reset)
     if bundle.base_version is not None and floor_reset:
         raise TrustError(
             f"codes delta version {bundle.version} refused: the codes keys were replaced, so "

@@ -22,6 +22,8 @@ from lockerd.trust.keys import keyid_of, parse_public_hex, public_hex
 
 KEYRING_PAYLOAD_TYPE = "application/vnd.lockerd.keyring+json"
 CODES_PAYLOAD_TYPE = "application/vnd.lockerd.codes+json"
+# The signed manifest of a snapshot sent in parts (docs/protocol.md, version 1.1 addition).
+CODES_MANIFEST_PAYLOAD_TYPE = "application/vnd.lockerd.codes-manifest+json"
 COMMAND_PAYLOAD_TYPE = "application/vnd.lockerd.command+json"
 TECHNICIAN_PAYLOAD_TYPE = "application/vnd.lockerd.technician+json"
 HELP_REPLY_PAYLOAD_TYPE = "application/vnd.lockerd.help-reply+json"

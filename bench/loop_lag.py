@@ -1,0 +1,206 @@
+"""The longest event-loop stall of an in-process daemon during a big apply, beside it idle."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from benchbroker import Broker
+from benchlib import machine_line, run_in_work_directory, unique_codes
+
+from lockerd.app import App, build_app
+from lockerd.config import load_config
+from lockerd.dev.provision import PlainCode, make_bank
+
+TARGET_MS = 20.0
+"""The target: no stall of the loop over 20 ms during any apply."""
+TICK_S = 0.001
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run the daemon in this process on a simulated bank with a probe task "
+        "that sleeps 1 ms and records how late it wakes (the loop's stall). Reports the "
+        "longest stall while a snapshot of N codes arrives over MQTT (its own mosquitto; "
+        "published by a small paho process) and is applied, and from "
+        "`App.run` to READY with a `[codes] bundle_file` of N codes on a fresh database; "
+        "beside each, the same probe over the same time with the daemon idle. Prints "
+        "figures; asserts nothing.")
+    parser.add_argument("--codes", type=int, default=50_000, metavar="N",
+                        help="codes in the snapshot (50000; over about 58000 the JSON is "
+                        "above 16 MiB, so max_payload_bytes is raised to fit)")
+    parser.add_argument("--dir", type=Path, default=None, metavar="PATH",
+                        help="work under PATH and keep it (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.codes < 1:
+        parser.error("--codes must be at least 1")
+    return args
+
+
+class Probe:
+    """Sleeps TICK_S in a loop; each wake-up's lateness is a stall of the loop."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []  # (woke at, late by)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="loop-lag-probe")
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(TICK_S)
+            t1 = time.perf_counter()
+            self.samples.append((t1, t1 - t0 - TICK_S))
+
+    def longest(self, start: float, end: float) -> float:
+        return max((late for at, late in self.samples if start <= at <= end), default=0.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def plain(n: int) -> list[PlainCode]:
+    return [PlainCode(f"c-{i}", code, str(1 + i % 8), parcel_id=f"PX{i}")
+            for i, code in enumerate(unique_codes(n))]
+
+
+async def serving(app: App, body: Callable[[], Awaitable[Any]]) -> Any:
+    task = asyncio.create_task(app.run(install_signal_handlers=False))
+    try:
+        await asyncio.wait_for(app.ready.wait(), 120)
+        return await body()
+    finally:
+        app.request_stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def idle_stall(probe: Probe, seconds: float) -> float:
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    return probe.longest(start, time.perf_counter())
+
+
+async def mqtt_apply(work: Path, broker: Broker, n: int) -> tuple[float, float, float]:
+    """(longest stall during the apply, apply seconds, longest stall idle as long)."""
+    kit = make_bank(work / "mqtt-bank", compartments=8, codes=plain(10), overrides={
+        "logging": {"level": "info", "format": "json"},
+        "mqtt": {"host": broker.host, "port": broker.port,
+                 "max_payload_bytes": max(16 << 20, 400 * n)}})
+    snapshot = work / "snapshot.json"
+    snapshot.write_bytes(kit.bundle(plain(n), version=2))
+    app = build_app(load_config(kit.config_path))
+    probe = Probe()
+
+    async def body() -> tuple[float, float, float]:
+        assert app.link is not None
+        await asyncio.wait_for(app.link.subscribed.wait(), 30)
+        probe.start()
+        await asyncio.sleep(0.5)
+        start = time.perf_counter()
+        publisher = await bare_publish(broker, f"lockers/{kit.locker_id}/codes", snapshot)
+        if await publisher.wait() != 0:
+            raise RuntimeError("publishing the snapshot failed")
+        while app.codes.version() != 2:
+            if time.perf_counter() - start > 600:
+                raise RuntimeError("the snapshot was not applied in 10 minutes")
+            await asyncio.sleep(0.01)
+        end = time.perf_counter()
+        idle = await idle_stall(probe, end - start)
+        await probe.stop()
+        return probe.longest(start, end), end - start, idle
+
+    result: tuple[float, float, float] = await serving(app, body)
+    return result
+
+
+async def bare_publish(broker: Broker, topic: str,
+                       payload: Path) -> asyncio.subprocess.Process:
+    """The same small publisher process for both rows: paho's `single`, QoS 1."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys, paho.mqtt.publish as p; "
+        "p.single(sys.argv[4], open(sys.argv[1], 'rb').read(), qos=1, "
+        "hostname=sys.argv[2], port=int(sys.argv[3]))",
+        str(payload), broker.host, str(broker.port), topic)
+
+
+async def bare_receive(broker: Broker, payload: Path) -> tuple[float, float, float]:
+    """The baseline of the MQTT row: a bare aiomqtt client in this loop receiving the same
+    payload from the same publisher (paho reads one big packet on the loop)."""
+    import aiomqtt
+
+    probe = Probe()
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        await client.subscribe("bench/bare", qos=1)
+        probe.start()
+        await asyncio.sleep(0.5)
+        start = time.perf_counter()
+        publisher = await bare_publish(broker, "bench/bare", payload)
+        async for _ in client.messages:
+            break
+        end = time.perf_counter()
+        await publisher.wait()
+        idle = await idle_stall(probe, end - start)
+        await probe.stop()
+    return probe.longest(start, end), end - start, idle
+
+
+async def bundle_file_start(work: Path, n: int) -> tuple[float, float, float]:
+    """(longest stall from App.run to READY, seconds to READY, longest stall idle as long)."""
+    kit = make_bank(work / "file-bank", compartments=8, codes=plain(n),
+                    overrides={"logging": {"level": "info", "format": "json"}})
+    app = build_app(load_config(kit.config_path))
+    probe = Probe()
+    probe.start()
+    await asyncio.sleep(0.2)
+    start = time.perf_counter()
+    stamps: dict[str, float] = {}
+
+    async def body() -> float:
+        stamps["ready"] = time.perf_counter()
+        if app.codes.version() != 1:
+            raise RuntimeError("the bundle file was not applied")
+        return await idle_stall(probe, stamps["ready"] - start)
+
+    idle: float = await serving(app, body)
+    await probe.stop()
+    return probe.longest(start, stamps["ready"]), stamps["ready"] - start, idle
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    (work / "broker").mkdir()
+    broker = Broker(work / "broker")
+    broker.start()
+    try:
+        mqtt = asyncio.run(mqtt_apply(work, broker, args.codes))
+        bare = asyncio.run(bare_receive(broker, work / "snapshot.json"))
+    finally:
+        broker.stop()
+    start = asyncio.run(bundle_file_start(work, args.codes))
+    print(f"loop_lag: longest event-loop stall (a 1 ms sleep woken late), {args.codes} codes")
+    print(f"  {machine_line()}")
+    print(f"  {'':34} {'seconds':>8} {'longest stall ms':>17} {'idle, as long ms':>17}")
+    for label, (stall, seconds, idle) in (("snapshot over MQTT, applied", mqtt),
+                                          ("  bare aiomqtt receive (baseline)", bare),
+                                          ("bundle_file start, run to READY", start)):
+        verdict = "holds" if stall * 1e3 < TARGET_MS else "MISSED"
+        print(f"  {label:34} {seconds:>8.2f} {stall * 1e3:>17.2f} {idle * 1e3:>17.2f}"
+              f"   (target < {TARGET_MS:.0f} ms: {verdict})")
+    print(f"  MQTT apply stall / bare receive stall: {mqtt[0] / max(bare[0], 1e-6):.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_in_work_directory("loop_lag", args.dir, lambda w: run(args, w))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""A snapshot's codes built beside the live set in short transactions, then swapped in at once."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from lockerd.errors import TrustError
+from lockerd.store.db import PARCEL_INDEXES, Database, parcel_index
+from lockerd.trust.bundle import CodeEntry
+
+STAGING_TABLE = "codes_staging"
+RETIRED_TABLE = "codes_retired"
+# Rows per transaction while filling or emptying a side table: a writer waiting for the lock
+# (the daemon's next event) waits for one of these, a millisecond or two, never for the set.
+CHUNK_ROWS = 2000
+STAGING_CACHE_KIB = 65536
+
+# Kept in step with lockerd.store.codes (which imports this module for snapshots).
+_COUNT_META = "codes_count"
+_FLOOR_RESET_META = "codes_floor_reset"
+_DERIVED_PREFIX = "derived:"
+
+_CREATE = """
+CREATE TABLE {table} (
+    digest      TEXT PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    compartment TEXT,
+    parcel_id   TEXT,
+    not_before  INTEGER,
+    not_after   INTEGER NOT NULL,
+    max_uses    INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+_STALE_USES = ("DELETE FROM code_uses WHERE NOT EXISTS (SELECT 1 FROM codes"
+               " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)")
+_STALE_EXTENSIONS = (
+    "DELETE FROM code_extensions WHERE NOT EXISTS (SELECT 1 FROM codes c"
+    " WHERE c.id = code_extensions.id AND c.digest = code_extensions.digest"
+    " AND c.not_after = code_extensions.base_not_after)")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMeta:
+    """What a snapshot says besides its codes: written with the swap that makes it live."""
+
+    version: int
+    issued_at: datetime
+    expires_at: datetime
+    revoke: tuple[str, ...] = ()
+
+
+def _epoch(dt: datetime) -> int:
+    return int(dt.timestamp())
+
+
+def entry_row(e: CodeEntry) -> tuple[object, ...]:
+    """A code entry as a row of the codes table (digests only, times in epoch seconds)."""
+    return (e.digest, e.id, e.kind, e.compartment, e.parcel_id,
+            None if e.not_before is None else _epoch(e.not_before), _epoch(e.not_after),
+            e.max_uses)
+
+
+def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                       (name,)).fetchone()
+    return row is not None
+
+
+class CodeStaging:
+    """A snapshot's code rows built in table codes_staging beside the live codes.
+
+    Every call blocks (a worker thread's, with a `Database` of its own). Filling takes many
+    short transactions at synchronous=NORMAL: until the swap nothing of it is live, and a
+    crash leaves only leftovers that the next `begin` discards. The swap is one short
+    transaction at synchronous=FULL: two renames, the snapshot's meta and its event.
+    """
+
+    def __init__(self, db: Database, *, cache_kib: int = STAGING_CACHE_KIB) -> None:
+        # `cache_kib`: the page cache while filling; a receiver bounded in memory (snapshots
+        # in parts, services/parts.py) asks for less than the default.
+        self._db = db
+        self._cache_kib = cache_kib
+        self._version: int | None = None
+        self._count = 0
+
+    def begin(self, version: int) -> None:
+        """Discard any leftovers (a staging table of a crashed fill, a retired set not yet
+        emptied) and create an empty staging table for snapshot `version`."""
+        self.discard()
+        self._retire_leftovers()
+        conn = self._db.conn
+        index = self._free_parcel_index()
+        with self._db.transaction():
+            conn.execute(_CREATE.format(table=STAGING_TABLE))
+            conn.execute(f"CREATE INDEX {index} ON {STAGING_TABLE} (parcel_id)"
+                         " WHERE parcel_id IS NOT NULL")
+        self._version = version
+        self._count = 0
+
+    def add(self, entries: Sequence[CodeEntry]) -> None:
+        """Add code rows, CHUNK_ROWS per transaction. A digest (or an id) given twice, here or
+        in an earlier `add`, is refused as a malformed snapshot: TrustError(reason="malformed")."""
+        version = self._require()
+        conn = self._db.conn
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+        try:
+            for start in range(0, len(entries), CHUNK_ROWS):
+                rows = [entry_row(e) for e in entries[start:start + CHUNK_ROWS]]
+                try:
+                    with self._db.transaction():
+                        added = conn.executemany(
+                            f"INSERT INTO {STAGING_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            rows).rowcount
+                except sqlite3.IntegrityError as exc:
+                    raise TrustError(
+                        f"codes bundle version {version} gives the same digest to two code ids"
+                        f" (two codes with the same plain code): {exc}", reason="malformed",
+                    ) from exc
+                self._count += added
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+
+    def swap(self, meta: SnapshotMeta, *,
+             with_event: Callable[[sqlite3.Connection], object] | None = None) -> int:
+        """Make the staged rows the live codes in one short transaction, with what `apply`
+        writes for a snapshot (meta, stale uses and extensions, revoked derived codes) and
+        the event `with_event` appends. Returns the number of codes after it. The set it
+        replaced is emptied afterwards in short transactions."""
+        version = self._require()
+        if meta.version != version:
+            raise ValueError(f"staging holds snapshot version {version}, not {meta.version}")
+        conn = self._db.conn
+        conn.execute("PRAGMA synchronous=FULL")
+        revoked = [(i,) for i in dict.fromkeys(meta.revoke)]
+        with self._db.transaction():
+            conn.execute(f"ALTER TABLE codes RENAME TO {RETIRED_TABLE}")
+            conn.execute(f"ALTER TABLE {STAGING_TABLE} RENAME TO codes")
+            count = self._count - conn.executemany(
+                "DELETE FROM codes WHERE id = ?", revoked).rowcount
+            # A use stays recorded while the same (id, digest) is still issued; an extension
+            # while its not_after is still the bundle's (and is then carried onto the row).
+            conn.execute(_STALE_USES)
+            conn.execute(_STALE_EXTENSIONS)
+            conn.executemany(
+                "UPDATE codes SET not_after = not_after + ? WHERE digest = ? AND id = ?",
+                conn.execute("SELECT extended_s, digest, id FROM code_extensions").fetchall())
+            conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)",
+                             [(i.removeprefix(_DERIVED_PREFIX), version)
+                              for (i,) in revoked if i.startswith(_DERIVED_PREFIX)])
+            self._db.set_meta(_COUNT_META, count, conn=conn)
+            self._db.set_meta("codes_version", version, conn=conn)
+            # A snapshot is the new floor.
+            conn.execute("DELETE FROM meta WHERE key = ?", (_FLOOR_RESET_META,))
+            self._db.set_meta("codes_expires_at", _epoch(meta.expires_at), conn=conn)
+            self._db.set_meta("codes_issued_at", _epoch(meta.issued_at), conn=conn)
+            if with_event is not None:
+                with_event(conn)
+        self._version = None
+        self._retire_leftovers()
+        return count
+
+    def discard(self) -> None:
+        """Drop the staging table and its rows (in short transactions), if there is one."""
+        self._version = None
+        self._count = 0
+        self._empty(STAGING_TABLE)
+
+    def _require(self) -> int:
+        if self._version is None:
+            raise RuntimeError("no snapshot is being staged: call begin() first")
+        return self._version
+
+    def _retire_leftovers(self) -> None:
+        self._empty(RETIRED_TABLE)
+
+    def _empty(self, table: str) -> None:
+        """Delete a side table's rows CHUNK_ROWS at a time, then drop it (now a short step)."""
+        conn = self._db.conn
+        if not _table_exists(conn, table):
+            conn.execute("PRAGMA cache_size=-2000")
+            return
+        conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            while True:
+                with self._db.transaction():
+                    gone = conn.execute(
+                        f"DELETE FROM {table} WHERE digest IN"
+                        f" (SELECT digest FROM {table} LIMIT {CHUNK_ROWS})").rowcount
+                if gone == 0:
+                    break
+            with self._db.transaction():
+                conn.execute(f"DROP TABLE {table}")
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA cache_size=-2000")
+
+    def _free_parcel_index(self) -> str:
+        """The name of the parcel index the staging table gets: the one the live codes
+        table does not use (the two alternate, as each swap moves an index with its table)."""
+        used = parcel_index(self._db.conn)
+        return next(name for name in PARCEL_INDEXES if name != used)

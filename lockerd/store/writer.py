@@ -1,0 +1,180 @@
+"""The one thread that writes the database: the event loop awaits commits, never waits on them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from lockerd.logs import get_logger
+from lockerd.store.db import Database, open_database
+
+log = get_logger("lockerd.writer")
+
+T = TypeVar("T")
+Job = Callable[[Database], T]
+
+
+class Writer(Protocol):
+    """What the services write through: `run` a job on the connection that owns writes."""
+
+    async def run(self, fn: Job[T], *, durable: bool = True) -> T: ...
+
+    async def flush(self) -> None: ...
+
+
+class InlineWriter:
+    """A `Writer` that runs each job at once on the caller's own connection (always at
+    synchronous=FULL): for a controller built without the daemon's writer thread, as a
+    test that drives one step at a time builds it."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def run(self, fn: Job[T], *, durable: bool = True) -> T:
+        return fn(self._db)
+
+    async def flush(self) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class _Task:
+    fn: Job[Any]
+    durable: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+class DbWriter:
+    """Runs write jobs, in the order they were submitted, on a thread with its own connection.
+
+    A SQLite commit can wait for the write lock (another process's transaction, a checkpoint)
+    or for the disk; on this thread that wait delays only the coroutine awaiting the job, and
+    the event loop goes on with everything else (safety rule 9).
+
+    `durable=True` (the default) commits at synchronous=FULL: the job's transaction is on the
+    disk when `run` returns (an event before the pulse it reports). `durable=False` commits at
+    synchronous=NORMAL, and the write-ahead log is flushed as soon as no job is waiting: the
+    event is as durable a moment later, without the customer waiting for the flush. A durable
+    commit flushes every earlier one with it, since the log is written in order.
+    """
+
+    def __init__(self, path: Path, *, name: str = "lockerd-writer") -> None:
+        self._path = path
+        self._wal = Path(f"{path}-wal")
+        self._jobs: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._opened = threading.Event()
+        self._open_error: BaseException | None = None
+        self._unflushed = False
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the thread and open its connection; raises what opening raised."""
+        self._thread.start()
+        self._opened.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    async def run(self, fn: Job[T], *, durable: bool = True) -> T:
+        """Run `fn(db)` on the writer's thread and return what it returned (or raise what it
+        raised). The job runs to its end even if the awaiting task is cancelled."""
+        if self._closed:
+            raise RuntimeError("the database writer is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Task(fn, durable, loop, future))
+        return await future
+
+    async def flush(self) -> None:
+        """Return once every commit submitted before it is on the disk."""
+        await self.run(lambda _db: self._flush(), durable=True)
+
+    def close(self) -> None:
+        """Finish the jobs submitted, flush the log, close the connection (blocks)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    # -- the writer's thread -----------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            db = open_database(self._path)
+        except BaseException as exc:  # noqa: BLE001 - raised again by start()
+            self._open_error = exc
+            self._opened.set()
+            return
+        self._opened.set()
+        synchronous_full = True
+        try:
+            while True:
+                task = self._next()
+                if task is None:
+                    break
+                if task.durable != synchronous_full:
+                    synchronous_full = task.durable
+                    db.conn.execute(f"PRAGMA synchronous={'FULL' if task.durable else 'NORMAL'}")
+                self._run(db, task)
+                # A durable job that committed flushed the log too; one that only read did
+                # not, so it is left for the flush before the next wait (cheap when clean).
+                self._unflushed = self._unflushed or not task.durable
+        finally:
+            self._flush()
+            db.close()
+
+    def _next(self) -> _Task | None:
+        """The next job; before blocking for one, the log is flushed if a lazy commit left
+        it unflushed."""
+        try:
+            return self._jobs.get_nowait()
+        except queue.Empty:
+            pass
+        self._flush()
+        return self._jobs.get()
+
+    def _run(self, db: Database, task: _Task) -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = task.fn(db)
+        except BaseException as exc:  # noqa: BLE001 - raised again by the awaiting task
+            error = exc
+        # A loop already closed has nobody waiting any more.
+        with contextlib.suppress(RuntimeError):
+            task.loop.call_soon_threadsafe(_settle, task.future, result, error)
+
+    def _flush(self) -> None:
+        if not self._unflushed:
+            return
+        self._unflushed = False
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed and removed: the database file itself was synced
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            log.error("could not flush the write-ahead log", error=str(exc))
+        finally:
+            os.close(fd)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    with contextlib.suppress(asyncio.InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

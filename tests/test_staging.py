@@ -1,0 +1,214 @@
+"""A snapshot built beside the live codes: fill in short transactions, one swap, discard, refuse."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from lockerd.errors import TrustError
+from lockerd.store import CodeStore, Database, EventLog, open_database
+from lockerd.store.db import PARCEL_INDEXES, parcel_index
+from lockerd.store.staging import (
+    CHUNK_ROWS,
+    RETIRED_TABLE,
+    STAGING_TABLE,
+    CodeStaging,
+    SnapshotMeta,
+)
+from lockerd.timeutil import utcnow
+from lockerd.trust.bundle import CodeEntry, CodesBundle
+
+pytestmark = pytest.mark.unit
+
+NOW = utcnow()
+
+
+def entry(i: int, *, parcel: str | None = None) -> CodeEntry:
+    return CodeEntry(id=f"c-{i}", kind="pickup", digest=f"{i:064x}",
+                     not_after=NOW + timedelta(days=1), compartment="1", parcel_id=parcel)
+
+
+def meta(version: int, revoke: tuple[str, ...] = ()) -> SnapshotMeta:
+    return SnapshotMeta(version=version, issued_at=NOW, expires_at=NOW + timedelta(days=1),
+                        revoke=revoke)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    return open_database(tmp_path / "lockerd.db")
+
+
+def tables(db: Database) -> set[str]:
+    return {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def live(db: Database) -> int:
+    return int(db.conn.execute("SELECT COUNT(*) FROM codes").fetchone()[0])
+
+
+def held(db: Database, n: int) -> None:
+    CodeStore(db).apply(CodesBundle(
+        locker_id="L1", version=1, base_version=None, issued_at=NOW,
+        expires_at=NOW + timedelta(days=1), upsert=tuple(entry(i) for i in range(n)),
+        revoke=()))
+
+
+def test_parts_fill_the_staging_table_and_one_swap_makes_them_live(db: Database) -> None:
+    held(db, 10)
+    events = EventLog(db)
+    staging = CodeStaging(db)
+    staging.begin(2)
+    staging.add([entry(i, parcel=f"P{i}") for i in range(100, 100 + CHUNK_ROWS + 5)])
+    staging.add([entry(i) for i in range(5000, 5010)])
+    # Nothing of it is live before the swap.
+    codes = CodeStore(db)
+    assert live(db) == 10 and codes.version() == 1
+    assert codes.lookup(f"{100:064x}") is None
+    count = staging.swap(meta(2), with_event=lambda conn: events.append(
+        conn, type="cache.updated", at=NOW, data={"version": 2}))
+    assert count == CHUNK_ROWS + 15 == live(db) == codes.count()
+    assert codes.version() == 2
+    assert codes.lookup(f"{100:064x}") is not None and codes.lookup(f"{1:064x}") is None
+    assert codes.parcel_pickup_code("P101") is not None
+    assert [e.type for e in events.recent(5)] == ["cache.updated"]
+    assert STAGING_TABLE not in tables(db) and RETIRED_TABLE not in tables(db)
+    assert db.integrity_ok()
+
+
+def test_the_parcel_index_moves_with_the_table_and_is_not_made_twice(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "lockerd.db")
+    first = parcel_index(db.conn)
+    for version in (1, 2, 3):
+        staging = CodeStaging(db)
+        staging.begin(version)
+        staging.add([entry(i, parcel="P") for i in range(3)])
+        staging.swap(meta(version))
+        assert parcel_index(db.conn) in PARCEL_INDEXES
+    assert parcel_index(db.conn) != first  # three swaps: the other name
+    plan = db.conn.execute("EXPLAIN QUERY PLAN SELECT id FROM codes WHERE parcel_id = 'P'"
+                           ).fetchall()
+    assert str(parcel_index(db.conn)) in str(plan)
+    db.close()
+    again = open_database(tmp_path / "lockerd.db")
+    indexes = [r[0] for r in again.conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='codes'"
+        " AND name NOT LIKE 'sqlite_%'")]
+    assert len(indexes) == 1, indexes
+    again.close()
+
+
+def test_a_digest_given_twice_across_parts_is_malformed_and_nothing_changes(
+        db: Database) -> None:
+    held(db, 5)
+    staging = CodeStaging(db)
+    staging.begin(2)
+    staging.add([entry(i) for i in range(100, 110)])
+    twice = CodeEntry(id="other", kind="pickup", digest=f"{105:064x}",
+                      not_after=NOW + timedelta(days=1))
+    with pytest.raises(TrustError) as err:
+        staging.add([twice])
+    assert err.value.reason == "malformed"
+    staging.discard()
+    assert live(db) == 5 and CodeStore(db).version() == 1
+    assert STAGING_TABLE not in tables(db)
+    with pytest.raises(RuntimeError, match="begin"):
+        staging.swap(meta(2))
+
+
+def test_a_malformed_snapshot_through_apply_leaves_the_live_set(db: Database) -> None:
+    held(db, 5)
+    bad = CodesBundle(locker_id="L1", version=2, base_version=None, issued_at=NOW,
+                      expires_at=NOW + timedelta(days=1),
+                      upsert=(entry(100), CodeEntry(id="x", kind="pickup", digest=f"{100:064x}",
+                                                    not_after=NOW + timedelta(days=1))),
+                      revoke=())
+    with pytest.raises(TrustError) as err:
+        CodeStore(db).apply(bad)
+    assert err.value.reason == "malformed"
+    assert live(db) == 5 and CodeStore(db).version() == 1 and CodeStore(db).count() == 5
+    assert STAGING_TABLE not in tables(db)
+
+
+def test_begin_discards_what_a_crashed_fill_left(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "lockerd.db")
+    held(db, 3)
+    crashed = CodeStaging(db)
+    crashed.begin(7)
+    crashed.add([entry(i) for i in range(100, 100 + 3 * CHUNK_ROWS)])
+    db.close()  # as a kill would leave it: the staging table on the disk
+    db = open_database(tmp_path / "lockerd.db")
+    assert STAGING_TABLE in tables(db) and live(db) == 3
+    staging = CodeStaging(db)
+    staging.begin(8)
+    staging.add([entry(1)])
+    assert staging.swap(meta(8)) == 1 == live(db)
+    db.close()
+
+
+def test_the_swap_keeps_uses_of_codes_still_issued_and_revokes(db: Database) -> None:
+    held(db, 3)
+    codes = CodeStore(db)
+    with db.transaction() as conn:
+        codes.change_uses(conn, "c-0", f"{0:064x}", +1)
+        codes.change_uses(conn, "c-1", f"{1:064x}", +1)
+    staging = CodeStaging(db)
+    staging.begin(2)
+    staging.add([entry(0), entry(2)])
+    assert staging.swap(meta(2, revoke=("c-2", "derived:PX9"))) == 1
+    record = codes.lookup(f"{0:064x}")
+    assert record is not None and record.uses == 1
+    assert codes.lookup(f"{2:064x}") is None
+    assert db.conn.execute("SELECT id FROM code_uses").fetchall() == [("c-0",)]
+    assert codes.derived_revoked("PX9")
+
+
+def test_a_swap_for_another_version_is_refused(db: Database) -> None:
+    staging = CodeStaging(db)
+    staging.begin(3)
+    with pytest.raises(ValueError, match="version 3"):
+        staging.swap(meta(4))
+    staging.discard()
+
+
+def test_a_writer_commits_between_the_fill_transactions(tmp_path: Path) -> None:
+    """Another connection's commits go on while a snapshot is filled: each waits for one
+    fill transaction at the most, never for the fill, and none is refused as locked."""
+    path = tmp_path / "lockerd.db"
+    db = open_database(path)
+    held(db, 1)
+    other = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    n = 40 * CHUNK_ROWS
+    done = threading.Event()
+    commits: list[int] = []
+
+    def fill() -> None:
+        worker = open_database(path)
+        try:
+            staging = CodeStaging(worker)
+            staging.begin(2)
+            staging.add([entry(i) for i in range(10, 10 + n)])
+            staging.swap(meta(2))
+        finally:
+            worker.close()
+            done.set()
+
+    thread = threading.Thread(target=fill)
+    thread.start()
+    try:
+        # At a pace like the daemon's (events come a few milliseconds apart at the most); a
+        # writer in a tight loop would starve the fill instead, SQLite's lock being unfair.
+        while not done.wait(0.002):
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO meta VALUES ('probe', '1') ON CONFLICT(key)"
+                          " DO UPDATE SET value = value + 1")
+            other.execute("COMMIT")
+            commits.append(1)
+    finally:
+        thread.join()
+        other.close()
+    assert live(db) == n and commits
+    db.close()

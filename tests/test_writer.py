@@ -1,0 +1,83 @@
+"""The database writer thread: jobs in order, errors handed back, the loop free while one waits."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from lockerd.store import Database, EventLog, open_database
+from lockerd.store.writer import DbWriter
+from lockerd.timeutil import utcnow
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[DbWriter]:
+    open_database(tmp_path / "lockerd.db").close()
+    w = DbWriter(tmp_path / "lockerd.db")
+    w.start()
+    yield w
+    await asyncio.to_thread(w.close)
+
+
+def append(type_: str) -> Callable[[Database], int]:
+    def job(db: Database) -> int:
+        with db.transaction() as conn:
+            return EventLog(db).append(conn, type=type_, at=utcnow()).seq
+    return job
+
+
+async def test_jobs_run_in_the_order_submitted_and_return_their_result(
+        writer: DbWriter, tmp_path: Path) -> None:
+    seqs = await asyncio.gather(*(writer.run(append(f"t.{i}"), durable=i % 2 == 0)
+                                  for i in range(20)))
+    assert seqs == sorted(seqs) and len(set(seqs)) == 20
+    # Committed when run returns, durable or not: another connection reads it at once.
+    reader = open_database(tmp_path / "lockerd.db")
+    try:
+        types = [e.type for e in EventLog(reader).recent(50)]
+    finally:
+        reader.close()
+    assert types == [f"t.{i}" for i in range(20)]
+    await writer.flush()
+
+
+async def test_an_error_in_a_job_is_raised_to_its_caller_and_the_writer_goes_on(
+        writer: DbWriter) -> None:
+    def bad(db: Database) -> None:
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO nowhere VALUES (1)")
+
+    with pytest.raises(sqlite3.OperationalError, match="nowhere"):
+        await writer.run(bad)
+    assert isinstance(await writer.run(append("after")), int)
+
+
+async def test_the_loop_runs_on_while_a_commit_waits_for_the_lock(
+        writer: DbWriter, tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "lockerd.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's long transaction
+    job = asyncio.create_task(writer.run(append("waiting")))
+    turns = 0
+    for _ in range(50):
+        await asyncio.sleep(0)
+        turns += 1
+    assert not job.done() and turns == 50
+    other.execute("COMMIT")
+    other.close()
+    assert isinstance(await job, int)
+
+
+async def test_a_closed_writer_refuses_jobs(tmp_path: Path) -> None:
+    open_database(tmp_path / "lockerd.db").close()
+    w = DbWriter(tmp_path / "lockerd.db")
+    w.start()
+    await w.run(append("last"), durable=False)
+    await asyncio.to_thread(w.close)
+    with pytest.raises(RuntimeError, match="closed"):
+        await w.run(append("late"))
