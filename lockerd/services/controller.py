@@ -190,12 +190,17 @@ class Controller:
         self.busy_since = self._clock.monotonic()
         if event is not None:
             await self.handle(event)
-        await self._tick()
-        if self._undrawn is not None and self._inputs.empty():
-            await self._draw(self._undrawn)
+        # In a burst of queued input (a code arriving in one read), what is due is looked at
+        # once, after its last event: a few microseconds late, and not once per key.
+        if event is None or self._inputs.empty():
+            await self._tick()
+            if self._undrawn is not None:
+                await self._draw(self._undrawn)
         self.busy_since = None
 
     async def _next_input(self) -> InputEvent | None:
+        if not self._inputs.empty():
+            return self._inputs.get_nowait()
         deadline = self._next_deadline()
         if deadline is None:
             return await self._inputs.get()
