@@ -10,13 +10,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    LOCKERD,
     Summary,
     filesystem_of,
     machine_line,
@@ -26,24 +24,27 @@ from benchlib import (
     unique_codes,
 )
 from wire_relay import fill, unlock_frame
+from wirelib import (
+    KERONG,
+    STEP_TIMEOUT_S,
+    LogMarks,
+    Ports,
+    board_emulator,
+    start_daemon,
+    until_keypad_open,
+)
 
 from hal.kerong.codec import CMD_UNLOCK, Request, RequestDecoder, encode_unlock
 from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from sim.wire.bank import WirePaths, kerong_wiring
-from sim.wire.kerong import KerongEmulator
-from sim.wire.pty import open_pty
 from sim.world import SimWorld
 
 TARGET = 1.5
-STEP_TIMEOUT_S = 10.0
-START_TIMEOUT_S = 60.0
 # The digits of the "#" phase go out first; this long later the daemon has long taken them.
 TYPED_SETTLE_S = 0.05
 PHASES = ("hash", "full")
 LABELS = {"hash": "'#' after the code was typed", "full": "full code and '#' in one burst"}
 RELAY = Path(__file__).with_name("wire_relay.py")
-# Kerong polling as config/wire.toml has it.
-KERONG = {"poll_interval_s": 0.1, "idle_poll_interval_s": 1.0, "fast_poll_for_s": 10.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,70 +113,6 @@ def watch_unlocks(fd: int, clock: FrameClock) -> None:
     asyncio.get_running_loop().add_reader(fd, readable)
 
 
-@dataclass
-class Ports:
-    """The bench's ends of one system's ptys, linked at the paths a config names."""
-
-    directory: Path
-    masters: dict[str, int] = field(default_factory=dict)
-
-    def open(self) -> WirePaths:
-        paths = WirePaths(self.directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for name, link in (("kerong", paths.kerong), ("scanner", paths.scanner),
-                           ("keypad", paths.keypad)):
-            master, slave = open_pty()
-            self.masters[name] = master
-            link.symlink_to(slave)
-        return paths
-
-    def close(self) -> None:
-        for fd in self.masters.values():
-            os.close(fd)
-
-
-class LogMarks:
-    """Event lines of the daemon's JSON log, read as they are written."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-        self.seen: list[dict[str, Any]] = []
-
-    def _read(self) -> None:
-        with self.path.open("rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            try:
-                self.seen.append(json.loads(line))
-            except ValueError:
-                continue
-
-    async def wait(self, cond: Callable[[dict[str, Any]], bool], what: str,
-                   within_s: float = STEP_TIMEOUT_S) -> None:
-        """Until a line after the last one waited for satisfies `cond`."""
-        deadline = time.monotonic() + within_s
-        while True:
-            self._read()
-            for i, rec in enumerate(self.seen):
-                if cond(rec):
-                    del self.seen[: i + 1]
-                    return
-            self.seen.clear()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.005)
-
-    async def event(self, type_: str, cid: str) -> None:
-        await self.wait(lambda r: r.get("type") == type_ and r.get("compartment") == cid,
-                        f"{type_} of compartment {cid}")
-
-
 # -- the two systems ----------------------------------------------------------------------
 
 
@@ -211,14 +148,6 @@ def provision_daemon(directory: Path, wire: Path, codes: list[PlainCode], n: int
         overrides={"logging": {"level": "info", "format": "json"},
                    "doors": {"pulse_s": 0.2},
                    "backends": {"kerong": dict(KERONG)}})
-
-
-def start_daemon(kit: BankKit, log_path: Path) -> tuple[subprocess.Popen[bytes], LogMarks]:
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([*LOCKERD, "run", "-c", str(kit.config_path)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=kit.directory, start_new_session=True)
-    return proc, LogMarks(log_path)
 
 
 def start_relay(kit: BankKit, relay_wire: WirePaths, db: Path,
@@ -259,11 +188,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         world = SimWorld(ids, parcels=ids, spring_delay_s=0.0)
-        boards: dict[int, dict[int, str]] = {}
-        for cid, place in wiring.items():
-            b, n = (int(x) for x in place.split("/"))
-            boards.setdefault(b, {})[n] = cid
-        emulator = KerongEmulator(world, boards=boards, engaged_bit=1)
+        emulator = board_emulator(world, ids)
         daemon_clock, relay_clock = FrameClock(), FrameClock()
         emulator.listeners.append(daemon_clock.heard)
         board_task = asyncio.create_task(emulator.run(daemon_ports.masters["kerong"]))
@@ -277,10 +202,7 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         proc, marks = start_daemon(kit, work / "daemon.log")
         procs.append(proc)
-        # Bytes written before the daemon opens the keypad port are lost, as on a real line.
-        await marks.wait(lambda r: r.get("event") == "serial port open"
-                         and r.get("device") == "keypad", "the daemon to open the keypad",
-                         START_TIMEOUT_S)
+        await until_keypad_open(marks)
         started_s = time.monotonic() - t0
         systems = [System("lockerd run", daemon_ports.masters["keypad"], daemon_clock, proc),
                    System("minimal relay", relay_ports.masters["keypad"], relay_clock, relay)]
