@@ -274,36 +274,39 @@ class _SerialInput(Device):
         return DeviceHealth(ok=True)
 
     async def run(self, emit: Emit) -> None:
-        # A thread of its own, for opening the port and for the blocking reads of a URL handler
-        # without a file descriptor: neither may wait behind nor hold up the work of the loop's
-        # default executor. A port with a descriptor never reads in it.
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hal-{self.DEVICE}")
-        try:
-            await self._serve(pool, emit)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _serve(self, pool: Executor, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # A thread of its own, for opening the port and for the blocking reads of a URL
+            # handler without a file descriptor: neither may wait behind nor hold up the work
+            # of the loop's default executor. It ends once the port is open and has a
+            # descriptor (read from the loop): an idle daemon keeps no thread for its ports.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hal-{self.DEVICE}")
             try:
-                port = await _in_thread(pool, self._open, discard=_close_quietly)
-            except (OSError, ValueError) as exc:  # SerialException is an OSError
-                self._unusable(exc, "cannot open the serial port; retrying", emit)
-                await asyncio.sleep(self._retry_delay(loop.time()))
-                continue
-            self._port_open = True
-            log.info("serial port open", device=self.DEVICE, port=self._settings.port)
-            try:
-                self._opened()
-                await self._pump(pool, port, emit)
-            except OSError as exc:
-                self._unusable(exc, "serial port lost; reopening", emit)
+                await self._serve_once(pool, emit)
             finally:
-                self._port_open = False
-                _close_quietly(port)
+                pool.shutdown(wait=False, cancel_futures=True)
             # A port that opens but fails at once must not spin: always pause before reopening.
             await asyncio.sleep(self._retry_delay(loop.time()))
+
+    async def _serve_once(self, pool: ThreadPoolExecutor, emit: Emit) -> None:
+        """Open the port and read it until it fails; an error is reported, never raised."""
+        try:
+            port = await _in_thread(pool, self._open, discard=_close_quietly)
+        except (OSError, ValueError) as exc:  # SerialException is an OSError
+            self._unusable(exc, "cannot open the serial port; retrying", emit)
+            return
+        self._port_open = True
+        log.info("serial port open", device=self.DEVICE, port=self._settings.port)
+        try:
+            self._opened()
+            if _fileno(port) is not None:
+                pool.shutdown(wait=False)
+            await self._pump(pool, port, emit)
+        except OSError as exc:
+            self._unusable(exc, "serial port lost; reopening", emit)
+        finally:
+            self._port_open = False
+            _close_quietly(port)
 
     def _open(self) -> _Port:
         port = cast(_Port, serial.serial_for_url(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -332,6 +333,25 @@ async def test_keypad_keeps_working_while_the_scanner_is_dead(
     assert keys.health() == []
     assert (await key_dev.health()).ok
     assert not (await scan_dev.health()).ok
+
+
+async def test_an_open_port_is_read_from_the_loop_without_a_thread(
+    ctx: HalContext, ptys: Ptys
+) -> None:
+    master, path = ptys.open()
+    dev = keypad(ctx, path)
+    rec, run = run_device(dev)
+
+    def port_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("hal-keypad")]
+
+    async with running(run):
+        await until(lambda: dev.port_open)
+        # The thread that opened the port ends; the keys still come, read when they arrive.
+        await until(lambda: not port_threads(), what=lambda: f"threads {port_threads()}")
+        os.write(master, b"7#")
+        await until(lambda: rec.keys() == "7#")
+        assert not port_threads()
 
 
 async def test_cancel_closes_the_port(ctx: HalContext, ptys: Ptys) -> None:
