@@ -124,7 +124,8 @@ def codes(n: int, compartments: int) -> list[PlainCode]:
                       parcel_id=f"PX{i}") for i in range(n)]
 
 
-async def measure(args: argparse.Namespace, work: Path) -> tuple[list[Watched], float]:
+async def measure(args: argparse.Namespace, work: Path,
+                  first_rss: dict[str, int]) -> tuple[list[Watched], float]:
     ids = [str(i) for i in range(1, args.compartments + 1)]
     procs: list[subprocess.Popen[bytes]] = []
     ports = Ports(work / "wire")
@@ -143,11 +144,19 @@ async def measure(args: argparse.Namespace, work: Path) -> tuple[list[Watched], 
                              socket=False, wire=wire.directory,
                              overrides={"logging": {"level": "info", "format": "json"},
                                         "backends": {"kerong": dict(KERONG)}})
-        sim_daemon = await asyncio.to_thread(start_daemon, sim_kit)
-        procs.append(sim_daemon.proc)
-        wire_proc, marks = start_wire_daemon(wire_kit, work / "wire-daemon.log")
-        procs.append(wire_proc)
-        await until_keypad_open(marks)
+        # A first start takes the bundle file in; the bank idles after the next boot, which
+        # finds the file already applied. Both RSS figures are printed.
+        for start in ("first", "again"):
+            for p in procs:
+                stop_process(p)
+            procs.clear()
+            sim_daemon = await asyncio.to_thread(start_daemon, sim_kit)
+            procs.append(sim_daemon.proc)
+            wire_proc, marks = start_wire_daemon(wire_kit, work / f"wire-daemon-{start}.log")
+            procs.append(wire_proc)
+            await until_keypad_open(marks)
+            if start == "first":
+                first_rss.update(sim=rss_kib(sim_daemon.pid), wire=rss_kib(wire_proc.pid))
         bare = start_bare(args.settle + args.seconds + 60, work)
         await asyncio.sleep(args.settle)
         watched = [Watched("bare libraries, asyncio idle", bare.pid),
@@ -181,10 +190,12 @@ def verdict(ok: bool) -> str:
     return "holds" if ok else "MISSED"
 
 
-def report(args: argparse.Namespace, watched: list[Watched], window: float) -> None:
+def report(args: argparse.Namespace, watched: list[Watched], window: float,
+           first_rss: dict[str, int]) -> None:
     tick = 1 / CLK_TCK
     print(f"idle_footprint: {window:.1f} s idle window after {args.settle:g} s settling; "
-          f"daemons with {args.compartments} compartments and {args.codes} codes")
+          f"daemons with {args.compartments} compartments and {args.codes} codes, on their "
+          "second start (the bundle file already applied)")
     print(f"  {machine_line()}")
     print(f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; CPU time resolution "
           f"{tick * 1000:.0f} ms = {tick / window * 100:.3f} % of the window")
@@ -202,18 +213,20 @@ def report(args: argparse.Namespace, watched: list[Watched], window: float) -> N
     print(f"  wire idle CPU {cpu:.3f} % (target < {CPU_TARGET_PCT} %: "
           f"{verdict(cpu < CPU_TARGET_PCT)}); wake-ups {wakeups:.2f}/s "
           f"(target < {WAKEUPS_TARGET:g}/s: {verdict(wakeups < WAKEUPS_TARGET)})")
-    for w in (sim, wire):
+    for w, first in ((sim, first_rss["sim"]), (wire, first_rss["wire"])):
         ratio = w.rss_kib / bare.rss_kib
         print(f"  {w.label}: RSS {ratio:.2f}x the bare libraries (target <= {RSS_TARGET}x: "
-              f"{verdict(ratio <= RSS_TARGET)})")
+              f"{verdict(ratio <= RSS_TARGET)}); on its first start, which applied the "
+              f"bundle file, {first / bare.rss_kib:.2f}x ({first / 1024:.1f} MiB)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run(work: Path) -> None:
-        watched, window = asyncio.run(measure(args, work))
-        report(args, watched, window)
+        first_rss: dict[str, int] = {}
+        watched, window = asyncio.run(measure(args, work, first_rss))
+        report(args, watched, window, first_rss)
 
     return run_in_work_directory("idle_footprint", args.dir, run)
 
