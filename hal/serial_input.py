@@ -255,6 +255,7 @@ class _SerialInput(Device):
         self._dead = False
         self._unusable_since: float | None = None  # when the port last stopped working
         self._error = ""
+        self._opened_early: _Port | None = None  # opened by start(), for run() to read
 
     @property
     def port_open(self) -> bool:
@@ -273,6 +274,25 @@ class _SerialInput(Device):
             return DeviceHealth(ok=True, detail=f"reopening {self._settings.port}: {self._error}")
         return DeviceHealth(ok=True)
 
+    async def start(self) -> None:
+        """Open the port before the daemon says it is up, so that a key pressed as soon as
+        it is up is read. A port that will not open now is no startup error: `run` tries
+        again at once, and reports it."""
+        if self._opened_early is not None or self._port_open:
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hal-{self.DEVICE}")
+        try:
+            self._opened_early = await _in_thread(pool, self._open, discard=_close_quietly)
+        except (OSError, ValueError):
+            return
+        finally:
+            pool.shutdown(wait=False)
+
+    async def close(self) -> None:
+        port, self._opened_early = self._opened_early, None
+        if port is not None:
+            _close_quietly(port)
+
     async def run(self, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -290,8 +310,10 @@ class _SerialInput(Device):
 
     async def _serve_once(self, pool: ThreadPoolExecutor, emit: Emit) -> None:
         """Open the port and read it until it fails; an error is reported, never raised."""
+        port, self._opened_early = self._opened_early, None
         try:
-            port = await _in_thread(pool, self._open, discard=_close_quietly)
+            if port is None:
+                port = await _in_thread(pool, self._open, discard=_close_quietly)
         except (OSError, ValueError) as exc:  # SerialException is an OSError
             self._unusable(exc, "cannot open the serial port; retrying", emit)
             return

@@ -354,6 +354,40 @@ async def test_an_open_port_is_read_from_the_loop_without_a_thread(
         assert not port_threads()
 
 
+async def test_a_port_opened_at_start_loses_no_key_typed_before_run(
+    ctx: HalContext, ptys: Ptys
+) -> None:
+    master, path = ptys.open()
+    dev = keypad(ctx, path)
+    await dev.start()  # the daemon starts its devices before it says it is up
+    os.write(master, b"12#")  # a key pressed the moment it is up, before run() reads
+    rec, run = run_device(dev)
+    async with running(run):
+        await until(lambda: rec.keys() == "12#")
+    assert rec.health() == []
+
+
+async def test_close_after_start_without_run_closes_the_port(ctx: HalContext, ptys: Ptys) -> None:
+    master, path = ptys.open()
+    dev = keypad(ctx, path)
+    await dev.start()
+    await dev.close()
+    os.set_blocking(master, False)
+    with pytest.raises(OSError) as caught:
+        os.read(master, 1)
+    assert caught.value.errno == errno.EIO
+
+
+async def test_a_port_missing_at_start_is_no_startup_error(ctx: HalContext,
+                                                           tmp_path: Path) -> None:
+    dev = keypad(ctx, str(tmp_path / "not-plugged-in"), **FAST)
+    await dev.start()
+    rec, run = run_device(dev)
+    async with running(run):
+        await until(lambda: len(rec.health()) == 1, what="the fault, reported by run")
+    assert not rec.health()[0].ok
+
+
 async def test_cancel_closes_the_port(ctx: HalContext, ptys: Ptys) -> None:
     master, path = ptys.open()
     dev = keypad(ctx, path)
