@@ -208,6 +208,10 @@ def report(args: argparse.Namespace, watched: list[Watched], window: float,
               f"{w.hwm_kib / 1024:>9.1f}")
     bare, sim, wire = watched
     print()
+    if args.settle < KERONG["fast_poll_for_s"]:
+        print(f"  note: --settle {args.settle:g} s is shorter than fast_poll_for_s = "
+              f"{KERONG['fast_poll_for_s']:g} s: the wire daemon's window starts while it still "
+              "polls fast after its start")
     cpu = wire.cpu_s / window * 100
     wakeups = wire.switches / window
     print(f"  wire idle CPU {cpu:.3f} % (target < {CPU_TARGET_PCT} %: "
