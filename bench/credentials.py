@@ -4,7 +4,7 @@ in the same run. Prints figures; asserts nothing.
 
 Parts 1, 3 and 4 run in this process on the daemon's own functions; part 2 drives a `lockerd run`
 subprocess on the simulator through its control socket, timing scans and key presses the way
-keypress_to_unlock.py times key presses (with its Pickup record and log parser)."""
+bench/sim_pickups.py has it (its Pickup record and log parser)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from benchlib import (
     work_directory,
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from keypress_to_unlock import (
+from sim_pickups import (
     PULSE_S,
     SPRING_DELAY_S,
     STEP_TIMEOUT_S,
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "token with one byte altered, beside a bare Ed25519 verify of the same signed bytes. "
         "(2) scan: a `lockerd run` subprocess on a simulated bank (spring delay 0); scanning a "
         "fresh pickup token to the door open, interleaved with keypad pickups (CODE# in one "
-        "press, and '#' alone) timed as keypress_to_unlock.py times them. (3) derived: one "
+        "press, and '#' alone) timed as bench/sim_pickups.py has it. (3) derived: one "
         "entered code checked against the derived pickup codes of 8, 64, 256 parcels (one HMAC "
         "each), and Controller.submit of it with derived codes on and off, beside one HMAC + "
         "lookup of a bundle code. (4) assign: deposit.assign over 16, 128, 1024 compartments "
@@ -415,7 +415,7 @@ KIND_LABELS = {
 async def one_pickup(
     sim: SimClient, credential: str, cid: str, daemon: Daemon, kind: str, *, timed: bool
 ) -> Pickup:
-    """One pickup on compartment `cid`, as keypress_to_unlock.py times it: kind "scan" sends
+    """One pickup on compartment `cid`, as bench/sim_pickups.py has it: kind "scan" sends
     `credential` (a token) in one `scan`; "burst" sends CODE# in one `press`; "hash" types the
     digits untimed first and times the '#' alone. Timed from sending the request to the first
     `state` reply with the door open, and to the first showing "Door N is open" (the screen
@@ -519,7 +519,7 @@ async def drive_scans(kit: BankKit, daemon: Daemon, args: argparse.Namespace) ->
 
 
 def measure_scan(work: Path, args: argparse.Namespace) -> ScanResult:
-    # The bank keypress_to_unlock.py times, so that its keypad figures and these look codes up
+    # The bank of bench/sim_pickups.py, so that its keypad figures and these look codes up
     # in a cache of the same size.
     kit = provision_bank(work / "scan-bank", args)
     daemon = start_daemon(kit)

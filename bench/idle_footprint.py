@@ -1,36 +1,85 @@
-"""Idle memory and CPU of a `lockerd run` subprocess, beside bare-interpreter baselines."""
+"""Idle CPU, wake-ups, threads and memory of `lockerd run` with 100k codes, on the simulator
+and on the wire (real drivers on ptys), beside a bare process of the libraries it uses."""
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import asyncio
+import glob
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchlib import (
     CLK_TCK,
-    Daemon,
-    context_switches,
     cpu_seconds,
-    exit_on_sigterm,
     machine_line,
     proc_status,
-    provision,
     rss_kib,
+    run_in_work_directory,
     start_daemon,
     stop_process,
 )
+from wirelib import KERONG, Ports, board_emulator, until_keypad_open
+from wirelib import start_daemon as start_wire_daemon
 
-# Each baseline prints "ready" once its imports are done, then sleeps in asyncio.
-FLOOR = "import asyncio, sys; print('ready', flush=True); asyncio.run(asyncio.sleep({s}))"
-IMPORTS = (
-    "import asyncio, sys, lockerd.app, lockerd.cli.lockerd_cmd, sim.backend; "
+from lockerd.dev.provision import PlainCode, make_bank
+from sim.world import SimWorld
+
+CPU_TARGET_PCT = 0.2
+WAKEUPS_TARGET = 5.0
+RSS_TARGET = 1.3
+# The libraries `lockerd run` imports, and nothing of lockerd: what any daemon doing this work
+# in Python would carry. It prints "ready" once they are in, then idles in asyncio.
+BARE = (
+    "import asyncio, sqlite3, json, hashlib, hmac, logging, tomllib, ssl; "
+    "import cryptography.hazmat.primitives.asymmetric.ed25519, "
+    "cryptography.hazmat.primitives.hashes; "
+    "import msgspec, structlog, aiomqtt, serial, cbor2, base45; "
     "print('ready', flush=True); asyncio.run(asyncio.sleep({s}))"
 )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Start `lockerd run` twice with N codes: on the simulator backend, and on "
+        "the wire (Kerong boards emulated in this process, serial keypad and scanner on ptys, "
+        "polling as config/wire.toml), plus a bare process that imports the libraries lockerd "
+        "uses (asyncio, sqlite3, cryptography, msgspec, structlog, aiomqtt, pyserial, ...) "
+        "without lockerd and idles. Over one idle window: CPU % (utime+stime), wake-ups/s "
+        "(voluntary + involuntary context switches of all threads), threads, RSS. Prints the "
+        "ratios beside the targets; asserts nothing.")
+    parser.add_argument("--seconds", type=float, default=60.0, metavar="S",
+                        help="length of the idle window (60)")
+    parser.add_argument("--codes", type=int, default=100_000, metavar="N",
+                        help="pickup codes in each daemon's cache (100000)")
+    parser.add_argument("--compartments", type=int, default=16, metavar="N",
+                        help="compartments of each bank (16)")
+    parser.add_argument("--settle", type=float, default=15.0, metavar="S",
+                        help="wait this long after start-up before the window opens (15: past "
+                        "the fast polling that follows a start)")
+    parser.add_argument("--dir", type=Path, default=None, metavar="PATH",
+                        help="work in PATH (empty) and keep it; default a temporary directory")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.settle < 0 or args.codes < 0 or args.compartments < 1:
+        parser.error("--seconds must be positive, --settle and --codes not negative")
+    return args
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every thread of `pid`: its wake-ups."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split(":")[1])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return total
 
 
 @dataclass
@@ -39,205 +88,151 @@ class Watched:
 
     label: str
     pid: int
-    rss_start_kib: int = 0
-    rss_end_kib: int = 0
-    rss_max_kib: int = 0
+    cpu_s: float = 0.0
+    switches: int = 0
+    rss_kib: int = 0
     hwm_kib: int = 0
-    cpu_start_s: float = 0.0
-    cpu_end_s: float = 0.0
-    switches_start: int = 0
-    switches_end: int = 0
     threads: int = 0
-    samples: list[int] = field(default_factory=list)
 
     def begin(self) -> None:
-        self.cpu_start_s = cpu_seconds(self.pid)
-        self.switches_start = context_switches(self.pid)
-        self.rss_start_kib = self.rss_max_kib = rss_kib(self.pid)
-
-    def sample(self) -> None:
-        rss = rss_kib(self.pid)
-        self.samples.append(rss)
-        self.rss_max_kib = max(self.rss_max_kib, rss)
+        self.cpu_s = -cpu_seconds(self.pid)
+        self.switches = -context_switches(self.pid)
 
     def end(self) -> None:
-        self.cpu_end_s = cpu_seconds(self.pid)
-        self.switches_end = context_switches(self.pid)
+        self.cpu_s += cpu_seconds(self.pid)
+        self.switches += context_switches(self.pid)
         status = proc_status(self.pid)
-        self.rss_end_kib = int(status["VmRSS"].split()[0])
-        self.rss_max_kib = max(self.rss_max_kib, self.rss_end_kib)
+        self.rss_kib = rss_kib(self.pid)
         self.hwm_kib = int(status["VmHWM"].split()[0])
         self.threads = int(status["Threads"])
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Start `lockerd run` on a simulated bank as a subprocess, wait until it is "
-        "up, then sample its RSS (/proc/PID/status VmRSS) and CPU time (/proc/PID/stat "
-        "utime+stime) over an idle window. Baselines measured over the same window: a bare "
-        "`python -c asyncio.sleep` process (the interpreter floor) and one that has also "
-        "imported lockerd and the sim backend (import cost). Prints figures; asserts nothing."
-    )
-    parser.add_argument(
-        "--seconds", type=float, default=30.0, metavar="S", help="length of the idle window (30)"
-    )
-    parser.add_argument(
-        "--compartments", type=int, default=16, metavar="N", help="compartments of the bank (16)"
-    )
-    parser.add_argument(
-        "--codes",
-        type=int,
-        default=16,
-        metavar="N",
-        help="pickup codes in the bank's cache (16: one per compartment)",
-    )
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=1.0,
-        metavar="S",
-        help="wait this long after start-up before the window opens (1)",
-    )
-    parser.add_argument(
-        "--interval", type=float, default=0.5, metavar="S", help="RSS sampling interval (0.5)"
-    )
-    args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.interval <= 0 or args.settle < 0:
-        parser.error("--seconds and --interval must be positive, --settle not negative")
-    if args.compartments < 1 or args.codes < 0:
-        parser.error("--compartments must be at least 1, --codes at least 0")
-    return args
-
-
-def start_baseline(code: str, seconds: float, cwd: Path) -> subprocess.Popen[str]:
-    # `python -c` puts its working directory first on sys.path: run it outside the checkout so
-    # that it imports the same installed lockerd as the daemon.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code.format(s=seconds)],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def start_bare(lifetime_s: float, cwd: Path) -> subprocess.Popen[str]:
+    # Run outside the checkout: `python -c` puts its working directory first on sys.path.
+    proc = subprocess.Popen([sys.executable, "-c", BARE.format(s=lifetime_s)], cwd=cwd,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
+    if proc.stdout.readline().strip() != "ready":
         stop_process(proc)
-        raise RuntimeError(f"baseline process did not start: {code!r}")
+        raise RuntimeError("the bare library process did not start")
     return proc
 
 
-def watch(processes: list[Watched], seconds: float, interval: float) -> float:
-    """Sample every process until `seconds` have passed; returns the exact window length."""
-    for w in processes:
-        w.begin()
-    t0 = time.monotonic()
-    end = t0 + seconds
-    while (now := time.monotonic()) < end:
-        time.sleep(min(interval, end - now))
-        for w in processes:
-            w.sample()
-    for w in processes:
-        w.end()
-    return time.monotonic() - t0
+def codes(n: int, compartments: int) -> list[PlainCode]:
+    return [PlainCode(id=f"p-{i}", code=f"{i:08d}", compartment=str(1 + i % compartments),
+                      parcel_id=f"PX{i}") for i in range(n)]
 
 
-def report(
-    args: argparse.Namespace,
-    daemon: Daemon,
-    startup_cpu_s: float,
-    watched: list[Watched],
-    window_s: float,
-) -> None:
+async def measure(args: argparse.Namespace, work: Path,
+                  first_rss: dict[str, int]) -> tuple[list[Watched], float]:
+    ids = [str(i) for i in range(1, args.compartments + 1)]
+    procs: list[subprocess.Popen[bytes]] = []
+    ports = Ports(work / "wire")
+    wire = ports.open()
+    bare: subprocess.Popen[str] | None = None
+    emulator_task: asyncio.Task[None] | None = None
+    try:
+        world = SimWorld(ids, parcels=ids, spring_delay_s=0.0)
+        emulator = board_emulator(world, ids)
+        emulator_task = asyncio.create_task(emulator.run(ports.masters["kerong"]))
+        sim_kit = make_bank(work / "sim-bank", compartments=args.compartments,
+                            codes=codes(args.codes, args.compartments), parcels=ids,
+                            overrides={"logging": {"level": "info", "format": "json"}})
+        wire_kit = make_bank(work / "wire-bank", compartments=args.compartments,
+                             codes=codes(args.codes, args.compartments), parcels=ids,
+                             socket=False, wire=wire.directory,
+                             overrides={"logging": {"level": "info", "format": "json"},
+                                        "backends": {"kerong": dict(KERONG)}})
+        # A first start takes the bundle file in; the bank idles after the next boot, which
+        # finds the file already applied. Both RSS figures are printed.
+        for start in ("first", "again"):
+            for p in procs:
+                stop_process(p)
+            procs.clear()
+            sim_daemon = await asyncio.to_thread(start_daemon, sim_kit)
+            procs.append(sim_daemon.proc)
+            wire_proc, marks = start_wire_daemon(wire_kit, work / f"wire-daemon-{start}.log")
+            procs.append(wire_proc)
+            await until_keypad_open(marks)
+            if start == "first":
+                first_rss.update(sim=rss_kib(sim_daemon.pid), wire=rss_kib(wire_proc.pid))
+        bare = start_bare(args.settle + args.seconds + 60, work)
+        await asyncio.sleep(args.settle)
+        watched = [Watched("bare libraries, asyncio idle", bare.pid),
+                   Watched("lockerd run, simulator", sim_daemon.pid),
+                   Watched("lockerd run, wire (real drivers)", wire_proc.pid)]
+        for w in watched:
+            w.begin()
+        t0 = time.monotonic()
+        await asyncio.sleep(args.seconds)
+        window = time.monotonic() - t0
+        for w in watched:
+            w.end()
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"a daemon exited during the window (status {p.returncode})")
+        return watched, window
+    finally:
+        if emulator_task is not None:
+            emulator_task.cancel()
+            await asyncio.gather(emulator_task, return_exceptions=True)
+        for p in procs:
+            stop_process(p)
+        if bare is not None:
+            stop_process(bare)
+            if bare.stdout is not None:
+                bare.stdout.close()
+        ports.close()
+
+
+def verdict(ok: bool) -> str:
+    return "holds" if ok else "MISSED"
+
+
+def report(args: argparse.Namespace, watched: list[Watched], window: float,
+           first_rss: dict[str, int]) -> None:
     tick = 1 / CLK_TCK
-    print(
-        f"idle_footprint: {window_s:.1f} s idle window, daemon with {args.compartments} "
-        f"compartments and {args.codes} codes on the simulator"
-    )
+    print(f"idle_footprint: {window:.1f} s idle window after {args.settle:g} s settling; "
+          f"daemons with {args.compartments} compartments and {args.codes} codes, on their "
+          "second start (the bundle file already applied)")
     print(f"  {machine_line()}")
-    print(
-        f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; CPU time resolution {tick * 1000:.0f} ms "
-        f"(SC_CLK_TCK {CLK_TCK}), i.e. {tick / window_s * 100:.3f} % of the window"
-    )
-    print(
-        f"  daemon start-up: {daemon.started_s:.2f} s to an answering control socket, "
-        f"{startup_cpu_s:.2f} s CPU"
-    )
+    print(f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; CPU time resolution "
+          f"{tick * 1000:.0f} ms = {tick / window * 100:.3f} % of the window")
     print()
-    head = (
-        f"  {'process':<34}{'RSS start':>10}{'RSS end':>10}{'RSS max':>10}{'VmHWM':>10}"
-        f"{'CPU s':>8}{'CPU %':>8}{'wakeups/s':>11}{'threads':>9}"
-    )
-    print(head)
-    print(f"  {'':<34}{'(MiB)':>10}{'(MiB)':>10}{'(MiB)':>10}{'(MiB)':>10}")
+    print(f"  {'process':<36}{'CPU s':>8}{'CPU %':>8}{'wakeups/s':>11}{'threads':>9}"
+          f"{'RSS MiB':>9}{'HWM MiB':>9}")
     for w in watched:
-        cpu = w.cpu_end_s - w.cpu_start_s
-        wakeups = (w.switches_end - w.switches_start) / window_s
-        print(
-            f"  {w.label:<34}{w.rss_start_kib / 1024:>10.1f}{w.rss_end_kib / 1024:>10.1f}"
-            f"{w.rss_max_kib / 1024:>10.1f}{w.hwm_kib / 1024:>10.1f}{cpu:>8.2f}"
-            f"{cpu / window_s * 100:>8.2f}{wakeups:>11.1f}{w.threads:>9}"
-        )
-    floor, imports, lockerd = watched
+        print(f"  {w.label:<36}{w.cpu_s:>8.2f}{w.cpu_s / window * 100:>8.3f}"
+              f"{w.switches / window:>11.2f}{w.threads:>9}{w.rss_kib / 1024:>9.1f}"
+              f"{w.hwm_kib / 1024:>9.1f}")
+    bare, sim, wire = watched
     print()
-    print(
-        f"  lockerd idle CPU: {lockerd.cpu_end_s - lockerd.cpu_start_s:.2f} s over "
-        f"{window_s:.1f} s ({(lockerd.cpu_end_s - lockerd.cpu_start_s) / window_s * 100:.2f} %)"
-    )
-    print(
-        f"  RSS above the interpreter floor: imports "
-        f"{(imports.rss_end_kib - floor.rss_end_kib) / 1024:+.1f} MiB, running daemon "
-        f"{(lockerd.rss_end_kib - floor.rss_end_kib) / 1024:+.1f} MiB; daemon RSS change "
-        f"over the window {(lockerd.rss_end_kib - lockerd.rss_start_kib):+d} KiB"
-    )
+    if args.settle < KERONG["fast_poll_for_s"]:
+        print(f"  note: --settle {args.settle:g} s is shorter than fast_poll_for_s = "
+              f"{KERONG['fast_poll_for_s']:g} s: the wire daemon's window starts while it still "
+              "polls fast after its start")
+    cpu = wire.cpu_s / window * 100
+    wakeups = wire.switches / window
+    print(f"  wire idle CPU {cpu:.3f} % (target < {CPU_TARGET_PCT} %: "
+          f"{verdict(cpu < CPU_TARGET_PCT)}); wake-ups {wakeups:.2f}/s "
+          f"(target < {WAKEUPS_TARGET:g}/s: {verdict(wakeups < WAKEUPS_TARGET)})")
+    for w, first in ((sim, first_rss["sim"]), (wire, first_rss["wire"])):
+        ratio = w.rss_kib / bare.rss_kib
+        print(f"  {w.label}: RSS {ratio:.2f}x the bare libraries (target <= {RSS_TARGET}x: "
+              f"{verdict(ratio <= RSS_TARGET)}); on its first start, which applied the "
+              f"bundle file, {first / bare.rss_kib:.2f}x ({first / 1024:.1f} MiB)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exit_on_sigterm()
-    work = Path(tempfile.mkdtemp(prefix="lkbench-"))
-    daemon: Daemon | None = None
-    baselines: list[subprocess.Popen[str]] = []
-    status = 0
-    try:
-        kit = provision(work / "bank", compartments=args.compartments, codes=args.codes)
-        daemon = start_daemon(kit)
-        startup_cpu_s = cpu_seconds(daemon.pid)
-        # The baselines sleep past the end of the window; they are stopped when it closes.
-        lifetime = args.seconds + args.settle + 60
-        baselines = [start_baseline(FLOOR, lifetime, work), start_baseline(IMPORTS, lifetime, work)]
-        time.sleep(args.settle)
-        watched = [
-            Watched("python, asyncio.sleep (floor)", baselines[0].pid),
-            Watched("python + lockerd imports, sleep", baselines[1].pid),
-            Watched("lockerd run (idle)", daemon.pid),
-        ]
-        window_s = watch(watched, args.seconds, args.interval)
-        if daemon.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited during the window:\n{daemon.log_tail()}")
-        report(args, daemon, startup_cpu_s, watched, window_s)
-    except (RuntimeError, FileNotFoundError, ProcessLookupError) as exc:
-        print(f"idle_footprint: {exc}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        print("idle_footprint: interrupted", file=sys.stderr)
-        status = 130
-    finally:
-        for proc in baselines:
-            stop_process(proc)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        if daemon is not None:
-            code = stop_process(daemon.proc)
-            if code != 0 and status == 0:
-                print(
-                    f"idle_footprint: the daemon exited with status {code}:\n{daemon.log_tail()}",
-                    file=sys.stderr,
-                )
-                status = 1
-        shutil.rmtree(work, ignore_errors=True)
-    return status
+
+    def run(work: Path) -> None:
+        first_rss: dict[str, int] = {}
+        watched, window = asyncio.run(measure(args, work, first_rss))
+        report(args, watched, window, first_rss)
+
+    return run_in_work_directory("idle_footprint", args.dir, run)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from benchlib import (
     start_daemon,
     stop_process,
 )
-from keypress_to_unlock import PULSE_S, SPRING_DELAY_S, STEP_TIMEOUT_S, one_pickup
+from sim_pickups import PULSE_S, SPRING_DELAY_S, STEP_TIMEOUT_S, one_pickup
 
 from lockerd.dev.provision import BankKit
 from sim.client import SimClient

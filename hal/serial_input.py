@@ -35,9 +35,12 @@ log = structlog.get_logger("hal.serial")
 KEYPAD_KEYS: Final = frozenset(b"0123456789*#")
 # A keypad that ends its keys with a newline is not sending junk.
 _KEYPAD_IGNORED: Final = frozenset(b"\r\n")
-# How long one blocking read in the worker thread may wait. Cancellation interrupts it at once
-# (Serial.cancel_read), so this only bounds the wait for URL handlers that cannot be interrupted
-# and how soon a port that reopened without traffic counts as working again.
+# A port with a file descriptor (a tty, a pty, socket://) is read from the event loop when the
+# descriptor is readable: no thread and no timed wake-up. Only a URL handler without one
+# (loop://, rfc2217://) is read in a worker thread, by blocking reads of at most this long.
+# Cancellation interrupts such a read at once (Serial.cancel_read), so this only bounds the
+# wait for handlers that cannot be interrupted and how soon a port that reopened without
+# traffic counts as working again.
 READ_TIMEOUT_S: Final = 0.5
 READ_CHUNK: Final = 4096
 # One warning per kind of drop in this interval; the rest are counted into the next warning so
@@ -212,6 +215,15 @@ def _read_some(port: _Port) -> bytes:
     return bytes(first) + (bytes(port.read(waiting)) if waiting else b"")
 
 
+def _fileno(port: _Port) -> int | None:
+    """The port's file descriptor, or None for a URL handler that has none."""
+    try:
+        fd = cast(Any, port).fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
 def _close_quietly(port: _Port) -> None:
     try:
         port.close()
@@ -220,8 +232,8 @@ def _close_quietly(port: _Port) -> None:
 
 
 class _SerialInput(Device):
-    """The loop both serial input devices share: open, read in a worker thread, reopen after a
-    cooldown forever, and report the device dead once its port has been unusable long enough.
+    """The loop both serial input devices share: open, read whenever bytes arrive, reopen after
+    a cooldown forever, and report the device dead once its port has been unusable long enough.
     A subclass only turns bytes into events (`_feed`)."""
 
     DEVICE: ClassVar[str]
@@ -243,6 +255,7 @@ class _SerialInput(Device):
         self._dead = False
         self._unusable_since: float | None = None  # when the port last stopped working
         self._error = ""
+        self._opened_early: _Port | None = None  # opened by start(), for run() to read
 
     @property
     def port_open(self) -> bool:
@@ -261,44 +274,106 @@ class _SerialInput(Device):
             return DeviceHealth(ok=True, detail=f"reopening {self._settings.port}: {self._error}")
         return DeviceHealth(ok=True)
 
-    async def run(self, emit: Emit) -> None:
-        # A thread of its own: a read blocks for up to READ_TIMEOUT_S and must neither wait
-        # behind nor hold up the work of the loop's default executor.
+    async def start(self) -> None:
+        """Open the port before the daemon says it is up, so that a key pressed as soon as
+        it is up is read. A port that will not open now is no startup error: `run` tries
+        again at once, and reports it."""
+        if self._opened_early is not None or self._port_open:
+            return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hal-{self.DEVICE}")
         try:
-            await self._serve(pool, emit)
+            self._opened_early = await _in_thread(pool, self._open, discard=_close_quietly)
+        except (OSError, ValueError):
+            return
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False)
 
-    async def _serve(self, pool: Executor, emit: Emit) -> None:
+    async def close(self) -> None:
+        port, self._opened_early = self._opened_early, None
+        if port is not None:
+            _close_quietly(port)
+
+    async def run(self, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # A thread of its own, for opening the port and for the blocking reads of a URL
+            # handler without a file descriptor: neither may wait behind nor hold up the work
+            # of the loop's default executor. It ends once the port is open and has a
+            # descriptor (read from the loop): an idle daemon keeps no thread for its ports.
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hal-{self.DEVICE}")
             try:
-                port = await _in_thread(pool, self._open, discard=_close_quietly)
-            except (OSError, ValueError) as exc:  # SerialException is an OSError
-                self._unusable(exc, "cannot open the serial port; retrying", emit)
-                await asyncio.sleep(self._retry_delay(loop.time()))
-                continue
-            self._port_open = True
-            log.info("serial port open", device=self.DEVICE, port=self._settings.port)
-            try:
-                self._opened()
-                await self._pump(pool, port, emit)
-            except OSError as exc:
-                self._unusable(exc, "serial port lost; reopening", emit)
+                await self._serve_once(pool, emit)
             finally:
-                self._port_open = False
-                _close_quietly(port)
+                pool.shutdown(wait=False, cancel_futures=True)
             # A port that opens but fails at once must not spin: always pause before reopening.
             await asyncio.sleep(self._retry_delay(loop.time()))
 
+    async def _serve_once(self, pool: ThreadPoolExecutor, emit: Emit) -> None:
+        """Open the port and read it until it fails; an error is reported, never raised."""
+        port, self._opened_early = self._opened_early, None
+        try:
+            if port is None:
+                port = await _in_thread(pool, self._open, discard=_close_quietly)
+        except (OSError, ValueError) as exc:  # SerialException is an OSError
+            self._unusable(exc, "cannot open the serial port; retrying", emit)
+            return
+        self._port_open = True
+        log.info("serial port open", device=self.DEVICE, port=self._settings.port)
+        try:
+            self._opened()
+            if _fileno(port) is not None:
+                pool.shutdown(wait=False)
+            await self._pump(pool, port, emit)
+        except OSError as exc:
+            self._unusable(exc, "serial port lost; reopening", emit)
+        finally:
+            self._port_open = False
+            _close_quietly(port)
+
     def _open(self) -> _Port:
-        port = serial.serial_for_url(
-            self._settings.port, baudrate=self._settings.baudrate, timeout=READ_TIMEOUT_S
-        )
-        return cast(_Port, port)
+        port = cast(_Port, serial.serial_for_url(
+            self._settings.port, baudrate=self._settings.baudrate, timeout=0
+        ))
+        if _fileno(port) is None:
+            cast(Any, port).timeout = READ_TIMEOUT_S
+        return port
 
     async def _pump(self, pool: Executor, port: _Port, emit: Emit) -> None:
+        fd = _fileno(port)
+        if fd is None:
+            await self._pump_threaded(pool, port, emit)
+        else:
+            await self._pump_readable(fd, port, emit)
+
+    async def _pump_readable(self, fd: int, port: _Port, emit: Emit) -> None:
+        """Read `port` from the event loop whenever its descriptor is readable, until it fails
+        (raises the OSError) or the task is cancelled."""
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+
+        def take() -> bool:
+            try:
+                data = port.read(READ_CHUNK)  # timeout 0: what has arrived, never a wait
+            except OSError as exc:  # EIO of an unplugged adapter is a SerialException
+                if not lost.done():
+                    lost.set_exception(exc)
+                return False
+            if data:
+                self._feed(bytes(data), loop.time(), emit)
+            return True
+
+        # One read at once proves the port works (a port that opens but fails at once stays
+        # dead) and takes what arrived before the reader is watching.
+        if not take():
+            await lost
+        self._usable(emit)
+        loop.add_reader(fd, take)
+        try:
+            await lost
+        finally:
+            loop.remove_reader(fd)
+
+    async def _pump_threaded(self, pool: Executor, port: _Port, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         while True:
             data = await _in_thread(pool, lambda: _read_some(port), abort=port.cancel_read)

@@ -13,6 +13,7 @@ from conftest import wait_until
 
 from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scanned
 from hal.registry import HalContext
+from lockerd.core import messages
 from lockerd.core.bank import Bank, DepositRules, RequestRefused
 from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings
@@ -115,6 +116,36 @@ async def test_a_derived_code_opens_its_door_and_completes_the_pickup(tmp_path: 
                            "pickup.completed"]
     assert ParcelStore(rig.db).all() == {}
     rig.db.close()
+
+
+async def test_a_burst_of_queued_keys_is_drawn_once_and_its_door_still_opens(
+    tmp_path: Path,
+) -> None:
+    rig = _rig(tmp_path)
+    code = derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS)
+    running = asyncio.create_task(rig.ctl.run())
+    try:
+        await wait_until(lambda: len(rig.world.display_history) == 1, what="the idle screen")
+        # Half the code in one read of the keypad: four keys queued at once.
+        for key in code[:4]:
+            rig.ctl.emit(KeyPressed(key))
+        await wait_until(lambda: len(rig.world.display_history) == 2, what="the typed digits")
+        # Four keys, one redraw, after the last: the display shows where the burst left the
+        # entry (the burst is handled without a pause, so nothing can come after it).
+        assert [m.text for m in rig.world.display_history[1:]] == [messages.typing(4).text]
+        for key in code[4:] + "#":
+            rig.ctl.emit(KeyPressed(key))
+        await wait_until(lambda: rig.world.pulses == ["1"], what="the pulse")
+        assert rig.types() == ["lock.pulse"]
+        await wait_until(lambda: "opening" in rig.world.display_history[-1].text,
+                         what="the opening screen")
+        # The second burst was drawn once too: its digits never reached the display.
+        assert len(rig.world.display_history) == 3
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await rig.ctl.wait_pulses()
+        rig.db.close()
 
 
 async def test_wrong_codes_lock_the_keypad_persistently(tmp_path: Path) -> None:

@@ -196,6 +196,38 @@ async def test_unlock_reaches_the_right_board_and_lock(tmp_path: Path) -> None:
         assert b.world.pulses == ["4"]
 
 
+# The bus polls every 20 ms for 0.3 s after a change or a pulse, and every 0.5 s otherwise.
+ADAPTIVE: dict[str, Any] = {"idle_poll_interval_s": 0.5, "fast_poll_for_s": 0.3}
+
+
+async def test_the_bus_polls_seldom_when_idle_and_fast_after_a_pulse(tmp_path: Path) -> None:
+    async with bank(tmp_path, **ADAPTIVE) as b:
+        loop = asyncio.get_running_loop()
+        schedule = b.lock.bus.schedule
+        await until(lambda: schedule.mode(loop.time()) == "idle", what="the idle rhythm")
+        await b.lock.pulse("1", 0.5)
+        assert schedule.mode(loop.time()) == "fast"
+        # Fast rounds see the door spring open, and it stays fast while the door stands open.
+        await until(lambda: DoorState.OPEN in b.door_events("1"), timeout=1.0)
+        assert schedule.mode(loop.time() + 10) == "fast"
+        b.world.close_door("1")
+        await until(lambda: b.door_events("1") == [DoorState.OPEN, DoorState.CLOSED])
+        await until(lambda: schedule.mode(loop.time()) == "idle", what="idle again")
+
+
+async def test_a_door_forced_open_while_idle_is_reported(tmp_path: Path) -> None:
+    async with bank(tmp_path, **ADAPTIVE) as b:
+        loop = asyncio.get_running_loop()
+        schedule = b.lock.bus.schedule
+        await until(lambda: schedule.mode(loop.time()) == "idle", what="the idle rhythm")
+        rounds = b.emulator.replies
+        b.world.force_door("3")
+        # Seen by the next (idle) round, within idle_poll_interval_s and a reply.
+        await until(lambda: DoorState.OPEN in b.door_events("3"), timeout=3.0)
+        assert b.emulator.replies - rounds <= 2 * 2, "found by the first idle round"
+        assert schedule.mode(loop.time()) == "fast"
+
+
 async def test_every_compartment_maps_to_its_own_lock(tmp_path: Path) -> None:
     async with bank(tmp_path) as b:
         for cid, slot in (("1", (0, 0)), ("2", (0, 1)), ("3", (1, 0))):
@@ -554,6 +586,11 @@ async def test_a_port_without_a_descriptor_is_read_in_a_thread(tmp_path: Path) -
         ({"boards": [{"address": 0}]}, r"engaged_bit"),
         ({"bogus": 1}, r"\[backends\.kerong\].*bogus"),
         ({"reply_timeout_s": 0}, r"reply_timeout_s"),
+        ({"idle_poll_interval_s": 0.01},
+         r"\[backends\.kerong\] idle_poll_interval_s = 0\.01 is shorter than "
+         r"poll_interval_s = 0\.02"),
+        ({"idle_poll_interval_s": 0}, r"idle_poll_interval_s"),
+        ({"fast_poll_for_s": -1}, r"fast_poll_for_s"),
         ({"port": ""}, r"port"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -332,6 +333,59 @@ async def test_keypad_keeps_working_while_the_scanner_is_dead(
     assert keys.health() == []
     assert (await key_dev.health()).ok
     assert not (await scan_dev.health()).ok
+
+
+async def test_an_open_port_is_read_from_the_loop_without_a_thread(
+    ctx: HalContext, ptys: Ptys
+) -> None:
+    master, path = ptys.open()
+    dev = keypad(ctx, path)
+    rec, run = run_device(dev)
+
+    def port_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("hal-keypad")]
+
+    async with running(run):
+        await until(lambda: dev.port_open)
+        # The thread that opened the port ends; the keys still come, read when they arrive.
+        await until(lambda: not port_threads(), what=lambda: f"threads {port_threads()}")
+        os.write(master, b"7#")
+        await until(lambda: rec.keys() == "7#")
+        assert not port_threads()
+
+
+async def test_a_port_opened_at_start_loses_no_key_typed_before_run(
+    ctx: HalContext, ptys: Ptys
+) -> None:
+    master, path = ptys.open()
+    dev = keypad(ctx, path)
+    await dev.start()  # the daemon starts its devices before it says it is up
+    os.write(master, b"12#")  # a key pressed the moment it is up, before run() reads
+    rec, run = run_device(dev)
+    async with running(run):
+        await until(lambda: rec.keys() == "12#")
+    assert rec.health() == []
+
+
+async def test_close_after_start_without_run_closes_the_port(ctx: HalContext, ptys: Ptys) -> None:
+    master, path = ptys.open()
+    dev = keypad(ctx, path)
+    await dev.start()
+    await dev.close()
+    os.set_blocking(master, False)
+    with pytest.raises(OSError) as caught:
+        os.read(master, 1)
+    assert caught.value.errno == errno.EIO
+
+
+async def test_a_port_missing_at_start_is_no_startup_error(ctx: HalContext,
+                                                           tmp_path: Path) -> None:
+    dev = keypad(ctx, str(tmp_path / "not-plugged-in"), **FAST)
+    await dev.start()
+    rec, run = run_device(dev)
+    async with running(run):
+        await until(lambda: len(rec.health()) == 1, what="the fault, reported by run")
+    assert not rec.health()[0].ok
 
 
 async def test_cancel_closes_the_port(ctx: HalContext, ptys: Ptys) -> None:

@@ -4,6 +4,7 @@ against the wire-level simulator."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ import pytest
 from conftest import stored_events
 from waiting import until, until_value
 
+from hal.kerong.codec import CMD_STATUS
 from lockerd.dev.provision import BankKit, PlainCode
 from sim.client import SimClient
 from sim.wire.bank import WireBank
@@ -135,3 +137,37 @@ async def test_board_faults_on_command_through_the_control_socket(
                 await asyncio.wait_for(proc.wait(), 15)
     fault = next(e for e in stored_events(kit) if e.type == "hardware.fault")
     assert fault.data["device"] == "board:0"
+
+
+async def test_a_door_forced_while_the_bus_polls_idle_is_reported(
+    make_kit: Callable[..., BankKit], bank_dir: Path
+) -> None:
+    wire = bank_dir / "wire"
+    async with wire_bank(wire, parcels=[]) as bank:
+        polls: list[float] = []
+        loop = asyncio.get_running_loop()
+        bank.kerong.listeners.append(
+            lambda request: polls.append(loop.time()) if request.cmd == CMD_STATUS else None)
+        kit = make_kit([], socket=False, wire=wire, overrides={"backends": {"kerong": {
+            "poll_interval_s": 0.05, "idle_poll_interval_s": 0.5, "fast_poll_for_s": 0.3}}})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lockerd.cli.lockerd_cmd", "run", "-c", str(kit.config_path),
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            started = recorded(kit, "daemon.started")
+            await until(lambda: proc.returncode is not None or started(), 15,
+                        what="daemon.started", interval=0.05)
+            assert proc.returncode is None
+            # The idle rhythm: two status polls the idle interval apart, nothing expected to
+            # move. Then a door is broken open by hand; the next idle round sees it.
+            await until(lambda: any(b - a >= 0.4 for a, b in itertools.pairwise(polls)), 10,
+                        what="the idle polling rhythm", interval=0.05)
+            bank.world.force_door("5")
+            await until(recorded(kit, "door.forced"), 10,
+                        what=recorded_types(kit, "door.forced"), interval=0.05)
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 15)
+    forced = next(e for e in stored_events(kit) if e.type == "door.forced")
+    assert forced.compartment == "5"

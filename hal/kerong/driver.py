@@ -16,6 +16,7 @@ import structlog
 from hal.base import DeviceHealth, DoorChanged, DoorState, HealthChanged, OccupancyChanged
 from hal.errors import BackendError, HardwareFault
 from hal.kerong.codec import MAX_BOARD, MAX_LOCK, StatusReply
+from hal.kerong.schedule import PollSchedule
 from hal.kerong.transport import DEFAULT_BAUDRATE, KerongTransport, PortUnavailable
 from hal.serial_url import check_port_url
 
@@ -28,6 +29,9 @@ BUS_DEVICE: Final = "rs485"
 # One lost reply is line noise; this many in a row is a board that is gone. At the default
 # timings a dead board is reported about a second after it stopped answering.
 MISSES_BEFORE_FAULT: Final = 3
+# While no door is expected to move, the bus is polled this seldom (unless poll_interval_s is
+# longer still): a door forced open then is seen within this long.
+DEFAULT_IDLE_POLL_S: Final = 1.0
 
 log = structlog.get_logger("hal.kerong")
 
@@ -63,6 +67,13 @@ class KerongSettings(msgspec.Struct, forbid_unknown_fields=True):
     baudrate: Annotated[int, msgspec.Meta(gt=0)] = DEFAULT_BAUDRATE
     reply_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.2
     poll_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.25
+    """Pause between two rounds while a door may move (after a pulse, while open, after a
+    change)."""
+    idle_poll_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
+    """Pause between two rounds while nothing is expected to move; None: the larger of
+    DEFAULT_IDLE_POLL_S and poll_interval_s."""
+    fast_poll_for_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+    """How long after a pulse or a change the bus is polled every poll_interval_s."""
     reopen_cooldown_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 2.0
     unlock_reply: UnlockReply = "auto"
 
@@ -118,6 +129,20 @@ def parse_layout(
     return layout
 
 
+def idle_interval(settings: KerongSettings) -> float:
+    """The pause between two rounds while nothing is expected to move; checks the setting."""
+    idle = settings.idle_poll_interval_s
+    if idle is None:
+        return max(DEFAULT_IDLE_POLL_S, settings.poll_interval_s)
+    if idle < settings.poll_interval_s:
+        raise BackendError(
+            f"[backends.{SETTINGS_KEY}] idle_poll_interval_s = {idle:g} is shorter than "
+            f"poll_interval_s = {settings.poll_interval_s:g}: the idle pause must be at least "
+            "the fast one (raise idle_poll_interval_s or lower poll_interval_s)"
+        )
+    return idle
+
+
 def resolve_port(port: str, config_dir: Path) -> str:
     """A relative device path is taken from the config file's directory; URLs are left alone."""
     if "://" in port or Path(port).is_absolute():
@@ -142,8 +167,9 @@ class KerongBus:
     """Several CU16 boards on one RS-485 line, seen as per-compartment door and parcel states.
 
     The only periodic work is `run`: it polls every configured board in turn (polling is how
-    RS-485 boards are read: they never speak unasked). A reply updates the latch bits (the
-    door state: released = open) and the infrared bits (occupancy) of that board's
+    RS-485 boards are read: they never speak unasked), every `poll_interval_s` while a door may
+    move and every `idle_poll_interval_s` otherwise (`PollSchedule`). A reply updates the latch
+    bits (the door state: released = open) and the infrared bits (occupancy) of that board's
     compartments; listeners (`listen`) get a DoorChanged / OccupancyChanged per change. A board
     that misses MISSES_BEFORE_FAULT replies in a row is a fault (HealthChanged "board:<n>"),
     its doors read UNKNOWN, and it recovers by itself when it answers again. A serial port that
@@ -160,6 +186,7 @@ class KerongBus:
     ) -> None:
         self.settings = settings
         self.layout = parse_layout(settings, compartments)
+        self._idle_s = idle_interval(settings)
         # A mistyped URL scheme never works: refuse it now rather than fault forever.
         check_port_url(settings.port, f"backends.{SETTINGS_KEY}")
         self.transport = transport or KerongTransport(
@@ -178,6 +205,8 @@ class KerongBus:
         self._suspects: dict[str, str] = {}
         self._listeners: list[asyncio.Queue[BusEvent]] = []
         self._started = False
+        self._schedule: PollSchedule | None = None  # made by the first round, on the loop
+        self._wake = asyncio.Event()  # an unlock went out: the poll loop looks at its due time
 
     @classmethod
     def from_context(cls, context: HalContext) -> KerongBus:
@@ -276,6 +305,8 @@ class KerongBus:
             self._set_bus(False)
             detail = f"kerong: unlock of compartment {compartment} not sent: {exc}"
             raise HardwareFault(detail) from exc
+        self.schedule.pulse_sent(asyncio.get_running_loop().time())
+        self._wake.set()
         if reply is not None:
             board.answers_unlock = True
             self._on_reply(board, reply)
@@ -311,11 +342,34 @@ class KerongBus:
         self._started = True
         await self.poll_once()
 
+    @property
+    def schedule(self) -> PollSchedule:
+        """The polling rhythm (fast or idle), made on first use."""
+        if self._schedule is None:
+            self._schedule = PollSchedule(
+                fast_s=self.settings.poll_interval_s, idle_s=self._idle_s,
+                linger_s=self.settings.fast_poll_for_s,
+                now=asyncio.get_running_loop().time())
+        return self._schedule
+
     async def run(self) -> None:
-        """Poll every board until cancelled (the bank's `kerong.poll` service)."""
+        """Poll every board until cancelled (the bank's `kerong.poll` service): one timer per
+        round, and an unlock brings the next round forward to the fast rhythm."""
+        loop = asyncio.get_running_loop()
         while True:
             await self.poll_once()
-            await asyncio.sleep(max(self.settings.poll_interval_s, self.transport.retry_in()))
+            polled_at = loop.time()
+            while True:
+                self._wake.clear()
+                due = max(self.schedule.next_round_at(polled_at, loop.time()),
+                          loop.time() + self.transport.retry_in())
+                if due <= loop.time():
+                    break
+                try:
+                    async with asyncio.timeout_at(due):
+                        await self._wake.wait()
+                except TimeoutError:
+                    break
 
     async def poll_once(self) -> None:
         """Ask every configured board for its status once and report what changed."""
@@ -392,7 +446,8 @@ class KerongBus:
             self._publish(HealthChanged(BUS_DEVICE, True, f"{self.transport.url}: open again"))
 
     def _publish_changes(self) -> None:
-        for cid, state in self.doors().items():
+        doors = self.doors()
+        for cid, state in doors.items():
             if self._doors_seen.get(cid) is not state:
                 self._doors_seen[cid] = state
                 self._publish(DoorChanged(cid, state))
@@ -400,7 +455,10 @@ class KerongBus:
             if self._occupied_seen.get(cid) != occupied:
                 self._occupied_seen[cid] = occupied
                 self._publish(OccupancyChanged(cid, occupied))
+        self.schedule.doors_open(DoorState.OPEN in doors.values())
 
     def _publish(self, event: BusEvent) -> None:
+        # Every change (door, parcel, health) keeps the bus polled fast for a while.
+        self.schedule.changed(asyncio.get_running_loop().time())
         for queue in self._listeners:
             queue.put_nowait(event)

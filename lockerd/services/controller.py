@@ -134,6 +134,9 @@ class Controller:
         self._tokens = tokens or SpentTokens(db)
         self._inputs: asyncio.Queue[InputEvent | None] = asyncio.Queue()
         self._display_until: float | None = None
+        # A message decided while more input is already queued: drawn once the queue is empty,
+        # so a burst of keys costs one redraw, not one per key.
+        self._undrawn: DisplayMessage | None = None
         self._pulses: set[asyncio.Task[None]] = set()
         self._flushes: set[asyncio.Task[object]] = set()
         self._service_saved = self._service_snapshot()
@@ -193,10 +196,17 @@ class Controller:
         self.busy_since = self._clock.monotonic()
         if event is not None:
             await self.handle(event)
-        await self._tick()
+        # In a burst of queued input (a code arriving in one read), what is due is looked at
+        # once, after its last event: a few microseconds late, and not once per key.
+        if event is None or self._inputs.empty():
+            await self._tick()
+            if self._undrawn is not None:
+                await self._draw(self._undrawn)
         self.busy_since = None
 
     async def _next_input(self) -> InputEvent | None:
+        if not self._inputs.empty():
+            return self._inputs.get_nowait()
         deadline = self._next_deadline()
         if deadline is None:
             return await self._inputs.get()
@@ -328,29 +338,37 @@ class Controller:
         if not actions:
             return
         pending: list[Record] = []
+        # Log lines of a batch are written once its outputs are out: a line costs more than
+        # the lookup that opens a door, and a customer waits on the pulse, not on the journal.
+        logs: list[Log] = []
         recorded = False
-        # Only a commit before a pulse waits for the disk (safety rule 1); the others are
-        # flushed right after, while the customer sees the door or the display already.
-        for action in actions:
-            # isinstance, not match: this loop runs for every input, and the class patterns
-            # cost more than the rest of a key press.
-            if isinstance(action, Record):
-                pending.append(action)
-                recorded = True
-                continue
-            if isinstance(action, Log):
-                getattr(log, action.level)(action.message, **action.fields)
-                continue
-            if isinstance(action, Settled):
-                self._settle(action)
-                continue
-            # Everything recorded so far is durable before the next output (safety rule 1).
+        # Only a commit before a pulse (or a help request sent upstream) waits for the disk
+        # (safety rule 1); the others are flushed right after, while the customer sees the
+        # door or the display already.
+        try:
+            for action in actions:
+                # isinstance, not match: this loop runs for every input, and the class patterns
+                # cost more than the rest of a key press.
+                if isinstance(action, Record):
+                    pending.append(action)
+                    recorded = True
+                    continue
+                if isinstance(action, Log):
+                    logs.append(action)
+                    continue
+                if isinstance(action, Settled):
+                    self._settle(action)
+                    continue
+                # Everything recorded so far is committed before the next output.
+                if pending:
+                    await self.commit(*pending, durable=isinstance(action, Pulse | AskHelp))
+                    pending = []
+                await self._carry_out(action)
             if pending:
-                await self.commit(*pending, durable=isinstance(action, Pulse))
-                pending = []
-            await self._carry_out(action)
-        if pending:
-            await self.commit(*pending, durable=False)
+                await self.commit(*pending, durable=False)
+        finally:
+            for line in logs:
+                getattr(log, line.level)(line.message, **line.fields)
         if recorded:
             # A compartment leaves or re-enters service only with the event that says so.
             await self._save_service_if_changed()
@@ -359,6 +377,9 @@ class Controller:
         """One output, once everything recorded before it is durable."""
         if isinstance(action, Pulse):
             self._start_pulse(action.compartment)
+            # Let the pulse task send its frame now, before the display and the log lines of
+            # this batch: the customer is waiting on the door.
+            await asyncio.sleep(0)
         elif isinstance(action, Show):
             await self._show(action.message, hold_s=action.hold_s)
         elif isinstance(action, Save):
@@ -488,6 +509,16 @@ class Controller:
     async def _show(self, message: DisplayMessage, *, hold_s: float | None = None) -> None:
         self.last_message = message
         self._display_until = None if hold_s is None else self._clock.monotonic() + hold_s
+        if self._display is None:
+            return
+        if not self._inputs.empty():
+            # More input is queued (a burst of keys): it decides what is shown next.
+            self._undrawn = message
+            return
+        await self._draw(message)
+
+    async def _draw(self, message: DisplayMessage) -> None:
+        self._undrawn = None
         if self._display is None:
             return
         try:

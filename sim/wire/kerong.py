@@ -8,7 +8,7 @@ import errno
 import os
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import structlog
@@ -119,6 +119,9 @@ class KerongEmulator:
         """Status replies sent after an unlock (garbled ones included)."""
         self.collisions = 0
         """Frames heard while an unlock reply was due: both were lost."""
+        self.listeners: list[Callable[[Request], None]] = []
+        """Called with every valid frame as soon as it is heard, before it is obeyed (a
+        benchmark times unlock frames so)."""
         self._due: tuple[asyncio.TimerHandle, int, int, int] | None = None  # timer, fd, board, lock
         self._rng = random.Random(seed)
         self._decoder = RequestDecoder()
@@ -197,6 +200,8 @@ class KerongEmulator:
                 task.cancel()
 
     def _handle(self, fd: int, request: Request) -> None:
+        for listener in self.listeners:
+            listener(request)
         if self._due is not None:
             # Another frame on the line while a board is about to answer: both are garbled.
             self.collisions += 1
