@@ -487,6 +487,8 @@ def build_app(config: Config, *, clock: Clock | None = None,
     # The one writer of the daemon's commits: a thread with its own connection.
     writer = DbWriter(db.path)
     writer.start()
+    # The writer's checkpointer checkpoints the log: not the loop's connection at a commit.
+    db.conn.execute("PRAGMA wal_autocheckpoint=0")
     events = EventLog(db)
     codes = CodeStore(db)
     trusted = TrustedClock(db=db, mode=config.time.trust_system_clock)

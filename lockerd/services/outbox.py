@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
 from lockerd.services.link import MqttLink, NotConnected
 from lockerd.services.sync import payload_bytes
+from lockerd.store.db import Database
 from lockerd.store.outbox import Outbox
 from lockerd.store.writer import InlineWriter, Writer
 
@@ -60,6 +62,8 @@ class OutboxPublisher:
         self.published_upto = 0  # highest seq handed to the broker in this process
         self.confirmed = 0
         self.resends = 0
+        self._ack_target = 0  # the highest valid ack received, written by _write_acks
+        self._ack_task: asyncio.Task[None] | None = None
         link.handle(topics.events_ack, self._on_ack)
         link.handle(topics.events_resend, self._on_resend)
 
@@ -188,10 +192,20 @@ class OutboxPublisher:
             log.warning("events/ack beyond what was published; refused", upto_seq=upto,
                         published_upto=self.published_upto)
             return
-        before = self._outbox.acked_upto()
+        # Only the highest ack matters: it is written by one task, the newest at each turn,
+        # so a backend acking every event never waits on the writer (nor fills the inbox).
+        if upto <= self._ack_target:
+            return
+        self._ack_target = upto
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.create_task(self._write_acks(), name="outbox.ack")
+            self._ack_task.add_done_callback(_log_ack_failure)
+
+    async def _write_acks(self) -> None:
         outbox = self._outbox
-        after = await self._writer.run(lambda db: outbox.on(db).ack(upto), durable=False)
-        if after > before:
+        while (target := self._ack_target) > outbox.acked_upto():
+            after = await self._writer.run(functools.partial(_ack_on, outbox, target),
+                                           durable=False)
             log.debug("events acknowledged", upto_seq=after)
 
     async def _on_resend(self, message: aiomqtt.Message) -> None:
@@ -208,6 +222,16 @@ class OutboxPublisher:
         self._wake.set()
         log.info("events/resend: publishing again", from_seq=from_seq,
                  starting_after=self._rewind, published_upto=self.published_upto)
+
+
+def _log_ack_failure(task: asyncio.Task[None]) -> None:
+    """The mark is written again by the next ack; a failure is logged, never lost silently."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("could not write the events/ack mark", error=repr(exc))
+
+
+def _ack_on(outbox: Outbox, upto: int, db: Database) -> int:
+    return outbox.on(db).ack(upto)
 
 
 def _parse_resend(raw: bytes) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ RETIRED_TABLE = "codes_retired"
 # (the daemon's next event) waits for one of these, a millisecond or two, never for the set.
 CHUNK_ROWS = 2000
 STAGING_CACHE_KIB = 65536
+GAP_S = 0.001
 
 # Kept in step with lockerd.store.codes (which imports this module for snapshots).
 _COUNT_META = "codes_count"
@@ -62,6 +64,12 @@ def entry_row(e: CodeEntry) -> tuple[object, ...]:
     return (e.digest, e.id, e.kind, e.compartment, e.parcel_id,
             None if e.not_before is None else _epoch(e.not_before), _epoch(e.not_after),
             e.max_uses)
+
+
+def _give_way() -> None:
+    """A pause between two fill transactions, in which a writer waiting for the lock (the
+    daemon's, retrying every half millisecond) takes it before the next one begins."""
+    time.sleep(GAP_S)
 
 
 def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
@@ -122,6 +130,7 @@ class CodeStaging:
                         f" (two codes with the same plain code): {exc}", reason="malformed",
                     ) from exc
                 self._count += added
+                _give_way()
         finally:
             conn.execute("PRAGMA synchronous=FULL")
 
@@ -193,6 +202,7 @@ class CodeStaging:
                         f" (SELECT digest FROM {table} LIMIT {CHUNK_ROWS})").rowcount
                 if gone == 0:
                     break
+                _give_way()
             with self._db.transaction():
                 conn.execute(f"DROP TABLE {table}")
         finally:

@@ -6,18 +6,22 @@ import asyncio
 import contextlib
 import os
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from lockerd.errors import StoreError
 from lockerd.logs import get_logger
 from lockerd.store.db import Database, open_database
 
 log = get_logger("lockerd.writer")
 
 T = TypeVar("T")
+# SQLite's own autocheckpoint threshold: 1000 pages of 4 KiB.
+CHECKPOINT_BYTES = 4096 * 1000
 Job = Callable[[Database], T]
 
 
@@ -66,11 +70,17 @@ class DbWriter:
     commit flushes every earlier one with it, since the log is written in order.
     """
 
-    def __init__(self, path: Path, *, name: str = "lockerd-writer") -> None:
+    def __init__(self, path: Path, *, name: str = "lockerd-writer",
+                 checkpoint_bytes: int = CHECKPOINT_BYTES) -> None:
         self._path = path
         self._wal = Path(f"{path}-wal")
         self._jobs: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._checkpointer = threading.Thread(target=self._checkpoints, name=f"{name}-wal",
+                                              daemon=True)
+        self._checkpoint_bytes = checkpoint_bytes
+        self._committed = threading.Event()
+        self._stopping = False
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
         self._unflushed = False
@@ -82,6 +92,7 @@ class DbWriter:
         self._opened.wait()
         if self._open_error is not None:
             raise self._open_error
+        self._checkpointer.start()
 
     async def run(self, fn: Job[T], *, durable: bool = True) -> T:
         """Run `fn(db)` on the writer's thread and return what it returned (or raise what it
@@ -105,6 +116,10 @@ class DbWriter:
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
+        self._stopping = True
+        self._committed.set()
+        if self._checkpointer.is_alive():
+            self._checkpointer.join()
 
     # -- the writer's thread -----------------------------------------------------------------
 
@@ -115,6 +130,10 @@ class DbWriter:
             self._open_error = exc
             self._opened.set()
             return
+        db.wait_for_lock_promptly()
+        # Checkpoints are the checkpointer thread's: a commit that ran one would copy
+        # megabytes of the log into the database before the pulse it precedes.
+        db.conn.execute("PRAGMA wal_autocheckpoint=0")
         self._opened.set()
         synchronous_full = True
         try:
@@ -126,6 +145,7 @@ class DbWriter:
                     synchronous_full = task.durable
                     db.conn.execute(f"PRAGMA synchronous={'FULL' if task.durable else 'NORMAL'}")
                 self._run(db, task)
+                self._committed.set()
                 # A durable job that committed flushed the log too; one that only read did
                 # not, so it is left for the flush before the next wait (cheap when clean).
                 self._unflushed = self._unflushed or not task.durable
@@ -153,6 +173,32 @@ class DbWriter:
         # A loop already closed has nobody waiting any more.
         with contextlib.suppress(RuntimeError):
             task.loop.call_soon_threadsafe(_settle, task.future, result, error)
+
+    def _checkpoints(self) -> None:
+        """Checkpoint (PASSIVE: writers go on meanwhile) on a connection of its own once the
+        log has grown past `checkpoint_bytes`; woken by commits, never by a timer."""
+        try:
+            db = open_database(self._path)
+        except StoreError as exc:  # the daemon runs on; the log only grows meanwhile
+            log.error("the checkpointer could not open the database", error=str(exc))
+            return
+        try:
+            while True:
+                self._committed.wait()
+                self._committed.clear()
+                if self._stopping:
+                    return
+                try:
+                    size = self._wal.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if size >= self._checkpoint_bytes:
+                    try:
+                        db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    except sqlite3.Error as exc:  # logged; a later commit wakes it again
+                        log.warning("checkpoint failed", error=str(exc))
+        finally:
+            db.close()
 
     def _flush(self) -> None:
         if not self._unflushed:
