@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
             description=f"Verify a signed {what} file exactly as the daemon does and, if it is "
             "accepted, store it in the bank's database (works while the daemon runs: a snapshot "
             "is written beside the codes in use in short transactions and swapped in at once, "
-            "so the daemon's commits wait milliseconds at most). A refused file changes "
+            "so a commit of the daemon waits for one of those at most). A refused file changes "
             "nothing; the reason is printed and recorded as a cache.rejected event.")
         imp.add_argument("-c", "--config", required=True, type=Path)
         imp.add_argument("file", type=Path)
