@@ -54,11 +54,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def staging_started(db: Path) -> bool:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+def import_writing(db: Path) -> bool:
+    """Has the import begun writing? Its staging table exists, or (a store that applies a
+    snapshot in one transaction, as before the staging table) it holds the write lock."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=0)
     try:
-        return conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
-                            (STAGING,)).fetchone() is not None
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
+                        (STAGING,)).fetchone() is not None:
+            return True
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return True
+        conn.execute("ROLLBACK")
+        return False
     finally:
         conn.close()
 
@@ -99,7 +108,7 @@ async def measure(kit: BankKit, daemon: Daemon, args: argparse.Namespace,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             try:
                 # Polled: the staging table is another process's.
-                while proc.returncode is None and not staging_started(db):  # noqa: ASYNC110
+                while proc.returncode is None and not import_writing(db):  # noqa: ASYNC110
                     await asyncio.sleep(0.005)
                 times, i = await pickups_while(sim, kit, daemon, proc, args.pickups, i)
                 busy.extend(times)

@@ -561,7 +561,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
     keeper = DeadlineKeeper(db=db, codes=codes, events=events, clock=clock,
                             synchronised=trusted.synchronised,
                             compartments=lambda: controller.compartments,
-                            cap_s=config.codes.max_extension_s)
+                            cap_s=config.codes.max_extension_s, writer=writer)
     controller.service_listeners.append(keeper.service_changed)
     app.services["deadlines"] = keeper.run
     _build_network(app, trusted, prepared.broker)

@@ -4,9 +4,11 @@ simulator's lock and display, the bank and the credentials service, a clock the 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import wait_until
@@ -25,6 +27,7 @@ from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
 from lockerd.store.parcels import ParcelStore, SpentTokens
+from lockerd.store.writer import DbWriter
 from lockerd.timeutil import utcnow
 from lockerd.trust.digest import derived_pickup_code
 from sim.backend import SimDisplay, SimLockDriver
@@ -62,7 +65,8 @@ class Rig:
         return [e.type for e in self.events.recent(1000)]
 
 
-def _rig(tmp_path: Path, *, parcel: str | None = "PX-1") -> Rig:
+def _rig(tmp_path: Path, *, parcel: str | None = "PX-1",
+         lock_class: type[SimLockDriver] = SimLockDriver, writer: DbWriter | None = None) -> Rig:
     db = open_database(tmp_path / "lockerd.db")
     events, codes, parcels = EventLog(db), CodeStore(db), ParcelStore(db)
     if parcel is not None:
@@ -70,7 +74,7 @@ def _rig(tmp_path: Path, *, parcel: str | None = "PX-1") -> Rig:
             parcels.put(conn, "1", parcel, None, utcnow())
     context = HalContext(compartments=("1", "2"), state_dir=tmp_path,
                          compartment_sizes={"1": "S", "2": "M"})
-    lock = SimLockDriver(options={}, context=context, config_key="hal.lock")
+    lock = lock_class(options={}, context=context, config_key="hal.lock")
     display = SimDisplay(options={}, context=context, config_key="hal.display")
     held = parcels.all()
     bank = Bank(
@@ -91,7 +95,7 @@ def _rig(tmp_path: Path, *, parcel: str | None = "PX-1") -> Rig:
         credentials=CredentialService(locker_id=LOCKER, codes=codes, code_key=CODE_KEY,
                                       tokens=tokens),
         db=db, events=events, codes=codes, lock=lock, display=display, pulse_s=0.05,
-        clock=clock, parcels=parcels, tokens=tokens,
+        clock=clock, parcels=parcels, tokens=tokens, writer=writer,
     )
     return Rig(ctl, db, events, lock.world, clock)
 
@@ -197,3 +201,39 @@ async def test_open_for_waits_for_the_door_sensor(tmp_path: Path) -> None:
     assert rig.db.get_meta("out_of_service") == {"2": "jammed"}
     await rig.ctl.wait_pulses()
     rig.db.close()
+
+
+class WitnessLock(SimLockDriver):
+    """The simulator's lock, which reads the database from a connection of its own at every
+    pulse: what another process (or a power cut) would find there at that moment."""
+
+    seen: ClassVar[list[list[str]]] = []
+
+    async def _pulse(self, compartment: str, duration_s: float) -> None:
+        conn = sqlite3.connect(self.context.state_dir / "lockerd.db")
+        try:
+            self.seen.append([r[0] for r in conn.execute("SELECT type FROM events ORDER BY seq")])
+        finally:
+            conn.close()
+        await super()._pulse(compartment, duration_s)
+
+
+async def test_through_the_writer_thread_the_event_is_committed_before_the_pulse(
+        tmp_path: Path) -> None:
+    open_database(tmp_path / "lockerd.db").close()
+    writer = DbWriter(tmp_path / "lockerd.db")
+    writer.start()
+    WitnessLock.seen = []
+    rig = _rig(tmp_path, lock_class=WitnessLock, writer=writer)
+    try:
+        await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+        await rig.ctl.wait_pulses()
+        assert WitnessLock.seen == [["lock.pulse"]]
+        rig.clock.t += 0.5
+        await rig.ctl.step(DoorChanged("1", DoorState.OPEN))
+        # Committed (the loop's connection reads it at once), flushed by the writer after.
+        assert rig.types() == ["lock.pulse", "door.opened", "pickup.opened"]
+        await writer.flush()
+    finally:
+        await asyncio.to_thread(writer.close)
+        rig.db.close()

@@ -14,6 +14,7 @@ from lockerd.cli import (
     lockerctl_help,
     lockerctl_inspect,
     lockerctl_keys,
+    lockerctl_parts,
     lockerctl_qr,
 )
 from lockerd.cli.lockerctl_cmd import build_parser
@@ -27,6 +28,7 @@ SUBJECTS: list[tuple[ModuleType, list[str]]] = [
     (lockerctl_commands, ["command", "technician"]),
     (lockerctl_qr, ["qr", "qr-inspect"]),
     (lockerctl_broker, ["publish", "events", "state"]),
+    (lockerctl_parts, ["parts", "publish-parts"]),
     (lockerctl_help, ["help-reply", "respond-help"]),
 ]
 

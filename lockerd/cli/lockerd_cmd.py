@@ -78,8 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         imp = sub.add_parser(
             name, help=f"verify a signed {what} file and store it in the bank's database",
             description=f"Verify a signed {what} file exactly as the daemon does and, if it is "
-            "accepted, store it in the bank's database (works while the daemon runs). A refused "
-            "file changes nothing; the reason is printed and recorded as a cache.rejected event.")
+            "accepted, store it in the bank's database (works while the daemon runs: a snapshot "
+            "is written beside the codes in use in short transactions and swapped in at once, "
+            "so a commit of the daemon waits for one of those at most). A refused file changes "
+            "nothing; the reason is printed and recorded as a cache.rejected event.")
         imp.add_argument("-c", "--config", required=True, type=Path)
         imp.add_argument("file", type=Path)
 

@@ -15,6 +15,7 @@ from lockerd.logs import get_logger
 from lockerd.store.codes import CodeStore, ExtendableCode
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog, StoredEvent
+from lockerd.store.writer import InlineWriter, Writer
 from lockerd.timeutil import format_time
 
 log = get_logger("lockerd.deadlines")
@@ -36,8 +37,10 @@ class DeadlineKeeper:
     def __init__(self, *, db: Database, codes: CodeStore, events: EventLog,
                  clock: DeadlineTime, synchronised: Callable[[], bool],
                  compartments: Callable[[], Mapping[str, Compartment]], cap_s: int,
-                 interval_s: float = HEARTBEAT_S) -> None:
+                 interval_s: float = HEARTBEAT_S, writer: Writer | None = None) -> None:
         self._db = db
+        # The heartbeat and the extensions are written by the daemon's writer thread.
+        self._writer: Writer = writer or InlineWriter(db)
         self._codes = codes
         self._events = events
         self._clock = clock
@@ -79,7 +82,8 @@ class DeadlineKeeper:
                                         out_of_service=self._out_of_service())
         self._written_at = mono
         if not downtime:
-            self._db.set_meta(HEARTBEAT_META, self.heartbeat.to_json())
+            beat = self.heartbeat.to_json()
+            await self._writer.run(lambda db: db.set_meta(HEARTBEAT_META, beat), durable=False)
             return []
         held = {cid: c for cid, c in self._compartments().items() if _may_hold_parcel(c)}
         return await self._extend(held, downtime, wall, reason="downtime")
@@ -133,17 +137,23 @@ class DeadlineKeeper:
             if cid is None or by == 0 or code.not_after <= began:
                 continue
             plan.append((code, cid, by))
-        stored: list[StoredEvent] = []
-        with self._db.transaction() as conn:
-            for code, cid, by in plan:
-                if not self._codes.set_extension(conn, code, code.extended_s + by):
-                    continue  # a bundle changed the code while it was being read
-                not_after = datetime.fromtimestamp(code.not_after + by, UTC)
-                stored.append(self._events.append(
-                    conn, type=EventType.CODE_EXTENDED, at=wall, compartment=cid,
-                    code_id=code.id, data={"extended_by_s": by, "reason": reason,
-                                           "not_after": format_time(not_after)}))
-            self._db.set_meta(HEARTBEAT_META, self.heartbeat.to_json(), conn=conn)
+        beat = self.heartbeat.to_json()
+
+        def write(db: Database) -> list[StoredEvent]:
+            stored: list[StoredEvent] = []
+            with db.transaction() as conn:
+                for code, cid, by in plan:
+                    if not self._codes.set_extension(conn, code, code.extended_s + by):
+                        continue  # a bundle changed the code while it was being read
+                    not_after = datetime.fromtimestamp(code.not_after + by, UTC)
+                    stored.append(self._events.append(
+                        conn, type=EventType.CODE_EXTENDED, at=wall, compartment=cid,
+                        code_id=code.id, data={"extended_by_s": by, "reason": reason,
+                                               "not_after": format_time(not_after)}))
+                db.set_meta(HEARTBEAT_META, beat, conn=conn)
+            return stored
+
+        stored = await self._writer.run(write)
         if stored:
             self._events.notify()
             log.info("pickup deadlines extended", reason=reason, codes=len(stored),
