@@ -45,6 +45,8 @@ class AppliedBundle:
     issued_at: datetime
     upserted: int
     revoked: int
+    pid: int | None = None
+    """The apply process that applied it; None when a thread of the daemon did."""
 
     @classmethod
     def of(cls, bundle: CodesBundle) -> AppliedBundle:

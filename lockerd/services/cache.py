@@ -67,6 +67,7 @@ class CodeCache:
         self._child_min_bytes = child_min_bytes
         self._silence_s = apply_silence_s
         self._process: ApplyProcess | None = None
+        self.last_applied: AppliedBundle | None = None
         self._codes = codes
         self._events = events
         self._locker_id = locker_id
@@ -349,6 +350,8 @@ class CodeCache:
                   "context": _context_doc(context),
                   "file": None if path is None else str(path),
                   "hash_file": path is not None and file_sha256 is None}
+        process.start()
+        pid = process.pid
         try:
             reply = await asyncio.to_thread(_ask, process, header, raw)
         except asyncio.CancelledError:
@@ -358,7 +361,7 @@ class CodeCache:
             self._process = None
         if isinstance(reply, ApplyProcessFailed):
             return self._after_failure(reply, context, source=source)
-        return _outcome(reply, file_sha256)
+        return _outcome(reply, file_sha256, pid)
 
     def _after_failure(self, exc: ApplyProcessFailed, context: ApplyContext, *,
                        source: str) -> AppliedBundle | _Refused:
@@ -375,10 +378,12 @@ class CodeCache:
                              issued_at=datetime.fromtimestamp(int(issued or 0), UTC), revoked=0)
 
     def _accepted(self, bundle: AppliedBundle, source: str) -> None:
+        self.last_applied = bundle
         self._observe_time(bundle.issued_at)
         self._events.notify()
         log.info("codes bundle applied", version=bundle.version, base_version=bundle.base_version,
-                 upserted=bundle.upserted, revoked=bundle.revoked, source=source)
+                 upserted=bundle.upserted, revoked=bundle.revoked, source=source,
+                 apply_process=bundle.pid)
 
     def refuse(self, what: str, reason: str, detail: str, *, source: str) -> None:
         """Record a refusal decided before verification (e.g. a payload over the size limit)."""
@@ -422,12 +427,13 @@ def _context_doc(context: ApplyContext) -> dict[str, Any]:
             "floor_reset": context.floor_reset}
 
 
-def _outcome(reply: dict[str, Any], file_sha256: str | None) -> AppliedBundle | _Refused:
+def _outcome(reply: dict[str, Any], file_sha256: str | None,
+             pid: int | None) -> AppliedBundle | _Refused:
     """An apply process's final reply as an outcome."""
     if (applied := reply.get("applied")) is not None:
         return AppliedBundle(version=applied["version"], base_version=applied["base_version"],
                              issued_at=datetime.fromisoformat(applied["issued_at"]),
-                             upserted=applied["upserted"], revoked=applied["revoked"])
+                             upserted=applied["upserted"], revoked=applied["revoked"], pid=pid)
     if (refused := reply.get("refused")) is not None:
         return _Refused(TrustError(refused["detail"], reason=refused["reason"]),
                         refused["signed_version"], refused["file_sha256"] or file_sha256)

@@ -198,6 +198,11 @@ class PartsService:
     def progress(self) -> PartsProgress | None:
         return self._worker.progress
 
+    @property
+    def process_pid(self) -> int | None:
+        """The apply process staging the open transfer, if one runs."""
+        return self._worker.process_pid
+
     def wanted(self) -> dict[str, Any] | None:
         """What sync/request says of an open transfer: its version and the parts missing."""
         progress = self.progress
