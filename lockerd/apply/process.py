@@ -40,6 +40,8 @@ class ApplyProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = bytearray()
         self._lock = threading.Lock()
+        self.started_pid: int | None = None
+        """The pid of the last child started (kept after it ended)."""
 
     @property
     def pid(self) -> int | None:
@@ -58,6 +60,7 @@ class ApplyProcess:
         self._buffer.clear()
         with self._lock:
             self._proc = proc
+        self.started_pid = proc.pid
 
     def request(self, header: dict[str, Any], body: bytes = b"") -> dict[str, Any]:
         """Send one request and return its final reply (progress lines only keep it alive).

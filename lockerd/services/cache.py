@@ -350,9 +350,8 @@ class CodeCache:
                   "context": _context_doc(context),
                   "file": None if path is None else str(path),
                   "hash_file": path is not None and file_sha256 is None}
-        process.start()
-        pid = process.pid
         try:
+            # Started in the thread too: a fork and exec is no work for the loop either.
             reply = await asyncio.to_thread(_ask, process, header, raw)
         except asyncio.CancelledError:
             process.kill()  # the daemon is stopping: the codes held stay, whole
@@ -361,7 +360,7 @@ class CodeCache:
             self._process = None
         if isinstance(reply, ApplyProcessFailed):
             return self._after_failure(reply, context, source=source)
-        return _outcome(reply, file_sha256, pid)
+        return _outcome(reply, file_sha256, process.started_pid)
 
     def _after_failure(self, exc: ApplyProcessFailed, context: ApplyContext, *,
                        source: str) -> AppliedBundle | _Refused:
