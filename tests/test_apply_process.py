@@ -4,8 +4,11 @@ refusals as in the daemon, and a process killed or stopped mid-fill leaves the c
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -14,6 +17,7 @@ from broker import Broker
 from conftest import Running, running, wait_until
 from test_parts_e2e import make_parts, send
 from test_sync_mqtt import mqtt_overrides, publish
+from waiting import until_sync
 
 from lockerd.app import build_cache
 from lockerd.config import load_config
@@ -228,3 +232,47 @@ async def test_parts_are_staged_by_an_apply_process_and_a_killed_one_ends_the_tr
         await wait_until(lambda: r.app.codes.version() == 2, timeout=30, what="applied")
         assert r.app.codes.count() == 60
         assert r.events("cache.updated")[-1].data["parts"] == len(parts)
+
+
+def test_an_apply_process_dies_with_the_daemon(kit: BankKit) -> None:
+    """The daemon killed -9 mid-apply: its apply process must not go on staging beside the
+    daemon that systemd starts next (both stage in the same table). Here it waits for the
+    write lock this test holds (up to the 10 s busy timeout), reading no pipe meanwhile."""
+    db_path = kit.state_dir / "lockerd.db"
+    now = datetime.now(UTC).isoformat()
+    manifest = {"locker_id": "L1", "version": 2, "issued_at": now, "expires_at": now,
+                "revoke": [], "entries": 0, "parts": []}
+    script = ("import json, sys, threading; from pathlib import Path; "
+              "from lockerd.apply.process import ApplyProcess; "
+              "p = ApplyProcess(Path(sys.argv[1])); p.start(); "
+              "request = {'op': 'begin', 'manifest': json.loads(sys.argv[2]), 'cache_kib': 2000}; "
+              "threading.Thread(target=p.request, args=(request,), daemon=True).start(); "
+              "print(p.pid, flush=True); threading.Event().wait(120)")
+    holder = open_database(db_path)
+    holder.conn.execute("BEGIN IMMEDIATE")
+    daemon = subprocess.Popen([sys.executable, "-c", script, str(db_path), json.dumps(manifest)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None
+        child = int(daemon.stdout.readline())
+        assert alive(child)
+        daemon.kill()
+        daemon.wait()
+        until_sync(lambda: not alive(child), 5, what="the apply process gone")
+    finally:
+        holder.conn.execute("ROLLBACK")
+        holder.close()
+        daemon.kill()
+        daemon.wait()
+        if daemon.stdout is not None:
+            daemon.stdout.close()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

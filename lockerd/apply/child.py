@@ -1,4 +1,4 @@
-"""The apply process: `python -m lockerd.apply.child DB` verifies, decodes and stages codes.
+"""The apply process: `python -m lockerd.apply.child DB PID` verifies, decodes and stages codes.
 
 It reads request frames on stdin and answers with JSON lines on stdout (lockerd/apply/
 frames.py), working on the bank's database through a connection of its own. A bundle is
@@ -9,8 +9,10 @@ daemon's event loop shares none of this work. It exits when stdin closes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from lockerd.store.db import Database, open_database
 from lockerd.trust.dsse import RoleKeys
 
 Reply = Callable[[dict[str, Any]], None]
+_PR_SET_PDEATHSIG = 1
 
 
 def context_of(header: dict[str, Any]) -> ApplyContext:
@@ -86,12 +89,26 @@ def serve(db_path: Path, requests: BinaryIO, out: BinaryIO) -> None:
         db.close()
 
 
+def die_with_parent(parent: int) -> None:
+    """Be killed by the kernel when the daemon's thread that started this process ends (the
+    daemon killed -9 too): an orphan must not go on staging beside a restarted daemon, which
+    stages in the same table. Linux only; elsewhere the closed pipe ends it at its next read."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the prctl took hold
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m lockerd.apply.child DATABASE (run by lockerd, not by hand)",
-              file=sys.stderr)
+    if len(args) != 2 or not args[1].isdigit():
+        print("usage: python -m lockerd.apply.child DATABASE PARENT_PID (run by lockerd, not "
+              "by hand)", file=sys.stderr)
         return 2
+    die_with_parent(int(args[1]))
     # The replies keep the real stdout; anything printed by mistake goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

@@ -32,7 +32,8 @@ class ApplyProcessFailed(Exception):
 
 
 class ApplyProcess:
-    """One child process running `python -m lockerd.apply.child DB`, for one thread."""
+    """One child process running `python -m lockerd.apply.child DB PID`, for one thread
+    (the thread that starts it must outlive it: the child dies with it, `die_with_parent`)."""
 
     def __init__(self, db_path: Path, *, silence_s: float = SILENCE_S) -> None:
         self._db_path = db_path
@@ -52,7 +53,7 @@ class ApplyProcess:
     def start(self) -> None:
         # fork_exec (or vfork): nothing of this process runs in the child but exec.
         proc = subprocess.Popen(
-            [sys.executable, "-m", CHILD_MODULE, str(self._db_path)],
+            [sys.executable, "-m", CHILD_MODULE, str(self._db_path), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert proc.stdin is not None and proc.stdout is not None
         os.set_blocking(proc.stdin.fileno(), False)
