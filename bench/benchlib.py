@@ -225,6 +225,31 @@ def rss_kib(pid: int) -> int:
     return int(proc_status(pid)["VmRSS"].split()[0])
 
 
+def hwm_kib(pid: int) -> int:
+    """VmHWM of the process: its peak RSS so far (0 once it is gone)."""
+    try:
+        return int(proc_status(pid)["VmHWM"].split()[0])
+    except (OSError, KeyError):
+        return 0
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (read from /proc/*/stat: the kernel may not have
+    /proc/PID/task/TID/children)."""
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process from /proc/PID/stat, in seconds (SC_CLK_TCK resolution)."""
     with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:

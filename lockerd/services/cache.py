@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lockerd import jsonsafe
+from lockerd.apply.bundle import (
+    BUNDLE_FILE_META,
+    AppliedBundle,
+    ApplyContext,
+    envelope_version,
+    no_keyring,
+    verify_and_apply,
+)
+from lockerd.apply.process import SILENCE_S, ApplyProcess, ApplyProcessFailed
 from lockerd.core.events import EventType
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
@@ -19,16 +27,16 @@ from lockerd.services.rejections import RejectionRecorder
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
-from lockerd.trust.bundle import CodesBundle, verify_bundle
+from lockerd.trust.bundle import CodesBundle
 from lockerd.trust.dsse import RoleKeys, parse_envelope
 from lockerd.trust.keyring import Keyring, accept_keyring, load_stored_keyring
 
 log = get_logger("lockerd.cache")
 
-# The SHA-256 of the bundle file last applied and the codes version it produced, written in
-# the transaction of that apply, so the mark never outlives (or predates) the codes it names.
-# A file refused as a rollback is marked {sha256, version, verified: true} instead.
-BUNDLE_FILE_META = "codes_bundle_file"
+# A bundle (or bundle file) of this many bytes or more is verified and applied in an apply
+# process: below it, its JSON decodes in a few milliseconds (about 900 codes), and a worker
+# thread does it without the process start (docs/design.md, rule 9).
+CHILD_MIN_BYTES = 256 << 10
 OLDER_FILE_SKIPPED = "codes bundle file older than the codes held, as verified before; not read"
 _HASH_CHUNK = 1 << 20
 
@@ -52,8 +60,14 @@ class CodeCache:
         monotonic: Callable[[], float],
         observe_signed_time: Callable[[datetime], None] | None = None,
         rejected_per_minute: int = 20,
+        child_min_bytes: int = CHILD_MIN_BYTES,
+        apply_silence_s: float = SILENCE_S,
     ) -> None:
         self._db = db
+        self._child_min_bytes = child_min_bytes
+        self._silence_s = apply_silence_s
+        self._process: ApplyProcess | None = None
+        self.last_applied: AppliedBundle | None = None
         self._codes = codes
         self._events = events
         self._locker_id = locker_id
@@ -179,20 +193,27 @@ class CodeCache:
                 self._mark_verified_older(raw, file_sha256)
             raise
 
-    async def load_bundle_file_off_loop(self, path: Path) -> CodesBundle | None:
-        """`load_bundle_file` with the reading, hashing, verifying and applying in a worker
-        thread: the event loop goes on meanwhile (safety rule 9)."""
+    async def load_bundle_file_off_loop(self, path: Path) -> AppliedBundle | None:
+        """`load_bundle_file` off the event loop (safety rule 9): hashed in a worker thread;
+        a file under `child_min_bytes` then read, verified and applied in that thread, a
+        bigger one read, verified and applied by an apply process (the daemon never holds
+        its bytes)."""
         if self._file_unchanged(path, await asyncio.to_thread(_file_sha256, path)):
             return None
+
+        def mark_older(version: int, file_sha256: str | None) -> None:
+            if file_sha256 is not None:
+                self._db.set_meta(BUNDLE_FILE_META,
+                                  {"sha256": file_sha256, "version": version, "verified": True})
+
+        if (await asyncio.to_thread(path.stat)).st_size >= self._child_min_bytes:
+            return await self._apply_off_loop(b"", path, source=str(path), file_sha256=None,
+                                              on_rollback=mark_older)
         raw = await asyncio.to_thread(path.read_bytes)
+        # The hash of the bytes verified, not of the earlier pass: the file may have changed.
         file_sha256 = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())
-
-        def mark_older(version: int) -> None:
-            self._db.set_meta(BUNDLE_FILE_META,
-                              {"sha256": file_sha256, "version": version, "verified": True})
-
-        return await self.load_bundle_off_loop(raw, source=str(path), file_sha256=file_sha256,
-                                               on_rollback=mark_older)
+        return await self._apply_off_loop(raw, None, source=str(path), file_sha256=file_sha256,
+                                          on_rollback=mark_older)
 
     def _file_unchanged(self, path: Path, digest: str) -> bool:
         mark = self._db.get_meta(BUNDLE_FILE_META)
@@ -217,7 +238,7 @@ class CodeCache:
         """Remember a bundle file refused as a rollback: `verify_bundle` only says rollback
         after the signature, the keyring's expiry and the locker id have passed, so the
         version read from its payload is a signed one."""
-        version = _envelope_version(raw)
+        version = envelope_version(raw)
         if version is not None:
             self._db.set_meta(BUNDLE_FILE_META,
                               {"sha256": file_sha256, "version": version, "verified": True})
@@ -233,104 +254,135 @@ class CodeCache:
         held = self._codes.version()
         floor_reset = self._codes.floor_reset_pending()
         try:
-            bundle = self._verify_and_apply(self._db, raw, source=source, held=held,
-                                            floor_reset=floor_reset, file_sha256=file_sha256)
+            bundle = verify_and_apply(self._db, raw, context=self._context(held, floor_reset),
+                                      source=source, now=self._now, file_sha256=file_sha256)
         except TrustError as exc:
             if not _is_repeat(exc, raw, held):
                 self._reject("codes", exc, source)
             raise
         finally:
             self._codes.forget_cached()
-        self._accepted(bundle, source)
+        self._accepted(AppliedBundle.of(bundle), source)
         return bundle
+
+    def _context(self, held: int, floor_reset: bool) -> ApplyContext:
+        keyring = self.keyring
+        if keyring is None:
+            raise no_keyring()
+        return ApplyContext(codes_role=keyring.roles["codes"],
+                            keyring_expires_at=keyring.expires_at, locker_id=self._locker_id,
+                            held=held, floor_reset=floor_reset)
+
+    @property
+    def apply_process_pid(self) -> int | None:
+        """The pid of the apply process while one runs (benchmarks read its memory)."""
+        return None if self._process is None else self._process.pid
 
     async def load_bundle_off_loop(
         self, raw: bytes, *, source: str, file_sha256: str | None = None,
         on_rollback: Callable[[int], None] | None = None,
-    ) -> CodesBundle:
-        """`load_bundle` with the verification and the apply in a worker thread on a
-        connection of its own: a snapshot is built beside the live codes in short
-        transactions and swapped in by one short one, so neither the loop nor the daemon's
-        writer waits for it. One apply at a time. A refusal as a rollback reads the signed
-        version in the worker too (a big payload is never parsed on the loop), and gives it
-        to `on_rollback`."""
+    ) -> AppliedBundle:
+        """`load_bundle` off the event loop, on a connection of its own: a bundle under
+        `child_min_bytes` in a worker thread, a bigger one in an apply process (its JSON
+        decoding would hold this process's GIL for tens of milliseconds). A snapshot is
+        built beside the live codes in short transactions and swapped in by one short one,
+        so neither the loop nor the daemon's writer waits for it. One apply at a time. A
+        refusal as a rollback reads the signed version off the loop too (a big payload is
+        never parsed on it), and gives it to `on_rollback`."""
+        return await self._apply_off_loop(
+            raw, None, source=source, file_sha256=file_sha256,
+            on_rollback=None if on_rollback is None else lambda v, _: on_rollback(v))
+
+    async def _apply_off_loop(
+        self, raw: bytes, path: Path | None, *, source: str, file_sha256: str | None,
+        on_rollback: Callable[[int, str | None], None] | None,
+    ) -> AppliedBundle:
+        """The bundle `raw`, or (when `raw` is empty) the file at `path`, which only an
+        apply process reads; the file's SHA-256 is then that process's."""
         async with self._apply_lock:
             held = self._codes.version()
             floor_reset = self._codes.floor_reset_pending()
             try:
-                outcome = await asyncio.to_thread(
-                    self._verify_and_apply_in_worker, raw, source=source, held=held,
-                    floor_reset=floor_reset, file_sha256=file_sha256)
+                context = self._context(held, floor_reset)
+                if path is not None or len(raw) >= self._child_min_bytes:
+                    outcome = await self._in_process(raw, path, context, source=source,
+                                                     file_sha256=file_sha256)
+                else:
+                    outcome = await asyncio.to_thread(
+                        self._apply_in_worker, raw, context, source=source,
+                        file_sha256=file_sha256)
+            except TrustError as no_keys:
+                outcome = _Refused(no_keys, None, file_sha256)
             finally:
                 self._codes.forget_cached()
             if isinstance(outcome, _Refused):
-                exc, version = outcome.error, outcome.signed_version
-                if exc.reason == "rollback" and version is not None:
+                error, version = outcome.error, outcome.signed_version
+                if error.reason == "rollback" and version is not None:
                     if on_rollback is not None:
-                        on_rollback(version)
+                        on_rollback(version, outcome.file_sha256)
                     # The very version held, delivered again: quietly ignored (_is_repeat).
                     if version == held:
-                        raise exc
-                self._reject("codes", exc, source)
-                raise exc
+                        raise error
+                self._reject("codes", error, source)
+                raise error
             self._accepted(outcome, source)
             return outcome
 
-    def _verify_and_apply_in_worker(self, raw: bytes, **kwargs: Any) -> CodesBundle | _Refused:
+    def _apply_in_worker(self, raw: bytes, context: ApplyContext, *, source: str,
+                         file_sha256: str | None) -> AppliedBundle | _Refused:
         db = open_database(self._db.path)
         try:
-            return self._verify_and_apply(db, raw, **kwargs)
+            return AppliedBundle.of(verify_and_apply(db, raw, context=context, source=source,
+                                                     now=self._now, file_sha256=file_sha256))
         except TrustError as exc:
-            return _Refused(exc, _envelope_version(raw) if exc.reason == "rollback" else None)
+            return _Refused(exc, envelope_version(raw) if exc.reason == "rollback" else None,
+                            file_sha256)
         finally:
             db.close()
 
-    def _verify_and_apply(self, db: Database, raw: bytes, *, source: str, held: int,
-                          floor_reset: bool, file_sha256: str | None) -> CodesBundle:
-        """Verify `raw` and apply it through `db` (the caller's thread's connection); the
-        event and the file mark in the apply's last transaction. Reads nothing else of self
-        but the keyring, the clock and the locker id, so a worker thread may run it."""
-        keyring = self.keyring
-        if keyring is None:
-            raise TrustError(
-                "no keyring is held yet: a codes bundle can only be verified once a keyring "
-                "signed by the pinned root keys has been loaded",
-                reason="no_keyring",
-            )
-        bundle = verify_bundle(
-            raw,
-            codes_role=keyring.roles["codes"],
-            keyring_expires_at=keyring.expires_at,
-            locker_id=self._locker_id,
-            held_version=held,
-            now=self._now(),
-            floor_reset=floor_reset,
-        )
-        data: dict[str, Any] = {
-            "version": bundle.version,
-            "base_version": bundle.base_version,
-            "upserted": len(bundle.upsert),
-            "revoked": len(bundle.revoke),
-            "source": source,
-        }
-        if floor_reset:
-            data.update(floor_reset=True, previous_version=held)
+    async def _in_process(self, raw: bytes, path: Path | None, context: ApplyContext, *,
+                          source: str, file_sha256: str | None) -> AppliedBundle | _Refused:
+        """Verify and apply in an apply process (lockerd/apply/child.py), awaited in a
+        thread that only waits on its pipe. A process that dies or hangs leaves the codes
+        held in force (unless it died after its swap) and is refused as `apply_failed`."""
+        process = self._process = ApplyProcess(self._db.path, silence_s=self._silence_s)
+        header = {"op": "bundle", "source": source, "now": self._now().isoformat(),
+                  "context": _context_doc(context),
+                  "file": None if path is None else str(path),
+                  "hash_file": path is not None and file_sha256 is None}
+        try:
+            # Started in the thread too: a fork and exec is no work for the loop either.
+            reply = await asyncio.to_thread(_ask, process, header, raw)
+        except asyncio.CancelledError:
+            process.kill()  # the daemon is stopping: the codes held stay, whole
+            raise
+        finally:
+            self._process = None
+        if isinstance(reply, ApplyProcessFailed):
+            return self._after_failure(reply, context, source=source)
+        return _outcome(reply, file_sha256, process.started_pid)
 
-        def with_event(conn: sqlite3.Connection) -> None:
-            self._events.append(conn, type=EventType.CACHE_UPDATED, at=self._now(), data=data)
-            if file_sha256 is not None:
-                db.set_meta(BUNDLE_FILE_META, {"sha256": file_sha256, "version": bundle.version},
-                            conn=conn)
+    def _after_failure(self, exc: ApplyProcessFailed, context: ApplyContext, *,
+                       source: str) -> AppliedBundle | _Refused:
+        version = self._codes.version()
+        if version == context.held:
+            return _Refused(TrustError(
+                f"{exc}; the codes held (version {version}) stay in force", reason="apply_failed"),
+                None, None)
+        # It died after its swap committed (its cache.updated is in that transaction).
+        log.warning("apply process failed after its swap; the codes are applied",
+                    source=source, version=version, error=str(exc))
+        issued = self._db.get_meta("codes_issued_at")
+        return AppliedBundle(version=version, base_version=None, upserted=self._codes.count(),
+                             issued_at=datetime.fromtimestamp(int(issued or 0), UTC), revoked=0)
 
-        # The codes and the event that reports them in one transaction, like the keyring.
-        CodeStore(db).apply(bundle, with_event=with_event)
-        return bundle
-
-    def _accepted(self, bundle: CodesBundle, source: str) -> None:
+    def _accepted(self, bundle: AppliedBundle, source: str) -> None:
+        self.last_applied = bundle
         self._observe_time(bundle.issued_at)
         self._events.notify()
         log.info("codes bundle applied", version=bundle.version, base_version=bundle.base_version,
-                 upserted=len(bundle.upsert), revoked=len(bundle.revoke), source=source)
+                 upserted=bundle.upserted, revoked=bundle.revoked, source=source,
+                 apply_process=bundle.pid)
 
     def refuse(self, what: str, reason: str, detail: str, *, source: str) -> None:
         """Record a refusal decided before verification (e.g. a payload over the size limit)."""
@@ -346,10 +398,47 @@ class CodeCache:
 
 @dataclass(frozen=True, slots=True)
 class _Refused:
-    """A bundle the worker refused, with the version its payload names (for a rollback)."""
+    """A bundle refused off the loop, with the version its payload names (for a rollback)
+    and, for a bundle file, the SHA-256 of the bytes verified."""
 
     error: TrustError
     signed_version: int | None
+    file_sha256: str | None
+
+
+def _ask(process: ApplyProcess, header: dict[str, Any],
+         body: bytes) -> dict[str, Any] | ApplyProcessFailed:
+    """(thread) One request to a fresh apply process, which then ends."""
+    try:
+        return process.request(header, body)
+    except ApplyProcessFailed as exc:
+        return exc
+    finally:
+        process.close()
+
+
+def _context_doc(context: ApplyContext) -> dict[str, Any]:
+    role = context.codes_role
+    return {"codes_keys": [key.public_bytes_raw().hex() for key in role.keys.values()],
+            "codes_threshold": role.threshold,
+            "keyring_expires_at": context.keyring_expires_at.isoformat(),
+            "locker_id": context.locker_id, "held": context.held,
+            "floor_reset": context.floor_reset}
+
+
+def _outcome(reply: dict[str, Any], file_sha256: str | None,
+             pid: int | None) -> AppliedBundle | _Refused:
+    """An apply process's final reply as an outcome."""
+    if (applied := reply.get("applied")) is not None:
+        return AppliedBundle(version=applied["version"], base_version=applied["base_version"],
+                             issued_at=datetime.fromisoformat(applied["issued_at"]),
+                             upserted=applied["upserted"], revoked=applied["revoked"], pid=pid)
+    if (refused := reply.get("refused")) is not None:
+        return _Refused(TrustError(refused["detail"], reason=refused["reason"]),
+                        refused["signed_version"], refused["file_sha256"] or file_sha256)
+    detail = reply.get("failed", reply)
+    return _Refused(TrustError(f"the apply process failed: {detail}; the codes held stay in "
+                               "force", reason="apply_failed"), None, None)
 
 
 def _file_sha256(path: Path) -> str:
@@ -359,15 +448,6 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _envelope_version(raw: bytes) -> int | None:
-    """The `version` in an envelope's payload, or None when there is none to read."""
-    try:
-        version = jsonsafe.loads(parse_envelope(raw).payload).get("version")
-    except (TrustError, jsonsafe.JsonInputError, AttributeError):
-        return None
-    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def _is_repeat(exc: TrustError, raw: bytes, held_version: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from lockerd.core.events import EventType
+from lockerd.apply.process import SILENCE_S, ApplyProcess, ApplyProcessFailed
+from lockerd.apply.staging import manifest_doc
 from lockerd.errors import TrustError
 from lockerd.logs import get_logger
 from lockerd.mqtt import Topics
@@ -23,16 +23,14 @@ from lockerd.services.cache import CodeCache
 from lockerd.services.link import MqttLink
 from lockerd.services.sync import payload_bytes
 from lockerd.store.codes import CodeStore
-from lockerd.store.db import Database, open_database
 from lockerd.store.events import EventLog
-from lockerd.store.staging import CodeStaging, SnapshotMeta
+from lockerd.store.staging import SnapshotMeta
 from lockerd.trust.dsse import parse_envelope
 from lockerd.trust.parts import (
     CodesManifest,
     PartLimits,
     PartsProgress,
-    check_part,
-    decode_part,
+    check_header,
     parse_manifest_payload,
     read_header,
     verify_manifest,
@@ -63,87 +61,106 @@ class PartsSettings:
 
 
 class StagingWorker:
-    """The one thread that stages a snapshot in parts, with a Database of its own.
+    """The one thread that stages a snapshot in parts, through an apply process.
 
-    Everything here runs in that thread, the progress included, so a handler cancelled while
-    it waits (the link dropped) never loses track of a part that was staged meanwhile.
+    The thread only waits on the pipe of an apply process (lockerd/apply/child.py), started
+    when a transfer begins and ended with it, which checks each part against the manifest,
+    decodes it and stages its entries through a database connection of its own: decoding
+    a part holds that process's GIL, not the daemon's. The progress is kept in the thread,
+    so a handler cancelled while it waits (the link dropped) never loses track of a part
+    that was staged meanwhile.
     """
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, *, silence_s: float = SILENCE_S) -> None:
         self._path = db_path
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="lockerd-staging")
-        self._db: Database | None = None
-        self._staging: CodeStaging | None = None
+        self._process = ApplyProcess(db_path, silence_s=silence_s)
         self.progress: PartsProgress | None = None  # written only in the worker thread
+
+    @property
+    def process_pid(self) -> int | None:
+        """The apply process's pid while a transfer is open (benchmarks read its memory)."""
+        return self._process.pid
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args,
                                                                             **kwargs))
 
-    def _open(self) -> CodeStaging:
-        if self._staging is None:
-            self._db = open_database(self._path)
-            self._staging = CodeStaging(self._db, cache_kib=PARTS_CACHE_KIB)
-        return self._staging
+    def _ask(self, header: dict[str, Any], body: bytes = b"") -> dict[str, Any]:
+        """(thread) One request; TrustError("apply_failed") when the process failed (it is
+        ended: the next request starts another, whose first act is a `begin` or `discard`)."""
+        try:
+            reply = self._process.request(header, body)
+        except ApplyProcessFailed as exc:
+            self._process.close()
+            raise TrustError(f"{exc}; the codes held stay in force",
+                             reason="apply_failed") from exc
+        if "failed" in reply:
+            self._process.close()
+            raise TrustError(f"the apply process failed: {reply['failed']}; the codes held "
+                             "stay in force", reason="apply_failed")
+        if (refused := reply.get("refused")) is not None:
+            raise TrustError(refused["detail"], reason=refused["reason"])
+        if "sqlite" in reply:
+            raise sqlite3.OperationalError(reply["sqlite"])
+        return reply
 
     def begin(self, manifest: CodesManifest) -> None:
         """(thread) Discard any staging left over and start `manifest`'s."""
         self.progress = None
-        self._open().begin(manifest.version)
+        self._process.close()  # a process of an earlier transfer
+        self._ask({"op": "begin", "manifest": manifest_doc(manifest),
+                   "cache_kib": PARTS_CACHE_KIB})
         self.progress = PartsProgress(manifest)
 
     def stage(self, raw: bytes) -> int | None:
         """(thread) Check a part against the manifest and add its entries; its index, or None
         when it was staged already. PartRefused for a part that is not the manifest's;
-        TrustError for a part that is but whose entries are refused (the set is broken)."""
+        TrustError for a part that is but whose entries are refused (the set is broken), or
+        when the apply process failed."""
         progress = self.progress
         if progress is None:
             return None
         try:
-            header = check_part(raw, progress.manifest)
+            header = check_header(raw, progress.manifest)
         except TrustError as exc:
             raise PartRefused(exc) from exc
         if header.index in progress.received:
             return None
-        entries = decode_part(raw, revoke=progress.manifest.revoke)
-        self._open().add(entries)
-        progress.add(header.index, len(entries))
+        reply = self._ask({"op": "stage"}, raw)
+        if (refused := reply.get("part_refused")) is not None:
+            raise PartRefused(TrustError(refused["detail"], reason=refused["reason"]))
+        progress.add(header.index, int(reply["entries"]))
         return header.index
 
-    def swap(self, meta: SnapshotMeta, with_event: Callable[[sqlite3.Connection], object], *,
-             held: int) -> int:
-        """(thread) Make the staged snapshot the live codes; the number of codes after it.
-        TrustError("rollback") when the codes held are no longer version `held` (a bundle
-        was applied since the manifest was checked)."""
+    def swap(self, meta: SnapshotMeta, event: dict[str, Any], *, held: int) -> int:
+        """(thread) Make the staged snapshot the live codes, with the `cache.updated` whose
+        `at` and `data` are `event`; the number of codes after it. TrustError("rollback")
+        when the codes held are no longer version `held` (a bundle was applied since the
+        manifest was checked)."""
         try:
-            staging = self._open()
-            assert self._db is not None
-            if (now_held := held_version(self._db.conn)) != held:
-                raise TrustError(f"the codes held went from version {held} to {now_held} "
-                                 "before the swap", reason="rollback")
-            return staging.swap(meta, with_event=with_event)
+            reply = self._ask({"op": "swap", "version": meta.version,
+                               "issued_at": meta.issued_at.isoformat(),
+                               "expires_at": meta.expires_at.isoformat(),
+                               "revoke": list(meta.revoke), "held": held, "event": event})
+            return int(reply["swapped"])
         finally:
             self.progress = None
+            self._process.close()
 
     def discard(self) -> None:
         """(thread) Drop what is staged."""
         self.progress = None
-        self._open().discard()
+        try:
+            self._ask({"op": "discard"})
+        finally:
+            self._process.close()
 
     def close(self) -> None:
-        """Close the thread's database (waits for a call under way); safe to call again."""
-        def close_db() -> None:
-            if self._db is not None:
-                self._db.close()
-            self._db = self._staging = None
-        self._executor.submit(close_db).result()
-
-
-def held_version(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT value FROM meta WHERE key = 'codes_version'").fetchone()
-    return int(json.loads(row[0])) if row else 0
+        """End the apply process (waits for a call under way); safe to call again."""
+        self._executor.submit(self._process.close).result()
 
 
 class PartsService:
@@ -180,6 +197,11 @@ class PartsService:
     @property
     def progress(self) -> PartsProgress | None:
         return self._worker.progress
+
+    @property
+    def process_pid(self) -> int | None:
+        """The apply process staging the open transfer, if one runs."""
+        return self._worker.process_pid
 
     def wanted(self) -> dict[str, Any] | None:
         """What sync/request says of an open transfer: its version and the parts missing."""
@@ -266,7 +288,11 @@ class PartsService:
             await self._begin(raw, manifest)
 
     async def _begin(self, raw: bytes, manifest: CodesManifest) -> None:
-        await self._staged(self._worker.begin, manifest)
+        try:
+            await self._staged(self._worker.begin, manifest)
+        except TrustError as exc:  # the apply process failed: nothing is staged
+            self._cache.refuse("codes/manifest", exc.reason, str(exc), source="mqtt")
+            return
         self._raw_manifest = raw
         self._last_progress = self._monotonic()
         self._changed.set()
@@ -332,8 +358,11 @@ class PartsService:
     async def _abandon(self, progress: PartsProgress, exc: TrustError) -> None:
         """Refuse the whole transfer: what is staged is dropped, the codes held stay."""
         self._cache.refuse("codes/manifest", exc.reason, str(exc), source="mqtt")
-        await self._staged(self._worker.discard)
         self._raw_manifest = b""
+        try:
+            await self._staged(self._worker.discard)
+        except TrustError as failed:  # the next transfer's begin drops the staged rows
+            log.warning("staged rows not dropped", error=str(failed))
         log.warning("snapshot in parts refused", version=progress.manifest.version,
                     reason=exc.reason)
 
@@ -356,18 +385,20 @@ class PartsService:
                                 "parts": manifest.part_count, "source": "mqtt"}
         if floor_reset:
             data.update(floor_reset=True, previous_version=held)
-        at = self._now()
-
-        def with_event(conn: sqlite3.Connection) -> None:
-            self._events.append(conn, type=EventType.CACHE_UPDATED, at=at, data=data)
-
+        event = {"at": self._now().isoformat(), "data": data}
         meta = SnapshotMeta(version=manifest.version, issued_at=manifest.issued_at,
                             expires_at=manifest.expires_at, revoke=manifest.revoke)
         try:
-            count = await self._staged(self._worker.swap, meta, with_event, held=held)
+            count = await self._staged(self._worker.swap, meta, event, held=held)
         except TrustError as exc:
-            await self._abandon(progress, exc)
-            return
+            if exc.reason == "apply_failed" and self._codes.version() == manifest.version:
+                # It failed after its swap committed, with the cache.updated in it.
+                log.warning("apply process failed after its swap; the snapshot is applied",
+                            version=manifest.version, error=str(exc))
+                count = self._codes.count()
+            else:
+                await self._abandon(progress, exc)
+                return
         except sqlite3.Error as exc:
             await self._restart(progress, exc)
             return

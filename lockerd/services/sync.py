@@ -15,6 +15,9 @@ from lockerd.services.cache import CodeCache
 from lockerd.services.link import MqttLink, NotConnected
 
 log = get_logger("lockerd.sync")
+# Over this, one message held the event loop for tens of milliseconds while paho read it
+# (docs/benchmarks.md, loop_lag.py): such a snapshot should come in parts.
+ONE_MESSAGE_ADVISED_BYTES = 2 << 20
 
 
 def payload_bytes(message: aiomqtt.Message) -> bytes:
@@ -87,8 +90,13 @@ class SyncService:
             await self.request_sync("codes_floor_reset")
 
     async def _on_codes(self, message: aiomqtt.Message) -> None:
+        raw = payload_bytes(message)
+        if len(raw) > ONE_MESSAGE_ADVISED_BYTES:
+            log.warning("codes bundle of this size sent as one MQTT message: reading it held "
+                        "the event loop; send a snapshot over 2 MiB in parts (lockerctl parts)",
+                        size=len(raw))
         try:
-            await self._cache.load_bundle_off_loop(payload_bytes(message), source="mqtt")
+            await self._cache.load_bundle_off_loop(raw, source="mqtt")
         except TrustError as exc:
             if exc.reason in ("gap", "no_keyring"):
                 await self.request_sync(exc.reason)

@@ -227,16 +227,18 @@ class CodeStore:
     def apply(
         self, bundle: CodesBundle, *,
         with_event: Callable[[sqlite3.Connection], object] | None = None,
+        on_rows: Callable[[int], object] | None = None,
     ) -> None:
         """Apply a verified snapshot or delta atomically: all of it, or nothing on any error.
-        `with_event` appends the event that reports it, in the same transaction.
+        `with_event` appends the event that reports it, in the same transaction; `on_rows`
+        hears how many rows of a snapshot are staged so far (`CodeStaging`).
 
         A blocking call, for a worker thread with a `Database` of its own: a snapshot is built
         beside the live codes in short transactions and swapped in by one short transaction
         (`CodeStaging`); a delta, small by nature, is one transaction."""
         try:
             if bundle.base_version is None:
-                self._apply_snapshot(bundle, with_event)
+                self._apply_snapshot(bundle, with_event, on_rows)
             else:
                 self._apply_delta(bundle, with_event)
         finally:
@@ -247,8 +249,9 @@ class CodeStore:
         self._parcel_ids = None
 
     def _apply_snapshot(self, bundle: CodesBundle,
-                        with_event: Callable[[sqlite3.Connection], object] | None) -> None:
-        staging = CodeStaging(self._db)
+                        with_event: Callable[[sqlite3.Connection], object] | None,
+                        on_rows: Callable[[int], object] | None = None) -> None:
+        staging = CodeStaging(self._db, on_rows=on_rows)
         staging.begin(bundle.version)
         try:
             staging.add(bundle.upsert)

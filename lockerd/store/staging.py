@@ -87,11 +87,15 @@ class CodeStaging:
     transaction at synchronous=FULL: two renames, the snapshot's meta and its event.
     """
 
-    def __init__(self, db: Database, *, cache_kib: int = STAGING_CACHE_KIB) -> None:
+    def __init__(self, db: Database, *, cache_kib: int = STAGING_CACHE_KIB,
+                 on_rows: Callable[[int], object] | None = None) -> None:
         # `cache_kib`: the page cache while filling; a receiver bounded in memory (snapshots
-        # in parts, services/parts.py) asks for less than the default.
+        # in parts, services/parts.py) asks for less than the default. `on_rows(n)`: called
+        # after each fill transaction with the rows staged so far (an apply process reports
+        # its progress with it, lockerd/apply/child.py).
         self._db = db
         self._cache_kib = cache_kib
+        self._on_rows = on_rows
         self._version: int | None = None
         self._count = 0
 
@@ -130,6 +134,8 @@ class CodeStaging:
                         f" (two codes with the same plain code): {exc}", reason="malformed",
                     ) from exc
                 self._count += added
+                if self._on_rows is not None:
+                    self._on_rows(self._count)
                 _give_way()
         finally:
             conn.execute("PRAGMA synchronous=FULL")

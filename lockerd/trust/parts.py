@@ -318,11 +318,9 @@ def read_header(raw: bytes) -> PartHeader:
     return PartHeader(version=version, index=index, count=count)
 
 
-def check_part(raw: bytes, manifest: CodesManifest) -> PartHeader:
-    """The header of a part the manifest names, at its index, size and SHA-256.
-
-    Reasons: malformed (no header, another version, an index the manifest has not),
-    hash_mismatch (size or SHA-256 not the manifest's for that index)."""
+def check_header(raw: bytes, manifest: CodesManifest) -> PartHeader:
+    """The header of a part of the manifest's version, at an index the manifest has (its
+    size and SHA-256 not yet checked): TrustError("malformed") otherwise."""
     header = read_header(raw)
     if header.version != manifest.version:
         raise _malformed("codes part", f"of version {header.version}, not of the manifest's "
@@ -330,6 +328,15 @@ def check_part(raw: bytes, manifest: CodesManifest) -> PartHeader:
     if header.index >= manifest.part_count:
         raise _malformed("codes part", f"index {header.index}, the manifest has "
                          f"{manifest.part_count} part(s)")
+    return header
+
+
+def check_part(raw: bytes, manifest: CodesManifest) -> PartHeader:
+    """The header of a part the manifest names, at its index, size and SHA-256.
+
+    Reasons: malformed (no header, another version, an index the manifest has not),
+    hash_mismatch (size or SHA-256 not the manifest's for that index)."""
+    header = check_header(raw, manifest)
     ref = manifest.parts[header.index]
     if len(raw) != ref.size or sha256_hex(raw) != ref.sha256:
         raise TrustError(f"codes part {header.index} of version {manifest.version} is not the "

@@ -1,0 +1,1 @@
+"""Big code applies verified, decoded and staged in a child process, off the daemon's GIL."""
