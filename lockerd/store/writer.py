@@ -216,19 +216,21 @@ class DbWriter:
         try:
             while True:
                 self._due.wait()
-                self._due.clear()
                 if self._stopping:
                     return
+                # The mark moves before the wake-up is cleared: a commit meanwhile compares
+                # with it and does not ask again for the checkpoint about to run.
+                try:
+                    self._wal_size_at_checkpoint = self._wal.stat().st_size
+                except FileNotFoundError:
+                    self._wal_size_at_checkpoint = 0
                 self._jobs_since_checkpoint = 0
+                self._due.clear()
                 try:
                     db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:  # logged; a later commit wakes it again
                     log.warning("checkpoint failed", error=str(exc))
                 self.checkpoints += 1
-                try:
-                    self._wal_size_at_checkpoint = self._wal.stat().st_size
-                except FileNotFoundError:
-                    self._wal_size_at_checkpoint = 0
         finally:
             db.close()
 
