@@ -16,7 +16,7 @@ STAGING_TABLE = "codes_staging"
 RETIRED_TABLE = "codes_retired"
 # Rows per transaction while filling or emptying a side table: a writer waiting for the lock
 # (the daemon's next event) waits for one of these, a millisecond or two, never for the set.
-CHUNK_ROWS = 2000
+CHUNK_ROWS = 200
 STAGING_CACHE_KIB = 65536
 GAP_S = 0.001
 
