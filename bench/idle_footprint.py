@@ -22,6 +22,7 @@ from benchlib import (
     start_daemon,
     stop_process,
 )
+from benchlib import report as result
 from wirelib import KERONG, Ports, board_emulator, until_keypad_open
 from wirelib import start_daemon as start_wire_daemon
 
@@ -217,8 +218,15 @@ def report(args: argparse.Namespace, watched: list[Watched], window: float,
     print(f"  wire idle CPU {cpu:.3f} % (target < {CPU_TARGET_PCT} %: "
           f"{verdict(cpu < CPU_TARGET_PCT)}); wake-ups {wakeups:.2f}/s "
           f"(target < {WAKEUPS_TARGET:g}/s: {verdict(wakeups < WAKEUPS_TARGET)})")
+    result("idle_footprint wire CPU", f"lockerd run on the wire idle {wire.cpu_s:.2f} s of "
+           f"CPU in {window:.0f} s", cpu, CPU_TARGET_PCT, unit=" %")
+    result("idle_footprint wire wakeups", f"lockerd run on the wire idle, {wire.threads} "
+           "threads", wakeups, WAKEUPS_TARGET, unit=" /s")
     for w, first in ((sim, first_rss["sim"]), (wire, first_rss["wire"])):
         ratio = w.rss_kib / bare.rss_kib
+        result(f"idle_footprint RSS {w.label.split(',')[-1].strip()}",
+               f"{w.label} {w.rss_kib / 1024:.1f} MiB against the bare libraries "
+               f"{bare.rss_kib / 1024:.1f} MiB", ratio, RSS_TARGET)
         print(f"  {w.label}: RSS {ratio:.2f}x the bare libraries (target <= {RSS_TARGET}x: "
               f"{verdict(ratio <= RSS_TARGET)}); on its first start, which applied the "
               f"bundle file, {first / bare.rss_kib:.2f}x ({first / 1024:.1f} MiB)")

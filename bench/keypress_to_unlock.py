@@ -23,6 +23,7 @@ from benchlib import (
     stop_process,
     unique_codes,
 )
+from benchlib import report as result
 from wire_relay import fill, unlock_frame
 from wirelib import (
     KERONG,
@@ -263,6 +264,12 @@ def report(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> Non
             verdict = "holds" if ratio <= TARGET else "MISSED"
             print(f"  {LABELS[phase] + ', ' + stat:<44} {ratio:5.2f}x the relay "
                   f"(target <= {TARGET}x: {verdict})")
+    for phase in PHASES:
+        d, r = Summary.of(daemon.samples[phase]), Summary.of(relay.samples[phase])
+        ratio = d.median / r.median if r.median else float("nan")
+        result(f"keypress_to_unlock {phase} median",
+               f"{LABELS[phase]} {d.median * 1000:.3f} ms against the minimal relay "
+               f"{r.median * 1000:.3f} ms ({filesystem_of(work)})", ratio, TARGET)
     rss = results["rss"]
     print(f"  RSS at the end: lockerd {rss[daemon.name] / 1024:.1f} MiB, relay "
           f"{rss[relay.name] / 1024:.1f} MiB")

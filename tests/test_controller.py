@@ -4,13 +4,16 @@ simulator's lock and display, the bank and the credentials service, a clock the 
 from __future__ import annotations
 
 import asyncio
+import io
 import sqlite3
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
+import structlog
 from conftest import wait_until
 
 from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scanned
@@ -21,6 +24,7 @@ from lockerd.core.budget import OpenBudget
 from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, RateLimiter
+from lockerd.logs import configure_logging
 from lockerd.services.controller import Controller, load_lockout_state
 from lockerd.services.credentials import CredentialService
 from lockerd.store.codes import CodeStore
@@ -236,4 +240,32 @@ async def test_through_the_writer_thread_the_event_is_committed_before_the_pulse
         await writer.flush()
     finally:
         await asyncio.to_thread(writer.close)
+        rig.db.close()
+
+
+async def test_the_event_line_of_the_commit_before_a_pulse_follows_the_pulse(
+        tmp_path: Path) -> None:
+    logged: list[MutableMapping[str, Any]] = []
+    at_pulse: list[list[object]] = []
+
+    class LogWitnessLock(SimLockDriver):
+        async def _pulse(self, compartment: str, duration_s: float) -> None:
+            at_pulse.append([line.get("type") for line in logged if line["event"] == "event"])
+            await super()._pulse(compartment, duration_s)
+
+    rig = _rig(tmp_path, lock_class=LogWitnessLock)
+    configure_logging("info", "json", stream=io.StringIO())  # the next test's fixture resets it
+    try:
+        with structlog.testing.capture_logs() as captured:
+            logged = captured
+            await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+            await rig.ctl.wait_pulses()
+        # Committed before the pulse (rule 1), its log line written once the frame is out.
+        assert rig.types() == ["lock.pulse"]
+        assert at_pulse == [[]]
+        events = [line for line in logged if line["event"] == "event"]
+        assert [(e["type"], e["compartment"]) for e in events] == [("lock.pulse", "1")]
+        granted = next(i for i, line in enumerate(logged) if line["event"] == "access granted")
+        assert logged.index(events[0]) < granted
+    finally:
         rig.db.close()

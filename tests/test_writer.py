@@ -81,3 +81,65 @@ async def test_a_closed_writer_refuses_jobs(tmp_path: Path) -> None:
     await asyncio.to_thread(w.close)
     with pytest.raises(RuntimeError, match="closed"):
         await w.run(append("late"))
+
+
+async def until_checkpoints(w: DbWriter, n: int) -> None:
+    for _ in range(2000):
+        if w.checkpoints >= n:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no checkpoint {n} (had {w.checkpoints})")
+
+
+def wal_frames(path: Path) -> tuple[int, int]:
+    """(frames in the log, frames checkpointed) as a no-op checkpoint reports them."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        # A PASSIVE checkpoint of a log already checkpointed copies nothing.
+        _busy, log_frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        conn.close()
+    return int(log_frames), int(done)
+
+
+async def test_the_checkpointer_runs_only_when_the_log_has_grown_or_many_jobs_ran(
+        tmp_path: Path) -> None:
+    path = tmp_path / "lockerd.db"
+    open_database(path).close()
+    w = DbWriter(path, checkpoint_bytes=64 * 4096, checkpoint_jobs=40)
+    w.start()
+    try:
+        for i in range(10):  # a few small commits: no checkpoint copies them
+            await w.run(append(f"small.{i}"))
+        assert w.checkpoints == 0
+
+        def big(db: Database) -> None:  # another writer's pages, e.g. an import's
+            with db.transaction() as conn:
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                 [(f"k{i}", "x" * 1000) for i in range(400)])
+
+        await w.run(big)
+        await w.run(append("after the big one"))
+        await until_checkpoints(w, 1)
+        log_frames, done = wal_frames(path)
+        assert done == log_frames
+        # The log's file keeps its size after a checkpoint; commits that reuse it from its
+        # start are counted instead, and do not start a checkpoint each.
+        for i in range(10):
+            await w.run(append(f"reused.{i}"))
+        assert w.checkpoints == 1
+        for i in range(40):
+            await w.run(append(f"many.{i}"))
+        await until_checkpoints(w, 2)
+    finally:
+        await asyncio.to_thread(w.close)
+
+
+async def test_a_durable_commit_is_on_the_disk_and_read_by_another_connection_when_it_returns(
+        writer: DbWriter, tmp_path: Path) -> None:
+    seq = await writer.run(append("lock.pulse"), durable=True)
+    reader = open_database(tmp_path / "lockerd.db")
+    try:
+        assert [e.seq for e in EventLog(reader).recent(1, type_prefix="lock.pulse")] == [seq]
+    finally:
+        reader.close()

@@ -7,7 +7,7 @@ compartments and the deposit session talk to each other here, never through the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -122,6 +122,29 @@ class AskHelp:
 BankAction = Record | Pulse | Show | Resolve | Save | Settled | Log | AskHelp
 
 
+class CompartmentViews(Mapping[str, CompartmentView]):
+    """The compartments' views, each made on its first read and kept. Read it before the
+    bank changes (as a decision does), not after."""
+
+    __slots__ = ("_compartments", "_made")
+
+    def __init__(self, compartments: Mapping[str, Compartment]) -> None:
+        self._compartments = compartments
+        self._made: dict[str, CompartmentView] = {}
+
+    def __getitem__(self, cid: str) -> CompartmentView:
+        view = self._made.get(cid)
+        if view is None:
+            view = self._made[cid] = self._compartments[cid].view()
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._compartments)
+
+    def __len__(self) -> int:
+        return len(self._compartments)
+
+
 class Bank:
     """The whole bank's decisions. Pure and synchronous: `t` is monotonic seconds, `wall` is
     wall-clock seconds since the epoch (lockout and budget survive restarts on it)."""
@@ -151,8 +174,10 @@ class Bank:
 
     # -- views ------------------------------------------------------------------------------
 
-    def views(self) -> dict[str, CompartmentView]:
-        return {cid: c.view() for cid, c in self.compartments.items()}
+    def views(self) -> Mapping[str, CompartmentView]:
+        """What each compartment looks like now, for a decision made at once: a view is made
+        when first read, so the lookup of a code naming its door makes one, not one per door."""
+        return CompartmentViews(self.compartments)
 
     def deadline(self) -> float | None:
         """The next time `tick` has something to do, or None."""

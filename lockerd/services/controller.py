@@ -93,6 +93,12 @@ def load_help_limit_state(db: Database) -> HelpLimitState:
         return HelpLimitState()
 
 
+def _log_events(stored: list[StoredEvent]) -> None:
+    for event in stored:
+        log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
+                 code_id=event.code_id)
+
+
 class Controller:
     """Runs the bank: one task takes each input in turn, gives it to the bank and carries out
     what the bank decided, in order.
@@ -359,11 +365,18 @@ class Controller:
                 if isinstance(action, Settled):
                     self._settle(action)
                     continue
-                # Everything recorded so far is committed before the next output.
+                # Everything recorded so far is committed before the next output. Before a
+                # pulse, the commit's event lines wait until the frame is out.
+                unlogged: list[StoredEvent] = []
                 if pending:
-                    await self.commit(*pending, durable=isinstance(action, Pulse | AskHelp))
+                    pulse = isinstance(action, Pulse)
+                    unlogged = await self.commit(*pending, durable=pulse or isinstance(
+                        action, AskHelp), log_events=not pulse)
                     pending = []
-                await self._carry_out(action)
+                try:
+                    await self._carry_out(action)
+                finally:
+                    _log_events(unlogged)
             if pending:
                 await self.commit(*pending, durable=False)
         finally:
@@ -417,12 +430,14 @@ class Controller:
                                        "reported_at": state.reported_at}
         await self._writer.run(lambda db: db.set_meta(key, value))
 
-    async def commit(self, *records: Record, durable: bool = True) -> list[StoredEvent]:
+    async def commit(self, *records: Record, durable: bool = True,
+                     log_events: bool = True) -> list[StoredEvent]:
         """Commit events in one transaction, each with the changes it reports (a credential's
         use, a parcel on record), through the writer. `durable`: on the disk when this
         returns (one fsync); otherwise committed (and read back by every reader) at once and
         flushed to the disk right after, and the outbox woken only once it is, so that
-        nothing is published that a power cut could still take back."""
+        nothing is published that a power cut could still take back. `log_events=False`:
+        the caller writes their `event` log lines (`_log_events`) once its output is out."""
         if not records:
             return []
         at = self._clock.wall()
@@ -443,9 +458,8 @@ class Controller:
             self._events.notify()
         else:
             self._notify_when_flushed()
-        for event in stored:
-            log.info("event", type=event.type, seq=event.seq, compartment=event.compartment,
-                     code_id=event.code_id)
+        if log_events:
+            _log_events(stored)
         return stored
 
     def _notify_when_flushed(self) -> None:

@@ -22,6 +22,9 @@ log = get_logger("lockerd.writer")
 T = TypeVar("T")
 # SQLite's own autocheckpoint threshold: 1000 pages of 4 KiB.
 CHECKPOINT_BYTES = 4096 * 1000
+# After a complete checkpoint the log is written again from its start, so its file no longer
+# grows: the daemon's own commits (a few pages each) are then counted instead.
+CHECKPOINT_JOBS = 250
 Job = Callable[[Database], T]
 
 
@@ -71,7 +74,8 @@ class DbWriter:
     """
 
     def __init__(self, path: Path, *, name: str = "lockerd-writer",
-                 checkpoint_bytes: int = CHECKPOINT_BYTES) -> None:
+                 checkpoint_bytes: int = CHECKPOINT_BYTES,
+                 checkpoint_jobs: int = CHECKPOINT_JOBS) -> None:
         self._path = path
         self._wal = Path(f"{path}-wal")
         self._jobs: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
@@ -79,7 +83,12 @@ class DbWriter:
         self._checkpointer = threading.Thread(target=self._checkpoints, name=f"{name}-wal",
                                               daemon=True)
         self._checkpoint_bytes = checkpoint_bytes
-        self._committed = threading.Event()
+        self._checkpoint_jobs = checkpoint_jobs
+        self._jobs_since_checkpoint = 0
+        self._wal_size_at_checkpoint = 0
+        self._due = threading.Event()
+        self.checkpoints = 0
+        """Checkpoints run so far (diagnostics and tests)."""
         self._stopping = False
         self._opened = threading.Event()
         self._open_error: BaseException | None = None
@@ -117,7 +126,7 @@ class DbWriter:
             self._jobs.put(None)
             self._thread.join()
         self._stopping = True
-        self._committed.set()
+        self._due.set()
         if self._checkpointer.is_alive():
             self._checkpointer.join()
 
@@ -144,11 +153,10 @@ class DbWriter:
                 if task.durable != synchronous_full:
                     synchronous_full = task.durable
                     db.conn.execute(f"PRAGMA synchronous={'FULL' if task.durable else 'NORMAL'}")
-                self._run(db, task)
-                self._committed.set()
                 # A durable job that committed flushed the log too; one that only read did
                 # not, so it is left for the flush before the next wait (cheap when clean).
                 self._unflushed = self._unflushed or not task.durable
+                self._run(db, task)
         finally:
             self._flush()
             db.close()
@@ -170,33 +178,59 @@ class DbWriter:
             result = task.fn(db)
         except BaseException as exc:  # noqa: BLE001 - raised again by the awaiting task
             error = exc
+        self._wake_checkpointer_if_due()
+        # The awaiting task is woken last: from here this thread only looks for the next
+        # job and blocks, so the loop's thread (on its way to the pulse) does not wait for
+        # the GIL behind this one's bookkeeping or the checkpointer's wake-up.
         # A loop already closed has nobody waiting any more.
         with contextlib.suppress(RuntimeError):
             task.loop.call_soon_threadsafe(_settle, task.future, result, error)
 
+    def _wake_checkpointer_if_due(self) -> None:
+        """Wake the checkpointer once the log has grown by `checkpoint_bytes` since its last
+        checkpoint (any connection's commits, another process's too) or this thread has run
+        `checkpoint_jobs` jobs since (the log reused from its start does not grow the file).
+        Most commits wake nobody: a thread woken at each one would take the GIL just when
+        the loop's thread needs it to send the pulse."""
+        self._jobs_since_checkpoint += 1
+        if self._jobs_since_checkpoint >= self._checkpoint_jobs:
+            self._due.set()
+            return
+        try:
+            size = self._wal.stat().st_size
+        except FileNotFoundError:
+            return
+        if size >= self._wal_size_at_checkpoint + self._checkpoint_bytes:
+            self._due.set()
+
     def _checkpoints(self) -> None:
-        """Checkpoint (PASSIVE: writers go on meanwhile) on a connection of its own once the
-        log has grown past `checkpoint_bytes`; woken by commits, never by a timer."""
+        """Checkpoint (PASSIVE: writers go on meanwhile) on a connection of its own when the
+        writer says one is due; woken by commits, never by a timer, so an idle daemon does
+        nothing (a `lockerd import-bundle` beside it checkpoints its own pages)."""
         try:
             db = open_database(self._path)
         except StoreError as exc:  # the daemon runs on; the log only grows meanwhile
             log.error("the checkpointer could not open the database", error=str(exc))
             return
+        db.conn.execute("PRAGMA wal_autocheckpoint=0")
         try:
             while True:
-                self._committed.wait()
-                self._committed.clear()
+                self._due.wait()
                 if self._stopping:
                     return
+                # The mark moves before the wake-up is cleared: a commit meanwhile compares
+                # with it and does not ask again for the checkpoint about to run.
                 try:
-                    size = self._wal.stat().st_size
+                    self._wal_size_at_checkpoint = self._wal.stat().st_size
                 except FileNotFoundError:
-                    continue
-                if size >= self._checkpoint_bytes:
-                    try:
-                        db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    except sqlite3.Error as exc:  # logged; a later commit wakes it again
-                        log.warning("checkpoint failed", error=str(exc))
+                    self._wal_size_at_checkpoint = 0
+                self._jobs_since_checkpoint = 0
+                self._due.clear()
+                try:
+                    db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # logged; a later commit wakes it again
+                    log.warning("checkpoint failed", error=str(exc))
+                self.checkpoints += 1
         finally:
             db.close()
 
