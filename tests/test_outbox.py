@@ -192,6 +192,10 @@ async def test_bad_and_premature_acks_change_nothing(make_kit: Callable[..., Ban
         assert r.app.publisher is not None
         await wait_until(lambda: r.app.publisher.published_upto >= 1,  # type: ignore[union-attr]
                          what="first event out")
+        # Events go out as soon as the bank connects, before it has subscribed to every
+        # topic: an ack published before its subscription would be lost, not refused.
+        assert r.app.link is not None
+        await wait_until(r.app.link.subscribed.is_set, what="every topic subscribed")
         for junk in (b"{", b'{"upto_seq": "5"}', b'{"upto_seq": -1}', b"[]",
                      b'{"upto_seq": true}', b'{"upto_seq": 999999}'):
             await raw_publish(broker, "lockers/L1/events/ack", junk)
