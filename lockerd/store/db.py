@@ -16,6 +16,19 @@ SCHEMA_VERSION = 1
 RETRY_S = 0.0005
 BUSY_TIMEOUT_MS = 10_000
 
+# The code cache's table; a snapshot is built in another table of the same shape
+# (lockerd/store/staging.py) and renamed into its place.
+CODES_TABLE = """CREATE TABLE {table} (
+    digest      TEXT PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    compartment TEXT,
+    parcel_id   TEXT,
+    not_before  INTEGER,
+    not_after   INTEGER NOT NULL,
+    max_uses    INTEGER NOT NULL
+) WITHOUT ROWID"""
+
 # One database, so that consuming a code and recording its event are one transaction: no code
 # is ever consumed without its event, and no event claims a consumption that did not happen.
 _SCHEMA = """
@@ -38,16 +51,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 
 -- The code cache: digests only, never plain codes.
-CREATE TABLE IF NOT EXISTS codes (
-    digest      TEXT PRIMARY KEY,
-    id          TEXT NOT NULL UNIQUE,
-    kind        TEXT NOT NULL,
-    compartment TEXT,
-    parcel_id   TEXT,
-    not_before  INTEGER,
-    not_after   INTEGER NOT NULL,
-    max_uses    INTEGER NOT NULL
-) WITHOUT ROWID;
+{codes_table};
 
 -- Every verified remote command, written BEFORE it runs: at most once, even across crashes.
 CREATE TABLE IF NOT EXISTS commands (
@@ -111,7 +115,7 @@ CREATE TABLE IF NOT EXISTS code_extensions (
     extended_s     INTEGER NOT NULL,
     PRIMARY KEY (id, digest)
 ) WITHOUT ROWID;
-"""
+""".format(codes_table=CODES_TABLE.format(table="IF NOT EXISTS codes"))
 
 
 # The parcel index of the codes table: a snapshot built beside the live set (store/staging.py)

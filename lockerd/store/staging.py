@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from lockerd.errors import TrustError
-from lockerd.store.db import PARCEL_INDEXES, Database, parcel_index
+from lockerd.store.db import CODES_TABLE, PARCEL_INDEXES, Database, parcel_index
 from lockerd.trust.bundle import CodeEntry
 
 STAGING_TABLE = "codes_staging"
@@ -26,18 +26,6 @@ _COUNT_META = "codes_count"
 _FLOOR_RESET_META = "codes_floor_reset"
 _DERIVED_PREFIX = "derived:"
 
-_CREATE = """
-CREATE TABLE {table} (
-    digest      TEXT PRIMARY KEY,
-    id          TEXT NOT NULL UNIQUE,
-    kind        TEXT NOT NULL,
-    compartment TEXT,
-    parcel_id   TEXT,
-    not_before  INTEGER,
-    not_after   INTEGER NOT NULL,
-    max_uses    INTEGER NOT NULL
-) WITHOUT ROWID
-"""
 _STALE_USES = ("DELETE FROM code_uses WHERE NOT EXISTS (SELECT 1 FROM codes"
                " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)")
 _STALE_EXTENSIONS = (
@@ -108,7 +96,7 @@ class CodeStaging:
         conn = self._db.conn
         index = self._free_parcel_index()
         with self._db.transaction():
-            conn.execute(_CREATE.format(table=STAGING_TABLE))
+            conn.execute(CODES_TABLE.format(table=STAGING_TABLE))
             conn.execute(f"CREATE INDEX {index} ON {STAGING_TABLE} (parcel_id)"
                          " WHERE parcel_id IS NOT NULL")
         self._version = version
