@@ -182,8 +182,11 @@ class MqttLink:
             self._counts.awaiting_redelivery = 0  # a new connection delivers them again
             worker: asyncio.Task[None] | None = None
             try:
-                for topic in self._handlers:
-                    await client.subscribe(topic, options=self._options(topic))
+                # One SUBSCRIBE for every topic: one round trip, so a broker that goes away
+                # right after the connect is noticed at once, not after a subscribe's timeout.
+                if self._handlers:
+                    await client.subscribe(
+                        [(topic, self._options(topic)) for topic in self._handlers])
                     _raise_if_cancelling()
                 self.subscribed.set()
                 worker = asyncio.create_task(self._work(client, inbox), name="mqtt.handlers")
