@@ -224,7 +224,9 @@ async def test_parts_are_staged_by_an_apply_process_and_a_killed_one_ends_the_tr
         await send(broker, None, parts[2:3])
         event = await r.wait_event("cache.rejected")
         assert event.data["reason"] == "apply_failed"
-        assert r.app.parts.progress is None
+        # The transfer is given up right after its refusal is recorded.
+        await wait_until(lambda: r.app.parts is not None and r.app.parts.progress is None,
+                         what="the transfer given up")
         assert r.app.codes.version() == 1
         await pickup_still_works(r)
         # The same manifest again: a new transfer, applied whole.

@@ -180,7 +180,7 @@ def test_after_a_floor_reset_a_delta_is_a_gap(base_version: int) -> None:
     (sign_bundle(bundle_doc(version=5), keys(1)), "signature"),
     (sign_bundle(bundle_doc(version=5, locker_id="L2"), CODES_KEYS), "wrong_locker"),
     (sign_bundle(bundle_doc(version=5, expires_at=NOW), CODES_KEYS), "expired"),
-])
+], ids=["signature", "wrong_locker", "expired"])
 def test_a_floor_reset_lifts_only_the_version_check(raw: bytes, reason: str) -> None:
     with pytest.raises(TrustError) as err:
         verify_bundle(raw, codes_role=CODES_ROLE, keyring_expires_at=KEYRING_EXPIRES,

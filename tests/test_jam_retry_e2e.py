@@ -115,7 +115,9 @@ async def test_a_restart_in_the_window_finds_the_compartment_out_of_service(
     kit = _kit(make_kit, 30.0)
     async with running(kit) as r, SimClient(kit.socket_path) as sim:
         await _jam_a_pickup(r, sim)
-        assert r.app.db.get_meta("out_of_service") == {"3": "jammed"}
+        # Saved through the writer right after the event that took it out of service.
+        await wait_until(lambda: r.app.db.get_meta("out_of_service") == {"3": "jammed"},
+                         what="the out-of-service mark saved")
     async with running(kit) as r2, SimClient(kit.socket_path) as sim2:
         comp = r2.app.controller.compartments["3"]
         assert not comp.in_service and comp.service_reason == "jammed"
