@@ -691,6 +691,7 @@ async def measure_derived(work: Path, parcels: int, args: argparse.Namespace) ->
     kit, codes = make_derived_bank(work / f"derived-{parcels}", parcels)
     app = build_app(load_config(kit.config_path), clock=FrozenClock())
     try:
+        await app.load_bundle_file()  # what `run` does before it serves the doors
         ctl = app.controller
         fill_every_compartment(ctl)
         key, locker = kit.code_key, kit.locker_id
@@ -911,6 +912,7 @@ async def measure_support(work: Path, parcels: int, args: argparse.Namespace) ->
     clock = FrozenClock()
     app = build_app(load_config(kit.config_path), clock=clock)
     try:
+        await app.load_bundle_file()  # what `run` does before it serves the doors
         ctl, service = app.controller, app.controller.credentials
         if service.support_digits != DERIVED_DIGITS:
             raise RuntimeError("support codes are not on in the bank's configuration")
