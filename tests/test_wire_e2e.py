@@ -62,8 +62,13 @@ async def test_pickup_on_the_wire(
     async with wire_bank(wire, parcels=["3"]) as bank:
         # Both kinds of board: one that never answers an unlock, one that sends its status.
         bank.kerong.unlock_reply = unlock_reply
+        # The emulated board shares this (loaded) test process's loop: for the board that
+        # answers, a generous reply window keeps a late unlock reply a late reply, not a
+        # collision with the next poll. (A silent board keeps the default: its first unlock
+        # waits the whole window, which must stay short of the door's open timeout.)
+        kerong = {"reply_timeout_s": 1.0} if unlock_reply else {}
         kit = make_kit([PlainCode("p-1", CODE, "3", parcel_id="PX1")], parcels=["3"],
-                       socket=False, wire=wire)
+                       socket=False, wire=wire, overrides={"backends": {"kerong": kerong}})
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "lockerd.cli.lockerd_cmd", "run", "-c", str(kit.config_path),
             stderr=asyncio.subprocess.PIPE)
