@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import select
 import signal
 import struct
@@ -15,27 +14,27 @@ import time
 from pathlib import Path
 
 import pytest
+from termscreen import Screen
 
 pytestmark = pytest.mark.e2e
 
 
-_CONTROL = re.compile(rb"\x1b\[[0-9;?<>=$]*[A-Za-z~]")
+ROWS, COLUMNS = 42, 130
 
 
-def _read_until(master: int, needle: bytes, timeout: float) -> bytes:
-    """What the terminal got until `needle` shows, looked for with the control sequences
-    taken out (a redraw may write a line cell by cell, each cell at its own position)."""
-    seen = b""
+def _read_until(master: int, screen: Screen, needle: str, timeout: float) -> None:
+    """Read the terminal until `needle` is on its screen. On the screen, not in the output:
+    a redraw may write only the cells that changed, so a text shown need not be written out
+    as one run of characters (nor within one read)."""
     deadline = time.monotonic() + timeout
-    while needle not in _CONTROL.sub(b"", seen):
+    while not screen.shows(needle):
         left = deadline - time.monotonic()
-        assert left > 0, f"no {needle!r} on the terminal; it shows {seen[-400:]!r}"
+        assert left > 0, f"no {needle!r} on the terminal; it shows:\n{screen.text()}"
         if select.select([master], [], [], min(left, 0.1))[0]:
             try:
-                seen += os.read(master, 65536)
+                screen.feed(os.read(master, 65536))
             except OSError:
                 break
-    return seen
 
 
 def _drain(master: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -57,8 +56,11 @@ def test_a_terminal_gets_the_ui_and_leaving_it_stops_the_daemon_and_cleans_up(
     temp = bank_dir / "tmp"  # short: the demo's control socket path has ~100 bytes at most
     temp.mkdir()
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 42, 130, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color", "TMPDIR": str(temp)}
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+    # The size is the pty's: COLUMNS and LINES, when set (pytest-xdist's workers have 80x24),
+    # would win over it and squeeze the UI.
+    env = {**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+           "TERM": "xterm-256color", "TMPDIR": str(temp)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lockerd.cli.lockerd_cmd", "demo", "--compartments", "4",
          *args],
@@ -66,12 +68,13 @@ def test_a_terminal_gets_the_ui_and_leaving_it_stops_the_daemon_and_cleans_up(
         start_new_session=True)
     os.close(slave)
     try:
-        shown = _read_until(master, b"daemon.started", timeout=30)
-        assert b"lockerd simulator" in _CONTROL.sub(b"", shown)
-        if args and b"emulated on ptys" not in _CONTROL.sub(b"", shown):
+        screen = Screen(ROWS, COLUMNS)
+        _read_until(master, screen, "daemon.started", timeout=30)
+        assert screen.shows("lockerd simulator")
+        if args:
             # The daemon's real drivers on the emulated hardware's ptys: the title says so,
             # in a frame that may come after the event pane's.
-            shown += _read_until(master, b"emulated on ptys", timeout=30)
+            _read_until(master, screen, "emulated on ptys", timeout=30)
         assert len(list(temp.iterdir())) == 1  # the demo's bank, keys and database
         if how == "sighup":
             proc.send_signal(signal.SIGHUP)  # the terminal window was closed
