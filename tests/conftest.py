@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import pytest
 from broker import Broker
-from waiting import until
+from waiting import What, until
 
 from lockerd.app import App, build_app
 from lockerd.cli.lockerctl_cmd import main as lockerctl_main
@@ -91,6 +91,15 @@ class Running:
     def display(self) -> str:
         return str(self.world.state()["display"])
 
+    async def wait_display(self, text: str, *, timeout: float = 5.0, case: str = "") -> None:
+        """Wait until the display shows `text`. An event is on record a moment before the
+        display shows what goes with it (the controller shows a message once the batch that
+        holds its event is committed), so reading the display right after seeing the event
+        races the controller."""
+        await wait_until(lambda: text in self.display(), timeout=timeout,
+                         what=lambda: f"{case}{': ' if case else ''}{text!r} on the display; "
+                                      f"it shows {self.display()!r}")
+
 
 @asynccontextmanager
 async def running(kit: BankKit) -> AsyncIterator[Running]:
@@ -104,7 +113,7 @@ async def running(kit: BankKit) -> AsyncIterator[Running]:
         await asyncio.wait_for(task, 10)
 
 
-async def wait_until(cond: Callable[[], bool], *, timeout: float = 5.0, what: str = "") -> None:
+async def wait_until(cond: Callable[[], bool], *, timeout: float = 5.0, what: What = "") -> None:
     """`waiting.until` under the name the daemon tests know it by (polling every 10 ms, as
     they always have). Waiting itself lives in waiting.py: until, until_sync, until_value."""
     await until(cond, timeout, what=what, interval=0.01)

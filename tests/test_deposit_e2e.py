@@ -86,7 +86,7 @@ async def test_courier_session_deposits_two_parcels_and_ends_with_star(
         ended = await r.wait_event("session.ended")
         assert ended.data["reason"] == "ended_by_user"
         assert ended.data["deposits"] == 2
-        assert "Session ended" in r.display()
+        await r.wait_display("Session ended")
         assert {c: p.parcel_id for c, p in ParcelStore(r.app.db).all().items()} == {
             "1": "PX-1", "3": "PX-2"}
         # The keypad is the customers' again: a courier code once used is refused.
@@ -111,7 +111,7 @@ async def test_deposit_is_confirmed_only_when_the_sensor_sees_the_parcel(
         assert aborted.data["reason"] == "empty"
         assert aborted.data["parcel_id"] == "PX-9"
         assert r.events("deposit.confirmed") == []
-        assert "closed empty" in r.display()
+        await r.wait_display("closed empty")
         # A drop-off that did not happen gives its code back, and the compartment is free.
         assert uses(r, DROP) == 0
         assert r.app.controller.compartments["5"].parcel_id is None
@@ -158,7 +158,7 @@ async def test_assignment_skips_occupied_out_of_service_and_too_small_doors(
         assert refused.data == {"kind": "courier", "source": "keypad",
                                 "reason": "no_free_compartment", "parcel_id": "PX-BIG",
                                 "size": "L"}
-        assert "No free door size L" in r.display()
+        await r.wait_display("No free door size L")
         r.world.press("2")
         await r.wait_event("deposit.refused", count=2)
         assert len(r.world.pulses) == 2, "no door was opened for a parcel that does not fit"

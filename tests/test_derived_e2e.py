@@ -144,7 +144,7 @@ async def test_derived_code_survives_a_restart_and_a_revocation_disables_it(
         r.world.press(code + "#")
         ev = await r.wait_event("code.rejected")
         assert (ev.data["reason"], ev.code_id) == ("revoked", "derived:PX-R")
-        assert "withdrawn" in r.display()
+        await r.wait_display("withdrawn")
         # A later snapshot that does not repeat the revocation does not bring it back.
         r.app.cache.load_bundle(kit.bundle([courier()], version=3), source="test")
         r.world.press(code + "#")

@@ -33,7 +33,7 @@ async def test_pickup_consumes_code_only_after_door_seen_open(
         assert pulse.seq < opened.seq, "the pulse is recorded before the door is reported open"
         assert (opened.compartment, opened.code_id) == ("3", "p-1")
         assert r.world.state()["compartments"]["3"]["door_open"] is True
-        assert "Take your parcel" in r.display()
+        await r.wait_display("Take your parcel")
         r.world.set_parcel("3", False)
         r.world.close_door("3")
         done = await r.wait_event("pickup.completed")
@@ -42,7 +42,7 @@ async def test_pickup_consumes_code_only_after_door_seen_open(
         r.world.press(CODE + "#")
         rejected = await r.wait_event("code.rejected")
         assert rejected.data["reason"] == "used"
-        assert "already used" in r.display()
+        await r.wait_display("already used")
         assert r.world.state()["compartments"]["3"]["door_open"] is False
     assert r.world.pulses == ["3"]
 
@@ -66,7 +66,7 @@ async def test_wrong_code_is_refused_with_reason_on_display(
         ev = await r.wait_event("code.rejected")
         assert ev.data["reason"] == "unknown_code"
         assert ev.code_id is None
-        assert "not recognised" in r.display()
+        await r.wait_display("not recognised")
         assert r.world.pulses == []
 
 
@@ -86,7 +86,7 @@ async def test_expired_and_not_yet_valid_codes_are_refused(
         second = await r.wait_event("code.rejected", count=2)
         assert (first.code_id, first.data["reason"]) == ("p-old", "expired")
         assert (second.code_id, second.data["reason"]) == ("p-new", "not_yet_valid")
-        assert "not valid yet" in r.display()
+        await r.wait_display("not valid yet")
         assert r.world.pulses == []
 
 
@@ -114,7 +114,7 @@ async def test_jammed_door_keeps_code_retries_once_and_marks_compartment(
         assert r.world.pulses == ["3", "3"]
         assert r.events("pickup.opened") == []
         assert r.events("compartment.out_of_service")[0].data["reason"] == "jammed"
-        assert "still valid" in r.display()
+        await r.wait_display("still valid")
         await wait_until(lambda: r.world.state()["compartments"]["3"]["in_service"] is False,
                          what="sim shows the compartment out of service")
         # Out of service: the same (still valid) code is refused without a pulse.
@@ -140,7 +140,7 @@ async def test_door_closed_on_parcel_gives_the_use_back(make_kit: Callable[..., 
         inc = await r.wait_event("pickup.incomplete")
         assert inc.code_id == "p-1"
         assert r.app.codes.lookup(kit.digest(CODE)).uses == 0  # type: ignore[union-attr]
-        assert "works again" in r.display()
+        await r.wait_display("works again")
         r.world.press(CODE + "#")
         await r.wait_event("pickup.opened", count=2)
         r.world.set_parcel("3", False)
@@ -156,7 +156,7 @@ async def test_forced_and_held_open_doors_are_reported(make_kit: Callable[..., B
         assert forced.compartment == "5"
         held = await r.wait_event("door.held_open")
         assert held.compartment == "5"
-        assert "close door 5" in r.display()
+        await r.wait_display("close door 5")
         r.world.close_door("5")
         await r.wait_event("door.closed")
         assert len(r.events("door.held_open")) == 1
@@ -170,7 +170,7 @@ async def test_lockout_grows_and_survives_restart(make_kit: Callable[..., BankKi
             await r.wait_event("code.rejected", count=i + 1)
         lock = await r.wait_event("keypad.lockout")
         assert lock.data["seconds"] == 30.0
-        assert "Too many wrong codes" in r.display()
+        await r.wait_display("Too many wrong codes")
     async with running(kit) as r2:
         # Even the right code is refused while locked out, and nothing is pulsed.
         r2.world.press(CODE + "#")
@@ -190,7 +190,7 @@ async def test_stuck_key_is_reported_as_a_hardware_fault(make_kit: Callable[...,
         r.world.set_fault("keypad", "stuck_key", True, key="7")
         fault = await r.wait_event("hardware.fault")
         assert fault.data["device"] == "keypad"
-        assert "Keypad fault" in r.display()
+        await r.wait_display("Keypad fault")
         r.world.set_fault("keypad", "stuck_key", False)
         r.world.scan(CODE)
         await r.wait_event("pickup.opened")
