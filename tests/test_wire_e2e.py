@@ -84,6 +84,11 @@ async def test_pickup_on_the_wire(
                 # real driver saw the released latch on its next status poll.
                 await wait_state(sim, lambda s: s["compartments"]["3"]["door_open"],
                                  "door 3 open")
+                # The customer shuts the door once the daemon has seen it open: shut before,
+                # on a loaded machine, it would meet the daemon's second pulse (the first
+                # looked unanswered), and the spring would push it open again.
+                await until(recorded(kit, "pickup.opened"), 10,
+                            what=recorded_types(kit, "pickup.opened"), interval=0.05)
                 await sim.parcel("3", False)
                 await sim.door("3", "close")
                 await until(recorded(kit, "pickup.completed"), 10,
