@@ -24,6 +24,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _PortTaken(Exception):
+    """The free port this broker chose was taken before mosquitto could listen on it."""
+
+
 class Broker:
     """One mosquitto process; `stop()` and `start()` keep the same port, like a real outage."""
 
@@ -35,9 +39,21 @@ class Broker:
         anonymous clients; the user, persistence and log lines are added either way."""
         self.directory = directory
         self.port = port or free_port()
+        # A port found free may be taken before mosquitto binds it (by another test process,
+        # or any connection's local port): one this class chose it may choose again, once,
+        # at the first start. A port given, and a restart's, stay what they are.
+        self._may_move = port is None and listener is None
         self.host = "127.0.0.1"
         self.log = directory / "mosquitto.log"
         self.config = directory / "mosquitto.conf"
+        self._persistence, self._anonymous = persistence, anonymous
+        self._listener, self._extra_config = listener, extra_config
+        self._write_config()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _write_config(self) -> None:
+        persistence, anonymous = self._persistence, self._anonymous
+        listener, extra_config, directory = self._listener, self._extra_config, self.directory
         lines = [
             # Run as whoever runs the suite: as root, mosquitto would otherwise switch to its
             # own user and lose access to the test's private directory.
@@ -57,13 +73,22 @@ class Broker:
         if extra_config:
             lines.append(extra_config)
         self.config.write_text("\n".join(lines) + "\n")
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
+        try:
+            self._start()
+        except _PortTaken:
+            self.port = free_port()
+            self._write_config()
+            self._start()
+        finally:
+            self._may_move = False
+
+    def _start(self) -> None:
         if self._proc is not None:
             return
         self._proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)],
@@ -75,11 +100,15 @@ class Broker:
                 log = self.log.read_text() if self.log.exists() else ""
                 self._close_pipes(self._proc)
                 self._proc = None
+                if self._may_move and "Address already in use" in err + log:
+                    raise _PortTaken
                 raise RuntimeError(f"mosquitto exited at start: {err} {log}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     time.sleep(0.05)  # listening is not yet serving; a breath avoids a reset
+                if self._proc.poll() is None:
                     return
+                # Whoever answered, it was not this mosquitto, which has exited: see why.
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"mosquitto did not listen on {self.port}") from None
