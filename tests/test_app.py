@@ -39,7 +39,9 @@ async def test_all_lock_outputs_are_off_at_startup(make_kit: Callable[..., BankK
     finally:
         app.request_stop()
         await asyncio.wait_for(task, 10)
-        await leftover
+        # all_off has ended that pulse; its coroutine would still sleep out the 9 s.
+        leftover.cancel()
+        await asyncio.gather(leftover, return_exceptions=True)
 
 
 async def test_a_crashing_task_is_evented_and_restarted(make_kit: Callable[..., BankKit]) -> None:
