@@ -301,6 +301,9 @@ def check(kit: BankKit) -> tuple[int, dict[str, str], Replay]:
     return len(seqs), {cid: p for cid, (p, _) in on_record.items()}, replay
 
 
+# 52 daemon starts take about a minute alone and twice that on a loaded machine (the suite's
+# other workers): past the suite's 120 s, this timeout still stops a test that hangs.
+@pytest.mark.timeout(600)
 async def test_sigkill_at_random_points(make_kit: Callable[..., BankKit]) -> None:
     kit = make_kit(bank_codes(), parcels=list(PICKUP_DOORS),
                    sizes=[SIZES[str(n)] for n in range(1, 9)],
