@@ -27,4 +27,6 @@ echo "== mypy --strict"
 .venv/bin/mypy --strict lockerd hal sim
 .venv/bin/mypy --strict tests bench
 echo "== pytest"
-exec .venv/bin/python -m pytest "$@"
+# Three workers on two cores: the suite mostly waits (on daemons, brokers, ptys), so a third
+# worker fills the time the other two wait. LOCKERD_TEST_WORKERS=0 runs it in one process.
+exec .venv/bin/python -m pytest -n "${LOCKERD_TEST_WORKERS:-3}" --dist load "$@"
