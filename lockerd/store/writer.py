@@ -195,13 +195,15 @@ class DbWriter:
             result = task.fn(db)
         except BaseException as exc:  # noqa: BLE001 - raised again by the awaiting task
             error = exc
-        # The awaiting task is woken first, the bookkeeping (a stat of the log) done after:
-        # the loop's thread, on its way to the pulse, takes the GIL while this one is in
-        # that system call, and this thread then only looks for the next job and blocks.
+        self._wake_checkpointer_if_due()
+        # The awaiting task is woken last: from here this thread only looks for the next
+        # job and blocks, so the loop's thread (on its way to the pulse) does not wait for
+        # the GIL behind this one's bookkeeping or the checkpointer's wake-up. (Woken before
+        # the stat of the log instead, a burst pickup on tmpfs was slower in 3 runs of 4,
+        # medians 2.9-3.9 ms against 1.7-2.2: the threads take turns at the GIL meanwhile.)
         # A loop already closed has nobody waiting any more.
         with contextlib.suppress(RuntimeError):
             task.loop.call_soon_threadsafe(_settle, task.future, result, error)
-        self._wake_checkpointer_if_due()
 
     def _wake_checkpointer_if_due(self) -> None:
         """Wake the checkpointer once the log has grown by `checkpoint_bytes` since its last
