@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -224,11 +227,48 @@ def _fileno(port: _Port) -> int | None:
     return fd if isinstance(fd, int) and fd >= 0 else None
 
 
+def _read_now(port: _Port) -> bytes:
+    """What has arrived on `port`, never a wait (its timeout is 0)."""
+    return bytes(port.read(READ_CHUNK))
+
+
+def _readable_reader(port: _Port, fd: int) -> Callable[[], bytes]:
+    """What has arrived on `port`, for a caller that knows its descriptor is readable (the
+    loop said so). A plain local port is one os.read of the descriptor: pyserial's read adds
+    a select and a timer object to every key. Any other port (spy://, socket://) keeps its
+    own read, which may log or translate."""
+    if type(port) is not serial.Serial:
+        return lambda: _read_now(port)
+
+    def read() -> bytes:
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError as exc:
+            raise serial.SerialException(f"read failed: {exc}") from exc
+        if not data:
+            # Readable yet empty (the port reads with VMIN 0): the device is gone, as
+            # pyserial says of it in the same case.
+            raise serial.SerialException(
+                "device reports readiness to read but returned no data "
+                "(device disconnected or multiple access on port?)")
+        return data
+
+    return read
+
+
 def _close_quietly(port: _Port) -> None:
     try:
         port.close()
     except OSError as exc:
         log.debug("closing a serial port failed", error=str(exc))
+    # pyserial's spy:// opens its capture file (`?file=`) and never closes it: closed here,
+    # so that the capture is on the disk now (as the Kerong transport does).
+    output = getattr(getattr(port, "formatter", None), "output", None)
+    if output is not None and output not in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            output.close()
 
 
 class _SerialInput(Device):
@@ -350,21 +390,22 @@ class _SerialInput(Device):
         (raises the OSError) or the task is cancelled."""
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
+        readable = _readable_reader(port, fd)
 
-        def take() -> bool:
+        def take(read: Callable[[], bytes] = readable) -> bool:
             try:
-                data = port.read(READ_CHUNK)  # timeout 0: what has arrived, never a wait
+                data = read()  # what has arrived, never a wait
             except OSError as exc:  # EIO of an unplugged adapter is a SerialException
                 if not lost.done():
                     lost.set_exception(exc)
                 return False
             if data:
-                self._feed(bytes(data), loop.time(), emit)
+                self._feed(data, loop.time(), emit)
             return True
 
         # One read at once proves the port works (a port that opens but fails at once stays
         # dead) and takes what arrived before the reader is watching.
-        if not take():
+        if not take(lambda: _read_now(port)):
             await lost
         self._usable(emit)
         loop.add_reader(fd, take)

@@ -269,3 +269,65 @@ async def test_the_event_line_of_the_commit_before_a_pulse_follows_the_pulse(
         assert logged.index(events[0]) < granted
     finally:
         rig.db.close()
+
+
+async def test_the_event_line_of_a_pulse_is_written_while_the_pulse_is_on(
+        tmp_path: Path) -> None:
+    # A lock whose pulse lasts until the test ends it: the line must not wait for its end.
+    release = asyncio.Event()
+    logged: list[MutableMapping[str, Any]] = []
+
+    class HeldLock(SimLockDriver):
+        async def _pulse(self, compartment: str, duration_s: float) -> None:
+            self.world.pulses.append(compartment)
+            await release.wait()
+
+    rig = _rig(tmp_path, lock_class=HeldLock)
+    configure_logging("info", "json", stream=io.StringIO())  # the next test's fixture resets it
+    try:
+        with structlog.testing.capture_logs() as captured:
+            logged = captured
+            await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+            assert rig.world.pulses == ["1"]
+            lines = [line.get("type") for line in logged if line["event"] == "event"]
+            assert lines == ["lock.pulse"]  # the pulse still on
+            release.set()
+            await rig.ctl.wait_pulses()
+    finally:
+        rig.db.close()
+
+
+async def test_every_event_line_is_written_once(tmp_path: Path) -> None:
+    rig = _rig(tmp_path)
+    configure_logging("info", "json", stream=io.StringIO())  # the next test's fixture resets it
+    try:
+        with structlog.testing.capture_logs() as logged:
+            await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+            await rig.ctl.wait_pulses()
+            rig.clock.t += 0.5
+            await rig.ctl.step(DoorChanged("1", DoorState.OPEN))
+            await rig.ctl.step(OccupancyChanged("1", False))
+            await rig.ctl.step(DoorChanged("1", DoorState.CLOSED))
+        lines = [line["seq"] for line in logged if line["event"] == "event"]
+        assert len(lines) == len(set(lines)) == len(rig.types()) == 5
+    finally:
+        rig.db.close()
+
+
+async def test_through_the_writer_thread_a_commit_that_fails_sends_no_pulse(
+        tmp_path: Path) -> None:
+    open_database(tmp_path / "lockerd.db").close()
+    writer = DbWriter(tmp_path / "lockerd.db")
+    writer.start()
+    rig = _rig(tmp_path, writer=writer)
+    rig.db.conn.execute("CREATE TRIGGER no_pulse BEFORE INSERT ON events"
+                        " WHEN NEW.type = 'lock.pulse' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="refused"):
+            await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+        await rig.ctl.wait_pulses()
+        assert rig.world.pulses == []
+        assert rig.types() == []
+    finally:
+        await asyncio.to_thread(writer.close)
+        rig.db.close()

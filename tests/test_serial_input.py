@@ -247,6 +247,20 @@ async def test_keypad_bytes_become_keys_and_junk_is_dropped(ctx: HalContext, pty
     assert [e["byte"] for e in logs if e.get("reason") == "junk"] == ["0x41"]
 
 
+async def test_a_spy_keypad_is_read_through_pyserial_and_its_capture_sees_the_keys(
+        ctx: HalContext, ptys: Ptys, tmp_path: Path) -> None:
+    # A plain port is read with os.read; a spy:// one must keep its handler, which logs.
+    master, path = ptys.open()
+    capture = tmp_path / "keypad-spy.txt"
+    dev = keypad(ctx, f"spy://{path}?file={capture}")
+    rec, run = run_device(dev)
+    async with running(run):
+        await until(lambda: dev.port_open)
+        os.write(master, b"42#")
+        await until(lambda: rec.keys() == "42#")
+    assert "34 32 23" in capture.read_text(encoding="utf-8")
+
+
 async def test_keypad_flood_is_cut_to_the_limit(ctx: HalContext, ptys: Ptys) -> None:
     master, path = ptys.open()
     dev = keypad(ctx, path, max_keys_per_s=5)

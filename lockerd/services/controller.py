@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
 
@@ -365,18 +365,15 @@ class Controller:
                 if isinstance(action, Settled):
                     self._settle(action)
                     continue
-                # Everything recorded so far is committed before the next output. Before a
-                # pulse, the commit's event lines wait until the frame is out.
-                unlogged: list[StoredEvent] = []
-                if pending:
-                    pulse = isinstance(action, Pulse)
-                    unlogged = await self.commit(*pending, durable=pulse or isinstance(
-                        action, AskHelp), log_events=not pulse)
+                # Everything recorded so far is committed before the next output.
+                if isinstance(action, Pulse):
+                    await self._commit_then_pulse(pending, action.compartment)
                     pending = []
-                try:
-                    await self._carry_out(action)
-                finally:
-                    _log_events(unlogged)
+                    continue
+                if pending:
+                    await self.commit(*pending, durable=isinstance(action, AskHelp))
+                    pending = []
+                await self._carry_out(action)
             if pending:
                 await self.commit(*pending, durable=False)
         finally:
@@ -386,14 +383,9 @@ class Controller:
             # A compartment leaves or re-enters service only with the event that says so.
             await self._save_service_if_changed()
 
-    async def _carry_out(self, action: Pulse | Show | Save | AskHelp | Resolve) -> None:
-        """One output, once everything recorded before it is durable."""
-        if isinstance(action, Pulse):
-            self._start_pulse(action.compartment)
-            # Let the pulse task send its frame now, before the display and the log lines of
-            # this batch: the customer is waiting on the door.
-            await asyncio.sleep(0)
-        elif isinstance(action, Show):
+    async def _carry_out(self, action: Show | Save | AskHelp | Resolve) -> None:
+        """One output, once everything recorded before it is committed."""
+        if isinstance(action, Show):
             await self._show(action.message, hold_s=action.hold_s)
         elif isinstance(action, Save):
             await self._save(action)
@@ -430,16 +422,20 @@ class Controller:
                                        "reported_at": state.reported_at}
         await self._writer.run(lambda db: db.set_meta(key, value))
 
-    async def commit(self, *records: Record, durable: bool = True,
-                     log_events: bool = True) -> list[StoredEvent]:
+    async def commit(self, *records: Record, durable: bool = True) -> list[StoredEvent]:
         """Commit events in one transaction, each with the changes it reports (a credential's
         use, a parcel on record), through the writer. `durable`: on the disk when this
         returns (one fsync); otherwise committed (and read back by every reader) at once and
         flushed to the disk right after, and the outbox woken only once it is, so that
-        nothing is published that a power cut could still take back. `log_events=False`:
-        the caller writes their `event` log lines (`_log_events`) once its output is out."""
+        nothing is published that a power cut could still take back."""
         if not records:
             return []
+        stored = await self._writer.run(self._write_job(records), durable=durable)
+        self._committed(stored, durable=durable)
+        return stored
+
+    def _write_job(self, records: Sequence[Record]) -> Callable[[Database], list[StoredEvent]]:
+        """The writer's job committing `records` in one transaction, stamped now."""
         at = self._clock.wall()
 
         def write(db: Database) -> list[StoredEvent]:
@@ -452,15 +448,62 @@ class Controller:
                     self._apply_effects(conn, record, at)
             return stored
 
-        stored = await self._writer.run(write, durable=durable)
+        return write
+
+    def _committed(self, stored: list[StoredEvent], *, durable: bool) -> None:
+        """What follows a commit on the loop: caches dropped, the outbox woken (once the
+        events are on the disk), the event lines written."""
+        if not stored:
+            return
         self._codes.forget_cached()
         if durable:
             self._events.notify()
         else:
             self._notify_when_flushed()
-        if log_events:
-            _log_events(stored)
-        return stored
+        _log_events(stored)
+
+    async def _commit_then_pulse(self, records: list[Record], cid: str) -> None:
+        """Commit `records` durably, then pulse `cid` (safety rule 1).
+
+        The pulse runs in a task of its own (so that a door opening during it is seen at
+        once), and that task waits for the commit itself: the writer's answer wakes it
+        first, and it sends the frame before this task goes on to the commit's follow-up
+        (the outbox's wake, the event lines), the display and the batch's log lines. The
+        task is made while the commit is on its way to the disk, not after. Returns once
+        the frame is sent or the pulse is under way; raises what the commit raised, and
+        then nothing is pulsed."""
+        durable = self._writer.submit(self._write_job(records), durable=True) if records else None
+        committed: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._pulse_when_durable(cid, durable, committed),
+                                   name=f"pulse:{cid}")
+        self._pulses.add(task)
+        task.add_done_callback(self._pulses.discard)
+        self._committed(await committed, durable=True)
+
+    async def _pulse_when_durable(self, cid: str,
+                                  durable: asyncio.Future[list[StoredEvent]] | None,
+                                  committed: asyncio.Future[list[StoredEvent]]) -> None:
+        """The pulse task of `_commit_then_pulse`: `committed` gets what `durable` gave (or
+        raised), and the pulse goes out only once the commit is on the disk."""
+        try:
+            stored = [] if durable is None else await durable
+        except Exception as exc:  # noqa: BLE001 - raised again by the controller's task
+            if not committed.done():
+                committed.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            if not committed.done():
+                committed.set_exception(RuntimeError("the pulse was cancelled"))
+            raise
+        if committed.cancelled():
+            # The controller stopped waiting (the daemon stops) before the commit was on
+            # the disk: as when it awaited the commit itself, nothing is pulsed.
+            self._committed(stored, durable=True)
+            return
+        # The controller's task is woken now, and runs once this one first waits: after the
+        # frame is written (the bus free) or the output is on.
+        committed.set_result(stored)
+        await self._pulse(cid)
 
     def _notify_when_flushed(self) -> None:
         task = asyncio.create_task(self._flushed_then_notify(), name="events-flushed")
@@ -505,12 +548,6 @@ class Controller:
         event = self._events.record(type=type_, at=self._clock.wall(), data=data)
         log.info("event", type=event.type, seq=event.seq, compartment=None, code_id=None)
         return event
-
-    def _start_pulse(self, cid: str) -> None:
-        # The pulse runs beside the controller so a door opening during it is seen at once.
-        task = asyncio.create_task(self._pulse(cid), name=f"pulse:{cid}")
-        self._pulses.add(task)
-        task.add_done_callback(self._pulses.discard)
 
     async def _pulse(self, cid: str) -> None:
         try:
