@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from lockerd.errors import TrustError
 from lockerd.store.db import CODES_TABLE, PARCEL_INDEXES, Database, parcel_index
-from lockerd.trust.bundle import CodeEntry
+
+if TYPE_CHECKING:  # the apply process stages rows and must not import the bundle's crypto
+    from lockerd.trust.bundle import CodeEntry
 
 STAGING_TABLE = "codes_staging"
 RETIRED_TABLE = "codes_retired"
