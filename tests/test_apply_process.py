@@ -236,6 +236,37 @@ async def test_parts_are_staged_by_an_apply_process_and_a_killed_one_ends_the_tr
         assert r.events("cache.updated")[-1].data["parts"] == len(parts)
 
 
+# What the apply process of a snapshot in parts must not load: it checks no signature (the
+# daemon verified the manifest) and decodes no JSON bundle, and its memory counts on the board.
+NOT_FOR_PARTS = ("cryptography", "msgspec", "structlog", "aiomqtt", "lockerd.trust.dsse",
+                 "lockerd.trust.bundle", "lockerd.store.codes", "lockerd.apply.bundle")
+
+
+def imported_by_children(stderr: str) -> set[str]:
+    """The modules named by `python -X importtime` lines (the children's, on our stderr)."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+async def test_the_apply_process_of_parts_does_not_import_the_bundle_verification(
+        kit: BankKit, broker: Broker, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the daemon's own path: the apply process it starts for a transfer inherits
+    PYTHONPROFILEIMPORTTIME and the test's stderr, so every module it imports is named there."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    manifest, parts = make_parts(kit, plain(60), version=2)
+    async with running(kit) as r:
+        await online(r)
+        capfd.readouterr()
+        await send(broker, manifest, parts)
+        await wait_until(lambda: r.app.codes.version() == 2, timeout=30, what="applied")
+        assert r.app.codes.count() == 60
+    imported = imported_by_children(capfd.readouterr().err)
+    assert {"lockerd.apply.staging", "lockerd.trust.partwire"} <= imported
+    assert sorted(m for m in imported
+                  if any(m == bad or m.startswith(bad + ".") for bad in NOT_FOR_PARTS)) == []
+
+
 def test_an_apply_process_dies_with_the_daemon(kit: BankKit) -> None:
     """The daemon killed -9 mid-apply: its apply process must not go on staging beside the
     daemon that systemd starts next (both stage in the same table). Here it waits for the

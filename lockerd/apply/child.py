@@ -18,20 +18,28 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lockerd.apply.bundle import AppliedBundle, ApplyContext, envelope_version, verify_and_apply
 from lockerd.apply.frames import encode_reply, read_request
 from lockerd.apply.staging import PartsStager
 from lockerd.errors import TrustError
 from lockerd.store.db import Database, open_database
-from lockerd.trust.dsse import RoleKeys
+
+if TYPE_CHECKING:
+    from lockerd.apply.bundle import ApplyContext
+
+# A bundle's verification (lockerd.apply.bundle, its Ed25519 and msgspec) is imported by
+# the first bundle request: a process that only stages parts never loads it, which keeps
+# its start and its memory small (the manifest was verified by the daemon).
 
 Reply = Callable[[dict[str, Any]], None]
 _PR_SET_PDEATHSIG = 1
 
 
 def context_of(header: dict[str, Any]) -> ApplyContext:
+    from lockerd.apply.bundle import ApplyContext
+    from lockerd.trust.dsse import RoleKeys
+
     ctx = header["context"]
     return ApplyContext(
         codes_role=RoleKeys.from_hex(ctx["codes_keys"], ctx["codes_threshold"]),
@@ -46,6 +54,8 @@ def clock_from(now_text: str) -> Callable[[], datetime]:
 
 
 def apply_bundle(db: Database, header: dict[str, Any], body: bytes, reply: Reply) -> None:
+    from lockerd.apply.bundle import AppliedBundle, envelope_version, verify_and_apply
+
     if header.get("file") is not None:
         body = Path(header["file"]).read_bytes()
     file_sha256 = hashlib.sha256(body).hexdigest() if header.get("hash_file") else None

@@ -12,7 +12,7 @@ from lockerd.errors import TrustError
 from lockerd.store.db import Database
 from lockerd.store.events import EventLog
 from lockerd.store.staging import CodeStaging, SnapshotMeta
-from lockerd.trust.parts import CodesManifest, PartRef, check_part, decode_part
+from lockerd.trust.partwire import CodesManifest, PartRef, check_part, part_rows
 
 Reply = Callable[[dict[str, Any]], None]
 
@@ -75,15 +75,18 @@ class PartsStager:
             self._reply({"part_refused": {"reason": exc.reason, "detail": str(exc)}})
             return
         try:
-            entries = decode_part(raw, revoke=manifest.revoke)
-            staging.add(entries)
+            # Rows, not entries: no object per code but its row. In digest order: the staging
+            # table is keyed by digest, and a transaction of neighbouring keys writes fewer
+            # pages (measured: about half the fill time of the order the digests come in).
+            rows = part_rows(raw, revoke=manifest.revoke, by_digest=True)
+            staging.add_rows(rows)
         except TrustError as exc:
             self._reply({"refused": {"reason": exc.reason, "detail": str(exc)}})
             return
         except sqlite3.Error as exc:
             self._reply({"sqlite": str(exc)})
             return
-        self._reply({"staged": header.index, "entries": len(entries)})
+        self._reply({"staged": header.index, "entries": len(rows)})
 
     def _swap(self, header: dict[str, Any]) -> None:
         staging = self._staging

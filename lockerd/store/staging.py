@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from lockerd.errors import TrustError
 from lockerd.store.db import CODES_TABLE, PARCEL_INDEXES, Database, parcel_index
-from lockerd.trust.bundle import CodeEntry
+
+if TYPE_CHECKING:  # the apply process stages rows and must not import the bundle's crypto
+    from lockerd.trust.bundle import CodeEntry
 
 STAGING_TABLE = "codes_staging"
 RETIRED_TABLE = "codes_retired"
@@ -105,13 +108,22 @@ class CodeStaging:
     def add(self, entries: Sequence[CodeEntry]) -> None:
         """Add code rows, CHUNK_ROWS per transaction. A digest (or an id) given twice, here or
         in an earlier `add`, is refused as a malformed snapshot: TrustError(reason="malformed")."""
+        self._fill(len(entries), lambda start, stop: [entry_row(e) for e in entries[start:stop]])
+
+    def add_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
+        """`add` for entries already in the table's shape (`entry_row`'s): a part decoded
+        straight to rows (lockerd/trust/partwire.py)."""
+        self._fill(len(rows), lambda start, stop: rows[start:stop])
+
+    def _fill(self, count: int,
+              rows_between: Callable[[int, int], Sequence[tuple[object, ...]]]) -> None:
         version = self._require()
         conn = self._db.conn
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
         try:
-            for start in range(0, len(entries), CHUNK_ROWS):
-                rows = [entry_row(e) for e in entries[start:start + CHUNK_ROWS]]
+            for start in range(0, count, CHUNK_ROWS):
+                rows = rows_between(start, start + CHUNK_ROWS)
                 try:
                     with self._db.transaction():
                         added = conn.executemany(

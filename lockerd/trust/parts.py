@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,7 +14,6 @@ from lockerd.errors import TrustError
 from lockerd.ids import LOCKER_ID_RULE
 from lockerd.timeutil import format_time, parse_time
 from lockerd.trust.bundle import (
-    CODE_KINDS,
     CodeEntry,
     CodeKind,
     check_keyring_current,
@@ -29,37 +26,44 @@ from lockerd.trust.dsse import (
     parse_envelope,
     verify_role,
 )
+from lockerd.trust.partwire import (
+    COMPARTMENT,
+    ENTRY_FIXED,
+    ENTRY_TIME,
+    FIXED_BYTES,
+    LAST_SECOND,
+    MAX_INT64,
+    MAX_TEXT_BYTES,
+    NOT_BEFORE,
+    PARCEL,
+    PART_HEADER,
+    PART_KINDS,
+    TIME_BYTES,
+    malformed,
+    part_rows,
+)
+from lockerd.trust.partwire import HEADER_BYTES as HEADER_BYTES
+from lockerd.trust.partwire import PART_MAGIC as PART_MAGIC
+from lockerd.trust.partwire import CodesManifest as CodesManifest
+from lockerd.trust.partwire import PartHeader as PartHeader
+from lockerd.trust.partwire import PartRef as PartRef
+from lockerd.trust.partwire import check_header as check_header
+from lockerd.trust.partwire import check_part as check_part
+from lockerd.trust.partwire import read_header as read_header
+from lockerd.trust.partwire import sha256_hex as sha256_hex
 
-PART_MAGIC = b"LKP1"
-# magic, manifest version, part index, entries in the part.
-_HEADER = struct.Struct(">4sQII")
-# digest, kind, flags, not_after, max_uses; then not_before, id, compartment, parcel_id.
-_FIXED = struct.Struct(">32sBBqQ")
-_TIME = struct.Struct(">q")
-HEADER_BYTES = _HEADER.size
-_NOT_BEFORE, _COMPARTMENT, _PARCEL = 1, 2, 4
-_KNOWN_FLAGS = _NOT_BEFORE | _COMPARTMENT | _PARCEL
-_KIND_CODES = {kind: index for index, kind in enumerate(CODE_KINDS)}
-MAX_TEXT_BYTES = 255  # id and parcel_id: one length byte
-# The times a part can carry: 1970 to the end of 9999, whole seconds.
-_LAST_SECOND = 253402300799
-_MAX_INT64 = 2**63 - 1
-# The longest entry that can be encoded: the fixed fields, not_before, three strings.
-MAX_ENTRY_BYTES = _FIXED.size + _TIME.size + 3 * (1 + MAX_TEXT_BYTES)
+# Re-exported above (`X as X`): the part's layout and checks live in partwire, which the
+# apply process imports without this module's cryptography and msgspec.
+
+# The largest an entry can be encoded in: the fixed fields, not_before, three strings.
+MAX_ENTRY_BYTES = FIXED_BYTES + TIME_BYTES + 3 * (1 + MAX_TEXT_BYTES)
 MIN_PART_BYTES = HEADER_BYTES + MAX_ENTRY_BYTES
 DEFAULT_PART_BYTES = 256 << 10
+_KIND_CODES = {kind: index for index, kind in enumerate(PART_KINDS)}
 
 _Hex64 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
-_Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT64)]
-_Size = Annotated[int, msgspec.Meta(ge=HEADER_BYTES, le=_MAX_INT64)]
-
-
-@dataclass(frozen=True, slots=True)
-class PartRef:
-    """What the manifest says of one part: its SHA-256 (hex) and its size in bytes."""
-
-    sha256: str
-    size: int
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
+_Size = Annotated[int, msgspec.Meta(ge=HEADER_BYTES, le=MAX_INT64)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,23 +75,6 @@ class PartLimits:
     max_part_bytes: int = 4 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class CodesManifest:
-    """A verified manifest: a full snapshot of `entries` codes in `parts`, and its revocations."""
-
-    locker_id: str
-    version: int
-    issued_at: datetime
-    expires_at: datetime
-    revoke: tuple[str, ...]
-    entries: int
-    parts: tuple[PartRef, ...]
-
-    @property
-    def part_count(self) -> int:
-        return len(self.parts)
-
-
 class _PartWire(msgspec.Struct, kw_only=True):
     sha256: _Hex64
     size: _Size
@@ -96,7 +83,7 @@ class _PartWire(msgspec.Struct, kw_only=True):
 class _ManifestWire(msgspec.Struct, kw_only=True):
     type: Literal["codes_manifest"]
     locker_id: str
-    version: Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT64)]
+    version: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
     issued_at: str
     expires_at: str
     revoke: list[str] = msgspec.field(default_factory=list)
@@ -106,7 +93,7 @@ class _ManifestWire(msgspec.Struct, kw_only=True):
 
 
 def _malformed(what: str, message: str) -> TrustError:
-    return TrustError(f"malformed {what}: {message}", reason="malformed")
+    return malformed(what, message)
 
 
 def _time(text: str, field_name: str) -> datetime:
@@ -238,26 +225,22 @@ def _text(value: str, what: str, code_id: str) -> bytes:
 
 def encode_entry(entry: CodeEntry) -> bytes:
     """One entry in the compact part encoding; ValueError for what a part cannot carry."""
-    flags = ((_NOT_BEFORE if entry.not_before is not None else 0)
-             | (_COMPARTMENT if entry.compartment is not None else 0)
-             | (_PARCEL if entry.parcel_id is not None else 0))
+    flags = ((NOT_BEFORE if entry.not_before is not None else 0)
+             | (COMPARTMENT if entry.compartment is not None else 0)
+             | (PARCEL if entry.parcel_id is not None else 0))
     times = [entry.not_after] + ([entry.not_before] if entry.not_before is not None else [])
-    if any(not 0 <= _epoch(t) <= _LAST_SECOND for t in times):
+    if any(not 0 <= _epoch(t) <= LAST_SECOND for t in times):
         raise ValueError(f"code {entry.id!r}: times in a part are 1970 to 9999")
-    out = [_FIXED.pack(bytes.fromhex(entry.digest), _KIND_CODES[entry.kind], flags,
-                       _epoch(entry.not_after), entry.max_uses)]
+    out = [ENTRY_FIXED.pack(bytes.fromhex(entry.digest), _KIND_CODES[entry.kind], flags,
+                            _epoch(entry.not_after), entry.max_uses)]
     if entry.not_before is not None:
-        out.append(_TIME.pack(_epoch(entry.not_before)))
+        out.append(ENTRY_TIME.pack(_epoch(entry.not_before)))
     out.append(_text(entry.id, "id", entry.id))
     if entry.compartment is not None:
         out.append(_text(entry.compartment, "compartment", entry.id))
     if entry.parcel_id is not None:
         out.append(_text(entry.parcel_id, "parcel_id", entry.id))
     return b"".join(out)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -292,129 +275,31 @@ class PartWriter:
         return self._cut() if self._count else None
 
     def _cut(self) -> bytes:
-        part = _HEADER.pack(PART_MAGIC, self.version, self._index, self._count) + self._body
+        part = PART_HEADER.pack(PART_MAGIC, self.version, self._index, self._count) + self._body
         self._index += 1
         self._body = bytearray()
         self._count = 0
         return part
 
 
-@dataclass(frozen=True, slots=True)
-class PartHeader:
-    """The header of a part: which manifest version and index it says it is, and its count."""
-
-    version: int
-    index: int
-    count: int
-
-
-def read_header(raw: bytes) -> PartHeader:
-    """The part's header, not yet trusted; TrustError("malformed") for anything else."""
-    if len(raw) < HEADER_BYTES:
-        raise _malformed("codes part", f"{len(raw)} bytes, shorter than a header")
-    magic, version, index, count = _HEADER.unpack_from(raw)
-    if magic != PART_MAGIC:
-        raise _malformed("codes part", f"does not start with {PART_MAGIC!r}")
-    return PartHeader(version=version, index=index, count=count)
-
-
-def check_header(raw: bytes, manifest: CodesManifest) -> PartHeader:
-    """The header of a part of the manifest's version, at an index the manifest has (its
-    size and SHA-256 not yet checked): TrustError("malformed") otherwise."""
-    header = read_header(raw)
-    if header.version != manifest.version:
-        raise _malformed("codes part", f"of version {header.version}, not of the manifest's "
-                         f"{manifest.version}")
-    if header.index >= manifest.part_count:
-        raise _malformed("codes part", f"index {header.index}, the manifest has "
-                         f"{manifest.part_count} part(s)")
-    return header
-
-
-def check_part(raw: bytes, manifest: CodesManifest) -> PartHeader:
-    """The header of a part the manifest names, at its index, size and SHA-256.
-
-    Reasons: malformed (no header, another version, an index the manifest has not),
-    hash_mismatch (size or SHA-256 not the manifest's for that index)."""
-    header = check_header(raw, manifest)
-    ref = manifest.parts[header.index]
-    if len(raw) != ref.size or sha256_hex(raw) != ref.sha256:
-        raise TrustError(f"codes part {header.index} of version {manifest.version} is not the "
-                         "part the manifest names (size or SHA-256 differ)",
-                         reason="hash_mismatch")
-    return header
-
-
-def _read_text(raw: bytes, at: int, what: str) -> tuple[str, int]:
-    end = at + 1 + (raw[at] if at < len(raw) else 0)
-    if end == at + 1 or end > len(raw):
-        raise ValueError(f"{what} missing or longer than the part")
-    return raw[at + 1:end].decode("utf-8"), end
-
-
-def _read_time(epoch: int, what: str, times: dict[int, datetime]) -> datetime:
-    """`epoch` as a datetime; `times` keeps those made for this part (a set issued at once
-    shares a few not_after values)."""
-    dt = times.get(epoch)
-    if dt is None:
-        if not 0 <= epoch <= _LAST_SECOND:
-            raise ValueError(f"{what} {epoch} is not a time of 1970 to 9999")
-        dt = times[epoch] = datetime.fromtimestamp(epoch, UTC)
-    return dt
-
-
-def _decode_entry(raw: bytes, at: int, times: dict[int, datetime]) -> tuple[CodeEntry, int]:
-    if at + _FIXED.size > len(raw):
-        raise ValueError("truncated")
-    digest, kind, flags, not_after, max_uses = _FIXED.unpack_from(raw, at)
-    at += _FIXED.size
-    if kind >= len(CODE_KINDS) or flags & ~_KNOWN_FLAGS:
-        raise ValueError(f"unknown kind {kind} or flags {flags:#x}")
-    if not 1 <= max_uses <= _MAX_INT64:
-        raise ValueError(f"max_uses {max_uses} is not 1 to 2**63 - 1")
-    not_before = None
-    if flags & _NOT_BEFORE:
-        if at + _TIME.size > len(raw):
-            raise ValueError("truncated")
-        not_before = _read_time(_TIME.unpack_from(raw, at)[0], "not_before", times)
-        at += _TIME.size
-    code_id, at = _read_text(raw, at, "id")
-    compartment = parcel_id = None
-    if flags & _COMPARTMENT:
-        compartment, at = _read_text(raw, at, "compartment")
-    if flags & _PARCEL:
-        parcel_id, at = _read_text(raw, at, "parcel_id")
-    # CodeEntry validates the rest as it does a bundle's entry (compartment id, text, times).
-    entry = CodeEntry(
-        id=code_id, kind=cast(CodeKind, CODE_KINDS[kind]), digest=digest.hex(),
-        not_after=_read_time(not_after, "not_after", times), compartment=compartment,
-        parcel_id=parcel_id, not_before=not_before, max_uses=max_uses)
-    return entry, at
-
-
 def iter_part_entries(raw: bytes, *, revoke: Collection[str] = ()) -> Iterator[CodeEntry]:
-    """The entries of a part (its header already read), validated as a bundle's entries are:
-    TrustError("malformed") for a bad entry, an id given twice in the part, an id the
-    manifest revokes, or bytes beyond the count the header gives."""
-    header = read_header(raw)
-    at = HEADER_BYTES
-    seen: set[str] = set()
+    """The entries of a part as `CodeEntry` (lockerctl, tests): see `partwire.part_rows`,
+    whose checks they pass; the apply process stages the rows themselves."""
     times: dict[int, datetime] = {}
-    for index in range(header.count):
-        try:
-            entry, at = _decode_entry(raw, at, times)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _malformed("codes part", f"part {header.index} entry {index}: {exc}") from exc
-        if entry.id in seen:
-            raise _malformed("codes part", f"part {header.index}: id {entry.id!r} twice")
-        if entry.id in revoke:
-            raise _malformed("codes part", f"part {header.index}: id {entry.id!r} is both "
-                             "an entry and revoked")
-        seen.add(entry.id)
-        yield entry
-    if at != len(raw):
-        raise _malformed("codes part", f"part {header.index}: {len(raw) - at} byte(s) after "
-                         f"its {header.count} entries")
+
+    def at(epoch: int) -> datetime:
+        dt = times.get(epoch)  # a set issued at once shares a few not_after values
+        if dt is None:
+            dt = times[epoch] = datetime.fromtimestamp(epoch, UTC)
+        return dt
+
+    for digest, code_id, kind, compartment, parcel_id, not_before, not_after, max_uses in (
+            part_rows(raw, revoke=revoke)):
+        yield CodeEntry(id=code_id, kind=cast(CodeKind, kind), digest=digest,
+                        not_after=at(not_after), compartment=compartment,
+                        parcel_id=parcel_id,
+                        not_before=None if not_before is None else at(not_before),
+                        max_uses=max_uses)
 
 
 def decode_part(raw: bytes, *, revoke: Collection[str] = ()) -> list[CodeEntry]:
