@@ -25,8 +25,9 @@ STAGING_CACHE_KIB = 65536
 GAP_S = 0.001
 # A side table of at most this many rows is dropped in one transaction, not emptied in steps:
 # DROP TABLE reads each of its pages once and (without secure_delete) writes none of them,
-# about 0.2 ms per 1000 rows, where a row deleted in steps rewrites a page of each index.
-DROP_ROWS = 25_000
+# 17-29 ms for 100 000 rows (the lock held once), where deleting them in 1 ms steps took
+# over 10 s, each row deleted rewriting a page of an index with random keys.
+DROP_ROWS = 100_000
 # The staging connection's checkpoint threshold (pages of 4 KiB) while it fills or empties a
 # side table: each of its transactions rewrites about a page per row, and a checkpoint (two
 # fsyncs and the copy) every 1000 pages took most of a fill's time. The log grows to about
@@ -136,12 +137,14 @@ class CodeStaging:
     """
 
     def __init__(self, db: Database, *, cache_kib: int = STAGING_CACHE_KIB,
-                 on_rows: Callable[[int], object] | None = None) -> None:
+                 on_rows: Callable[[int], object] | None = None,
+                 drop_rows: int = DROP_ROWS) -> None:
         # `cache_kib`: the page cache while filling; a receiver bounded in memory (snapshots
         # in parts, services/parts.py) asks for less than the default. `on_rows(n)`: called
         # after each fill transaction with the rows staged so far (an apply process reports
-        # its progress with it, lockerd/apply/child.py).
+        # its progress with it, lockerd/apply/child.py). `drop_rows`: DROP_ROWS.
         self._db = db
+        self._drop_rows = drop_rows
         self._cache_kib = cache_kib
         self._on_rows = on_rows
         self._version: int | None = None
@@ -242,7 +245,7 @@ class CodeStaging:
         self._empty(RETIRED_TABLE)
 
     def _empty(self, table: str) -> None:
-        """Delete a side table's rows in short steps down to DROP_ROWS, then drop it."""
+        """Delete a side table's rows in short steps down to `drop_rows`, then drop it."""
         conn = self._db.conn
         # SQLite's default page cache: dropping reads every page once, through a small cache
         # as fast as through a big one.
@@ -252,13 +255,13 @@ class CodeStaging:
         with _side_table_settings(conn):
             left = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
             step = 100
-            while left > DROP_ROWS:
+            while left > self._drop_rows:
                 started = time.perf_counter()
+                limit = min(step, left - self._drop_rows)
                 with self._db.transaction():
                     gone = conn.execute(
                         f"DELETE FROM {table} WHERE digest IN"
-                        f" (SELECT digest FROM {table} LIMIT {min(step, left - DROP_ROWS)})"
-                    ).rowcount
+                        f" (SELECT digest FROM {table} LIMIT {limit})").rowcount
                 # The next step's rows from this one's pace: about TXN_WORK_S of work.
                 took = max(time.perf_counter() - started, 1e-6)
                 step = max(10, min(CHUNK_ROWS, int(gone * TXN_WORK_S / took)))
