@@ -148,8 +148,9 @@ class Daemon:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_daemon(kit: BankKit) -> Daemon:
-    """Start the daemon and wait until its control socket answers and the display shows idle.
+def start_daemon(kit: BankKit, *, timeout_s: float = START_TIMEOUT_S) -> Daemon:
+    """Start the daemon and wait (up to `timeout_s`) until its control socket answers and the
+    display shows idle.
 
     The log (JSON lines on stderr) goes to a file, never to a pipe nobody reads: a full pipe
     would block the daemon's event loop in the middle of a measurement.
@@ -169,7 +170,7 @@ def start_daemon(kit: BankKit) -> Daemon:
         )
     daemon = Daemon(proc=proc, log_path=log_path, started_s=0.0)
     try:
-        deadline = t0 + START_TIMEOUT_S
+        deadline = t0 + timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(
@@ -177,7 +178,7 @@ def start_daemon(kit: BankKit) -> Daemon:
                 )
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"the daemon did not come up in {START_TIMEOUT_S:.0f} s:\n{daemon.log_tail()}"
+                    f"the daemon did not come up in {timeout_s:.0f} s:\n{daemon.log_tail()}"
                 )
             if kit.socket_path.exists():
                 try:

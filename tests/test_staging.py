@@ -212,3 +212,41 @@ def test_a_writer_commits_between_the_fill_transactions(tmp_path: Path) -> None:
         other.close()
     assert live(db) == n and commits
     db.close()
+
+
+def side_settings(db: Database) -> tuple[int, int, int]:
+    conn = db.conn
+    return (int(conn.execute("PRAGMA synchronous").fetchone()[0]),
+            int(conn.execute("PRAGMA secure_delete").fetchone()[0]),
+            int(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]))
+
+
+def test_a_retired_set_over_drop_rows_is_emptied_in_steps_then_dropped(db: Database) -> None:
+    """The set replaced is deleted in short steps down to `drop_rows`, the rest dropped with
+    its table; the connection's settings are its own again after the fill and the swap."""
+    held(db, 700)
+    codes = CodeStore(db)
+    with db.transaction() as conn:
+        codes.change_uses(conn, "c-650", f"{650:064x}", +1)
+    before = side_settings(db)
+    staging = CodeStaging(db, drop_rows=50)
+    staging.begin(2)
+    staging.add([entry(i) for i in range(600, 1900)])
+    assert side_settings(db) == before
+    assert staging.swap(meta(2)) == 1300 == live(db) == codes.count()
+    assert side_settings(db) == before
+    assert RETIRED_TABLE not in tables(db) and STAGING_TABLE not in tables(db)
+    record = codes.lookup(f"{650:064x}")
+    assert record is not None and record.uses == 1
+    assert codes.lookup(f"{599:064x}") is None and codes.lookup(f"{1899:064x}") is not None
+    assert db.integrity_ok()
+
+
+def test_a_discarded_fill_over_drop_rows_leaves_the_live_set(db: Database) -> None:
+    held(db, 20)
+    staging = CodeStaging(db, drop_rows=10)
+    staging.begin(2)
+    staging.add([entry(i) for i in range(100, 400)])
+    staging.discard()
+    assert STAGING_TABLE not in tables(db) and live(db) == 20 and CodeStore(db).version() == 1
+    assert db.integrity_ok()

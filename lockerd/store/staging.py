@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -17,12 +18,24 @@ if TYPE_CHECKING:  # the apply process stages rows and must not import the bundl
 
 STAGING_TABLE = "codes_staging"
 RETIRED_TABLE = "codes_retired"
-# Rows per transaction while filling or emptying a side table: a writer waiting for the lock
-# (the daemon's next event) waits for one of these, never for the set. 2000 rows held the lock
-# 35-180 ms on a busy 2-core machine, 200 about a tenth of that; smaller costs the import time.
-CHUNK_ROWS = 200
+# A fill (or emptying) transaction ends after TXN_WORK_S of work or CHUNK_ROWS rows, whichever
+# comes first: a writer waiting for the lock (the daemon's next event) waits for one of these,
+# never for the set. Bounded by time, not by rows, as a row's cost grows with the table and
+# with the other processes on the CPU: 200 rows held the lock 2-30 ms on a busy 2-core machine.
+TXN_WORK_S = 0.001
+CHUNK_ROWS = 1000
 STAGING_CACHE_KIB = 65536
 GAP_S = 0.001
+# A side table of at most this many rows is dropped in one transaction, not emptied in steps:
+# DROP TABLE reads each of its pages once and (without secure_delete) writes none of them,
+# 17-29 ms for 100 000 rows (the lock held once), where deleting them in 1 ms steps took
+# over 10 s, each row deleted rewriting a page of an index with random keys.
+DROP_ROWS = 100_000
+# The staging connection's checkpoint threshold (pages of 4 KiB) while it fills or empties a
+# side table: each of its transactions rewrites about a page per row, and a checkpoint (two
+# fsyncs and the copy) every 1000 pages took most of a fill's time. The log grows to about
+# this size at the most, then is written again from its start.
+CHECKPOINT_PAGES = 8000
 
 # Kept in step with lockerd.store.codes (which imports this module for snapshots).
 _COUNT_META = "codes_count"
@@ -64,6 +77,55 @@ def _give_way() -> None:
     time.sleep(GAP_S)
 
 
+class _Rows:
+    """Rows `row_at(i)` for i from `start` below `count`, for one fill transaction's
+    executemany: it stops after TXN_WORK_S (from its first row) or CHUNK_ROWS rows; `next` is
+    the first not given."""
+
+    def __init__(self, row_at: Callable[[int], tuple[object, ...]], count: int,
+                 start: int) -> None:
+        self._row_at = row_at
+        self._start = start
+        self.next = start
+        self._end = min(count, start + CHUNK_ROWS)
+        self._deadline = 0.0
+
+    def __iter__(self) -> _Rows:
+        return self
+
+    def __next__(self) -> tuple[object, ...]:
+        # The clock starts at the first row (executemany takes an iterator as it is, without
+        # calling __iter__); at least one row per transaction, so a fill always moves on.
+        if self.next == self._start:
+            self._deadline = time.perf_counter() + TXN_WORK_S
+        elif self.next >= self._end or time.perf_counter() > self._deadline:
+            raise StopIteration
+        row = self._row_at(self.next)
+        self.next += 1
+        return row
+
+
+@contextmanager
+def _side_table_settings(conn: sqlite3.Connection) -> Iterator[None]:
+    """The connection's settings while it fills or empties a side table, restored after.
+
+    synchronous=NORMAL: nothing of a side table is live, and a crash leaves leftovers the next
+    `begin` discards. secure_delete=FAST: the rows deleted are those of a snapshot replaced or
+    never made live (digests only), and SQLite built with SECURE_DELETE (as Debian's is) would
+    otherwise write every page a DROP TABLE frees. The checkpoint threshold: CHECKPOINT_PAGES."""
+    secure = conn.execute("PRAGMA secure_delete").fetchone()[0]
+    checkpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA secure_delete=FAST")
+    conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA secure_delete={int(secure)}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint)}")
+
+
 def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
     row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                        (name,)).fetchone()
@@ -80,12 +142,14 @@ class CodeStaging:
     """
 
     def __init__(self, db: Database, *, cache_kib: int = STAGING_CACHE_KIB,
-                 on_rows: Callable[[int], object] | None = None) -> None:
+                 on_rows: Callable[[int], object] | None = None,
+                 drop_rows: int = DROP_ROWS) -> None:
         # `cache_kib`: the page cache while filling; a receiver bounded in memory (snapshots
         # in parts, services/parts.py) asks for less than the default. `on_rows(n)`: called
         # after each fill transaction with the rows staged so far (an apply process reports
-        # its progress with it, lockerd/apply/child.py).
+        # its progress with it, lockerd/apply/child.py). `drop_rows`: DROP_ROWS.
         self._db = db
+        self._drop_rows = drop_rows
         self._cache_kib = cache_kib
         self._on_rows = on_rows
         self._version: int | None = None
@@ -106,24 +170,24 @@ class CodeStaging:
         self._count = 0
 
     def add(self, entries: Sequence[CodeEntry]) -> None:
-        """Add code rows, CHUNK_ROWS per transaction. A digest (or an id) given twice, here or
-        in an earlier `add`, is refused as a malformed snapshot: TrustError(reason="malformed")."""
-        self._fill(len(entries), lambda start, stop: [entry_row(e) for e in entries[start:stop]])
+        """Add code rows, in transactions of TXN_WORK_S or CHUNK_ROWS rows. A digest (or an
+        id) given twice, here or in an earlier `add`, is refused as a malformed snapshot:
+        TrustError(reason="malformed")."""
+        self._fill(len(entries), lambda i: entry_row(entries[i]))
 
     def add_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
         """`add` for entries already in the table's shape (`entry_row`'s): a part decoded
         straight to rows (lockerd/trust/partwire.py)."""
-        self._fill(len(rows), lambda start, stop: rows[start:stop])
+        self._fill(len(rows), rows.__getitem__)
 
-    def _fill(self, count: int,
-              rows_between: Callable[[int, int], Sequence[tuple[object, ...]]]) -> None:
+    def _fill(self, count: int, row_at: Callable[[int], tuple[object, ...]]) -> None:
         version = self._require()
         conn = self._db.conn
-        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
-        try:
-            for start in range(0, count, CHUNK_ROWS):
-                rows = rows_between(start, start + CHUNK_ROWS)
+        done = 0
+        with _side_table_settings(conn):
+            while done < count:
+                rows = _Rows(row_at, count, done)
                 try:
                     with self._db.transaction():
                         added = conn.executemany(
@@ -134,12 +198,11 @@ class CodeStaging:
                         f"codes bundle version {version} gives the same digest to two code ids"
                         f" (two codes with the same plain code): {exc}", reason="malformed",
                     ) from exc
+                done = rows.next
                 self._count += added
                 if self._on_rows is not None:
                     self._on_rows(self._count)
                 _give_way()
-        finally:
-            conn.execute("PRAGMA synchronous=FULL")
 
     def swap(self, meta: SnapshotMeta, *,
              with_event: Callable[[sqlite3.Connection], object] | None = None) -> int:
@@ -195,26 +258,32 @@ class CodeStaging:
         self._empty(RETIRED_TABLE)
 
     def _empty(self, table: str) -> None:
-        """Delete a side table's rows CHUNK_ROWS at a time, then drop it (now a short step)."""
+        """Delete a side table's rows in short steps down to `drop_rows`, then drop it."""
         conn = self._db.conn
+        # SQLite's default page cache: dropping reads every page once, through a small cache
+        # as fast as through a big one.
+        conn.execute("PRAGMA cache_size=-2000")
         if not _table_exists(conn, table):
-            conn.execute("PRAGMA cache_size=-2000")
             return
-        conn.execute("PRAGMA synchronous=NORMAL")
-        try:
-            while True:
+        with _side_table_settings(conn):
+            left = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+            step = 100
+            while left > self._drop_rows:
+                started = time.perf_counter()
+                limit = min(step, left - self._drop_rows)
                 with self._db.transaction():
                     gone = conn.execute(
                         f"DELETE FROM {table} WHERE digest IN"
-                        f" (SELECT digest FROM {table} LIMIT {CHUNK_ROWS})").rowcount
+                        f" (SELECT digest FROM {table} LIMIT {limit})").rowcount
+                # The next step's rows from this one's pace: about TXN_WORK_S of work.
+                took = max(time.perf_counter() - started, 1e-6)
+                step = max(10, min(CHUNK_ROWS, int(gone * TXN_WORK_S / took)))
+                left -= gone
                 if gone == 0:
                     break
                 _give_way()
             with self._db.transaction():
                 conn.execute(f"DROP TABLE {table}")
-        finally:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA cache_size=-2000")
 
     def _free_parcel_index(self) -> str:
         """The name of the parcel index the staging table gets: the one the live codes
