@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -71,9 +72,40 @@ def entry_row(e: CodeEntry) -> tuple[object, ...]:
             e.max_uses)
 
 
-def _give_way() -> None:
-    """A pause between two fill transactions, in which a writer waiting for the lock (the
-    daemon's, retrying every half millisecond) takes it before the next one begins."""
+class _LogFlusher:
+    """Flushes the write-ahead log to the disk after each side-table transaction, outside the
+    write lock.
+
+    Side tables are written at synchronous=NORMAL: a commit appends its pages to the log and
+    returns without waiting for the disk. The daemon's next durable commit (an event before a
+    pulse, at synchronous=FULL) fsyncs the same log file, and so would wait for every page the
+    staging transactions appended since its last one: megabytes, 10 ms at the median on a
+    busy 2-core machine instead of 2 ms. Flushing here, between transactions, keeps that
+    backlog to the last transaction's pages, and the disk work on the staging side."""
+
+    def __init__(self, db: Database) -> None:
+        self._wal = f"{db.path}-wal"
+        self._fd: int | None = None
+
+    def __call__(self) -> None:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self._wal, os.O_RDONLY)
+            except FileNotFoundError:  # no log (yet): nothing of ours to flush
+                return
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _give_way(flush: _LogFlusher) -> None:
+    """Between two side-table transactions: flush what the last one wrote to the log, and
+    pause, so that a writer waiting for the lock (the daemon's, retrying every half
+    millisecond) takes it before the next one begins."""
+    flush()
     time.sleep(GAP_S)
 
 
@@ -106,21 +138,25 @@ class _Rows:
 
 
 @contextmanager
-def _side_table_settings(conn: sqlite3.Connection) -> Iterator[None]:
+def _side_table_settings(db: Database) -> Iterator[_LogFlusher]:
     """The connection's settings while it fills or empties a side table, restored after.
 
     synchronous=NORMAL: nothing of a side table is live, and a crash leaves leftovers the next
     `begin` discards. secure_delete=FAST: the rows deleted are those of a snapshot replaced or
     never made live (digests only), and SQLite built with SECURE_DELETE (as Debian's is) would
-    otherwise write every page a DROP TABLE frees. The checkpoint threshold: CHECKPOINT_PAGES."""
+    otherwise write every page a DROP TABLE frees. The checkpoint threshold: CHECKPOINT_PAGES.
+    Yields the log flusher to call between transactions (`_LogFlusher`)."""
+    conn = db.conn
+    flush = _LogFlusher(db)
     secure = conn.execute("PRAGMA secure_delete").fetchone()[0]
     checkpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA secure_delete=FAST")
     conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
     try:
-        yield
+        yield flush
     finally:
+        flush.close()
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA secure_delete={int(secure)}")
         conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint)}")
@@ -185,7 +221,7 @@ class CodeStaging:
         conn = self._db.conn
         conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
         done = 0
-        with _side_table_settings(conn):
+        with _side_table_settings(self._db) as flush:
             while done < count:
                 rows = _Rows(row_at, count, done)
                 try:
@@ -202,7 +238,7 @@ class CodeStaging:
                 self._count += added
                 if self._on_rows is not None:
                     self._on_rows(self._count)
-                _give_way()
+                _give_way(flush)
 
     def swap(self, meta: SnapshotMeta, *,
              with_event: Callable[[sqlite3.Connection], object] | None = None) -> int:
@@ -265,7 +301,7 @@ class CodeStaging:
         conn.execute("PRAGMA cache_size=-2000")
         if not _table_exists(conn, table):
             return
-        with _side_table_settings(conn):
+        with _side_table_settings(self._db) as flush:
             left = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
             step = 100
             while left > self._drop_rows:
@@ -281,7 +317,7 @@ class CodeStaging:
                 left -= gone
                 if gone == 0:
                     break
-                _give_way()
+                _give_way(flush)
             with self._db.transaction():
                 conn.execute(f"DROP TABLE {table}")
 
