@@ -11,10 +11,13 @@ import pytest
 
 from lockerd.errors import TrustError
 from lockerd.store import CodeStore, Database, EventLog, open_database
-from lockerd.store.db import PARCEL_INDEXES, parcel_index
+from lockerd.store.db import CODES_TABLE
 from lockerd.store.staging import (
     CHUNK_ROWS,
+    RETIRED,
     RETIRED_TABLE,
+    SIDE_SUFFIX,
+    STAGED,
     STAGING_TABLE,
     CodeStaging,
     SnapshotMeta,
@@ -44,6 +47,10 @@ def db(tmp_path: Path) -> Database:
 
 def tables(db: Database) -> set[str]:
     return {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def side_files(db: Database) -> list[Path]:
+    return list(db.path.parent.glob(f"{db.path.name}{SIDE_SUFFIX}*"))
 
 
 def live(db: Database) -> int:
@@ -79,26 +86,76 @@ def test_parts_fill_the_staging_table_and_one_swap_makes_them_live(db: Database)
     assert db.integrity_ok()
 
 
-def test_the_parcel_index_moves_with_the_table_and_is_not_made_twice(tmp_path: Path) -> None:
+def test_the_key_tables_move_with_the_codes_and_find_what_they_key(tmp_path: Path) -> None:
     db = open_database(tmp_path / "lockerd.db")
-    first = parcel_index(db.conn)
     for version in (1, 2, 3):
         staging = CodeStaging(db)
         staging.begin(version)
-        staging.add([entry(i, parcel="P") for i in range(3)])
-        staging.swap(meta(version))
-        assert parcel_index(db.conn) in PARCEL_INDEXES
-    assert parcel_index(db.conn) != first  # three swaps: the other name
-    plan = db.conn.execute("EXPLAIN QUERY PLAN SELECT id FROM codes WHERE parcel_id = 'P'"
-                           ).fetchall()
-    assert str(parcel_index(db.conn)) in str(plan)
+        staging.add([entry(i, parcel="P" if i < 3 else None) for i in range(version, 6)])
+        assert len(side_files(db)) == 1
+        staging.swap(meta(version, revoke=("c-4",)))
+        assert not side_files(db)
+        left = set(STAGED.values()) | set(RETIRED.values())
+        assert not left & tables(db)
+    # Version 3 held c-3, c-4 and c-5, less c-4 (revoked); none of them names a parcel.
+    ids = db.conn.execute("SELECT id FROM code_ids ORDER BY id").fetchall()
+    assert ids == [("c-3",), ("c-5",)]
+    assert db.conn.execute("SELECT COUNT(*) FROM code_parcels").fetchone()[0] == 0
+    assert CodeStore(db).parcel_pickup_code("P") is None
+    staging = CodeStaging(db)
+    staging.begin(4)
+    staging.add([entry(i, parcel="P") for i in (7, 8)])
+    staging.swap(meta(4))
+    record = CodeStore(db).parcel_pickup_code("P")
+    assert record is not None and record.id == "c-7"
+    assert CodeStore(db).parcels_with_pickup_codes() == ("P",)
+    plan = str(db.conn.execute("EXPLAIN QUERY PLAN SELECT digest FROM code_parcels"
+                               " WHERE parcel_id = 'P'").fetchall())
+    assert "SEARCH" in plan
+    assert db.integrity_ok()
     db.close()
-    again = open_database(tmp_path / "lockerd.db")
-    indexes = [r[0] for r in again.conn.execute(
-        "SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='codes'"
-        " AND name NOT LIKE 'sqlite_%'")]
-    assert len(indexes) == 1, indexes
+
+
+def test_a_database_of_an_earlier_lockerd_gets_its_key_tables(tmp_path: Path) -> None:
+    path = tmp_path / "lockerd.db"
+    db = open_database(path)
+    db.conn.executescript("DROP TABLE codes; DROP TABLE code_ids; DROP TABLE code_parcels;")
+    # The codes table as an earlier lockerd made it: a UNIQUE id and a parcel index.
+    db.conn.execute(CODES_TABLE.format(table="codes").replace("id          TEXT NOT NULL,",
+                                                               "id TEXT NOT NULL UNIQUE,"))
+    db.conn.execute("CREATE INDEX codes_by_parcel ON codes (parcel_id)"
+                    " WHERE parcel_id IS NOT NULL")
+    db.conn.executemany("INSERT INTO codes VALUES (?, ?, 'pickup', '1', ?, NULL, ?, 1)",
+                        [(f"{i:064x}", f"c-{i}", "P" if i == 2 else None, 2_000_000_000)
+                         for i in range(4)])
+    db.close()
+    again = open_database(path)
+    codes = CodeStore(again)
+    record = codes.parcel_pickup_code("P")
+    assert record is not None and record.id == "c-2"
+    assert again.conn.execute("SELECT COUNT(*) FROM code_ids").fetchone()[0] == 4
+    assert "codes_by_parcel" not in {r[0] for r in again.conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    # A delta revoking by id finds the code through the key table.
+    codes.apply(CodesBundle(locker_id="L1", version=2, base_version=0, issued_at=NOW,
+                            expires_at=NOW + timedelta(days=1), upsert=(), revoke=("c-2",)))
+    assert codes.lookup(f"{2:064x}") is None and codes.parcel_pickup_code("P") is None
+    assert live(again) == 3
     again.close()
+
+
+def test_an_id_given_twice_is_malformed_and_says_so(db: Database) -> None:
+    held(db, 5)
+    staging = CodeStaging(db)
+    staging.begin(2)
+    staging.add([entry(100)])
+    twice = CodeEntry(id="c-100", kind="pickup", digest=f"{999:064x}",
+                      not_after=NOW + timedelta(days=1))
+    with pytest.raises(TrustError, match="same code id to two codes") as err:
+        staging.add([twice])
+    assert err.value.reason == "malformed"
+    staging.discard()
+    assert live(db) == 5 and not side_files(db)
 
 
 def test_a_digest_given_twice_across_parts_is_malformed_and_nothing_changes(
@@ -250,3 +307,21 @@ def test_a_discarded_fill_over_drop_rows_leaves_the_live_set(db: Database) -> No
     staging.discard()
     assert STAGING_TABLE not in tables(db) and live(db) == 20 and CodeStore(db).version() == 1
     assert db.integrity_ok()
+
+
+def test_a_staging_begun_later_takes_the_tables_and_the_earlier_cannot_swap(
+        db: Database) -> None:
+    held(db, 2)
+    first, second = CodeStaging(db), CodeStaging(db)
+    first.begin(2)
+    first.add([entry(i) for i in range(10, 20)])
+    second.begin(3)
+    with pytest.raises(sqlite3.OperationalError, match="taken by another snapshot"):
+        first.add([entry(30)])
+    second.add([entry(i) for i in range(40, 45)])
+    with pytest.raises((sqlite3.OperationalError, RuntimeError)):
+        first.swap(meta(2))
+    assert live(db) == 2 and CodeStore(db).version() == 1
+    assert second.swap(meta(3)) == 5 == live(db)
+    assert CodeStore(db).lookup(f"{40:064x}") is not None
+    assert CodeStore(db).lookup(f"{10:064x}") is None and not side_files(db)

@@ -12,7 +12,7 @@ from typing import Any
 from lockerd.core.access import CodeRecord
 from lockerd.errors import TrustError
 from lockerd.store.db import Database
-from lockerd.store.staging import CodeStaging, SnapshotMeta, entry_row
+from lockerd.store.staging import REVOKE_BY_ID, CodeStaging, SnapshotMeta, entry_row, rows_for
 from lockerd.trust.bundle import CodesBundle
 
 _LOOKUP = """
@@ -56,16 +56,19 @@ class ExtendableCode:
         return self.base_not_after + self.extended_s
 
 
-# The bundle's pickup codes of a parcel with uses left (a revoked code is no longer stored).
+# The bundle's pickup codes of a parcel with uses left (a revoked code is no longer stored),
+# found through the key table of parcels (store/db.py).
 _PARCEL_PICKUPS = """
 SELECT {columns}
-FROM codes c LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
-WHERE c.parcel_id {parcel} AND c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
+FROM code_parcels p JOIN codes c ON c.digest = p.digest
+LEFT JOIN code_uses u ON u.id = c.id AND u.digest = c.digest
+WHERE {parcel} c.kind = 'pickup' AND COALESCE(u.uses, 0) < c.max_uses
 """
 _CODE_COLUMNS = ("c.id, c.kind, c.digest, c.compartment, c.parcel_id, c.not_before, "
                  "c.not_after, c.max_uses, COALESCE(u.uses, 0)")
-_PARCEL_CODE = _PARCEL_PICKUPS.format(columns=_CODE_COLUMNS, parcel="= ?") + " ORDER BY c.id"
-_PARCEL_IDS = _PARCEL_PICKUPS.format(columns="DISTINCT c.parcel_id", parcel="IS NOT NULL")
+_PARCEL_CODE = (_PARCEL_PICKUPS.format(columns=_CODE_COLUMNS, parcel="p.parcel_id = ? AND")
+                + " ORDER BY c.id")
+_PARCEL_IDS = _PARCEL_PICKUPS.format(columns="DISTINCT p.parcel_id", parcel="")
 
 
 def _record(row: Any) -> CodeRecord:
@@ -298,9 +301,16 @@ class CodeStore:
         code ids is refused as a malformed bundle. Returns the number of codes after it,
         from `held` (the number before) and the rows each statement changed."""
         try:
-            count = held - conn.executemany("DELETE FROM codes WHERE id = ?", touched).rowcount
+            count = held
+            for table, sql in REVOKE_BY_ID:
+                gone = conn.executemany(sql, touched).rowcount
+                if table == "codes":
+                    count -= gone
             count += conn.executemany(
                 "INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+            conn.executemany("INSERT INTO code_ids VALUES (?, ?)", rows_for("code_ids", rows))
+            conn.executemany("INSERT INTO code_parcels VALUES (?, ?)",
+                             rows_for("code_parcels", rows))
             # A use stays recorded while the same (id, digest) is still issued; a revoked
             # or replaced code's uses go with it. A delta can only affect the ids it names.
             conn.executemany(
@@ -311,9 +321,8 @@ class CodeStore:
                        for i in bundle.revoke if i.startswith(DERIVED_PREFIX)]
             conn.executemany("INSERT OR IGNORE INTO revoked_derived VALUES (?, ?)", derived)
         except sqlite3.IntegrityError as exc:
-            raise TrustError(
-                f"codes bundle version {bundle.version} gives the same digest to two code ids "
-                f"(two codes with the same plain code): {exc}",
-                reason="malformed",
-            ) from exc
+            what = ("gives the same code id to two codes" if "code_ids" in str(exc) else
+                    "gives the same digest to two code ids (two codes with the same plain code)")
+            raise TrustError(f"codes bundle version {bundle.version} {what}: {exc}",
+                             reason="malformed") from exc
         return count

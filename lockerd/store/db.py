@@ -16,11 +16,18 @@ SCHEMA_VERSION = 1
 RETRY_S = 0.0005
 BUSY_TIMEOUT_MS = 10_000
 
-# The code cache's table; a snapshot is built in another table of the same shape
-# (lockerd/store/staging.py) and renamed into its place.
+# The code cache: one row per code, keyed by digest (the lookup of an entered code), and two
+# key tables beside it for what is found by code id (deltas, revocations; an id is given to
+# one code only) and by parcel (support codes, help at the locker). They are tables, not
+# indexes of `codes`, so that a snapshot can be built beside the live set with each of the
+# three filled in its own key order (lockerd/store/staging.py): an index is written in the
+# order its table's rows come, and rows in digest order put the id and parcel keys at random
+# pages, about a page written to the log per row and key. A snapshot is built in tables of the
+# same shapes and renamed into their places. (A database of an earlier lockerd keeps its
+# `codes` table, with a UNIQUE id index, until its next snapshot replaces it.)
 CODES_TABLE = """CREATE TABLE {table} (
     digest      TEXT PRIMARY KEY,
-    id          TEXT NOT NULL UNIQUE,
+    id          TEXT NOT NULL,
     kind        TEXT NOT NULL,
     compartment TEXT,
     parcel_id   TEXT,
@@ -28,6 +35,18 @@ CODES_TABLE = """CREATE TABLE {table} (
     not_after   INTEGER NOT NULL,
     max_uses    INTEGER NOT NULL
 ) WITHOUT ROWID"""
+CODE_IDS_TABLE = """CREATE TABLE {table} (
+    id     TEXT PRIMARY KEY,
+    digest TEXT NOT NULL
+) WITHOUT ROWID"""
+CODE_PARCELS_TABLE = """CREATE TABLE {table} (
+    parcel_id TEXT NOT NULL,
+    digest    TEXT NOT NULL,
+    PRIMARY KEY (parcel_id, digest)
+) WITHOUT ROWID"""
+# The live tables and the key of each, in the column order of a codes row.
+CODE_TABLES = {"codes": CODES_TABLE, "code_ids": CODE_IDS_TABLE,
+               "code_parcels": CODE_PARCELS_TABLE}
 
 # One database, so that consuming a code and recording its event are one transaction: no code
 # is ever consumed without its event, and no event claims a consumption that did not happen.
@@ -104,8 +123,6 @@ CREATE TABLE IF NOT EXISTS support_uses (
     window    INTEGER NOT NULL,
     PRIMARY KEY (parcel_id, window)
 ) WITHOUT ROWID;
--- The pickup codes that name a parcel (the parcels a support code may be for): an index
--- made by `_ensure_parcel_index`, under one of two names a snapshot swap alternates between.
 -- Local extensions of a code's not_after (downtime, out of service), for the not_after the
 -- bundle set: a bundle that sets another not_after for the code replaces the extension.
 CREATE TABLE IF NOT EXISTS code_extensions (
@@ -118,26 +135,26 @@ CREATE TABLE IF NOT EXISTS code_extensions (
 """.format(codes_table=CODES_TABLE.format(table="IF NOT EXISTS codes"))
 
 
-# The parcel index of the codes table: a snapshot built beside the live set (store/staging.py)
-# gets the name the live table does not use, and keeps it when it is renamed to `codes`.
-PARCEL_INDEXES = ("codes_by_parcel", "codes_by_parcel_b")
-
-
-def parcel_index(conn: sqlite3.Connection) -> str | None:
-    """The name of the codes table's parcel index, None when it has none."""
-    row = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'codes'"
-        f" AND name IN {PARCEL_INDEXES!r}").fetchone()
-    return None if row is None else str(row[0])
-
-
-def _ensure_parcel_index(conn: sqlite3.Connection) -> None:
-    if parcel_index(conn) is None:
-        taken = {str(r[0]) for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index'")}
-        name = next(n for n in PARCEL_INDEXES if n not in taken)
-        conn.execute(f"CREATE INDEX IF NOT EXISTS {name} ON codes (parcel_id)"
+def _add_key_tables(conn: sqlite3.Connection) -> None:
+    """Create the key tables of a new database, or give a database of an earlier lockerd
+    (codes with a UNIQUE id and a parcel index) the key tables filled from its codes: once,
+    in one transaction, when it is first opened."""
+    have = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if {"code_ids", "code_parcels"} <= have:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(CODE_IDS_TABLE.format(table="code_ids"))
+        conn.execute(CODE_PARCELS_TABLE.format(table="code_parcels"))
+        conn.execute("INSERT INTO code_ids SELECT id, digest FROM codes")
+        conn.execute("INSERT INTO code_parcels SELECT parcel_id, digest FROM codes"
                      " WHERE parcel_id IS NOT NULL")
+        for name in ("codes_by_parcel", "codes_by_parcel_b"):  # the parcel index they had
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class Database:
@@ -222,7 +239,7 @@ def open_database(path: Path) -> Database:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(_SCHEMA)
-        _ensure_parcel_index(conn)
+        _add_key_tables(conn)
         db = Database(conn, path)
         version = db.get_meta("schema_version")
         if version is None:

@@ -3,22 +3,43 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lockerd.errors import TrustError
-from lockerd.store.db import CODES_TABLE, PARCEL_INDEXES, Database, parcel_index
+from lockerd.store.db import CODE_TABLES, Database
 
 if TYPE_CHECKING:  # the apply process stages rows and must not import the bundle's crypto
     from lockerd.trust.bundle import CodeEntry
 
 STAGING_TABLE = "codes_staging"
 RETIRED_TABLE = "codes_retired"
+# Each live table of the code cache (store/db.py CODE_TABLES), the table its next snapshot is
+# built in, and the name it has once replaced, until it is emptied.
+STAGED = {"codes": STAGING_TABLE, "code_ids": "code_ids_staging",
+          "code_parcels": "code_parcels_staging"}
+RETIRED = {"codes": RETIRED_TABLE, "code_ids": "code_ids_retired",
+           "code_parcels": "code_parcels_retired"}
+# The rows of a snapshot as they come are first kept in a side file beside the database (its
+# path and this suffix), in tables of the same shapes: there they are sorted by each key as
+# they are added, in transactions as large as a call's rows, with no log and no fsync (nothing
+# of it is live, the daemon never reads or locks it, and a crash leaves a file the next
+# `begin` deletes). The live database then gets each table in its own key order: appended at
+# its end, a few pages written per transaction instead of about one per row and key.
+SIDE_SUFFIX = "-staging"
+# The staging that began last (its token), in meta: the owner of the staging tables.
+OWNER_META = "codes_staging_owner"
+# The rows of each key table, in the column order of a codes row (entry_row's).
+_KEY_COLUMNS = {"codes": (0, 1, 2, 3, 4, 5, 6, 7), "code_ids": (1, 0), "code_parcels": (4, 0)}
+# The primary key of each.
+_KEYS = {"codes": ("digest",), "code_ids": ("id",), "code_parcels": ("parcel_id", "digest")}
 # A fill (or emptying) transaction ends after TXN_WORK_S of work or CHUNK_ROWS rows, whichever
 # comes first: a writer waiting for the lock (the daemon's next event) waits for one of these,
 # never for the set. Bounded by time, not by rows, as a row's cost grows with the table and
@@ -27,6 +48,8 @@ TXN_WORK_S = 0.001
 CHUNK_ROWS = 1000
 STAGING_CACHE_KIB = 65536
 GAP_S = 0.001
+# The staging connection flushes the log it wrote at most this often (`_LogFlusher`).
+FLUSH_S = 0.01
 # A side table of at most this many rows is dropped in one transaction, not emptied in steps:
 # DROP TABLE reads each of its pages once and (without secure_delete) writes none of them,
 # 17-29 ms for 100 000 rows (the lock held once), where deleting them in 1 ms steps took
@@ -42,6 +65,14 @@ CHECKPOINT_PAGES = 8000
 _COUNT_META = "codes_count"
 _FLOOR_RESET_META = "codes_floor_reset"
 _DERIVED_PREFIX = "derived:"
+
+REVOKE_BY_ID = (
+    ("codes", "DELETE FROM codes WHERE digest IN (SELECT digest FROM code_ids WHERE id = ?)"),
+    ("code_parcels",
+     "DELETE FROM code_parcels WHERE digest IN (SELECT digest FROM code_ids WHERE id = ?)"),
+    ("code_ids", "DELETE FROM code_ids WHERE id = ?"),
+)
+"""Deleting codes by id, one statement per table, key tables after the codes they name."""
 
 _STALE_USES = ("DELETE FROM code_uses WHERE NOT EXISTS (SELECT 1 FROM codes"
                " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)")
@@ -73,21 +104,26 @@ def entry_row(e: CodeEntry) -> tuple[object, ...]:
 
 
 class _LogFlusher:
-    """Flushes the write-ahead log to the disk after each side-table transaction, outside the
-    write lock.
+    """Flushes the write-ahead log to the disk between side-table transactions, outside the
+    write lock, once FLUSH_S has passed since its last flush.
 
     Side tables are written at synchronous=NORMAL: a commit appends its pages to the log and
     returns without waiting for the disk. The daemon's next durable commit (an event before a
     pulse, at synchronous=FULL) fsyncs the same log file, and so would wait for every page the
     staging transactions appended since its last one: megabytes, 10 ms at the median on a
-    busy 2-core machine instead of 2 ms. Flushing here, between transactions, keeps that
-    backlog to the last transaction's pages, and the disk work on the staging side."""
+    busy 2-core machine instead of 2 ms. Flushing here keeps that backlog to the pages of the
+    last FLUSH_S, and the disk work on the staging side."""
 
     def __init__(self, db: Database) -> None:
         self._wal = f"{db.path}-wal"
         self._fd: int | None = None
+        self._last = time.monotonic()
 
     def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self._last < FLUSH_S:
+            return
+        self._last = now
         if self._fd is None:
             try:
                 self._fd = os.open(self._wal, os.O_RDONLY)
@@ -97,6 +133,7 @@ class _LogFlusher:
 
     def close(self) -> None:
         if self._fd is not None:
+            os.fdatasync(self._fd)
             os.close(self._fd)
             self._fd = None
 
@@ -168,77 +205,154 @@ def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-class CodeStaging:
-    """A snapshot's code rows built in table codes_staging beside the live codes.
+def rows_for(table: str, rows: Sequence[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    """The rows of code table `table` (store/db.py CODE_TABLES) for codes rows (entry_row's):
+    a parcel row for each code that names a parcel."""
+    columns = _KEY_COLUMNS[table]
+    if table == "codes":
+        return list(rows)
+    picked = [tuple(row[c] for c in columns) for row in rows]
+    return [row for row in picked if row[0] is not None]
 
-    Every call blocks (a worker thread's, with a `Database` of its own). Filling takes many
-    short transactions at synchronous=NORMAL: until the swap nothing of it is live, and a
-    crash leaves only leftovers that the next `begin` discards. The swap is one short
-    transaction at synchronous=FULL: two renames, the snapshot's meta and its event.
+
+def _malformed(version: int, table: str, exc: sqlite3.IntegrityError) -> TrustError:
+    what = ("gives the same code id to two codes" if table == "code_ids" else
+            "gives the same digest to two code ids (two codes with the same plain code)")
+    return TrustError(f"codes bundle version {version} {what}: {exc}", reason="malformed")
+
+
+class CodeStaging:
+    """A snapshot's code rows built in tables beside the live codes (STAGED), then swapped in.
+
+    Every call blocks (a worker thread's, with a `Database` of its own). `add` keeps the rows
+    in a side file (SIDE_SUFFIX) sorted by each key; `swap` copies each table into the
+    database in its key order, in short transactions at synchronous=NORMAL (until the swap
+    nothing of it is live, and a crash leaves only leftovers that the next `begin` discards),
+    then makes them live in one short transaction at synchronous=FULL: the renames, the
+    snapshot's meta and its event.
     """
 
     def __init__(self, db: Database, *, cache_kib: int = STAGING_CACHE_KIB,
                  on_rows: Callable[[int], object] | None = None,
                  drop_rows: int = DROP_ROWS) -> None:
-        # `cache_kib`: the page cache while filling; a receiver bounded in memory (snapshots
-        # in parts, services/parts.py) asks for less than the default. `on_rows(n)`: called
-        # after each fill transaction with the rows staged so far (an apply process reports
-        # its progress with it, lockerd/apply/child.py). `drop_rows`: DROP_ROWS.
+        # `cache_kib`: the page cache while filling (of the database and of the side file);
+        # a receiver bounded in memory (snapshots in parts, services/parts.py) asks for less
+        # than the default. `on_rows(n)`: called after each `add` with the rows staged so far
+        # (an apply process reports its progress with it, lockerd/apply/child.py).
+        # `drop_rows`: DROP_ROWS.
         self._db = db
         self._drop_rows = drop_rows
         self._cache_kib = cache_kib
         self._on_rows = on_rows
         self._version: int | None = None
         self._count = 0
+        self._side: sqlite3.Connection | None = None
+        self._token = ""
+        self._side_path: Path | None = None
 
     def begin(self, version: int) -> None:
-        """Discard any leftovers (a staging table of a crashed fill, a retired set not yet
-        emptied) and create an empty staging table for snapshot `version`."""
+        """Discard any leftovers (tables and side files of a crashed fill or of another
+        snapshot staged in another process, a retired set not yet emptied) and create empty
+        staging tables for snapshot `version`, owned by this staging (OWNER_META): another
+        that staged before finds its `add` and `swap` refused."""
         self.discard()
         self._retire_leftovers()
+        for old in self._db.path.parent.glob(f"{self._db.path.name}{SIDE_SUFFIX}*"):
+            old.unlink(missing_ok=True)
+        self._token = secrets.token_hex(8)
+        self._side_path = Path(f"{self._db.path}{SIDE_SUFFIX}-{self._token}")
         conn = self._db.conn
-        index = self._free_parcel_index()
         with self._db.transaction():
-            conn.execute(CODES_TABLE.format(table=STAGING_TABLE))
-            conn.execute(f"CREATE INDEX {index} ON {STAGING_TABLE} (parcel_id)"
-                         " WHERE parcel_id IS NOT NULL")
+            for live, staged in STAGED.items():
+                conn.execute(CODE_TABLES[live].format(table=staged))
+            self._db.set_meta(OWNER_META, self._token, conn=conn)
+        side = sqlite3.connect(self._side_path, isolation_level=None, check_same_thread=False)
+        side.execute("PRAGMA journal_mode=OFF")
+        side.execute("PRAGMA synchronous=OFF")
+        side.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+        for live, table in CODE_TABLES.items():
+            side.execute(table.format(table=live))
+        self._side = side
         self._version = version
         self._count = 0
 
+    def _check_owner(self) -> None:
+        """sqlite3.OperationalError if another staging has begun since this one did."""
+        if self._db.get_meta(OWNER_META) != self._token:
+            raise sqlite3.OperationalError(
+                "the staging tables were taken by another snapshot staged since")
+
     def add(self, entries: Sequence[CodeEntry]) -> None:
-        """Add code rows, in transactions of TXN_WORK_S or CHUNK_ROWS rows. A digest (or an
-        id) given twice, here or in an earlier `add`, is refused as a malformed snapshot:
-        TrustError(reason="malformed")."""
-        self._fill(len(entries), lambda i: entry_row(entries[i]))
+        """Add code rows. A digest (or an id) given twice, here or in an earlier `add`, is
+        refused as a malformed snapshot: TrustError(reason="malformed")."""
+        self.add_rows([entry_row(e) for e in entries])
 
     def add_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
         """`add` for entries already in the table's shape (`entry_row`'s): a part decoded
         straight to rows (lockerd/trust/partwire.py)."""
-        self._fill(len(rows), rows.__getitem__)
-
-    def _fill(self, count: int, row_at: Callable[[int], tuple[object, ...]]) -> None:
         version = self._require()
+        self._check_owner()
+        side = self._side
+        assert side is not None
+        side.execute("BEGIN")
+        try:
+            for table in CODE_TABLES:
+                try:
+                    side.executemany(f"INSERT INTO {table} VALUES"
+                                     f" ({', '.join('?' * len(_KEY_COLUMNS[table]))})",
+                                     rows_for(table, rows))
+                except sqlite3.IntegrityError as exc:
+                    raise _malformed(version, table, exc) from exc
+        except BaseException:
+            side.execute("ROLLBACK")
+            raise
+        side.execute("COMMIT")
+        self._count += len(rows)
+        if self._on_rows is not None:
+            self._on_rows(self._count)
+
+    def _build(self) -> None:
+        """Copy each side table into its staging table in key order, in transactions of about
+        TXN_WORK_S (a step's rows from the last step's pace, at most CHUNK_ROWS): each
+        appends to its table's last pages. One INSERT ... SELECT per step, on the side file
+        attached, so that no row passes through Python."""
         conn = self._db.conn
         conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
-        done = 0
-        with _side_table_settings(self._db) as flush:
-            while done < count:
-                rows = _Rows(row_at, count, done)
-                try:
-                    with self._db.transaction():
-                        added = conn.executemany(
-                            f"INSERT INTO {STAGING_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            rows).rowcount
-                except sqlite3.IntegrityError as exc:
-                    raise TrustError(
-                        f"codes bundle version {version} gives the same digest to two code ids"
-                        f" (two codes with the same plain code): {exc}", reason="malformed",
-                    ) from exc
-                done = rows.next
-                self._count += added
-                if self._on_rows is not None:
-                    self._on_rows(self._count)
-                _give_way(flush)
+        path = self._side_path
+        if path is None or not path.exists():  # deleted by a staging begun since
+            self._check_owner()
+            raise RuntimeError(f"the staged rows' side file {path} is gone")
+        conn.execute("ATTACH DATABASE ? AS side", (str(path),))
+        try:
+            with _side_table_settings(self._db) as flush:
+                for live, staged in STAGED.items():
+                    self._copy(live, staged, flush)
+        finally:
+            conn.execute("DETACH DATABASE side")
+
+    def _copy(self, live: str, staged: str, flush: _LogFlusher) -> None:
+        conn = self._db.conn
+        key = ", ".join(_KEYS[live])
+        newest = ", ".join(f"{k} DESC" for k in _KEYS[live])
+        after = f"({key}) > ({', '.join('?' * len(_KEYS[live]))})"
+        last: tuple[object, ...] | None = None
+        step = 100
+        while True:
+            started = time.perf_counter()
+            with self._db.transaction():
+                self._check_owner()  # no step into the tables of a staging begun since
+                where = "" if last is None else f"WHERE {after}"
+                copied = conn.execute(
+                    f"INSERT INTO {staged} SELECT * FROM side.{live} {where}"
+                    f" ORDER BY {key} LIMIT {step}", last or ()).rowcount
+                if copied:
+                    last = tuple(conn.execute(
+                        f"SELECT {key} FROM {staged} ORDER BY {newest} LIMIT 1").fetchone())
+            if copied < step:
+                return
+            took = max(time.perf_counter() - started, 1e-6)
+            step = max(10, min(CHUNK_ROWS, int(copied * TXN_WORK_S / took)))
+            _give_way(flush)
 
     def swap(self, meta: SnapshotMeta, *,
              with_event: Callable[[sqlite3.Connection], object] | None = None) -> int:
@@ -249,14 +363,22 @@ class CodeStaging:
         version = self._require()
         if meta.version != version:
             raise ValueError(f"staging holds snapshot version {version}, not {meta.version}")
+        self._build()
+        self._close_side()
         conn = self._db.conn
         conn.execute("PRAGMA synchronous=FULL")
         revoked = [(i,) for i in dict.fromkeys(meta.revoke)]
         with self._db.transaction():
-            conn.execute(f"ALTER TABLE codes RENAME TO {RETIRED_TABLE}")
-            conn.execute(f"ALTER TABLE {STAGING_TABLE} RENAME TO codes")
-            count = self._count - conn.executemany(
-                "DELETE FROM codes WHERE id = ?", revoked).rowcount
+            self._check_owner()
+            conn.execute("DELETE FROM meta WHERE key = ?", (OWNER_META,))
+            for live, staged in STAGED.items():
+                conn.execute(f"ALTER TABLE {live} RENAME TO {RETIRED[live]}")
+                conn.execute(f"ALTER TABLE {staged} RENAME TO {live}")
+            count = self._count
+            for table, sql in REVOKE_BY_ID:
+                gone = conn.executemany(sql, revoked).rowcount
+                if table == "codes":
+                    count -= gone
             # A use stays recorded while the same (id, digest) is still issued; an extension
             # while its not_after is still the bundle's (and is then carried onto the row).
             conn.execute(_STALE_USES)
@@ -280,10 +402,20 @@ class CodeStaging:
         return count
 
     def discard(self) -> None:
-        """Drop the staging table and its rows (in short transactions), if there is one."""
+        """Drop the staging tables (whoever began them) and this staging's side file."""
         self._version = None
         self._count = 0
-        self._empty(STAGING_TABLE)
+        self._close_side()
+        for staged in STAGED.values():
+            self._empty(staged)
+
+    def _close_side(self) -> None:
+        """Close and delete this staging's side file."""
+        if self._side is not None:
+            self._side.close()
+            self._side = None
+        if self._side_path is not None:
+            self._side_path.unlink(missing_ok=True)
 
     def _require(self) -> int:
         if self._version is None:
@@ -291,7 +423,8 @@ class CodeStaging:
         return self._version
 
     def _retire_leftovers(self) -> None:
-        self._empty(RETIRED_TABLE)
+        for retired in RETIRED.values():
+            self._empty(retired)
 
     def _empty(self, table: str) -> None:
         """Delete a side table's rows in short steps down to `drop_rows`, then drop it."""
@@ -320,9 +453,3 @@ class CodeStaging:
                 _give_way(flush)
             with self._db.transaction():
                 conn.execute(f"DROP TABLE {table}")
-
-    def _free_parcel_index(self) -> str:
-        """The name of the parcel index the staging table gets: the one the live codes
-        table does not use (the two alternate, as each swap moves an index with its table)."""
-        used = parcel_index(self._db.conn)
-        return next(name for name in PARCEL_INDEXES if name != used)
