@@ -208,3 +208,29 @@ def test_the_cli_opens_the_cache_as_the_daemon_does() -> None:
     from lockerd import app
 
     assert bankcache.DB_NAME == app.DB_NAME
+
+
+TIMES = ["2026-12-01T01:02:03Z", "2028-02-29T23:59:59Z", "2027-02-29T00:00:00Z",
+         "2026-12-01T24:00:00Z", "2026-12-01T23:60:00Z", "2026-12-01T23:59:60Z",
+         "0000-01-01T00:00:00Z", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z",
+         "1969-12-31T23:59:59Z", "2026-12-01T01:02:03.5Z", "2026-12-01T01:02:03z",
+         "2026-12-01T01:02:03Z\n", "2026-12-01t01:02:03Z", "2026-1-01T01:02:03Z",
+         "2026-12-01T01:02:0٣Z", "2026-13-01T00:00:00Z", "2026-12-00T00:00:00Z", ""]
+
+
+@pytest.mark.parametrize("text", TIMES)
+def test_epoch_is_parse_time(text: str) -> None:
+    from lockerd.timeutil import parse_time
+    from lockerd.trust.bundle import _epoch
+
+    try:
+        expected: object = int(parse_time(text).timestamp())
+    except ValueError:
+        expected = ValueError
+    days: dict[str, int] = {}
+    for _ in range(2):  # the day parsed, then taken from `days`
+        try:
+            got: object = _epoch(text, days)
+        except ValueError:
+            got = ValueError
+        assert got == expected
