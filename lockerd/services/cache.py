@@ -285,7 +285,7 @@ class CodeCache:
             if not (exc.reason == "rollback" and exc.signed_version == held):
                 self._reject("codes", error, source)
             raise error from None
-        except TrustError as exc:  # no keyring
+        except TrustError as exc:  # no keyring held, or an envelope that is not one
             self._reject("codes", exc, source)
             raise
         finally:
