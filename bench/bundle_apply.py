@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="leave out the MQTT path (a lockerd run process, the snapshot over a broker)",
     )
     parser.add_argument(
+        "--process-only", action="store_true",
+        help="only the whole-process path: build the snapshots (and the replacing one at the "
+        "largest size) and time `lockerd import-bundle` beside the bare-insert process; no "
+        "in-process figures, no MQTT; --runs runs of each (default 1)",
+    )
+    parser.add_argument(
         "--dir",
         type=Path,
         default=None,
@@ -773,8 +779,43 @@ def report_targets(results: Sequence[SizeResult], replace: ReplaceResult, deltas
 # -- main -------------------------------------------------------------------------------------
 
 
+def run_process_only(args: argparse.Namespace, work: Path) -> None:
+    """--process-only: the snapshots' files, then `lockerd import-bundle` beside the
+    bare-insert process, --runs times each (fresh banks every run)."""
+    started = time.perf_counter()
+    largest = args.sizes[-1]
+    m = make_material(work, largest + largest // 2, args.seed)
+    files = Files(work, inputs=True)
+    print(f"bundle_apply --process-only: snapshots of {', '.join(f'{n:,}' for n in args.sizes)}"
+          f" pickup codes, the largest replaced by another; {args.runs or 1} run(s) each")
+    print(f"  {machine_line()}")
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; SQLite {sqlite3.sqlite_version}; "
+          f"databases in {work} ({filesystem_of(work)}); load average {load_start}")
+    print(flush=True)
+    for size in args.sizes:
+        entries = m.entries(0, size)
+        raw, _ = m.sign(entries, version=1, base_version=None)
+        files.save("snapshot", size, raw, rows_of(entries))
+        del entries, raw
+    entries = m.entries(largest // 2, largest)
+    raw, _ = m.sign(entries, version=2, base_version=None)
+    files.save("replace", largest, raw, rows_of(entries))
+    del entries, raw
+    gc.collect()
+    for run in range(args.runs or 1):
+        results = bundlepaths.measure_process(m.kit, work, args.sizes, APPLY_CACHE_KIB,
+                                              run=run)
+        bundlepaths.report_process(results)
+    print(f"  whole run: {time.perf_counter() - started:.0f} s; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (at the start: {load_start})")
+
+
 def run(args: argparse.Namespace, work: Path) -> None:
     """Every measurement and its report, in `work`."""
+    if args.process_only:
+        run_process_only(args, work)
+        return
     started = time.perf_counter()
     kept: Kept | None = None
     try:

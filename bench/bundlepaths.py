@@ -139,13 +139,14 @@ class ProcessResult:
 
 
 def measure_process(kit: BankKit, work: Path, sizes: Sequence[int],
-                    cache_kib: int) -> list[ProcessResult]:
+                    cache_kib: int, *, run: int = 0) -> list[ProcessResult]:
     """Per size, into an empty bank: the bare-insert process, then `lockerd import-bundle`;
-    at the largest, the replacing snapshot the same way into the same two databases."""
+    at the largest, the replacing snapshot the same way into the same two databases. `run`
+    numbers the banks' directories (a fresh pair each run)."""
     out: list[ProcessResult] = []
     inputs = inputs_dir(work)
     for size in sizes:
-        directory = work / f"process-{size}"
+        directory = work / (f"process-{size}" if run == 0 else f"process-{size}-{run}")
         config = bank_config(kit, directory)
         log = directory / "processes.log"
         run_process([*LOCKERD, "import-keyring", "-c", str(config), str(kit.keyring_path)], log)

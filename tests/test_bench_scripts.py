@@ -108,3 +108,17 @@ def test_a_name_with_a_colon_is_refused(bench_path: None) -> None:
         benchlib.result_line("a: b", "figure", 1.0, 2.0)
     with pytest.raises(ValueError, match="no ';'"):
         benchlib.result_line("a", "figure; more", 1.0, 2.0)
+
+
+def test_startup_bundle_file_gives_a_big_file_time_to_apply(bench_path: None) -> None:
+    bench = bench_module("startup_bundle_file")
+    benchlib = bench_module("benchlib")
+    assert bench.start_timeout_s(0) == benchlib.START_TIMEOUT_S
+    # The first start applies the file: about 2 min at 1M codes.
+    assert bench.start_timeout_s(1_000_000) >= 600
+    assert bench.start_timeout_s(100_000) > bench.start_timeout_s(10_000)
+
+
+def test_bundle_apply_can_run_the_process_path_alone(bench_path: None) -> None:
+    args = bench_module("bundle_apply").parse_args(["--process-only", "--codes", "10000"])
+    assert args.process_only and args.sizes == [10_000]

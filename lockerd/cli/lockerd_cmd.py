@@ -162,33 +162,34 @@ def _check(config: Config) -> int:
 
 
 def _open_cache(config: Config) -> tuple[Database, CodeCache]:
-    from lockerd.app import DB_NAME, build_cache
-    from lockerd.store import open_database
+    from lockerd.cli.bankcache import open_cache
 
-    db = open_database(config.state_dir / DB_NAME)
-    return db, build_cache(config, db=db)
+    return open_cache(config)
 
 
 def _import(config: Config, command: str, file: Path) -> int:
     try:
-        raw = file.read_bytes()
+        # Refused before the database is opened (or made): a mistyped path changes nothing.
+        with file.open("rb"):
+            pass
     except OSError as exc:
         print(f"lockerd: cannot read {file}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
     db, cache = _open_cache(config)
     try:
         if command == "import-keyring":
-            keyring = cache.load_keyring(raw, source=str(file))
+            keyring = cache.load_keyring(file.read_bytes(), source=str(file))
             print(f"keyring version {keyring.version} accepted")
         else:
             if cache.keyring is None and config.trust.keyring_file:
                 # A fresh database: take the keyring the daemon would load at startup.
                 keyring_file = config.path(config.trust.keyring_file)
                 cache.load_keyring(keyring_file.read_bytes(), source=str(keyring_file))
-            bundle = cache.load_bundle(raw, source=str(file))
+            # Read by the cache itself, which drops the file's bytes as soon as it can.
+            bundle = cache.load_bundle_path(file, source=str(file))
             kind = "snapshot" if bundle.base_version is None else f"delta on {bundle.base_version}"
-            print(f"codes bundle version {bundle.version} ({kind}, {len(bundle.upsert)} codes, "
-                  f"{len(bundle.revoke)} revoked) applied")
+            print(f"codes bundle version {bundle.version} ({kind}, {bundle.upserted} codes, "
+                  f"{bundle.revoked} revoked) applied")
     except OSError as exc:
         print(f"lockerd: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE

@@ -265,6 +265,34 @@ class CodeCache:
         self._accepted(AppliedBundle.of(bundle), source)
         return bundle
 
+    def load_bundle_path(self, path: Path, *, source: str) -> AppliedBundle:
+        """`load_bundle` of the file at `path`, read here and held in memory as little as it
+        can be (lockerd/apply/bundlefile.py: the file's bytes dropped once the payload is out,
+        a snapshot staged a chunk of rows at a time). The same checks, refusals, events and
+        outcome. A blocking call, for `lockerd import-bundle`. OSError when it cannot be read.
+        """
+        from lockerd.apply.bundlefile import BundleRefused, verify_and_apply_file
+
+        held = self._codes.version()
+        floor_reset = self._codes.floor_reset_pending()
+        try:
+            applied = verify_and_apply_file(self._db, path,
+                                            context=self._context(held, floor_reset),
+                                            source=source, now=self._now)
+        except BundleRefused as exc:
+            error = TrustError(str(exc), reason=exc.reason)
+            # The very version held, delivered again: quietly ignored (_is_repeat).
+            if not (exc.reason == "rollback" and exc.signed_version == held):
+                self._reject("codes", error, source)
+            raise error from None
+        except TrustError as exc:  # no keyring held, or an envelope that is not one
+            self._reject("codes", exc, source)
+            raise
+        finally:
+            self._codes.forget_cached()
+        self._accepted(applied, source)
+        return applied
+
     def _context(self, held: int, floor_reset: bool) -> ApplyContext:
         keyring = self.keyring
         if keyring is None:

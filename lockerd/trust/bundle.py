@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import binascii
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Literal, get_args
 
@@ -19,7 +20,14 @@ from lockerd.ids import (
     LOCKER_ID_RULE,
 )
 from lockerd.timeutil import format_time, parse_time
-from lockerd.trust.dsse import CODES_PAYLOAD_TYPE, RoleKeys, parse_envelope, verify_role
+from lockerd.trust.dsse import (
+    CODES_PAYLOAD_TYPE,
+    Envelope,
+    RoleKeys,
+    Signature,
+    parse_envelope,
+    verify_role,
+)
 
 CodeKind = Literal["pickup", "deposit", "courier"]
 CODE_KINDS: tuple[str, ...] = get_args(CodeKind)
@@ -132,6 +140,30 @@ class _BundleWire(msgspec.Struct, kw_only=True):
     revoke: list[str] = msgspec.field(default_factory=list)
 
 
+class _HeadWire(msgspec.Struct, kw_only=True):
+    """_BundleWire with each entry left as its raw JSON: a snapshot's entries are then decoded
+    a chunk at a time, never all at once."""
+
+    type: Literal["codes"]
+    locker_id: str
+    version: _Version
+    base_version: _Version | None
+    issued_at: str
+    expires_at: str
+    upsert: list[msgspec.Raw] = msgspec.field(default_factory=list)
+    revoke: list[str] = msgspec.field(default_factory=list)
+
+
+_ENTRY_DECODER = msgspec.json.Decoder(_EntryWire)
+# The usual wire time, whole seconds: its day is parsed once per day (`_epoch`).
+_WHOLE_SECONDS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", re.ASCII)
+ROWS_CHUNK = 1000
+"""Entries decoded to rows at a time by `SnapshotRows.chunks`."""
+
+SnapshotRow = tuple[str, str, str, str | None, str | None, int | None, int, int]
+"""A code as a row of the codes table (lockerd.store.staging.entry_row's shape)."""
+
+
 def _malformed(message: str) -> TrustError:
     return TrustError(f"malformed codes bundle: {message}", reason="malformed")
 
@@ -202,6 +234,187 @@ def parse_bundle_payload(payload: bytes) -> CodesBundle:
         upsert=tuple(entries),
         revoke=tuple(wire.revoke),
     )
+
+
+class _SignatureLean(msgspec.Struct):
+    sig: str
+    keyid: str = ""
+
+
+class _EnvelopeLean(msgspec.Struct):
+    """dsse's envelope wire, its payload left as the raw JSON string (no copy of it)."""
+
+    payload_type: str = msgspec.field(name="payloadType")
+    payload: msgspec.Raw
+    signatures: list[_SignatureLean]
+
+
+def read_envelope(raw: bytes) -> Envelope:
+    """`parse_envelope(raw)` with one copy of the payload fewer: its base64 text is decoded
+    straight from `raw`, never made a str first (of a 290 MB envelope, 290 MB less at once).
+    Whatever is not plain (an escape in the string, a fault) is left to `parse_envelope`, so
+    that the result and every refusal are its own."""
+    try:
+        wire = msgspec.json.decode(raw, type=_EnvelopeLean)
+        text = memoryview(wire.payload)
+        if bytes(text[:1]) != b'"' or b"\\" in raw:
+            raise ValueError("not a plain JSON string")
+        payload = binascii.a2b_base64(text[1:-1], strict_mode=True)
+        signatures = tuple(Signature(keyid=s.keyid, sig=binascii.a2b_base64(s.sig,
+                                                                             strict_mode=True))
+                           for s in wire.signatures)
+    except (msgspec.MsgspecError, RecursionError, ValueError):  # binascii.Error is one
+        return parse_envelope(raw)
+    return Envelope(payload_type=wire.payload_type, payload=payload, signatures=signatures)
+
+
+class _Doubt(Exception):
+    """Something the fast decoding of a snapshot's entries does not accept: the checked parser
+    (parse_bundle_payload) then says what is wrong, with its own message."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRows:
+    """A snapshot whose signature and claims verified, its entries read as codes-table rows a
+    chunk at a time (`chunks`), so that no object per entry lives longer than its chunk.
+
+    Every check `parse_bundle_payload` makes of an entry is made here, except an id given
+    twice (the codes table's UNIQUE(id) refuses it when the rows are staged: see `refusal`);
+    whatever is refused is refused with the checked parser's very message and reason."""
+
+    locker_id: str
+    version: int
+    issued_at: datetime
+    expires_at: datetime
+    revoke: tuple[str, ...]
+    count: int
+    payload: bytes = field(repr=False)
+    entries: list[msgspec.Raw] = field(repr=False)
+
+    def chunks(self, size: int = ROWS_CHUNK, *,
+               check_ids: bool = False) -> Iterator[list[SnapshotRow]]:
+        """The rows, `size` at a time, in the entries' order. TrustError("malformed") for a
+        bad entry (and, with `check_ids`, for an id given twice), raised before the chunk
+        holding it is given."""
+        revoked = frozenset(self.revoke)
+        seen: set[str] = set()
+        compartments: dict[str, bool] = {}
+        days: dict[str, int] = {}
+        decode = _ENTRY_DECODER.decode
+        entries = self.entries
+        for start in range(0, len(entries), size):
+            rows: list[SnapshotRow] = []
+            append = rows.append
+            try:
+                for raw in entries[start:start + size]:
+                    item = decode(raw)
+                    code_id, compartment, parcel_id = item.id, item.compartment, item.parcel_id
+                    if not code_id or code_id in revoked:
+                        raise _Doubt
+                    if check_ids:
+                        if code_id in seen:
+                            raise _Doubt
+                        seen.add(code_id)
+                    if compartment is not None:
+                        ok = compartments.get(compartment)
+                        if ok is None:
+                            ok = compartments[compartment] = is_compartment_id(compartment)
+                        if not ok:
+                            raise _Doubt
+                    if parcel_id is not None and not parcel_id:
+                        raise _Doubt
+                    not_before = item.not_before
+                    append((item.digest, code_id, item.kind, compartment, parcel_id,
+                            None if not_before is None else _epoch(not_before, days),
+                            _epoch(item.not_after, days), item.max_uses))
+            except (_Doubt, msgspec.MsgspecError, ValueError, RecursionError):
+                raise self.refusal() from None
+            yield rows
+
+    def refusal(self) -> TrustError:
+        """The checked parser's refusal of this payload; a generic "malformed" one if it has
+        none (which would be a fault of the fast decoding, never a reason to apply)."""
+        try:
+            parse_bundle_payload(self.payload)
+        except TrustError as exc:
+            return exc
+        return _malformed("an entry the checked parser accepts was refused")
+
+    def check_entries(self) -> None:
+        """Decode every entry, ids given twice included, without keeping any: the malformed
+        refusal `parse_bundle_payload` would make, if it would make one."""
+        for _ in self.chunks(check_ids=True):
+            pass
+
+
+def _epoch(text: str, days: dict[str, int]) -> int:
+    """`int(parse_time(text).timestamp())`, the same for every string (ValueError for what
+    parse_time refuses), a whole-seconds time's day taken from `days` (filled as it goes): a
+    set issued at once spans few days, and parsing each time in full was most of the cost."""
+    if len(text) == 20 and _WHOLE_SECONDS.fullmatch(text):
+        day = text[:10]
+        midnight = days.get(day)
+        if midnight is None:
+            midnight = days[day] = int(parse_time(day + "T00:00:00Z").timestamp())
+        hour, minute, second = int(text[11:13]), int(text[14:16]), int(text[17:19])
+        # datetime()'s own limits: no hour 24, no second 60.
+        if hour < 24 and minute < 60 and second < 60:
+            return midnight + hour * 3600 + minute * 60 + second
+    return int(parse_time(text).timestamp())
+
+
+def verify_snapshot_rows(
+    env: Envelope,
+    *,
+    codes_role: RoleKeys,
+    keyring_expires_at: datetime,
+    locker_id: str,
+    held_version: int,
+    now: datetime,
+    floor_reset: bool = False,
+) -> SnapshotRows | CodesBundle:
+    """`verify_bundle` of a parsed envelope, a snapshot's entries left for `chunks`.
+
+    The same checks in the same order and the same refusals as `verify_bundle`: a snapshot
+    comes back as SnapshotRows (its entries still to be read, and refused as `verify_bundle`
+    would refuse them when they are); a delta, or a payload the quick reading of its head does
+    not take, goes through `verify_bundle`'s own path and comes back as a CodesBundle."""
+    payload = verify_role(env, expected_type=CODES_PAYLOAD_TYPE, role=codes_role)
+    check_keyring_current(keyring_expires_at, now=now)
+    head = _snapshot_head(payload)
+    if head is None:
+        bundle = parse_bundle_payload(payload)
+        _check_claims(bundle, locker_id=locker_id, held_version=held_version, now=now,
+                      floor_reset=floor_reset)
+        return bundle
+    try:
+        check_update_claims(what="codes bundle", claimed_locker=head.locker_id,
+                            version=head.version, expires_at=head.expires_at,
+                            locker_id=locker_id, held_version=held_version, now=now,
+                            floor_reset=floor_reset)
+    except TrustError:
+        # verify_bundle refuses a malformed payload before it looks at its claims.
+        head.check_entries()
+        raise
+    return head
+
+
+def _snapshot_head(payload: bytes) -> SnapshotRows | None:
+    """The head of a snapshot payload, or None when it is not one that `parse_bundle_payload`
+    would take up to its entries (a delta, a fault, a revoke list with an empty id)."""
+    try:
+        wire = msgspec.json.decode(payload, type=_HeadWire)
+    except (msgspec.MsgspecError, RecursionError):
+        return None
+    if wire.base_version is not None or not is_locker_id(wire.locker_id) or not all(wire.revoke):
+        return None
+    try:
+        issued_at, expires_at = parse_time(wire.issued_at), parse_time(wire.expires_at)
+    except ValueError:
+        return None
+    return SnapshotRows(locker_id=wire.locker_id, version=wire.version, issued_at=issued_at,
+                        expires_at=expires_at, revoke=tuple(wire.revoke),
+                        count=len(wire.upsert), payload=payload, entries=wire.upsert)
 
 
 def _entry_doc(entry: CodeEntry) -> dict[str, object]:
@@ -309,6 +522,14 @@ def verify_bundle(
     payload = verify_role(env, expected_type=CODES_PAYLOAD_TYPE, role=codes_role)
     check_keyring_current(keyring_expires_at, now=now)
     bundle = parse_bundle_payload(payload)
+    _check_claims(bundle, locker_id=locker_id, held_version=held_version, now=now,
+                  floor_reset=floor_reset)
+    return bundle
+
+
+def _check_claims(bundle: CodesBundle, *, locker_id: str, held_version: int, now: datetime,
+                  floor_reset: bool) -> None:
+    """verify_bundle's checks once the payload parsed: the claims, then a delta's base."""
     check_update_claims(what="codes bundle", claimed_locker=bundle.locker_id,
                         version=bundle.version, expires_at=bundle.expires_at,
                         locker_id=locker_id, held_version=held_version, now=now,
@@ -326,4 +547,3 @@ def verify_bundle(
             f"but this locker holds version {held_version}; a resync is needed",
             reason="gap",
         )
-    return bundle
