@@ -156,6 +156,41 @@ async def test_a_burst_of_queued_keys_is_drawn_once_and_its_door_still_opens(
         rig.db.close()
 
 
+async def test_the_first_digit_after_a_commit_warms_the_lookup_and_a_burst_does_not(
+    tmp_path: Path,
+) -> None:
+    rig = _rig(tmp_path)
+    warmed: list[str] = []
+    rig.db.conn.set_trace_callback(
+        lambda sql: warmed.append(sql) if "c.digest = ''" in sql else None)
+    code = derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS)
+    # Typed key by key (nothing else queued): the first digit reads the lookup's way once.
+    await _press(rig, code[:3])
+    assert len(warmed) == 1
+    await _press(rig, code[3:] + "#")
+    await rig.ctl.wait_pulses()
+    assert rig.world.pulses == ["1"] and len(warmed) == 1
+    # The pulse's commit came after: the next code typed warms again, once.
+    await _press(rig, "12")
+    assert len(warmed) == 2
+    await _press(rig, "*")
+    rig.clock.t += 0.5
+    await rig.ctl.step(DoorChanged("1", DoorState.OPEN))
+    # A burst (keys queued together) goes straight to its '#': nothing read before it.
+    running = asyncio.create_task(rig.ctl.run())
+    try:
+        for key in "98765432#":
+            rig.ctl.emit(KeyPressed(key))
+        await wait_until(lambda: "code.rejected" in rig.types(),
+                         what="the wrong code's rejection")
+        assert len(warmed) == 2
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        rig.db.conn.set_trace_callback(None)
+        rig.db.close()
+
+
 async def test_wrong_codes_lock_the_keypad_persistently(tmp_path: Path) -> None:
     rig = _rig(tmp_path)
     await _press(rig, "11111111#")
