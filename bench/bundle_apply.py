@@ -275,12 +275,17 @@ def bare_connect(path: Path) -> sqlite3.Connection:
 
 
 def bare_insert(conn: sqlite3.Connection, rows: Sequence[Row], *, replace: bool = False) -> None:
-    """One transaction, one executemany (after deleting every code, for a replace): the
-    commit (fsync, WAL checkpoint) included."""
+    """One transaction, an executemany per table of the code cache (codes and its key tables,
+    code_ids and code_parcels: what the store writes), after deleting every code for a
+    replace: the commit (fsync, WAL checkpoint) included."""
     conn.execute("BEGIN IMMEDIATE")
     if replace:
-        conn.execute("DELETE FROM codes")
+        for table in ("codes", "code_ids", "code_parcels"):
+            conn.execute(f"DELETE FROM {table}")
     conn.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany("INSERT INTO code_ids VALUES (?, ?)", [(r[1], r[0]) for r in rows])
+    conn.executemany("INSERT INTO code_parcels VALUES (?, ?)",
+                     [(r[4], r[0]) for r in rows if r[4] is not None])
     conn.execute("COMMIT")
 
 

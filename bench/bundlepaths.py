@@ -54,13 +54,18 @@ conn.execute("PRAGMA synchronous=FULL")
 conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
 conn.execute("BEGIN IMMEDIATE")
 if mode == "replace":
-    conn.execute("DELETE FROM codes")
+    for table in ("codes", "code_ids", "code_parcels"):
+        conn.execute(f"DELETE FROM {table}")
 conn.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+conn.executemany("INSERT INTO code_ids VALUES (?, ?)", [(r[1], r[0]) for r in rows])
+conn.executemany("INSERT INTO code_parcels VALUES (?, ?)",
+                 [(r[4], r[0]) for r in rows if r[4] is not None])
 conn.execute("COMMIT")
 conn.close()
 """
 """The bare-insert process: Python, the rows read from a marshal file, one transaction into a
-database made by open_database, with the store's pragmas and page cache."""
+database made by open_database, with the store's pragmas and page cache: the codes and their
+key tables (code_ids, code_parcels), what the store writes for a snapshot."""
 
 
 def inputs_dir(work: Path) -> Path:
