@@ -101,6 +101,13 @@ def _snapshot_with(index: int, **overrides: object) -> dict[str, object]:
     return bundle_doc(upsert=entries)
 
 
+def _upsert(doc: dict[str, object]) -> list[object]:
+    """A bundle document's entries."""
+    upsert = doc["upsert"]
+    assert isinstance(upsert, list)
+    return upsert
+
+
 def _without_field(index: int, field: str) -> dict[str, object]:
     entries = _entries(1200)
     del entries[index][field]
@@ -127,10 +134,10 @@ BAD = {
     "id-twice-same-chunk": _snapshot_with(4, id="p-3"),
     "digest-twice": _snapshot_with(1300, digest=f"{2:064x}"),
     "id-twice-then-bad-entry": {**_snapshot_with(1001, id="p-2"),
-                                "upsert": [*_snapshot_with(1001, id="p-2")["upsert"][:1450],
+                                "upsert": [*_upsert(_snapshot_with(1001, id="p-2"))[:1450],
                                            code_entry_doc("z", kind="x")]},
     "digest-twice-then-bad-entry": {
-        "upsert": [*_snapshot_with(20, digest=f"{2:064x}")["upsert"], code_entry_doc("z",
+        "upsert": [*_upsert(_snapshot_with(20, digest=f"{2:064x}")), code_entry_doc("z",
                                                                                   kind="x")],
         **{k: v for k, v in bundle_doc().items() if k != "upsert"}},
     "revoked-entry": {**bundle_doc(upsert=_entries(1300)), "revoke": ["p-1250"]},
