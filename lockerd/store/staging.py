@@ -6,7 +6,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -205,14 +205,17 @@ def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
     return row is not None
 
 
-def rows_for(table: str, rows: Sequence[tuple[object, ...]]) -> list[tuple[object, ...]]:
+def rows_for(table: str, rows: Iterable[tuple[object, ...]]) -> Iterator[tuple[object, ...]]:
     """The rows of code table `table` (store/db.py CODE_TABLES) for codes rows (entry_row's):
     a parcel row for each code that names a parcel."""
     columns = _KEY_COLUMNS[table]
     if table == "codes":
-        return list(rows)
-    picked = [tuple(row[c] for c in columns) for row in rows]
-    return [row for row in picked if row[0] is not None]
+        yield from rows
+        return
+    for row in rows:
+        picked = tuple(row[c] for c in columns)
+        if picked[0] is not None:
+            yield picked
 
 
 def _malformed(version: int, table: str, exc: sqlite3.IntegrityError) -> TrustError:
@@ -284,30 +287,36 @@ class CodeStaging:
 
     def add(self, entries: Sequence[CodeEntry]) -> None:
         """Add code rows. A digest (or an id) given twice, here or in an earlier `add`, is
-        refused as a malformed snapshot: TrustError(reason="malformed")."""
-        self.add_rows([entry_row(e) for e in entries])
+        refused as a malformed snapshot: TrustError(reason="malformed"). After any error the
+        staging is over (the side file has no journal to roll a failed `add` back): `discard`,
+        then `begin` again."""
+        self._add(len(entries), lambda: map(entry_row, entries))
 
     def add_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
         """`add` for entries already in the table's shape (`entry_row`'s): a part decoded
         straight to rows (lockerd/trust/partwire.py)."""
+        self._add(len(rows), lambda: iter(rows))
+
+    def _add(self, count: int, rows: Callable[[], Iterator[tuple[object, ...]]]) -> None:
         version = self._require()
-        self._check_owner()
         side = self._side
         assert side is not None
-        side.execute("BEGIN")
         try:
+            self._check_owner()
+            side.execute("BEGIN")
             for table in CODE_TABLES:
                 try:
                     side.executemany(f"INSERT INTO {table} VALUES"
                                      f" ({', '.join('?' * len(_KEY_COLUMNS[table]))})",
-                                     rows_for(table, rows))
+                                     rows_for(table, rows()))
                 except sqlite3.IntegrityError as exc:
                     raise _malformed(version, table, exc) from exc
+            side.execute("COMMIT")
         except BaseException:
-            side.execute("ROLLBACK")
+            self._version = None
+            self._close_side()
             raise
-        side.execute("COMMIT")
-        self._count += len(rows)
+        self._count += count
         if self._on_rows is not None:
             self._on_rows(self._count)
 
