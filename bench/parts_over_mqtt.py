@@ -174,7 +174,8 @@ async def loop_stall(config_path: Path, broker: Broker, locker_id: str,
         idle = await idle_stall(probe, end - start)
         await probe.stop()
         return (probe.longest(start, end), end - start, idle, child.peak_kib,
-                probe.cpu_of_longest(start, end), probe.longest_busy(start, end))
+                probe.cpu_of_longest(start, end), probe.longest_busy(start, end),
+                probe.others_of_longest(start, end))
 
     result: Row = await serving(app, body)
     return result
@@ -253,11 +254,12 @@ def run(work: Path, args: argparse.Namespace) -> None:
     print(f"apply process peak RSS {sampler.child_peak_kib / 1024:.1f} MiB; daemon and apply "
           f"process together at most {board / 1024:.1f} MiB")
     print(f"  ratio {board / idle:.2f}x {verdict(board / idle, TARGET_RSS)}")
-    during, seconds, idle_stall_s, child_kib, cpu_in_longest, busiest = stall
+    during, seconds, idle_stall_s, child_kib, cpu_in_longest, busiest, others = stall
     print(f"in-process daemon, a fresh database: longest event-loop stall while the parts "
           f"were applied ({seconds:.2f} s) {during * 1e3:.2f} ms, idle as long "
           f"{idle_stall_s * 1e3:.2f} ms (apply process peak RSS {child_kib / 1024:.1f} MiB)")
-    print(f"  the loop thread's CPU in that stall {cpu_in_longest * 1e3:.2f} ms; most CPU in "
+    print(f"  the loop thread's CPU in that stall {cpu_in_longest * 1e3:.2f} ms, the daemon's "
+          f"other threads' {others * 1e3:.2f} ms; most loop CPU in "
           f"one tick {busiest * 1e3:.2f} ms (the rest of a stall is waiting for a core or "
           "the GIL)")
     print(f"  {during * 1e3:.2f} ms (target < {STALL_TARGET_MS:g} ms: "
