@@ -27,7 +27,7 @@ from benchlib import (
 )
 from benchlib import report as print_result
 from loop_lag import TARGET_MS as STALL_TARGET_MS
-from loop_lag import ChildMemory, Probe, idle_stall, serving
+from loop_lag import ChildMemory, Probe, Row, idle_stall, serving
 
 from lockerd.app import build_app
 from lockerd.cli.lockerctl_parts import load_parts_set
@@ -146,14 +146,14 @@ def in_process_config(config_path: Path) -> Path:
 
 
 async def loop_stall(config_path: Path, broker: Broker, locker_id: str,
-                     parts: Path) -> tuple[float, float, float, int]:
+                     parts: Path) -> Row:
     """The daemon in this process with loop_lag's probe: (longest stall while the parts are
     published and applied, the seconds that took, longest stall idle as long, the apply
     process's peak RSS)."""
     app = build_app(load_config(config_path))
     probe = Probe()
 
-    async def body() -> tuple[float, float, float, int]:
+    async def body() -> Row:
         assert app.link is not None and app.parts is not None
         parts_service = app.parts
         await asyncio.wait_for(app.link.subscribed.wait(), 30)
@@ -173,9 +173,11 @@ async def loop_stall(config_path: Path, broker: Broker, locker_id: str,
         await proc.wait()
         idle = await idle_stall(probe, end - start)
         await probe.stop()
-        return probe.longest(start, end), end - start, idle, child.peak_kib
+        return (probe.longest(start, end), end - start, idle, child.peak_kib,
+                probe.cpu_of_longest(start, end), probe.longest_busy(start, end),
+                probe.others_of_longest(start, end))
 
-    result: tuple[float, float, float, int] = await serving(app, body)
+    result: Row = await serving(app, body)
     return result
 
 
@@ -252,10 +254,14 @@ def run(work: Path, args: argparse.Namespace) -> None:
     print(f"apply process peak RSS {sampler.child_peak_kib / 1024:.1f} MiB; daemon and apply "
           f"process together at most {board / 1024:.1f} MiB")
     print(f"  ratio {board / idle:.2f}x {verdict(board / idle, TARGET_RSS)}")
-    during, seconds, idle_stall_s, child_kib = stall
+    during, seconds, idle_stall_s, child_kib, cpu_in_longest, busiest, others = stall
     print(f"in-process daemon, a fresh database: longest event-loop stall while the parts "
           f"were applied ({seconds:.2f} s) {during * 1e3:.2f} ms, idle as long "
           f"{idle_stall_s * 1e3:.2f} ms (apply process peak RSS {child_kib / 1024:.1f} MiB)")
+    print(f"  the loop thread's CPU in that stall {cpu_in_longest * 1e3:.2f} ms, the daemon's "
+          f"other threads' {others * 1e3:.2f} ms; most loop CPU in "
+          f"one tick {busiest * 1e3:.2f} ms (the rest of a stall is waiting for a core or "
+          "the GIL)")
     print(f"  {during * 1e3:.2f} ms (target < {STALL_TARGET_MS:g} ms: "
           f"{'holds' if during * 1e3 < STALL_TARGET_MS else 'does not hold'})")
     print_result(f"parts_over_mqtt time {args.codes}",
@@ -267,7 +273,8 @@ def run(work: Path, args: argparse.Namespace) -> None:
                  board / idle, TARGET_RSS)
     print_result(f"parts_over_mqtt loop stall {args.codes}",
                  f"longest stall while the parts are applied in {seconds:.2f} s (idle "
-                 f"{idle_stall_s * 1e3:.1f} ms)", during * 1e3, STALL_TARGET_MS, unit=" ms")
+                 f"{idle_stall_s * 1e3:.1f} ms, loop thread CPU in one tick at most "
+                 f"{busiest * 1e3:.1f} ms)", during * 1e3, STALL_TARGET_MS, unit=" ms")
 
 
 def verdict(ratio: float, target: float) -> str:

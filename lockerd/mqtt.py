@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiomqtt
+import paho.mqtt.client as mqtt_client
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -146,6 +151,7 @@ class BrokerSettings:
         # aiomqtt 2.x does not expose paho's application-controlled acknowledgements yet
         # (aiomqtt issue #345); they are switched on before connecting, as that issue shows.
         client._client.manual_ack_set(True)
+        bound_reads(client)
         return client
 
     def client(
@@ -216,3 +222,171 @@ def broker_from_config(config: Config) -> BrokerSettings | None:
         key_file=str(config.path(tls.key_file)) if tls and tls.key_file else None,
         keepalive_s=mqtt.keepalive_s,
     )
+
+
+# One socket-readable callback of the daemon's client reads at most this much of a packet, so
+# a big message arrives over several turns of the event loop instead of in one (issue 14).
+READ_SLICE_BYTES = 256 << 10
+
+
+def bound_reads(client: aiomqtt.Client, *, slice_bytes: int = READ_SLICE_BYTES) -> None:
+    """Make the paho client under `client` read an incoming packet in slices.
+
+    paho's own `_packet_read` asks the socket for the whole rest of a packet on every
+    receive (a buffer of that size each time), appends each piece to a growing bytearray and
+    reads up to 100 pieces in one callback; its PUBLISH decoder then copies the whole
+    packet once per field. A 13.6 MiB message held the loop 30 to 120 ms. This reader asks
+    for at most `slice_bytes` at a time and reads no more than that per callback (the
+    selector calls it again while the socket is readable), appending to the bytearray paho
+    would build; a QoS 0 or 1 PUBLISH is then decoded without copying its payload, which is
+    handed on as that bytearray (a `bytes`-like payload, not a `bytes`).
+    """
+    paho = client._client
+
+    def packet_read() -> MQTTErrorCode:
+        return _read_slice(paho, slice_bytes)
+
+    def handle_publish() -> MQTTErrorCode:
+        return _handle_publish(paho, original)
+
+    original = paho._handle_publish
+    paho._packet_read = packet_read  # type: ignore[method-assign]
+    paho._handle_publish = handle_publish  # type: ignore[method-assign]
+
+
+def _varint_end(view: memoryview, at: int) -> int:
+    """The length of the properties at `at`: their variable-length count and what it counts."""
+    value, mult, used = 0, 1, 0
+    while True:
+        if at + used >= len(view) or used == 4:
+            raise MalformedPacket("a PUBLISH whose properties length is cut or too long")
+        byte = view[at + used]
+        used += 1
+        value += (byte & 127) * mult
+        mult *= 128
+        if byte & 128 == 0:
+            return used + value
+
+
+def _handle_publish(paho: mqtt_client.Client,
+                    original: Callable[[], MQTTErrorCode]) -> MQTTErrorCode:
+    """paho's `_handle_publish` for QoS 0 and 1, with the payload copied once out of the
+    packet (paho's decoder copies the whole packet at each of its four fields: 4 x 13.6 MiB
+    on the loop); QoS 2, which the daemon does not use, goes to paho's own."""
+    command: int = paho._in_packet["command"]
+    qos = (command & 0x06) >> 1
+    if qos == 2:
+        return original()
+    packet: bytearray = paho._in_packet["packet"]
+    view = memoryview(packet)
+    try:
+        if len(view) < 2:
+            raise MalformedPacket("a PUBLISH shorter than its topic length")
+        topic_len = int.from_bytes(view[:2], "big")
+        at = 2 + topic_len
+        topic = bytes(view[2:at])
+        if len(topic) != topic_len:
+            raise MalformedPacket("a PUBLISH shorter than its topic")
+        mid = 0
+        if qos:
+            mid = int.from_bytes(view[at:at + 2], "big")
+            at += 2
+        properties = None
+        if paho._protocol == mqtt_client.MQTTv5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            end = at + _varint_end(view, at)
+            _, props_len = properties.unpack(  # type: ignore[no-untyped-call]
+                bytes(view[at:end]))
+            at += props_len
+    finally:
+        view.release()
+    # The payload stays where it was read: CPython drops a bytearray's head in place.
+    del packet[:at]
+    payload = packet
+    message = mqtt_client.MQTTMessage(mid=mid, topic=topic)
+    message.dup = (command & 0x08) != 0
+    message.qos = qos
+    message.retain = (command & 0x01) != 0
+    message.properties = properties
+    message.payload = payload
+    message.timestamp = mqtt_client.time_func()
+    paho._handle_on_message(message)
+    if qos == 0 or paho._manual_ack:
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+    return paho._send_puback(mid)
+
+
+def _recv(paho: mqtt_client.Client, size: int) -> bytes | None:
+    """Up to `size` bytes from the socket; None when nothing is there yet; b"" when the
+    link is lost."""
+    sock = paho._sock
+    if sock is None:
+        return b""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return None
+    except ssl.SSLWantWriteError:
+        paho._call_socket_register_write()
+        return None
+    except OSError:
+        return b""
+
+
+def _read_header(paho: mqtt_client.Client) -> MQTTErrorCode | None:
+    """The packet's command byte and remaining length, as paho reads them (byte by byte);
+    None once both are in and the buffer for the rest is made."""
+    state = paho._in_packet
+    if state["command"] == 0:
+        one = _recv(paho, 1)
+        if not one:
+            return MQTTErrorCode.MQTT_ERR_AGAIN if one is None else MQTTErrorCode.MQTT_ERR_CONN_LOST
+        state["command"] = one[0]
+    if state["have_remaining"] == 0:
+        while True:
+            one = _recv(paho, 1)
+            if not one:
+                return (MQTTErrorCode.MQTT_ERR_AGAIN if one is None
+                        else MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            state["remaining_count"].append(one[0])
+            if len(state["remaining_count"]) > 4:
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+            state["remaining_length"] += (one[0] & 127) * state["remaining_mult"]
+            state["remaining_mult"] *= 128
+            if one[0] & 128 == 0:
+                break
+        state["have_remaining"] = 1
+        state["to_process"] = state["remaining_length"]
+    return None
+
+
+def _read_slice(paho: mqtt_client.Client, slice_bytes: int) -> MQTTErrorCode:
+    if (early := _read_header(paho)) is not None:
+        return early
+    state = paho._in_packet
+    packet: bytearray = state["packet"]
+    budget = slice_bytes
+    while state["to_process"] > 0:
+        if budget <= 0:
+            return MQTTErrorCode.MQTT_ERR_AGAIN  # the rest on a later turn
+        data = _recv(paho, min(budget, state["to_process"]))
+        if not data:
+            return (MQTTErrorCode.MQTT_ERR_AGAIN if data is None
+                    else MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        state["to_process"] -= len(data)
+        budget -= len(data)
+        packet += data
+        with paho._msgtime_mutex:
+            paho._last_bytes_received = mqtt_client.time_func()
+    state["pos"] = 0
+    try:
+        rc = paho._packet_handle()
+    except MalformedPacket as exc:
+        paho._easy_log(mqtt_client.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+        rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+    paho._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [],
+                       "remaining_mult": 1, "remaining_length": 0, "packet": bytearray(b""),
+                       "to_process": 0, "pos": 0}
+    with paho._msgtime_mutex:
+        paho._last_bytes_received = mqtt_client.time_func()
+    return rc

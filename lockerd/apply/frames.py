@@ -15,7 +15,8 @@ class FrameError(Exception):
     """The other end sent something that is not a frame (or went away mid-frame)."""
 
 
-def encode_request(header: dict[str, Any], body: bytes = b"") -> tuple[bytes, bytes]:
+def encode_request(header: dict[str, Any],
+                   body: bytes | bytearray = b"") -> tuple[bytes, bytes | bytearray]:
     """The frame's head (lengths and JSON header) and its body, to be written in turn."""
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return _LENGTHS.pack(len(head), len(body)) + head, body

@@ -63,7 +63,7 @@ class ApplyProcess:
             self._proc = proc
         self.started_pid = proc.pid
 
-    def request(self, header: dict[str, Any], body: bytes = b"") -> dict[str, Any]:
+    def request(self, header: dict[str, Any], body: bytes | bytearray = b"") -> dict[str, Any]:
         """Send one request and return its final reply (progress lines only keep it alive).
         ApplyProcessFailed when the child dies, hangs or breaks the protocol: it is killed."""
         if self._proc is None:
@@ -86,7 +86,7 @@ class ApplyProcess:
             raise ApplyProcessFailed("the apply process is not running")
         return proc
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         proc = self._child()
         assert proc.stdin is not None
         fd = proc.stdin.fileno()

@@ -307,7 +307,7 @@ class CodeCache:
         return None if self._process is None else self._process.pid
 
     async def load_bundle_off_loop(
-        self, raw: bytes, *, source: str, file_sha256: str | None = None,
+        self, raw: bytes | bytearray, *, source: str, file_sha256: str | None = None,
         on_rollback: Callable[[int], None] | None = None,
     ) -> AppliedBundle:
         """`load_bundle` off the event loop, on a connection of its own: a bundle under
@@ -322,7 +322,7 @@ class CodeCache:
             on_rollback=None if on_rollback is None else lambda v, _: on_rollback(v))
 
     async def _apply_off_loop(
-        self, raw: bytes, path: Path | None, *, source: str, file_sha256: str | None,
+        self, raw: bytes | bytearray, path: Path | None, *, source: str, file_sha256: str | None,
         on_rollback: Callable[[int, str | None], None] | None,
     ) -> AppliedBundle:
         """The bundle `raw`, or (when `raw` is empty) the file at `path`, which only an
@@ -337,7 +337,7 @@ class CodeCache:
                                                      file_sha256=file_sha256)
                 else:
                     outcome = await asyncio.to_thread(
-                        self._apply_in_worker, raw, context, source=source,
+                        self._apply_in_worker, bytes(raw), context, source=source,
                         file_sha256=file_sha256)
             except TrustError as no_keys:
                 outcome = _Refused(no_keys, None, file_sha256)
@@ -368,7 +368,7 @@ class CodeCache:
         finally:
             db.close()
 
-    async def _in_process(self, raw: bytes, path: Path | None, context: ApplyContext, *,
+    async def _in_process(self, raw: bytes | bytearray, path: Path | None, context: ApplyContext, *,
                           source: str, file_sha256: str | None) -> AppliedBundle | _Refused:
         """Verify and apply in an apply process (lockerd/apply/child.py), awaited in a
         thread that only waits on its pipe. A process that dies or hangs leaves the codes
@@ -435,7 +435,7 @@ class _Refused:
 
 
 def _ask(process: ApplyProcess, header: dict[str, Any],
-         body: bytes) -> dict[str, Any] | ApplyProcessFailed:
+         body: bytes | bytearray) -> dict[str, Any] | ApplyProcessFailed:
     """(thread) One request to a fresh apply process, which then ends."""
     try:
         return process.request(header, body)

@@ -20,6 +20,16 @@ log = get_logger("lockerd.sync")
 ONE_MESSAGE_ADVISED_BYTES = 2 << 20
 
 
+def payload_buffer(message: aiomqtt.Message) -> bytes | bytearray:
+    """The payload as it was read, not copied: the daemon's client (lockerd.mqtt.bound_reads)
+    hands a payload on as the bytearray it was read into, and a copy of a big one is a stall
+    of the loop."""
+    payload = message.payload
+    if isinstance(payload, bytearray):
+        return payload
+    return payload_bytes(message)
+
+
 def payload_bytes(message: aiomqtt.Message) -> bytes:
     payload = message.payload
     if isinstance(payload, bytes | bytearray):
@@ -90,7 +100,7 @@ class SyncService:
             await self.request_sync("codes_floor_reset")
 
     async def _on_codes(self, message: aiomqtt.Message) -> None:
-        raw = payload_bytes(message)
+        raw = payload_buffer(message)
         if len(raw) > ONE_MESSAGE_ADVISED_BYTES:
             log.warning("codes bundle of this size sent as one MQTT message: reading it held "
                         "the event loop; send a snapshot over 2 MiB in parts (lockerctl parts)",
