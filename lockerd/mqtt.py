@@ -18,6 +18,9 @@ from paho.mqtt.properties import Properties
 
 from lockerd.config import Config
 from lockerd.errors import ConfigError
+from lockerd.logs import get_logger
+
+log = get_logger("lockerd.mqtt")
 
 # aiomqtt warns whenever more than ten publishes await their PUBACK, which the outbox's
 # pipelining does by design; configure_logging keeps this logger to errors.
@@ -242,6 +245,12 @@ def bound_reads(client: aiomqtt.Client, *, slice_bytes: int = READ_SLICE_BYTES) 
     handed on as that bytearray (a `bytes`-like payload, not a `bytes`).
     """
     paho = client._client
+    if not all(callable(getattr(paho, name, None))
+               for name in ("_packet_read", "_handle_publish")) or not hasattr(paho, "_in_packet"):
+        # Another paho than the one this was written for: its own reader, whole packets.
+        log.warning("paho's client has not the packet reader lockerd bounds; big messages"
+                    " are read in one piece", paho=type(paho).__module__)
+        return
 
     def packet_read() -> MQTTErrorCode:
         return _read_slice(paho, slice_bytes)

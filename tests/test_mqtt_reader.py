@@ -62,3 +62,22 @@ async def test_small_and_qos0_messages_decode_as_paho_does(broker: Broker) -> No
         message, _ = await _receive(broker, payload, qos=0, slice_bytes=4)
         assert bytes(message.payload) == payload
         assert message.qos == 0 and message.topic.value == "t/big"
+
+
+class _OtherPaho:
+    """A paho client without the private reader `bound_reads` replaces (another release)."""
+
+    def loop_read(self, max_packets: int = 1) -> int:
+        return 0
+
+
+class _ClientOf:
+    def __init__(self) -> None:
+        self._client = _OtherPaho()
+
+
+def test_a_paho_without_the_reader_is_left_as_it_is() -> None:
+    client = _ClientOf()
+    bound_reads(client)  # type: ignore[arg-type]
+    assert not hasattr(client._client, "_packet_read")
+    assert not hasattr(client._client, "_handle_publish")
