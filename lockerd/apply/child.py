@@ -53,11 +53,38 @@ def clock_from(now_text: str) -> Callable[[], datetime]:
     return lambda: start + timedelta(seconds=time.monotonic() - t0)
 
 
+def apply_bundle_file(db: Database, header: dict[str, Any], reply: Reply) -> None:
+    """A bundle file (`[codes] bundle_file` at start): read by this process, a snapshot's
+    entries decoded a chunk of rows at a time (lockerd/apply/bundlefile.py), so that its
+    memory holds the file's payload and one chunk, not an object per code."""
+    from lockerd.apply.bundlefile import BundleRefused, verify_and_apply_file
+
+    path = Path(header["file"])
+    file_sha256 = None
+    if header.get("hash_file"):
+        with path.open("rb") as f:
+            file_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    reply({"progress": "read", "bytes": path.stat().st_size})
+    try:
+        applied = verify_and_apply_file(
+            db, path, context=context_of(header), source=header["source"],
+            now=clock_from(header["now"]), file_sha256=file_sha256,
+            on_rows=lambda n: reply({"progress": "staged", "rows": n}))
+    except BundleRefused as exc:
+        reply({"refused": {"reason": exc.reason, "detail": str(exc), "file_sha256": file_sha256,
+                           "signed_version": exc.signed_version}})
+        return
+    reply({"applied": {"version": applied.version, "base_version": applied.base_version,
+                       "issued_at": applied.issued_at.isoformat(),
+                       "upserted": applied.upserted, "revoked": applied.revoked}})
+
+
 def apply_bundle(db: Database, header: dict[str, Any], body: bytes, reply: Reply) -> None:
     from lockerd.apply.bundle import AppliedBundle, envelope_version, verify_and_apply
 
     if header.get("file") is not None:
-        body = Path(header["file"]).read_bytes()
+        apply_bundle_file(db, header, reply)
+        return
     file_sha256 = hashlib.sha256(body).hexdigest() if header.get("hash_file") else None
     reply({"progress": "read", "bytes": len(body)})
     try:
