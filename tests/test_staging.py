@@ -325,3 +325,38 @@ def test_a_staging_begun_later_takes_the_tables_and_the_earlier_cannot_swap(
     assert second.swap(meta(3)) == 5 == live(db)
     assert CodeStore(db).lookup(f"{40:064x}") is not None
     assert CodeStore(db).lookup(f"{10:064x}") is None and not side_files(db)
+
+
+def _emptying_work(tmp_path: Path, n: int) -> int:
+    """SQLite's virtual-machine steps (in hundreds) to replace a set of `n` codes that name
+    parcels and to empty the retired tables in steps (drop_rows=0)."""
+    db = open_database(tmp_path / f"work-{n}.db")
+    staging = CodeStaging(db, drop_rows=0)
+    staging.begin(1)
+    staging.add([entry(i, parcel=f"P{i}") for i in range(n)])
+    staging.swap(meta(1))
+    staging = CodeStaging(db, drop_rows=0)
+    staging.begin(2)
+    staging.add([entry(i, parcel=f"P{i}") for i in range(n, n + 10)])
+    work = 0
+
+    def count() -> int:
+        nonlocal work
+        work += 1
+        return 0
+
+    db.conn.set_progress_handler(count, 100)
+    staging.swap(meta(2))  # copies 10 rows a table, empties the n of each retired table
+    db.conn.set_progress_handler(None, 0)
+    assert not set(RETIRED.values()) & tables(db) and live(db) == 10
+    db.close()
+    return work
+
+
+def test_emptying_a_retired_set_in_steps_costs_in_proportion_to_its_rows(
+        tmp_path: Path) -> None:
+    # Each step deletes the first rows of its table by the table's own key: a step that
+    # looked its rows up by another column would scan the table, and the whole emptying
+    # would grow with the square of the rows (16x for 4x the rows).
+    small, large = _emptying_work(tmp_path, 1500), _emptying_work(tmp_path, 6000)
+    assert large < 7 * small, (small, large)

@@ -66,6 +66,10 @@ _COUNT_META = "codes_count"
 _FLOOR_RESET_META = "codes_floor_reset"
 _DERIVED_PREFIX = "derived:"
 
+# The primary key of each staging and retired table (a retired `codes` of an earlier lockerd
+# is keyed by digest too).
+_KEY_OF = {name: _KEYS[live] for live in _KEYS for name in (STAGED[live], RETIRED[live])}
+
 REVOKE_BY_ID = (
     ("codes", "DELETE FROM codes WHERE digest IN (SELECT digest FROM code_ids WHERE id = ?)"),
     ("code_parcels",
@@ -443,6 +447,7 @@ class CodeStaging:
         conn.execute("PRAGMA cache_size=-2000")
         if not _table_exists(conn, table):
             return
+        key = ", ".join(_KEY_OF[table])
         with _side_table_settings(self._db) as flush:
             left = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
             step = 100
@@ -450,9 +455,10 @@ class CodeStaging:
                 started = time.perf_counter()
                 limit = min(step, left - self._drop_rows)
                 with self._db.transaction():
+                    # The first rows in key order: neighbours, on the table's first pages.
                     gone = conn.execute(
-                        f"DELETE FROM {table} WHERE digest IN"
-                        f" (SELECT digest FROM {table} LIMIT {limit})").rowcount
+                        f"DELETE FROM {table} WHERE ({key}) IN"
+                        f" (SELECT {key} FROM {table} ORDER BY {key} LIMIT {limit})").rowcount
                 # The next step's rows from this one's pace: about TXN_WORK_S of work.
                 took = max(time.perf_counter() - started, 1e-6)
                 step = max(10, min(CHUNK_ROWS, int(gone * TXN_WORK_S / took)))
