@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -288,3 +290,57 @@ async def test_a_mark_not_as_written_is_ignored_and_the_file_read(kit: BankKit) 
     lines = log.take()
     assert OLDER_SKIPPED not in messages(lines) and NOT_NEWER in messages(lines)
     assert rejections(kit) == ["rollback", "rollback"]
+
+
+def _unchanged_line(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(line for line in lines if line["event"] == UNCHANGED)
+
+
+async def test_a_settled_file_is_hashed_once_and_again_only_when_its_stat_changes(
+        kit: BankKit) -> None:
+    hour_ago = time.time() - 3600
+    os.utime(kit.bundle_path, (hour_ago, hour_ago))  # written long before this start
+    log = DaemonLog()
+    async with running(kit):
+        pass
+    assert APPLIED in messages(log.take())
+    async with running(kit):  # its SHA-256 from its stat, kept when it was hashed
+        pass
+    assert _unchanged_line(log.take())["sha256_from"] == "stat"
+    # Touched: the stat changed, so it is hashed again (and is still the file applied).
+    os.utime(kit.bundle_path, (hour_ago - 60, hour_ago - 60))
+    async with running(kit):
+        pass
+    assert _unchanged_line(log.take())["sha256_from"] == "hash"
+    async with running(kit):
+        pass
+    assert _unchanged_line(log.take())["sha256_from"] == "stat"
+    assert updates(kit) == [1]
+
+
+async def test_a_file_rewritten_in_place_with_its_old_stat_back_is_not_trusted_by_stat(
+        kit: BankKit) -> None:
+    # Bytes changed and mtime put back (cp -p, rsync -t): the change time still moves on.
+    hour_ago = time.time() - 3600
+    os.utime(kit.bundle_path, (hour_ago, hour_ago))
+    log = DaemonLog()
+    async with running(kit):
+        pass
+    log.take()
+    raw = bytearray(kit.bundle_path.read_bytes())
+    raw[-3] ^= 1
+    kit.bundle_path.write_bytes(bytes(raw))
+    os.utime(kit.bundle_path, (hour_ago, hour_ago))
+    async with running(kit) as r:
+        assert r.app.codes.version() == 1
+    assert UNCHANGED not in messages(log.take())
+
+
+async def test_a_file_just_written_is_hashed_at_every_start(kit: BankKit) -> None:
+    log = DaemonLog()
+    async with running(kit):
+        pass
+    log.take()
+    async with running(kit):
+        pass
+    assert _unchanged_line(log.take())["sha256_from"] == "hash"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,10 @@ log = get_logger("lockerd.cache")
 CHILD_MIN_BYTES = 256 << 10
 OLDER_FILE_SKIPPED = "codes bundle file older than the codes held, as verified before; not read"
 _HASH_CHUNK = 1 << 20
+# "File with this stat has this SHA-256" (`CodeCache._file_digest`), and how long a file must
+# have been left unmodified before it was hashed for that to be kept.
+FILE_STAT_META = "codes_bundle_file_stat"
+FILE_STAT_SETTLE_S = 2.0
 
 
 class CodeCache:
@@ -65,6 +70,7 @@ class CodeCache:
     ) -> None:
         self._db = db
         self._child_min_bytes = child_min_bytes
+        self._file_digest_from = "hash"  # how the last bundle file's SHA-256 was found
         self._silence_s = apply_silence_s
         self._process: ApplyProcess | None = None
         self.last_applied: AppliedBundle | None = None
@@ -198,7 +204,7 @@ class CodeCache:
         a file under `child_min_bytes` then read, verified and applied in that thread, a
         bigger one read, verified and applied by an apply process (the daemon never holds
         its bytes)."""
-        if self._file_unchanged(path, await asyncio.to_thread(_file_sha256, path)):
+        if self._file_unchanged(path, await self._file_digest(path)):
             return None
 
         def mark_older(version: int, file_sha256: str | None) -> None:
@@ -215,6 +221,27 @@ class CodeCache:
         return await self._apply_off_loop(raw, None, source=str(path), file_sha256=file_sha256,
                                           on_rollback=mark_older)
 
+    async def _file_digest(self, path: Path) -> str:
+        """The file's SHA-256, hashed in a worker thread, or the one kept for it when its
+        stat (device, inode, size, modification and change times) is the one it had then:
+        hashing a 1M-code file (290 MB) is most of a start's cost when it is unchanged. Kept
+        only for a file last modified FILE_STAT_SETTLE_S before it was hashed, and whose stat
+        did not change while it was: a file rewritten within its filesystem's time
+        resolution could otherwise keep an old stat with new bytes."""
+        before = await asyncio.to_thread(_stat_signature, path)
+        kept = self._db.get_meta(FILE_STAT_META)
+        if isinstance(kept, dict) and kept.get("stat") == before:
+            known = kept.get("sha256")
+            if isinstance(known, str):
+                self._file_digest_from = "stat"
+                return known
+        digest = await asyncio.to_thread(_file_sha256, path)
+        self._file_digest_from = "hash"
+        settled = time.time_ns() - before[3] > FILE_STAT_SETTLE_S * 1e9
+        if settled and await asyncio.to_thread(_stat_signature, path) == before:
+            self._db.set_meta(FILE_STAT_META, {"stat": before, "sha256": digest})
+        return digest
+
     def _file_unchanged(self, path: Path, digest: str) -> bool:
         mark = self._db.get_meta(BUNDLE_FILE_META)
         held = self._codes.version()
@@ -222,7 +249,8 @@ class CodeCache:
             return False
         if mark == {"sha256": digest, "version": held}:
             log.info("codes bundle file unchanged since it was applied; not read again",
-                     path=str(path), version=held, sha256=digest)
+                     path=str(path), version=held, sha256=digest,
+                     sha256_from=self._file_digest_from)
             return True
         # Verified once and refused as older than the codes held: while no floor reset
         # is pending the held version only grows, so it would be refused again.
@@ -467,6 +495,12 @@ def _outcome(reply: dict[str, Any], file_sha256: str | None,
     detail = reply.get("failed", reply)
     return _Refused(TrustError(f"the apply process failed: {detail}; the codes held stay in "
                                "force", reason="apply_failed"), None, None)
+
+
+def _stat_signature(path: Path) -> list[int]:
+    """What changes when a file is replaced or written: device, inode, size, mtime, ctime."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _file_sha256(path: Path) -> str:
