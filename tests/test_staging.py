@@ -360,3 +360,39 @@ def test_emptying_a_retired_set_in_steps_costs_in_proportion_to_its_rows(
     # would grow with the square of the rows (16x for 4x the rows).
     small, large = _emptying_work(tmp_path, 1500), _emptying_work(tmp_path, 6000)
     assert large < 7 * small, (small, large)
+
+
+def _delta_work(tmp_path: Path, n: int) -> int:
+    """SQLite's virtual-machine steps (in hundreds) for a delta that replaces and revokes 20
+    codes naming parcels, among `n` held."""
+    db = open_database(tmp_path / f"delta-{n}.db")
+    staging = CodeStaging(db)
+    staging.begin(1)
+    staging.add([entry(i, parcel=f"P{i}") for i in range(n)])
+    staging.swap(meta(1))
+    work = 0
+
+    def count() -> int:
+        nonlocal work
+        work += 1
+        return 0
+
+    db.conn.set_progress_handler(count, 100)
+    CodeStore(db).apply(CodesBundle(
+        locker_id="L1", version=2, base_version=1, issued_at=NOW,
+        expires_at=NOW + timedelta(days=1),
+        upsert=tuple(entry(i, parcel=f"Q{i}") for i in range(10)),
+        revoke=tuple(f"c-{i}" for i in range(10, 20))))
+    db.conn.set_progress_handler(None, 0)
+    assert live(db) == n - 10
+    assert db.conn.execute("SELECT COUNT(*) FROM code_parcels").fetchone()[0] == n - 10
+    assert CodeStore(db).parcel_pickup_code("Q3") is not None
+    assert CodeStore(db).parcel_pickup_code("P3") is None
+    db.close()
+    return work
+
+
+def test_a_delta_costs_what_it_touches_not_what_is_held(tmp_path: Path) -> None:
+    # Every code row, id and parcel row a delta deletes is found by its table's key.
+    small, large = _delta_work(tmp_path, 1000), _delta_work(tmp_path, 8000)
+    assert large < 2 * small, (small, large)

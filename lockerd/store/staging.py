@@ -71,12 +71,16 @@ _DERIVED_PREFIX = "derived:"
 _KEY_OF = {name: _KEYS[live] for live in _KEYS for name in (STAGED[live], RETIRED[live])}
 
 REVOKE_BY_ID = (
-    ("codes", "DELETE FROM codes WHERE digest IN (SELECT digest FROM code_ids WHERE id = ?)"),
+    # Each by its table's own key: a parcel row by (parcel_id, digest), read from the code
+    # before it goes, so that none of them scans a table.
     ("code_parcels",
-     "DELETE FROM code_parcels WHERE digest IN (SELECT digest FROM code_ids WHERE id = ?)"),
+     "DELETE FROM code_parcels WHERE (parcel_id, digest) IN (SELECT c.parcel_id, c.digest"
+     " FROM code_ids i JOIN codes c ON c.digest = i.digest WHERE i.id = ?"
+     " AND c.parcel_id IS NOT NULL)"),
+    ("codes", "DELETE FROM codes WHERE digest IN (SELECT digest FROM code_ids WHERE id = ?)"),
     ("code_ids", "DELETE FROM code_ids WHERE id = ?"),
 )
-"""Deleting codes by id, one statement per table, key tables after the codes they name."""
+"""Deleting codes by id, one statement per table, the id last."""
 
 _STALE_USES = ("DELETE FROM code_uses WHERE NOT EXISTS (SELECT 1 FROM codes"
                " WHERE codes.id = code_uses.id AND codes.digest = code_uses.digest)")
