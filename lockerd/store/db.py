@@ -44,7 +44,7 @@ CODE_PARCELS_TABLE = """CREATE TABLE {table} (
     digest    TEXT NOT NULL,
     PRIMARY KEY (parcel_id, digest)
 ) WITHOUT ROWID"""
-# The live tables and the key of each, in the column order of a codes row.
+# The live tables of the code cache, each with the CREATE TABLE of its shape.
 CODE_TABLES = {"codes": CODES_TABLE, "code_ids": CODE_IDS_TABLE,
                "code_parcels": CODE_PARCELS_TABLE}
 
