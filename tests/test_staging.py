@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -327,6 +328,23 @@ def test_a_staging_begun_later_takes_the_tables_and_the_earlier_cannot_swap(
     assert CodeStore(db).lookup(f"{10:064x}") is None and not side_files(db)
 
 
+def vm_steps(db: Database, fn: Callable[[], object]) -> int:
+    """SQLite's virtual-machine steps (in hundreds) on `db`'s connection while `fn` runs."""
+    work = 0
+
+    def count() -> int:
+        nonlocal work
+        work += 1
+        return 0
+
+    db.conn.set_progress_handler(count, 100)
+    try:
+        fn()
+    finally:
+        db.conn.set_progress_handler(None, 0)
+    return work
+
+
 def _emptying_work(tmp_path: Path, n: int) -> int:
     """SQLite's virtual-machine steps (in hundreds) to replace a set of `n` codes that name
     parcels and to empty the retired tables in steps (drop_rows=0)."""
@@ -338,16 +356,8 @@ def _emptying_work(tmp_path: Path, n: int) -> int:
     staging = CodeStaging(db, drop_rows=0)
     staging.begin(2)
     staging.add([entry(i, parcel=f"P{i}") for i in range(n, n + 10)])
-    work = 0
-
-    def count() -> int:
-        nonlocal work
-        work += 1
-        return 0
-
-    db.conn.set_progress_handler(count, 100)
-    staging.swap(meta(2))  # copies 10 rows a table, empties the n of each retired table
-    db.conn.set_progress_handler(None, 0)
+    # copies 10 rows a table, empties the n of each retired table
+    work = vm_steps(db, lambda: staging.swap(meta(2)))
     assert not set(RETIRED.values()) & tables(db) and live(db) == 10
     db.close()
     return work
@@ -370,20 +380,11 @@ def _delta_work(tmp_path: Path, n: int) -> int:
     staging.begin(1)
     staging.add([entry(i, parcel=f"P{i}") for i in range(n)])
     staging.swap(meta(1))
-    work = 0
-
-    def count() -> int:
-        nonlocal work
-        work += 1
-        return 0
-
-    db.conn.set_progress_handler(count, 100)
-    CodeStore(db).apply(CodesBundle(
+    work = vm_steps(db, lambda: CodeStore(db).apply(CodesBundle(
         locker_id="L1", version=2, base_version=1, issued_at=NOW,
         expires_at=NOW + timedelta(days=1),
         upsert=tuple(entry(i, parcel=f"Q{i}") for i in range(10)),
-        revoke=tuple(f"c-{i}" for i in range(10, 20))))
-    db.conn.set_progress_handler(None, 0)
+        revoke=tuple(f"c-{i}" for i in range(10, 20)))))
     assert live(db) == n - 10
     assert db.conn.execute("SELECT COUNT(*) FROM code_parcels").fetchone()[0] == n - 10
     assert CodeStore(db).parcel_pickup_code("Q3") is not None

@@ -68,13 +68,21 @@ def verify_and_apply(db: Database, raw: bytes, *, context: ApplyContext, source:
         floor_reset=context.floor_reset)
     if on_verified is not None:
         on_verified(bundle)
-    data: dict[str, Any] = {
-        "version": bundle.version,
-        "base_version": bundle.base_version,
-        "upserted": len(bundle.upsert),
-        "revoked": len(bundle.revoke),
-        "source": source,
-    }
+    with_event = updated_event(db, AppliedBundle.of(bundle), context=context, source=source,
+                               now=now, file_sha256=file_sha256)
+    # The codes and the event that reports them in one transaction, like the keyring.
+    CodeStore(db).apply(bundle, with_event=with_event, on_rows=on_rows)
+    return bundle
+
+
+def updated_event(db: Database, applied: AppliedBundle, *, context: ApplyContext, source: str,
+                  now: Callable[[], datetime],
+                  file_sha256: str | None) -> Callable[[sqlite3.Connection], None]:
+    """What an apply writes in its last transaction: the `cache.updated` that reports it, and
+    the bundle file's mark when it came from one (`file_sha256`)."""
+    data: dict[str, Any] = {"version": applied.version, "base_version": applied.base_version,
+                            "upserted": applied.upserted, "revoked": applied.revoked,
+                            "source": source}
     if context.floor_reset:
         data.update(floor_reset=True, previous_version=context.held)
     events = EventLog(db)
@@ -82,12 +90,10 @@ def verify_and_apply(db: Database, raw: bytes, *, context: ApplyContext, source:
     def with_event(conn: sqlite3.Connection) -> None:
         events.append(conn, type=EventType.CACHE_UPDATED, at=now(), data=data)
         if file_sha256 is not None:
-            db.set_meta(BUNDLE_FILE_META, {"sha256": file_sha256, "version": bundle.version},
+            db.set_meta(BUNDLE_FILE_META, {"sha256": file_sha256, "version": applied.version},
                         conn=conn)
 
-    # The codes and the event that reports them in one transaction, like the keyring.
-    CodeStore(db).apply(bundle, with_event=with_event, on_rows=on_rows)
-    return bundle
+    return with_event
 
 
 def no_keyring() -> TrustError:

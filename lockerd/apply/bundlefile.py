@@ -13,16 +13,13 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
-from lockerd.apply.bundle import BUNDLE_FILE_META, AppliedBundle, ApplyContext
-from lockerd.core.events import EventType
+from lockerd.apply.bundle import AppliedBundle, ApplyContext, updated_event
 from lockerd.errors import TrustError
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database
-from lockerd.store.events import EventLog
 from lockerd.store.staging import CodeStaging, SnapshotMeta
 from lockerd.trust.bundle import (
     SnapshotRows,
@@ -67,18 +64,8 @@ def verify_and_apply_file(db: Database, path: Path, *, context: ApplyContext, so
                                 revoked=len(verified.revoke))
     else:
         applied = AppliedBundle.of(verified)
-    data: dict[str, Any] = {"version": applied.version, "base_version": applied.base_version,
-                            "upserted": applied.upserted, "revoked": applied.revoked,
-                            "source": source}
-    if context.floor_reset:
-        data.update(floor_reset=True, previous_version=context.held)
-    events = EventLog(db)
-
-    def with_event(conn: sqlite3.Connection) -> None:
-        events.append(conn, type=EventType.CACHE_UPDATED, at=now(), data=data)
-        if file_sha256 is not None:
-            db.set_meta(BUNDLE_FILE_META, {"sha256": file_sha256, "version": applied.version},
-                        conn=conn)
+    with_event = updated_event(db, applied, context=context, source=source, now=now,
+                               file_sha256=file_sha256)
 
     try:
         if isinstance(verified, SnapshotRows):

@@ -127,7 +127,10 @@ class _EntryWire(msgspec.Struct, kw_only=True):
     max_uses: _Uses = 1
 
 
-class _BundleWire(msgspec.Struct, kw_only=True):
+class _HeadWire(msgspec.Struct, kw_only=True):
+    """A bundle with each entry left as its raw JSON: a snapshot's entries are then decoded
+    a chunk at a time, never all at once (`_BundleWire` decodes them all)."""
+
     type: Literal["codes"]
     locker_id: str
     version: _Version
@@ -136,22 +139,12 @@ class _BundleWire(msgspec.Struct, kw_only=True):
     base_version: _Version | None
     issued_at: str
     expires_at: str
-    upsert: list[_EntryWire] = msgspec.field(default_factory=list)
-    revoke: list[str] = msgspec.field(default_factory=list)
-
-
-class _HeadWire(msgspec.Struct, kw_only=True):
-    """_BundleWire with each entry left as its raw JSON: a snapshot's entries are then decoded
-    a chunk at a time, never all at once."""
-
-    type: Literal["codes"]
-    locker_id: str
-    version: _Version
-    base_version: _Version | None
-    issued_at: str
-    expires_at: str
     upsert: list[msgspec.Raw] = msgspec.field(default_factory=list)
     revoke: list[str] = msgspec.field(default_factory=list)
+
+
+class _BundleWire(_HeadWire, kw_only=True):
+    upsert: list[_EntryWire] = msgspec.field(default_factory=list)  # type: ignore[assignment]
 
 
 _ENTRY_DECODER = msgspec.json.Decoder(_EntryWire)
