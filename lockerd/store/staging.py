@@ -333,6 +333,11 @@ class CodeStaging:
         TXN_WORK_S (a step's rows from the last step's pace, at most CHUNK_ROWS): each
         appends to its table's last pages. One INSERT ... SELECT per step, on the side file
         attached, so that no row passes through Python."""
+        # The fill's connection to the side file is done: its page cache (up to cache_kib)
+        # is freed before the database's fills, so the two are not held at once.
+        if self._side is not None:
+            self._side.close()
+            self._side = None
         conn = self._db.conn
         conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
         path = self._side_path
