@@ -68,6 +68,30 @@ database made by open_database, with the store's pragmas and page cache: the cod
 key tables (code_ids, code_parcels), what the store writes for a snapshot."""
 
 
+def bare_insert_seconds(rows_path: Path, db_path: Path, cache_kib: int) -> float:
+    """BARE_CHILD's insert in this process, timed alone (the rows already read): the
+    baseline measured right beside an MQTT apply, in the same page cache and disk state."""
+    with rows_path.open("rb") as f:
+        rows = marshal.load(f)
+    open_database(db_path).close()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        os.sync()
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany("INSERT INTO code_ids VALUES (?, ?)", [(r[1], r[0]) for r in rows])
+        conn.executemany("INSERT INTO code_parcels VALUES (?, ?)",
+                         [(r[4], r[0]) for r in rows if r[4] is not None])
+        conn.execute("COMMIT")
+        return time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
 def inputs_dir(work: Path) -> Path:
     return work / "inputs"
 
@@ -114,6 +138,9 @@ def run_process(cmd: Sequence[str], log: Path) -> tuple[float, int]:
     it is not installed). Raises RuntimeError if it fails."""
     rss_file = log.with_name(log.name + ".rss")
     wrapped = [str(TIME), "-f", "%M", "-o", str(rss_file), *cmd] if TIME.exists() else list(cmd)
+    # Each timed process starts with nothing left for the kernel to write back: a run after a
+    # 1M insert otherwise fsyncs behind its hundreds of dirty megabytes.
+    os.sync()
     with log.open("ab") as out:
         t0 = time.monotonic()
         status = subprocess.run(wrapped, stdin=subprocess.DEVNULL, stdout=out,
@@ -204,13 +231,18 @@ class MqttResult:
     """Publish (QoS 1) to `cache.updated` committed in the bank's database."""
     idle_kib: int
     peak_kib: int
+    bare_s: float
+    """The bare insert of the same rows, in-process, just before (its baseline)."""
     """VmHWM of the daemon once the snapshot is applied."""
 
 
-def measure_mqtt(kit: BankKit, work: Path, sizes: Sequence[int]) -> list[MqttResult | int]:
+def measure_mqtt(kit: BankKit, work: Path, sizes: Sequence[int],
+                 cache_kib: int) -> list[MqttResult | int]:
     """Per size whose envelope fits one MQTT message, a fresh bank (keyring imported) run as
     `lockerd run` against a broker of the benchmark's own; the snapshot published once the
-    bank is online. A size too big for one message is returned as its envelope size."""
+    bank is online, right after a bare insert of the same rows (its baseline; `cache_kib` its
+    page cache) in the same disk state. A size too big for one message is returned as its
+    envelope size."""
     out: list[MqttResult | int] = []
     (work / "broker").mkdir(exist_ok=True)
     broker = Broker(work / "broker")
@@ -221,13 +253,18 @@ def measure_mqtt(kit: BankKit, work: Path, sizes: Sequence[int]) -> list[MqttRes
             if len(raw) > MQTT_MAX_BYTES:
                 out.append(len(raw))
                 continue
-            out.append(_mqtt_one(kit, work / f"mqtt-{size}", broker, size, raw))
+            directory = work / f"mqtt-{size}"
+            directory.mkdir(parents=True, exist_ok=True)
+            bare_s = bare_insert_seconds(inputs_dir(work) / f"snapshot-{size}.rows",
+                                         directory / "bare.db", cache_kib)
+            out.append(_mqtt_one(kit, directory, broker, size, raw, bare_s))
     finally:
         broker.stop()
     return out
 
 
-def _mqtt_one(kit: BankKit, directory: Path, broker: Broker, size: int, raw: bytes) -> MqttResult:
+def _mqtt_one(kit: BankKit, directory: Path, broker: Broker, size: int, raw: bytes,
+              bare_s: float) -> MqttResult:
     mqtt = {"host": broker.host, "port": broker.port,
             "max_payload_bytes": max(16 * 2**20, len(raw) + 2**20)}
     config = bank_config(kit, directory, {"mqtt": mqtt})
@@ -248,7 +285,7 @@ def _mqtt_one(kit: BankKit, directory: Path, broker: Broker, size: int, raw: byt
         peak_kib = int(proc_status(daemon.pid)["VmHWM"].split()[0])
     finally:
         stop_process(daemon.proc)
-    return MqttResult(size, len(raw), seconds, idle_kib, peak_kib)
+    return MqttResult(size, len(raw), seconds, idle_kib, peak_kib, bare_s)
 
 
 async def _publish_and_wait(broker: Broker, prefix: str, raw: bytes, db_path: Path,
@@ -282,25 +319,25 @@ async def _publish_and_wait(broker: Broker, prefix: str, raw: bytes, db_path: Pa
     return seconds, idle_kib
 
 
-def report_mqtt(results: Sequence[MqttResult | int], bare_inserts: Mapping[int, float]) -> None:
+def report_mqtt(results: Sequence[MqttResult | int]) -> None:
     print("over MQTT: a `lockerd run` process on the simulator, its broker on loopback; the "
           "snapshot published at QoS 1 once the bank is online, timed until `cache.updated` is "
-          f"in its database (polled every {POLL_S * 1000:.0f} ms); the baseline is the bare "
-          "insert of the same size measured above, in-process")
+          f"in its database (polled every {POLL_S * 1000:.0f} ms); the baseline is a bare "
+          "insert of the same rows in this process just before it (os.sync() before each)")
     measured = [r for r in results if isinstance(r, MqttResult)]
     for r in results:
         if not isinstance(r, MqttResult):
             print(f"  a snapshot of {r / 2**20:.0f} MiB is over MQTT's 256 MB packet limit: "
                   "not sent as one message (bench/parts_over_mqtt.py sends one in parts)")
     for r in measured:
-        bare = bare_inserts[r.size]
+        bare = r.bare_s
         print(f"  {r.size:,} codes, {r.envelope_bytes / 2**20:.1f} MiB: {r.seconds:.3f} s to "
               f"cache.updated ({r.seconds / bare:.2f}x the bare insert, {bare:.3f} s); RSS "
               f"{r.idle_kib / 1024:.1f} MiB idle, peak {r.peak_kib / 1024:.1f} MiB")
     print()
     for r in measured:
         n = f"{r.size:,}".replace(",", " ")
-        bare = bare_inserts[r.size]
+        bare = r.bare_s
         report(f"bundle_apply mqtt {n}",
                f"published to cache.updated {r.seconds:.2f} s against a bare insert {bare:.2f} s",
                r.seconds / bare, MQTT_TARGET)

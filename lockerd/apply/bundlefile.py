@@ -27,6 +27,7 @@ from lockerd.trust.bundle import (
     read_envelope,
     verify_snapshot_rows,
 )
+from lockerd.trust.dsse import Envelope
 
 
 class _Version(msgspec.Struct):
@@ -48,7 +49,19 @@ def verify_and_apply_file(db: Database, path: Path, *, context: ApplyContext, so
     """Read, verify and apply the bundle file at `path` through `db`, with its `cache.updated`
     (and the file's mark, with `file_sha256`) in the swap's transaction. OSError when it
     cannot be read; BundleRefused when it is refused: nothing is changed then."""
-    env = read_envelope(path.read_bytes())  # the file's bytes go once the payload is out
+    # The file's bytes go once the payload is out of them.
+    return verify_and_apply_envelope(db, read_envelope(path.read_bytes()), context=context,
+                                     source=source, now=now, file_sha256=file_sha256,
+                                     on_rows=on_rows)
+
+
+def verify_and_apply_envelope(db: Database, env: Envelope, *, context: ApplyContext,
+                              source: str, now: Callable[[], datetime],
+                              file_sha256: str | None = None,
+                              on_rows: Callable[[int], object] | None = None) -> AppliedBundle:
+    """`verify_and_apply_file` of a bundle already read (`read_envelope`): a file's, or one
+    received over MQTT and handed to an apply process. A snapshot's entries go straight to
+    rows, a chunk at a time, never to a CodeEntry each (about 10 us a code)."""
     try:
         verified = verify_snapshot_rows(
             env, codes_role=context.codes_role, keyring_expires_at=context.keyring_expires_at,

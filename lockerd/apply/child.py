@@ -85,7 +85,11 @@ def apply_bundle_file(db: Database, header: dict[str, Any], reply: Reply) -> Non
 
 
 def apply_bundle(db: Database, header: dict[str, Any], body: bytes, reply: Reply) -> None:
-    from lockerd.apply.bundle import AppliedBundle, envelope_version, verify_and_apply
+    """A bundle sent whole (over MQTT, or a bundle file's bytes): verified and applied as a
+    bundle file is, a snapshot's entries straight to rows (lockerd/apply/bundlefile.py)."""
+    from lockerd.apply.bundle import envelope_version
+    from lockerd.apply.bundlefile import verify_and_apply_envelope
+    from lockerd.trust.bundle import read_envelope
 
     if header.get("file") is not None:
         apply_bundle_file(db, header, reply)
@@ -93,17 +97,15 @@ def apply_bundle(db: Database, header: dict[str, Any], body: bytes, reply: Reply
     file_sha256 = hashlib.sha256(body).hexdigest() if header.get("hash_file") else None
     reply({"progress": "read", "bytes": len(body)})
     try:
-        bundle = verify_and_apply(
-            db, body, context=context_of(header), source=header["source"],
+        applied = verify_and_apply_envelope(
+            db, read_envelope(body), context=context_of(header), source=header["source"],
             now=clock_from(header["now"]), file_sha256=file_sha256,
-            on_verified=lambda b: reply({"progress": "verified", "codes": len(b.upsert)}),
             on_rows=lambda n: reply({"progress": "staged", "rows": n}))
     except TrustError as exc:
         reply({"refused": {"reason": exc.reason, "detail": str(exc), "file_sha256": file_sha256,
                            "signed_version": (envelope_version(body)
                                               if exc.reason == "rollback" else None)}})
         return
-    applied = AppliedBundle.of(bundle)
     reply({"applied": {"version": applied.version, "base_version": applied.base_version,
                        "issued_at": applied.issued_at.isoformat(),
                        "upserted": applied.upserted, "revoked": applied.revoked}})

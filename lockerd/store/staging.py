@@ -48,6 +48,8 @@ TXN_WORK_S = 0.001
 CHUNK_ROWS = 1000
 STAGING_CACHE_KIB = 65536
 GAP_S = 0.001
+# `add` turns this many entries into rows at a time (a side-file transaction each).
+ADD_CHUNK = 10_000
 # The staging connection flushes the log it wrote at most this often (`_LogFlusher`).
 FLUSH_S = 0.01
 # A side table of at most this many rows is dropped in one transaction, not emptied in steps:
@@ -216,14 +218,13 @@ def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
 def rows_for(table: str, rows: Iterable[tuple[object, ...]]) -> Iterator[tuple[object, ...]]:
     """The rows of code table `table` (store/db.py CODE_TABLES) for codes rows (entry_row's):
     a parcel row for each code that names a parcel."""
-    columns = _KEY_COLUMNS[table]
     if table == "codes":
         yield from rows
         return
+    first, second = _KEY_COLUMNS[table]
     for row in rows:
-        picked = tuple(row[c] for c in columns)
-        if picked[0] is not None:
-            yield picked
+        if row[first] is not None:
+            yield row[first], row[second]
 
 
 def _malformed(version: int, table: str, exc: sqlite3.IntegrityError) -> TrustError:
@@ -298,7 +299,9 @@ class CodeStaging:
         refused as a malformed snapshot: TrustError(reason="malformed"). After any error the
         staging is over (the side file has no journal to roll a failed `add` back): `discard`,
         then `begin` again."""
-        self._add(len(entries), lambda: map(entry_row, entries))
+        # Each chunk's rows are made once, not once per table they go to.
+        for start in range(0, len(entries), ADD_CHUNK):
+            self.add_rows([entry_row(e) for e in entries[start:start + ADD_CHUNK]])
 
     def add_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
         """`add` for entries already in the table's shape (`entry_row`'s): a part decoded
