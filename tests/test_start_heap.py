@@ -16,13 +16,13 @@ pytestmark = pytest.mark.e2e
 
 async def test_the_start_heap_is_frozen_while_running_and_thawed_at_the_stop(
         make_kit: Callable[..., BankKit]) -> None:
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0, "an app of an earlier test still runs in this process"
     async with running(make_kit([])):
         # Out of the collector's sight: a full collection no longer walks the modules, the
         # config and the app (bench/parts_over_mqtt.py: a 35-50 ms tick without this).
         assert gc.get_freeze_count() > 10_000
         before = gc.get_freeze_count()
-        garbage = [[] for _ in range(100)]
+        garbage: list[list[object]] = [[] for _ in range(100)]
         for item in garbage:
             item.append(item)  # cycles made after the start: collected as ever
         del garbage, item
