@@ -14,6 +14,7 @@ from lockerd.errors import TrustError
 from lockerd.store import CodeStore, Database, EventLog, open_database
 from lockerd.store.db import CODES_TABLE
 from lockerd.store.staging import (
+    ADD_CHUNK,
     CHUNK_ROWS,
     RETIRED,
     RETIRED_TABLE,
@@ -175,6 +176,29 @@ def test_a_digest_given_twice_across_parts_is_malformed_and_nothing_changes(
     assert STAGING_TABLE not in tables(db)
     with pytest.raises(RuntimeError, match="begin"):
         staging.swap(meta(2))
+
+
+def test_one_add_of_more_than_a_chunk_checks_across_its_chunks(db: Database) -> None:
+    """`add` stages its entries a chunk at a time: a digest given again in a later chunk of
+    the same call is still refused, and a clean call stages every entry with its parcel."""
+    staging = CodeStaging(db)
+    staging.begin(2)
+    entries = [entry(i, parcel=f"PX{i}") for i in range(ADD_CHUNK + 5)]
+    twice = CodeEntry(id="other", kind="pickup", digest=entries[3].digest,
+                      not_after=NOW + timedelta(days=1))
+    with pytest.raises(TrustError) as err:
+        staging.add([*entries, twice])
+    assert err.value.reason == "malformed"
+    staging.discard()
+    staging.begin(2)
+    staging.add(entries)
+    assert staging.swap(meta(2)) == ADD_CHUNK + 5
+    assert CodeStore(db).parcel_pickup_code(f"PX{ADD_CHUNK + 4}") is not None
+
+
+def test_add_before_begin_is_refused_even_with_nothing_to_add(db: Database) -> None:
+    with pytest.raises(RuntimeError, match="begin"):
+        CodeStaging(db).add([])
 
 
 def test_a_malformed_snapshot_through_apply_leaves_the_live_set(db: Database) -> None:

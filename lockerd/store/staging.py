@@ -299,6 +299,7 @@ class CodeStaging:
         refused as a malformed snapshot: TrustError(reason="malformed"). After any error the
         staging is over (the side file has no journal to roll a failed `add` back): `discard`,
         then `begin` again."""
+        self._require()  # refused before `begin` even when there is nothing to add
         # Each chunk's rows are made once, not once per table they go to.
         for start in range(0, len(entries), ADD_CHUNK):
             self.add_rows([entry_row(e) for e in entries[start:start + ADD_CHUNK]])
