@@ -21,7 +21,7 @@ from test_sync_mqtt import mqtt_overrides, publish
 from waiting import until_sync
 
 from lockerd.app import build_cache
-from lockerd.apply.priority import APPLY_NICE
+from lockerd.apply.child import APPLY_NICE
 from lockerd.apply.process import ApplyProcess
 from lockerd.config import load_config
 from lockerd.dev.provision import BankKit, PlainCode

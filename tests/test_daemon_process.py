@@ -17,7 +17,6 @@ import pytest
 from conftest import stored_events
 from waiting import until_sync, until_value
 
-from lockerd.apply.priority import APPLY_NICE
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.timeutil import utcnow
 from sim.client import SimClient
@@ -352,22 +351,3 @@ def test_check_config_refuses_what_run_refuses_with_the_same_line(
     assert "regex" not in lines["run"] and "field" not in lines["run"], lines["run"]
     # `run` refused before it started anything: no database was created.
     assert not (kit.state_dir / "lockerd.db").exists()
-
-
-def test_import_bundle_runs_below_the_daemons_priority(
-        make_kit: Callable[..., BankKit]) -> None:
-    """Bulk work beside a running daemon: the command nices itself before it applies, so the
-    daemon's keypresses get a busy core first. Run through the real command, which then
-    prints its own niceness."""
-    kit = make_kit([PlainCode("p-1", CODE, "2")])
-    kit.bundle_path.write_bytes(kit.bundle(kit.codes, version=5))
-    script = ("import os, sys; from lockerd.cli.lockerd_cmd import main; "
-              "rc = main(sys.argv[1:]); print('nice', os.getpriority(os.PRIO_PROCESS, 0)); "
-              "sys.exit(rc)")
-    res = subprocess.run([sys.executable, "-c", script, "import-bundle", "-c",
-                          str(kit.config_path), str(kit.bundle_path)],
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert "codes bundle version 5" in res.stdout
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    assert f"nice {min(ours + APPLY_NICE, 19)}" in res.stdout

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from hal.errors import HalError
 from lockerd import __version__
-from lockerd.apply.priority import lower_priority
 from lockerd.config import Config, load_config
 from lockerd.errors import LockerdError, StoreError, TrustError
 from lockerd.logs import configure_logging
@@ -81,8 +80,7 @@ def _parser() -> argparse.ArgumentParser:
             description=f"Verify a signed {what} file exactly as the daemon does and, if it is "
             "accepted, store it in the bank's database (works while the daemon runs: a snapshot "
             "is written beside the codes in use in short transactions and swapped in at once, "
-            "so a commit of the daemon waits for one of those at most; import-bundle runs at "
-            "nice 10, so the daemon gets a busy core first). A refused file changes "
+            "so a commit of the daemon waits for one of those at most). A refused file changes "
             "nothing; the reason is printed and recorded as a cache.rejected event.")
         imp.add_argument("-c", "--config", required=True, type=Path)
         imp.add_argument("file", type=Path)
@@ -183,8 +181,6 @@ def _import(config: Config, command: str, file: Path) -> int:
             keyring = cache.load_keyring(file.read_bytes(), source=str(file))
             print(f"keyring version {keyring.version} accepted")
         else:
-            # Bulk work beside the daemon: its keypresses get a busy core first.
-            lower_priority()
             if cache.keyring is None and config.trust.keyring_file:
                 # A fresh database: take the keyring the daemon would load at startup.
                 keyring_file = config.path(config.trust.keyring_file)
