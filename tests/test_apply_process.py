@@ -11,7 +11,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from broker import Broker
@@ -21,8 +20,6 @@ from test_sync_mqtt import mqtt_overrides, publish
 from waiting import until_sync
 
 from lockerd.app import build_cache
-from lockerd.apply.child import APPLY_NICE
-from lockerd.apply.process import ApplyProcess
 from lockerd.config import load_config
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.errors import TrustError
@@ -313,21 +310,3 @@ def alive(pid: int) -> bool:
         return False
     return state != "Z"
 
-
-def test_the_apply_process_runs_below_the_daemons_priority(tmp_path: Path) -> None:
-    """An apply competes with the daemon for the board's cores: it is niced, so the loop
-    (a keypress, its pulse) is scheduled first while both want a core."""
-    db_path = tmp_path / "lockerd.db"
-    open_database(db_path).close()
-    process = ApplyProcess(db_path)
-    process.start()
-    try:
-        pid = process.pid
-        assert pid is not None
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        until_sync(lambda: os.getpriority(os.PRIO_PROCESS, pid) == min(ours + APPLY_NICE, 19),
-                   5, what="the apply process niced")
-        # It still answers at that priority.
-        assert process.request({"op": "discard"}) == {"discarded": True}
-    finally:
-        process.close()

@@ -9,7 +9,6 @@ daemon's event loop shares none of this work. It exits when stdin closes.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
@@ -35,10 +34,6 @@ if TYPE_CHECKING:
 
 Reply = Callable[[dict[str, Any]], None]
 _PR_SET_PDEATHSIG = 1
-# The apply is background work: on a board whose cores are all busy, the daemon (a keypress,
-# its pulse, the event loop) gets the core first. CFS gives a process at nice 10 about a
-# tenth of a contended core beside one at 0, and all of an idle one.
-APPLY_NICE = 10
 
 
 def context_of(header: dict[str, Any]) -> ApplyContext:
@@ -146,12 +141,6 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def lower_priority() -> None:
-    """Run at APPLY_NICE; where that is refused, at the daemon's own priority."""
-    with contextlib.suppress(OSError):
-        os.nice(APPLY_NICE)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or not args[1].isdigit():
@@ -159,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
               "by hand)", file=sys.stderr)
         return 2
     die_with_parent(int(args[1]))
-    lower_priority()
     # The replies keep the real stdout; anything printed by mistake goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
