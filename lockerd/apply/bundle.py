@@ -57,8 +57,7 @@ class AppliedBundle:
 
 def verify_and_apply(db: Database, raw: bytes, *, context: ApplyContext, source: str,
                      now: Callable[[], datetime], file_sha256: str | None = None,
-                     on_rows: Callable[[int], object] | None = None,
-                     on_verified: Callable[[CodesBundle], object] | None = None) -> CodesBundle:
+                     on_rows: Callable[[int], object] | None = None) -> CodesBundle:
     """Verify `raw` and apply it through `db` (this thread's connection), with its
     `cache.updated` and the bundle file's mark in the apply's last transaction.
     TrustError for a refusal: nothing is changed then."""
@@ -66,8 +65,6 @@ def verify_and_apply(db: Database, raw: bytes, *, context: ApplyContext, source:
         raw, codes_role=context.codes_role, keyring_expires_at=context.keyring_expires_at,
         locker_id=context.locker_id, held_version=context.held, now=now(),
         floor_reset=context.floor_reset)
-    if on_verified is not None:
-        on_verified(bundle)
     with_event = updated_event(db, AppliedBundle.of(bundle), context=context, source=source,
                                now=now, file_sha256=file_sha256)
     # The codes and the event that reports them in one transaction, like the keyring.

@@ -26,7 +26,7 @@ from lockerd.errors import TrustError
 from lockerd.store.db import Database, open_database
 
 if TYPE_CHECKING:
-    from lockerd.apply.bundle import ApplyContext
+    from lockerd.apply.bundle import AppliedBundle, ApplyContext
 
 # A bundle's verification (lockerd.apply.bundle, its Ed25519 and msgspec) is imported by
 # the first bundle request: a process that only stages parts never loads it, which keeps
@@ -53,6 +53,13 @@ def clock_from(now_text: str) -> Callable[[], datetime]:
     return lambda: start + timedelta(seconds=time.monotonic() - t0)
 
 
+def applied_reply(applied: AppliedBundle) -> dict[str, Any]:
+    """The final reply of an applied bundle (lockerd/apply/process.py reads it back)."""
+    return {"applied": {"version": applied.version, "base_version": applied.base_version,
+                        "issued_at": applied.issued_at.isoformat(),
+                        "upserted": applied.upserted, "revoked": applied.revoked}}
+
+
 def apply_bundle_file(db: Database, header: dict[str, Any], reply: Reply) -> None:
     """A bundle file (`[codes] bundle_file` at start): read by this process, a snapshot's
     entries decoded a chunk of rows at a time (lockerd/apply/bundlefile.py), so that its
@@ -74,9 +81,7 @@ def apply_bundle_file(db: Database, header: dict[str, Any], reply: Reply) -> Non
         reply({"refused": {"reason": exc.reason, "detail": str(exc), "file_sha256": file_sha256,
                            "signed_version": exc.signed_version}})
         return
-    reply({"applied": {"version": applied.version, "base_version": applied.base_version,
-                       "issued_at": applied.issued_at.isoformat(),
-                       "upserted": applied.upserted, "revoked": applied.revoked}})
+    reply(applied_reply(applied))
 
 
 def apply_bundle(db: Database, header: dict[str, Any], body: bytes, reply: Reply) -> None:
@@ -101,9 +106,7 @@ def apply_bundle(db: Database, header: dict[str, Any], body: bytes, reply: Reply
                            "signed_version": (envelope_version(body)
                                               if exc.reason == "rollback" else None)}})
         return
-    reply({"applied": {"version": applied.version, "base_version": applied.base_version,
-                       "issued_at": applied.issued_at.isoformat(),
-                       "upserted": applied.upserted, "revoked": applied.revoked}})
+    reply(applied_reply(applied))
 
 
 def serve(db_path: Path, requests: BinaryIO, out: BinaryIO) -> None:

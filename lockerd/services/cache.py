@@ -71,7 +71,6 @@ class CodeCache:
     ) -> None:
         self._db = db
         self._child_min_bytes = child_min_bytes
-        self._file_digest_from = "hash"  # how the last bundle file's SHA-256 was found
         self._silence_s = apply_silence_s
         self._process: ApplyProcess | None = None
         self.last_applied: AppliedBundle | None = None
@@ -205,7 +204,8 @@ class CodeCache:
         a file under `child_min_bytes` then read, verified and applied in that thread, a
         bigger one read, verified and applied by an apply process (the daemon never holds
         its bytes)."""
-        if self._file_unchanged(path, await self._file_digest(path)):
+        digest, found_by = await self._file_digest(path)
+        if self._file_unchanged(path, digest, found_by=found_by):
             return None
 
         def mark_older(version: int, file_sha256: str | None) -> None:
@@ -222,10 +222,10 @@ class CodeCache:
         return await self._apply_off_loop(raw, None, source=str(path), file_sha256=file_sha256,
                                           on_rollback=mark_older)
 
-    async def _file_digest(self, path: Path) -> str:
-        """The file's SHA-256, hashed in a worker thread, or the one kept for it when its
-        stat (device, inode, size, modification and change times) is the one it had then:
-        hashing a 1M-code file (290 MB) is most of a start's cost when it is unchanged. Kept
+    async def _file_digest(self, path: Path) -> tuple[str, str]:
+        """The file's SHA-256 and how it was found ("hash" or "stat"): hashed in a worker
+        thread, or the one kept for it when its stat (device, inode, size, modification and
+        change times) is the one it had then: hashing a 1M-code file (290 MB) is most of a start's cost when it is unchanged. Kept
         only for a file last modified FILE_STAT_SETTLE_S before it was hashed, and whose stat
         did not change while it was: a file rewritten within its filesystem's time
         resolution could otherwise keep an old stat with new bytes."""
@@ -234,16 +234,14 @@ class CodeCache:
         if isinstance(kept, dict) and kept.get("stat") == before:
             known = kept.get("sha256")
             if isinstance(known, str):
-                self._file_digest_from = "stat"
-                return known
+                return known, "stat"
         digest = await asyncio.to_thread(_file_sha256, path)
-        self._file_digest_from = "hash"
         settled = time.time_ns() - before[3] > FILE_STAT_SETTLE_S * 1e9
         if settled and await asyncio.to_thread(_stat_signature, path) == before:
             self._db.set_meta(FILE_STAT_META, {"stat": before, "sha256": digest})
-        return digest
+        return digest, "hash"
 
-    def _file_unchanged(self, path: Path, digest: str) -> bool:
+    def _file_unchanged(self, path: Path, digest: str, *, found_by: str = "hash") -> bool:
         mark = self._db.get_meta(BUNDLE_FILE_META)
         held = self._codes.version()
         if self._codes.floor_reset_pending() or not isinstance(mark, dict):
@@ -251,7 +249,7 @@ class CodeCache:
         if mark == {"sha256": digest, "version": held}:
             log.info("codes bundle file unchanged since it was applied; not read again",
                      path=str(path), version=held, sha256=digest,
-                     sha256_from=self._file_digest_from)
+                     sha256_from=found_by)
             return True
         # Verified once and refused as older than the codes held: while no floor reset
         # is pending the held version only grows, so it would be refused again.

@@ -148,6 +148,13 @@ class _LogFlusher:
             self._fd = None
 
 
+def _next_step(rows: int, started: float) -> int:
+    """The rows of the next step, from the pace of one that did `rows` since `started`
+    (`time.perf_counter`): about TXN_WORK_S of work, 10 to CHUNK_ROWS rows."""
+    took = max(time.perf_counter() - started, 1e-6)
+    return max(10, min(CHUNK_ROWS, int(rows * TXN_WORK_S / took)))
+
+
 def _give_way(flush: _LogFlusher) -> None:
     """Between two side-table transactions: flush what the last one wrote to the log, and
     pause, so that a writer waiting for the lock (the daemon's, retrying every half
@@ -376,8 +383,7 @@ class CodeStaging:
                         f"SELECT {key} FROM {staged} ORDER BY {newest} LIMIT 1").fetchone())
             if copied < step:
                 return
-            took = max(time.perf_counter() - started, 1e-6)
-            step = max(10, min(CHUNK_ROWS, int(copied * TXN_WORK_S / took)))
+            step = _next_step(copied, started)
             _give_way(flush)
 
     def swap(self, meta: SnapshotMeta, *,
@@ -472,9 +478,7 @@ class CodeStaging:
                     gone = conn.execute(
                         f"DELETE FROM {table} WHERE ({key}) IN"
                         f" (SELECT {key} FROM {table} ORDER BY {key} LIMIT {limit})").rowcount
-                # The next step's rows from this one's pace: about TXN_WORK_S of work.
-                took = max(time.perf_counter() - started, 1e-6)
-                step = max(10, min(CHUNK_ROWS, int(gone * TXN_WORK_S / took)))
+                step = _next_step(gone, started)
                 left -= gone
                 if gone == 0:
                     break
