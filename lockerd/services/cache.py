@@ -225,10 +225,11 @@ class CodeCache:
     async def _file_digest(self, path: Path) -> tuple[str, str]:
         """The file's SHA-256 and how it was found ("hash" or "stat"): hashed in a worker
         thread, or the one kept for it when its stat (device, inode, size, modification and
-        change times) is the one it had then: hashing a 1M-code file (290 MB) is most of a start's cost when it is unchanged. Kept
-        only for a file last modified FILE_STAT_SETTLE_S before it was hashed, and whose stat
-        did not change while it was: a file rewritten within its filesystem's time
-        resolution could otherwise keep an old stat with new bytes."""
+        change times) is the one it had then: hashing a 1M-code file (290 MB) is most of a
+        start's cost when it is unchanged. Kept only for a file last modified
+        FILE_STAT_SETTLE_S before it was hashed, and whose stat did not change while it was:
+        a file rewritten within its filesystem's time resolution could otherwise keep an old
+        stat with new bytes."""
         before = await asyncio.to_thread(_stat_signature, path)
         kept = self._db.get_meta(FILE_STAT_META)
         if isinstance(kept, dict) and kept.get("stat") == before:
