@@ -5,6 +5,7 @@ RESULT lines (bench/results/<date>-<commit>.md) that docs/benchmarks.md quotes."
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import platform
 import shutil
@@ -254,6 +255,21 @@ def mosquitto_version() -> str:
     return first[0].strip() if first else "unknown"
 
 
+def compile_project() -> str:
+    """Compile the lockerd, hal and sim packages this Python imports to bytecode, as
+    scripts/setup.sh leaves an install: a bench must not charge every `lockerd` process for
+    compiling the sources (after an edit, or where PYTHONDONTWRITEBYTECODE is set, nothing
+    else writes the bytecode)."""
+    import hal
+    import lockerd
+    import sim
+
+    dirs = [Path(package.__file__).parent for package in (lockerd, hal, sim)
+            if package.__file__ is not None]
+    ok = len(dirs) == 3 and all(compileall.compile_dir(d, quiet=1, workers=0) for d in dirs)
+    return f"compiled ({', '.join(str(d) for d in dirs)})" if ok else "NOT all compiled"
+
+
 def machine_facts(repo: Path) -> list[tuple[str, str]]:
     usage = shutil.disk_usage(repo)
     memory = _first("/proc/meminfo", "MemTotal")
@@ -345,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = bench_dir.parent
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     commit = commit_of(repo)
-    facts = machine_facts(repo)
+    facts = [*machine_facts(repo), ("lockerd bytecode", compile_project())]
     command = " ".join([_shown(Path(sys.executable), repo), "bench/run_all.py",
                         *(argv if argv is not None else sys.argv[1:])])
     print(f"run_all: {when}, commit {commit}{', quick' if args.quick else ''}")

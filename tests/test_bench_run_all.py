@@ -4,6 +4,7 @@ markdown file, a failing script and a missing one reported, a script with a main
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,7 @@ def test_results_of_every_bench_in_one_file(run_all: ModuleType, tmp_path: Path,
     assert status == 1  # a bench failed
     text = out.read_text(encoding="utf-8")
     assert "quick run" in text and "- CPUs (nproc): " in text and "- memory: " in text
+    assert "- lockerd bytecode: compiled (" in text
     assert ("| help_keypress | help_keypress | 700 ns against 690 ns | 1.01x | <= 1.1x | HOLDS |"
             in text)
     assert "| deadlines | deadlines lookup | 30 us against 10 us | 3.00x | <= 1.1x | MISSES |" \
@@ -124,3 +126,12 @@ def test_a_bench_past_its_time_is_stopped(run_all: ModuleType, tmp_path: Path) -
     text = out.read_text(encoding="utf-8")
     assert "| help_keypress | `(defaults)` | timeout |" in text
     assert "started" in text
+
+
+def test_the_project_is_compiled_before_the_benches(run_all: ModuleType) -> None:
+    import lockerd.core.access as module
+
+    cached = Path(importlib.util.cache_from_source(module.__file__))
+    cached.unlink(missing_ok=True)
+    assert run_all.compile_project().startswith("compiled (")
+    assert cached.stat().st_mtime_ns >= Path(module.__file__).stat().st_mtime_ns
