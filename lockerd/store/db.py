@@ -13,7 +13,7 @@ from typing import Any
 from lockerd.errors import StoreError
 
 SCHEMA_VERSION = 1
-RETRY_S = 0.0002
+RETRY_S = 0.0005
 BUSY_TIMEOUT_MS = 10_000
 
 # The code cache: one row per code, keyed by digest (the lookup of an entered code), and two

@@ -47,7 +47,7 @@ _KEYS = {"codes": ("digest",), "code_ids": ("id",), "code_parcels": ("parcel_id"
 TXN_WORK_S = 0.001
 CHUNK_ROWS = 1000
 STAGING_CACHE_KIB = 65536
-GAP_S = 0.0005
+GAP_S = 0.001
 # `add` turns this many entries into rows at a time (a side-file transaction each).
 ADD_CHUNK = 10_000
 # The staging connection flushes the log it wrote at most this often (`_LogFlusher`).
@@ -157,9 +157,8 @@ def _next_step(rows: int, started: float) -> int:
 
 def _give_way(flush: _LogFlusher) -> None:
     """Between two side-table transactions: flush what the last one wrote to the log, and
-    pause, so that a writer waiting for the lock (the daemon's, retrying every
-    lockerd.store.db.RETRY_S: two tries fall in the gap) takes it before the next one
-    begins."""
+    pause, so that a writer waiting for the lock (the daemon's, retrying every half
+    millisecond) takes it before the next one begins."""
     flush()
     time.sleep(GAP_S)
 
