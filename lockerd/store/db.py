@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lockerd.errors import StoreError
+from lockerd.store.turn import WriteTurn
 
 SCHEMA_VERSION = 1
 RETRY_S = 0.0005
@@ -166,6 +167,9 @@ class Database:
         # Set by `wait_for_lock_promptly`: BEGIN IMMEDIATE retried every RETRY_S instead of
         # SQLite's busy handler, whose sleeps grow to 100 ms between tries.
         self._lock_wait_s: float | None = None
+        # Rung by every transaction (store/turn.py): a snapshot's copy in short steps lets
+        # each of them in before its next step.
+        self._turn = WriteTurn(path)
 
     def wait_for_lock_promptly(self, timeout_s: float = 10.0) -> None:
         """Take the write lock as soon as another connection's transaction ends (for the
@@ -197,14 +201,21 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-        self._begin()
+        # Rung before BEGIN, let go after COMMIT: a copy looking between two of its steps
+        # sees a writer that waits for the lock as well as one that holds it.
+        rang = self._turn.ring()
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self.conn.execute("COMMIT")
+            self._begin()
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            else:
+                self.conn.execute("COMMIT")
+        finally:
+            if rang:
+                self._turn.release()
 
     def get_meta(self, key: str) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -226,6 +237,7 @@ class Database:
 
     def close(self) -> None:
         self.conn.close()
+        self._turn.close()
 
 
 def open_database(path: Path) -> Database:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from lockerd.errors import TrustError
 from lockerd.store.db import CODE_TABLES, Database
+from lockerd.store.turn import WriteTurn
 
 if TYPE_CHECKING:  # the apply process stages rows and must not import the bundle's crypto
     from lockerd.trust.bundle import CodeEntry
@@ -47,7 +48,10 @@ _KEYS = {"codes": ("digest",), "code_ids": ("id",), "code_parcels": ("parcel_id"
 TXN_WORK_S = 0.001
 CHUNK_ROWS = 1000
 STAGING_CACHE_KIB = 65536
+# A pause between two steps (`_GiveWay`): at least every PAUSE_EVERY_S, and after every
+# step where the write lock's doorbell cannot be used.
 GAP_S = 0.001
+PAUSE_EVERY_S = 0.01
 # `add` turns this many entries into rows at a time (a side-file transaction each).
 ADD_CHUNK = 10_000
 # The staging connection flushes the log it wrote at most this often (`_LogFlusher`).
@@ -155,12 +159,38 @@ def _next_step(rows: int, started: float) -> int:
     return max(10, min(CHUNK_ROWS, int(rows * TXN_WORK_S / took)))
 
 
-def _give_way(flush: _LogFlusher) -> None:
-    """Between two side-table transactions: flush what the last one wrote to the log, and
-    pause, so that a writer waiting for the lock (the daemon's, retrying every half
-    millisecond) takes it before the next one begins."""
-    flush()
-    time.sleep(GAP_S)
+class _GiveWay:
+    """Between two side-table transactions: flush what the last one wrote to the log
+    (`_LogFlusher`), and let a writer that waits for the lock (the daemon's, retrying every
+    half millisecond) take it before the next one begins: while it rings the write lock's
+    doorbell (store/turn.py, rung by every `Database.transaction`), wait until it is done.
+
+    Besides, a pause of GAP_S at least every PAUSE_EVERY_S, for a writer that does not ring
+    (not lockerd's: the sqlite3 shell, say), whose busy handler retries at moments of its own;
+    and after every step where there is no doorbell (the state directory read-only to this
+    process), as before there was one."""
+
+    def __init__(self, db: Database, *, pause_every_s: float = PAUSE_EVERY_S) -> None:
+        self.flush = _LogFlusher(db)
+        self._turn = WriteTurn(db.path)
+        self._pause_every_s = pause_every_s
+        self._paused = time.monotonic()
+        # How often it stepped aside for a writer, and paused GAP_S (the tests read them).
+        self.stepped_aside = 0
+        self.pauses = 0
+
+    def __call__(self) -> None:
+        self.flush()
+        stepped_aside = self._turn.step_aside()
+        self.stepped_aside += bool(stepped_aside)
+        if stepped_aside is None or time.monotonic() - self._paused >= self._pause_every_s:
+            time.sleep(GAP_S)
+            self.pauses += 1
+            self._paused = time.monotonic()
+
+    def close(self) -> None:
+        self.flush.close()
+        self._turn.close()
 
 
 class _Rows:
@@ -192,25 +222,25 @@ class _Rows:
 
 
 @contextmanager
-def _side_table_settings(db: Database) -> Iterator[_LogFlusher]:
+def _side_table_settings(db: Database) -> Iterator[_GiveWay]:
     """The connection's settings while it fills or empties a side table, restored after.
 
     synchronous=NORMAL: nothing of a side table is live, and a crash leaves leftovers the next
     `begin` discards. secure_delete=FAST: the rows deleted are those of a snapshot replaced or
     never made live (digests only), and SQLite built with SECURE_DELETE (as Debian's is) would
     otherwise write every page a DROP TABLE frees. The checkpoint threshold: CHECKPOINT_PAGES.
-    Yields the log flusher to call between transactions (`_LogFlusher`)."""
+    Yields what to call between transactions (`_GiveWay`)."""
     conn = db.conn
-    flush = _LogFlusher(db)
+    give_way = _GiveWay(db)
     secure = conn.execute("PRAGMA secure_delete").fetchone()[0]
     checkpoint = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA secure_delete=FAST")
     conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
     try:
-        yield flush
+        yield give_way
     finally:
-        flush.close()
+        give_way.close()
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA secure_delete={int(secure)}")
         conn.execute(f"PRAGMA wal_autocheckpoint={int(checkpoint)}")
@@ -357,13 +387,13 @@ class CodeStaging:
             raise RuntimeError(f"the staged rows' side file {path} is gone")
         conn.execute("ATTACH DATABASE ? AS side", (str(path),))
         try:
-            with _side_table_settings(self._db) as flush:
+            with _side_table_settings(self._db) as give_way:
                 for live, staged in STAGED.items():
-                    self._copy(live, staged, flush)
+                    self._copy(live, staged, give_way)
         finally:
             conn.execute("DETACH DATABASE side")
 
-    def _copy(self, live: str, staged: str, flush: _LogFlusher) -> None:
+    def _copy(self, live: str, staged: str, give_way: _GiveWay) -> None:
         conn = self._db.conn
         key = ", ".join(_KEYS[live])
         newest = ", ".join(f"{k} DESC" for k in _KEYS[live])
@@ -384,7 +414,7 @@ class CodeStaging:
             if copied < step:
                 return
             step = _next_step(copied, started)
-            _give_way(flush)
+            give_way()
 
     def swap(self, meta: SnapshotMeta, *,
              with_event: Callable[[sqlite3.Connection], object] | None = None) -> int:
@@ -467,7 +497,7 @@ class CodeStaging:
         if not _table_exists(conn, table):
             return
         key = ", ".join(_KEY_OF[table])
-        with _side_table_settings(self._db) as flush:
+        with _side_table_settings(self._db) as give_way:
             left = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
             step = 100
             while left > self._drop_rows:
@@ -482,6 +512,6 @@ class CodeStaging:
                 left -= gone
                 if gone == 0:
                     break
-                _give_way(flush)
+                give_way()
             with self._db.transaction():
                 conn.execute(f"DROP TABLE {table}")
