@@ -72,6 +72,7 @@ from lockerd.services.telemetry import TelemetryService
 from lockerd.store.codes import CodeStore
 from lockerd.store.commands import CommandJournal
 from lockerd.store.db import Database, open_database
+from lockerd.store.diskspace import MIB, record_keep_free
 from lockerd.store.events import EventLog
 from lockerd.store.outbox import Outbox
 from lockerd.store.parcels import ParcelStore, SpentTokens
@@ -516,6 +517,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
     prepared = prepare(config)
     code_key, context, devices = prepared.code_key, prepared.context, prepared.devices
     db = open_database(state_dir / DB_NAME)
+    record_keep_free(db, config.codes.keep_free_mb * MIB)
     # The one writer of the daemon's commits: a thread with its own connection.
     writer = DbWriter(db.path)
     writer.start()

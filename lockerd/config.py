@@ -74,6 +74,9 @@ class CodesSection(_Section, kw_only=True, frozen=True):
     max_part_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 4 * 1024 * 1024
     parts_idle_s: PositiveSeconds = 15.0
     parts_timeout_s: PositiveSeconds = 600.0
+    # The disk (MiB) a snapshot being staged must leave free on the state directory's
+    # filesystem, for the events: one that would take more is refused (reason no_space).
+    keep_free_mb: Annotated[int, msgspec.Meta(ge=0)] = 64
 
 
 SizeLabel = Annotated[str, msgspec.Meta(pattern=_SIZE_LABEL)]

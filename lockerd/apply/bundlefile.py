@@ -97,12 +97,14 @@ def stage_snapshot(db: Database, rows: SnapshotRows, *,
     held after it. A refusal (a bad entry, an id or digest given twice) discards what was
     staged and is the one `CodeStore.apply` of the parsed bundle would make."""
     staging = CodeStaging(db, on_rows=on_rows)
-    staging.begin(rows.version)
+    staging.begin(rows.version, rows=rows.count)
     try:
         for chunk in rows.chunks():
             try:
                 staging.add_rows(chunk)
             except TrustError as exc:
+                if exc.reason != "malformed":  # no room: not the payload's fault
+                    raise
                 raise _first_fault(rows, exc) from exc
             del chunk
         return staging.swap(SnapshotMeta(version=rows.version, issued_at=rows.issued_at,

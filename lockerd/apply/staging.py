@@ -52,7 +52,12 @@ class PartsStager:
         if op == "begin":
             self._manifest = manifest_of(header["manifest"])
             self._staging = CodeStaging(self._db, cache_kib=header["cache_kib"])
-            self._staging.begin(self._manifest.version)
+            try:
+                self._staging.begin(self._manifest.version, rows=self._manifest.entries)
+            except TrustError as exc:  # no room for it: nothing was staged
+                self._manifest = self._staging = None
+                self._reply({"refused": {"reason": exc.reason, "detail": str(exc)}})
+                return
             self._reply({"begun": self._manifest.version})
         elif op == "stage":
             self._stage(body)

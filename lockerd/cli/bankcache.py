@@ -9,6 +9,7 @@ from lockerd.services.cache import CodeCache
 from lockerd.services.clock import TrustedClock
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database, open_database
+from lockerd.store.diskspace import MIB, record_keep_free
 from lockerd.store.events import EventLog
 from lockerd.trust.dsse import RoleKeys
 
@@ -20,6 +21,8 @@ def open_cache(config: Config) -> tuple[Database, CodeCache]:
     """The bank's database and its code cache, as lockerd.app.build_cache makes it with no
     clock given (a test holds the two together)."""
     db = open_database(config.state_dir / DB_NAME)
+    # What the daemon records at its start, for a snapshot imported before it ever ran.
+    record_keep_free(db, config.codes.keep_free_mb * MIB)
     trusted = TrustedClock(db=db, mode=config.time.trust_system_clock)
     cache = CodeCache(
         db=db, codes=CodeStore(db), events=EventLog(db), locker_id=config.locker.id,

@@ -255,7 +255,7 @@ class CodeStore:
                         with_event: Callable[[sqlite3.Connection], object] | None,
                         on_rows: Callable[[int], object] | None = None) -> None:
         staging = CodeStaging(self._db, on_rows=on_rows)
-        staging.begin(bundle.version)
+        staging.begin(bundle.version, rows=len(bundle.upsert))
         try:
             staging.add(bundle.upsert)
             staging.swap(SnapshotMeta(version=bundle.version, issued_at=bundle.issued_at,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from lockerd.errors import TrustError
 from lockerd.store.db import CODE_TABLES, Database
+from lockerd.store.diskspace import ROW_BYTES, ensure_room, keep_free_of
 from lockerd.store.turn import WriteTurn
 
 if TYPE_CHECKING:  # the apply process stages rows and must not import the bundle's crypto
@@ -66,6 +67,10 @@ DROP_ROWS = 100_000
 # fsyncs and the copy) every 1000 pages took most of a fill's time. The log grows to about
 # this size at the most, then is written again from its start.
 CHECKPOINT_PAGES = 8000
+# The most the log grows while a snapshot is copied in (pages of 4 KiB), in a check for disk.
+_LOG_BYTES = CHECKPOINT_PAGES * 4096
+# The copy checks the disk is not filling up every this many steps (a statvfs each).
+ROOM_EVERY_STEPS = 256
 
 # Kept in step with lockerd.store.codes (which imports this module for snapshots).
 _COUNT_META = "codes_count"
@@ -270,6 +275,13 @@ def _malformed(version: int, table: str, exc: sqlite3.IntegrityError) -> TrustEr
     return TrustError(f"codes bundle version {version} {what}: {exc}", reason="malformed")
 
 
+def _disk_full(version: int, exc: sqlite3.OperationalError) -> TrustError:
+    """The refusal of a snapshot the disk filled up under (SQLITE_FULL)."""
+    return TrustError(f"codes bundle version {version} filled the disk as it was staged "
+                      f"({exc}): free space on that filesystem, or raise [codes] "
+                      "keep_free_mb so that a snapshot is refused before", reason="no_space")
+
+
 class CodeStaging:
     """A snapshot's code rows built in tables beside the live codes (STAGED), then swapped in.
 
@@ -298,16 +310,26 @@ class CodeStaging:
         self._side: sqlite3.Connection | None = None
         self._token = ""
         self._side_path: Path | None = None
+        self._keep_free = 0
 
-    def begin(self, version: int) -> None:
+    def begin(self, version: int, *, rows: int | None = None) -> None:
         """Discard any leftovers (tables and side files of a crashed fill or of another
         snapshot staged in another process, a retired set not yet emptied) and create empty
         staging tables for snapshot `version`, owned by this staging (OWNER_META): another
-        that staged before finds its `add` and `swap` refused."""
+        that staged before finds its `add` and `swap` refused.
+
+        Disk: a snapshot is refused, TrustError(reason="no_space"), when staging it would
+        leave less than [codes] keep_free_mb free (lockerd/store/diskspace.py): here when
+        `rows` (the snapshot's codes, if known) cannot fit, and at each `add` and before
+        the copy of `swap` as it goes."""
         self.discard()
         self._retire_leftovers()
         for old in self._db.path.parent.glob(f"{self._db.path.name}{SIDE_SUFFIX}*"):
             old.unlink(missing_ok=True)
+        self._keep_free = keep_free_of(self._db)
+        if rows is not None:
+            # The side file and the staging tables, and a log that may grow to its bound.
+            self._ensure_room(2 * rows * ROW_BYTES + _LOG_BYTES, version)
         self._token = secrets.token_hex(8)
         self._side_path = Path(f"{self._db.path}{SIDE_SUFFIX}-{self._token}")
         conn = self._db.conn
@@ -324,6 +346,9 @@ class CodeStaging:
         self._side = side
         self._version = version
         self._count = 0
+
+    def _ensure_room(self, need_bytes: int, version: int) -> None:
+        ensure_room(self._db, need_bytes, version=version, keep_free_bytes=self._keep_free)
 
     def _check_owner(self) -> None:
         """sqlite3.OperationalError if another staging has begun since this one did."""
@@ -351,6 +376,7 @@ class CodeStaging:
         side = self._side
         assert side is not None
         try:
+            self._ensure_room(count * ROW_BYTES, version)
             self._check_owner()
             side.execute("BEGIN")
             for table in CODE_TABLES:
@@ -360,6 +386,10 @@ class CodeStaging:
                                      rows_for(table, rows()))
                 except sqlite3.IntegrityError as exc:
                     raise _malformed(version, table, exc) from exc
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                        raise _disk_full(version, exc) from exc
+                    raise
             side.execute("COMMIT")
         except BaseException:
             self._version = None
@@ -385,6 +415,8 @@ class CodeStaging:
         if path is None or not path.exists():  # deleted by a staging begun since
             self._check_owner()
             raise RuntimeError(f"the staged rows' side file {path} is gone")
+        # The copy takes about what the side file takes, and the log may grow to its bound.
+        self._ensure_room(path.stat().st_size + _LOG_BYTES, self._require())
         conn.execute("ATTACH DATABASE ? AS side", (str(path),))
         try:
             with _side_table_settings(self._db) as give_way:
@@ -400,7 +432,11 @@ class CodeStaging:
         after = f"({key}) > ({', '.join('?' * len(_KEYS[live]))})"
         last: tuple[object, ...] | None = None
         step = 100
+        steps = 0
         while True:
+            steps += 1
+            if steps % ROOM_EVERY_STEPS == 0:  # others write to this disk too
+                self._ensure_room(0, self._require())
             started = time.perf_counter()
             with self._db.transaction():
                 self._check_owner()  # no step into the tables of a staging begun since
@@ -425,7 +461,12 @@ class CodeStaging:
         version = self._require()
         if meta.version != version:
             raise ValueError(f"staging holds snapshot version {version}, not {meta.version}")
-        self._build()
+        try:
+            self._build()
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise _disk_full(version, exc) from exc
+            raise
         self._close_side()
         conn = self._db.conn
         conn.execute("PRAGMA synchronous=FULL")
