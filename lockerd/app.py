@@ -82,6 +82,9 @@ from lockerd.trust.digest import load_code_key, support_window
 from lockerd.trust.dsse import RoleKeys
 from lockerd.trust.parts import PartLimits
 
+# A clean stop: events committed, outputs off, `state` offline (docs/events.md, daemon.stopping).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 log = get_logger("lockerd.app")
 
 DB_NAME = "lockerd.db"
@@ -168,11 +171,11 @@ class App:
             _signed_file_refused("codes", path, exc)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Run until SIGTERM/SIGINT or `stop` is set; outputs are off before and after."""
+        """Run until SIGTERM/SIGINT/SIGHUP or `stop` is set; outputs are off before and after."""
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, self._stop_on, sig)
         frozen = False
         try:
             await self.load_bundle_file()
@@ -204,7 +207,7 @@ class App:
             pass
         finally:
             if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in STOP_SIGNALS:
                     loop.remove_signal_handler(sig)
             if frozen:
                 _thaw_start_heap()
@@ -278,6 +281,13 @@ class App:
 
     def request_stop(self) -> None:
         self.stop.set()
+
+    def _stop_on(self, sig: signal.Signals) -> None:
+        # SIGHUP too: the config is read at the start only, so there is nothing to reload;
+        # a clean stop (not the signal's default, an abrupt death) and, under systemd
+        # (Restart=always), a start with the config as it now is.
+        log.info("stopping on a signal", signal=sig.name)
+        self.request_stop()
 
     async def _wait_stop(self) -> None:
         await self.stop.wait()

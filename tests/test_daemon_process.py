@@ -79,12 +79,18 @@ async def test_pickup_through_the_sim_socket(make_kit: Callable[..., BankKit]) -
     assert not kit.socket_path.exists(), "the control socket is removed at shutdown"
 
 
-async def test_sigint_also_stops_cleanly(make_kit: Callable[..., BankKit]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+async def test_sigint_and_sighup_also_stop_cleanly(make_kit: Callable[..., BankKit],
+                                                   sig: signal.Signals) -> None:
+    """SIGHUP too (its default would kill the daemon abruptly): nothing to reload, the
+    config is read at the start."""
     kit = make_kit([])
     with daemon(kit) as proc:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0
+        err = proc.stderr.read() if proc.stderr else ""
     assert stored_events(kit)[-1].type == "daemon.stopping"
+    assert sig.name in err and "stopping on a signal" in err
 
 
 def test_bad_bundle_files_are_refused_and_previous_codes_stay(

@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon with a configuration file",
-                         description="Run the daemon until SIGTERM or SIGINT.")
+                         description="Run the daemon until SIGTERM, SIGINT or SIGHUP (a clean "
+                         "stop each; the config is read at the start only, so a changed one "
+                         "takes effect at the next start).")
     run.add_argument("-c", "--config", required=True, type=Path, help="TOML configuration file")
 
     demo = sub.add_parser(
