@@ -301,7 +301,8 @@ def copy_database(db: Database, path: Path) -> sqlite3.Connection:
 
 
 def make_cache(db: Database, m: Material) -> CodeCache:
-    """A CodeCache as the daemon builds it (lockerd/app.py build_cache), keyring loaded."""
+    """A CodeCache as the daemon builds it (lockerd/services/banksetup.py build_cache),
+    keyring loaded."""
     cache = CodeCache(
         db=db,
         codes=CodeStore(db),

@@ -22,8 +22,8 @@ import aiomqtt
 from benchbroker import Broker
 from benchlib import LOCKERD, proc_status, report, rss_kib, start_daemon, stop_process
 
-from lockerd.app import DB_NAME
 from lockerd.dev.provision import BankKit, to_toml
+from lockerd.services.banksetup import DB_NAME
 from lockerd.store import open_database
 
 Row = tuple[str, str, str, str | None, str | None, int | None, int, int]

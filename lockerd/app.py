@@ -44,6 +44,7 @@ from lockerd.core.loginthrottle import ThrottleSettings
 from lockerd.errors import ConfigError, LockerdError, TrustError
 from lockerd.logs import get_logger
 from lockerd.mqtt import BrokerSettings, Topics, broker_from_config
+from lockerd.services.banksetup import build_cache, open_bank_database
 from lockerd.services.cache import CodeCache
 from lockerd.services.clock import Clock, TrustedClock
 from lockerd.services.commands import CommandService
@@ -71,15 +72,13 @@ from lockerd.services.systemd import SdNotifier
 from lockerd.services.telemetry import TelemetryService
 from lockerd.store.codes import CodeStore
 from lockerd.store.commands import CommandJournal
-from lockerd.store.db import Database, open_database
-from lockerd.store.diskspace import MIB, record_keep_free
+from lockerd.store.db import Database
 from lockerd.store.events import EventLog
 from lockerd.store.outbox import Outbox
 from lockerd.store.parcels import ParcelStore, SpentTokens
 from lockerd.store.writer import DbWriter
 from lockerd.timeutil import format_time
 from lockerd.trust.digest import load_code_key, support_window
-from lockerd.trust.dsse import RoleKeys
 from lockerd.trust.parts import PartLimits
 
 # A clean stop: events committed, outputs off, `state` offline (docs/events.md, daemon.stopping).
@@ -87,7 +86,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 log = get_logger("lockerd.app")
 
-DB_NAME = "lockerd.db"
 T = TypeVar("T")
 # Restart backoff of a crashed task; a run this long counts as recovered.
 RESTART_MIN_S = 0.5
@@ -526,8 +524,7 @@ def build_app(config: Config, *, clock: Clock | None = None,
     state_dir = config.state_dir
     prepared = prepare(config)
     code_key, context, devices = prepared.code_key, prepared.context, prepared.devices
-    db = open_database(state_dir / DB_NAME)
-    record_keep_free(db, config.codes.keep_free_mb * MIB)
+    db = open_bank_database(config)
     # The one writer of the daemon's commits: a thread with its own connection.
     writer = DbWriter(db.path)
     writer.start()
@@ -721,26 +718,6 @@ def _build_parts(app: App, topics: Topics, max_payload_bytes: int) -> None:
     sync.report("parts", parts.wanted)
     app.parts = parts
     app.services["parts"] = parts.run
-
-
-def build_cache(
-    config: Config,
-    *,
-    db: Database,
-    codes: CodeStore | None = None,
-    events: EventLog | None = None,
-    clock: Clock | None = None,
-    trusted: TrustedClock | None = None,
-) -> CodeCache:
-    """The signed-update cache of a bank, as the daemon and `lockerd import-*` both use it."""
-    trusted = trusted or TrustedClock(db=db, mode=config.time.trust_system_clock)
-    return CodeCache(
-        db=db, codes=codes or CodeStore(db), events=events or EventLog(db),
-        locker_id=config.locker.id,
-        pinned_root=RoleKeys.from_hex(config.trust.root_keys, config.trust.root_threshold),
-        now=(clock or trusted).wall, monotonic=(clock or trusted).monotonic,
-        observe_signed_time=trusted.observe_signed_time,
-    )
 
 
 def _import_keyring_file(config: Config, cache: CodeCache) -> None:

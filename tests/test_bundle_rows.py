@@ -15,7 +15,6 @@ from trustkit import NOW, bundle_doc, code_entry_doc, keys, role, sign_bundle
 
 from lockerd.apply.bundle import ApplyContext, verify_and_apply
 from lockerd.apply.bundlefile import BundleRefused, verify_and_apply_file
-from lockerd.cli import bankcache
 from lockerd.errors import TrustError
 from lockerd.store.db import Database, open_database
 from lockerd.trust.bundle import SnapshotRows, read_envelope, verify_snapshot_rows
@@ -209,12 +208,6 @@ def test_read_envelope_is_parse_envelope(raw: bytes) -> None:
     except TrustError as exc:
         got = (exc.reason, str(exc))
     assert got == expected
-
-
-def test_the_cli_opens_the_cache_as_the_daemon_does() -> None:
-    from lockerd import app
-
-    assert bankcache.DB_NAME == app.DB_NAME
 
 
 TIMES = ["2026-12-01T01:02:03Z", "2028-02-29T23:59:59Z", "2027-02-29T00:00:00Z",

@@ -15,6 +15,10 @@ PROBES = [
     ("hal.base", "hal.registry"),  # the device bases need no backend loader
     ("hal.kerong.codec", "hal.base"),  # the pure codec is bytes in, bytes out
     ("lockerd.trust.digest", "lockerd.trust.dsse"),  # a code digest is an HMAC, no envelopes
+    # `lockerd import-bundle` and `lockerd events` open the bank's database and cache
+    # without the daemon's whole graph (the hal, MQTT, the services).
+    ("lockerd.services.banksetup", "lockerd.app"),
+    ("lockerd.services.banksetup", "lockerd.services.link"),
 ]
 
 

@@ -21,10 +21,10 @@ from uikit import (
     wait_ui,
 )
 
-from lockerd.app import DB_NAME
 from lockerd.dev.ui.app import LockerUi
 from lockerd.dev.ui.link import BankLink
 from lockerd.dev.ui.widgets import CompartmentCell, DisplayPanel
+from lockerd.services.banksetup import DB_NAME
 
 pytestmark = pytest.mark.e2e
 

@@ -164,9 +164,11 @@ def _check(config: Config) -> int:
 
 
 def _open_cache(config: Config) -> tuple[Database, CodeCache]:
-    from lockerd.cli.bankcache import open_cache
+    # Not lockerd.app: the daemon's whole graph (the hal, MQTT, the services) is not needed.
+    from lockerd.services.banksetup import build_cache, open_bank_database
 
-    return open_cache(config)
+    db = open_bank_database(config)
+    return db, build_cache(config, db=db)
 
 
 def _import(config: Config, command: str, file: Path) -> int:
@@ -205,7 +207,7 @@ def _import(config: Config, command: str, file: Path) -> int:
 
 
 def _events(config: Config, n: int) -> int:
-    from lockerd.app import DB_NAME
+    from lockerd.services.banksetup import DB_NAME
     from lockerd.store import EventLog, open_database
 
     path = config.state_dir / DB_NAME

@@ -10,13 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from lockerd.app import DB_NAME, App, build_app
+from lockerd.app import App, build_app
 from lockerd.config import load_config
 from lockerd.dev.demobank import DemoBank
 from lockerd.dev.provision import BankKit
 from lockerd.dev.tour import play_tour
 from lockerd.dev.ui.feed import EventFeed
 from lockerd.dev.ui.link import BankLink, DaemonHooks
+from lockerd.services.banksetup import DB_NAME
 from lockerd.trust.digest import derived_pickup_code
 from sim.backend import world_of
 from sim.client import SimClient
