@@ -19,10 +19,10 @@ from test_parts_e2e import make_parts, send
 from test_sync_mqtt import mqtt_overrides, publish
 from waiting import until_sync
 
-from lockerd.services.banksetup import build_cache
 from lockerd.config import load_config
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.errors import TrustError
+from lockerd.services.banksetup import build_cache
 from lockerd.services.cache import CHILD_MIN_BYTES, CodeCache
 from lockerd.store import CodeStore, EventLog, open_database
 from lockerd.store.staging import STAGING_TABLE
