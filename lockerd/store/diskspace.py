@@ -53,4 +53,4 @@ def ensure_room(db: Database, need_bytes: int, *, version: int, keep_free_bytes:
 
 
 def _mib(n: int) -> str:
-    return f"{max(n, 0) / MIB:.0f}" if n >= 10 * MIB or n <= 0 else f"{n / MIB:.1f}"
+    return f"{n / MIB:.0f}" if n >= 10 * MIB else f"{n / MIB:.1f}"
