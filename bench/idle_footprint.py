@@ -33,12 +33,15 @@ CPU_TARGET_PCT = 0.2
 WAKEUPS_TARGET = 5.0
 RSS_TARGET = 1.3
 # The libraries `lockerd run` imports, and nothing of lockerd: what any daemon doing this work
-# in Python would carry. It prints "ready" once they are in, then idles in asyncio.
+# in Python would carry. It prints "ready" once they are in, then idles in asyncio. structlog
+# is imported as lockerd/logs.py imports it: without rich (installed with textual), which
+# lockerd does not use.
 BARE = (
-    "import asyncio, sqlite3, json, hashlib, hmac, logging, tomllib, ssl; "
+    "import asyncio, sqlite3, json, hashlib, hmac, logging, tomllib, ssl, sys; "
     "import cryptography.hazmat.primitives.asymmetric.ed25519, "
     "cryptography.hazmat.primitives.hashes; "
-    "import msgspec, structlog, aiomqtt, serial, cbor2, base45; "
+    "sys.modules['rich'] = None; import structlog; del sys.modules['rich']; "
+    "import msgspec, aiomqtt, serial, cbor2, base45; "
     "print('ready', flush=True); asyncio.run(asyncio.sleep({s}))"
 )
 

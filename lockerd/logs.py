@@ -8,7 +8,19 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import msgspec
-import structlog
+
+# structlog loads rich, when it is installed (textual brings it), for pretty tracebacks that
+# lockerd does not use (format_exc_info renders them as plain text): about 25 ms of every
+# lockerd start and a few MiB of the daemon's memory. rich is hidden while structlog is
+# imported and available again right after, for the simulator's UI.
+_HIDE_RICH = "rich" not in sys.modules
+if _HIDE_RICH:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+try:
+    import structlog
+finally:
+    if _HIDE_RICH:
+        del sys.modules["rich"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}

@@ -38,3 +38,44 @@ def test_the_daemon_does_not_load_the_simulator_ui_library(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["False"], f"importing {module} loaded textual"
+
+
+@pytest.mark.parametrize("module", ["lockerd.cli.lockerd_cmd", "lockerd.app",
+                                    "lockerd.apply.child", "lockerd.cli.lockerctl_cmd"])
+def test_lockerd_does_not_load_rich_through_structlog(module: str) -> None:
+    # rich (installed with textual) would cost every start about 25 ms and a few MiB, for
+    # tracebacks that lockerd renders as plain text.
+    probe = f"import sys, {module}; print('rich' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"], f"importing {module} loaded rich"
+
+
+def test_rich_and_textual_still_import_after_lockerd_logs() -> None:
+    # rich is hidden only while structlog is imported: the simulator's UI, in the same
+    # process as the daemon's logging, still gets it.
+    probe = ("import sys, lockerd.logs, rich.text, textual.app; "
+             "print(sys.modules['rich'] is not None)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["True"]
+
+
+def test_an_exception_logged_on_a_terminal_is_still_readable() -> None:
+    # Without rich, structlog's console renderer writes the traceback as plain text.
+    probe = ("import io, sys, lockerd.logs as logs\n"
+             "class Tty(io.StringIO):\n"
+             "    def isatty(self): return True\n"
+             "out = Tty()\n"
+             "logs.configure_logging('info', 'console', stream=out)\n"
+             "try:\n"
+             "    raise ValueError('boom')\n"
+             "except ValueError:\n"
+             "    logs.get_logger('t').exception('failed')\n"
+             "sys.stdout.write(out.getvalue())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True)
+    assert "failed" in out.stdout
+    assert "ValueError: boom" in out.stdout
+    assert "Traceback" in out.stdout
+    assert out.stderr == ""
