@@ -1,140 +1,217 @@
-"""Keypress-to-pulse latency of a `lockerd run` subprocess: idle, and while `import-bundle` runs."""
+"""Keypress to unlock frame of `lockerd run` on the wire: idle, and while `import-bundle` runs."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
+import os
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchlib import (
     LOCKERD,
-    START_TIMEOUT_S,
-    Daemon,
     Summary,
     machine_line,
-    provision,
     run_in_work_directory,
-    start_daemon,
     stop_process,
+    unique_codes,
 )
 from benchlib import report as result
-from sim_pickups import PULSE_S, SPRING_DELAY_S, STEP_TIMEOUT_S, one_pickup
+from wirelib import (
+    KERONG,
+    START_TIMEOUT_S,
+    STEP_TIMEOUT_S,
+    FrameClock,
+    LogMarks,
+    Ports,
+    board_emulator,
+    start_daemon,
+)
 
-from lockerd.dev.provision import BankKit
-from sim.client import SimClient
+from lockerd.dev.provision import BankKit, PlainCode, make_bank
+from sim.wire.bank import kerong_wiring
+from sim.world import SimWorld
 
 TARGET_RATIO = 2.0
 """The target: p99 keypress-to-pulse while a big import runs within 2x of idle."""
-STAGING = "codes_staging"
-START_S_PER_CODE = 0.001
-"""Time the daemon is given to start per code of its bundle file, beside benchlib's."""
+START_S_PER_CODE = 0.0002
+"""Time the daemon is given to start per code of its bundle file, beside START_TIMEOUT_S."""
+IMPORT_S_PER_CODE = 0.0002
+"""Time an import is given per code, beside START_TIMEOUT_S."""
+QUIET_S = 0.02
+"""Each pickup's keys are written at least this long after the previous pickup ended..."""
+PACE_S = 0.3
+"""...and this long after the previous one's were: a code and '#' (8 keys) every 0.3 s stays
+under the keypad's flood limit (30 keys a second, hal/serial_input.py), idle or not."""
+BOARD_PULSE_S = 0.05
+"""The emulated boards' pulse: the latch engages again this long after an unlock, and the
+door, shut, reads closed at the next poll (the 0.5 s of a real board made a pickup 0.6 s)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Start `lockerd run` on a simulated bank holding N codes and time pickups "
-        "through the sim control socket (press CODE# -> the door seen open, the doors spring "
-        "at once, so that is the pulse): first idle, then while `lockerd import-bundle` of a "
-        "snapshot of N codes runs beside it in its own process (timed from the moment its "
-        "staging table is being filled until it exits; another import follows while fewer "
-        "than --pickups were timed, up to --imports). Prints the p99 of each, their ratio "
-        "and the target; asserts nothing.")
+        description="Start `lockerd run` with its real serial keypad and Kerong drivers on "
+        "pseudo-terminals (the bench types on the keypad pty and emulates the boards, as "
+        "keypress_to_unlock.py), on a bank holding N codes, and time pickups from the "
+        "CODE# written on the keypad to the unlock frame read on the board pty: first idle, "
+        "then for the whole run of `lockerd import-bundle` of a snapshot of N codes beside it "
+        "in its own process (from its start to its exit; another import follows while fewer "
+        "than --pickups were timed, up to --imports). Between two pickups the bench waits on "
+        "the daemon's log (the door seen open, then shut on its parcel), so it takes no "
+        "CPU from the daemon. Prints the p99 of each, their ratio and the target; asserts "
+        "nothing.")
     parser.add_argument("--codes", type=int, default=1_000_000, metavar="N",
                         help="codes held and imported (1000000)")
     parser.add_argument("--pickups", type=int, default=200, metavar="N",
                         help="timed pickups idle, and at least this many during imports (200)")
-    parser.add_argument("--imports", type=int, default=3, metavar="N",
-                        help="imports at most, to time --pickups during them (3)")
+    parser.add_argument("--imports", type=int, default=4, metavar="N",
+                        help="imports at most, to time --pickups during them (4)")
     parser.add_argument("--compartments", type=int, default=16, metavar="N",
-                        help="compartments of the bank (16)")
+                        help="compartments of the bank, used in turn (16)")
     parser.add_argument("--dir", type=Path, default=None, metavar="PATH",
                         help="work under PATH and keep it (default: a temporary directory)")
     args = parser.parse_args(argv)
     if min(args.codes, args.pickups, args.imports, args.compartments) < 1:
         parser.error("every count must be at least 1")
+    if args.codes < args.compartments:
+        parser.error("--codes must be at least --compartments")
     return args
 
 
-def import_writing(db: Path) -> bool:
-    """Has the import begun writing? Its staging table exists, or (a store that applies a
-    snapshot in one transaction, as before the staging table) it holds the write lock."""
-    conn = sqlite3.connect(db, isolation_level=None, timeout=0)
-    try:
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
-                        (STAGING,)).fetchone() is not None:
-            return True
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
-            return True
-        conn.execute("ROLLBACK")
-        return False
-    finally:
-        conn.close()
+@dataclass
+class Bank:
+    """The daemon on the wire, the boards the bench emulates for it, and its codes."""
+
+    kit: BankKit
+    keypad: int
+    world: SimWorld
+    clock: FrameClock
+    marks: LogMarks
+    slots: dict[str, tuple[int, int]]
+    codes: list[PlainCode]
+    proc: subprocess.Popen[bytes]
+    used: int = 0
+    last_write: float = 0.0
+
+    async def pickup(self) -> float:
+        """One pickup on the next compartment: CODE# in one write, the seconds to its unlock
+        frame. Untimed after it: the door seen open, shut on its parcel, and the use given
+        back (pickup.incomplete), so the code works again."""
+        code = self.codes[self.used % len(self.codes)]
+        self.used += 1
+        cid = code.compartment or ""
+        await asyncio.sleep(max(QUIET_S, self.last_write + PACE_S - time.monotonic()))
+        self.last_write = time.monotonic()
+        frame = self.clock.expect(*self.slots[cid])
+        t0 = time.perf_counter()
+        os.write(self.keypad, (code.code + "#").encode("ascii"))
+        async with asyncio.timeout(STEP_TIMEOUT_S):
+            t1 = await frame
+        await self.marks.event("pickup.opened", cid)
+        self.world.close_door(cid)
+        await self.marks.event("pickup.incomplete", cid)
+        return t1 - t0
 
 
-async def pickups_while(sim: SimClient, kit: BankKit, daemon: Daemon,
-                        until: asyncio.subprocess.Process | None, n: int,
-                        start: int) -> tuple[list[float], int]:
-    """Time pickups in turn over the compartments: `n` of them, or (with `until`) as many as
-    fit before that process exits. Returns the times and the next code index."""
-    codes = [(c.code, c.compartment or "") for c in kit.codes[: 4 * len(kit.compartments)]]
-    times: list[float] = []
-    i = start
-    while len(times) < n and (until is None or until.returncode is None):
-        code, cid = codes[i % len(codes)]
-        i += 1
-        pickup = await one_pickup(sim, code, cid, daemon, "burst")
-        if until is None or until.returncode is None:
-            times.append(pickup.open_s)
-    return times, i
+def provision(work: Path, args: argparse.Namespace, ports: Ports) -> tuple[BankKit, list[str]]:
+    ids = [str(i) for i in range(1, args.compartments + 1)]
+    plain = [PlainCode(id=f"p-{n}", code=c, compartment=ids[n % len(ids)], parcel_id=f"PX{n}",
+                       max_uses=1)
+             for n, c in enumerate(unique_codes(args.codes))]
+    wire = ports.open()
+    kit = make_bank(
+        work / "bank", compartments=len(ids), codes=plain, parcels=ids, socket=False,
+        wire=wire.directory,
+        overrides={"logging": {"level": "info", "format": "json"},
+                   "doors": {"pulse_s": 0.2},
+                   "backends": {"kerong": dict(KERONG)}})
+    return kit, ids
 
 
-async def measure(kit: BankKit, daemon: Daemon, args: argparse.Namespace,
-                  work: Path) -> tuple[list[float], list[float], list[float]]:
-    db = kit.state_dir / "lockerd.db"
-    imports_s: list[float] = []
+async def imports(bank: Bank, args: argparse.Namespace,
+                  work: Path) -> tuple[list[float], list[float]]:
+    """Pickups one after another for the whole of each import, from its start to its exit;
+    imports one after another until --pickups were timed or --imports ran."""
     busy: list[float] = []
-    async with SimClient(kit.socket_path, timeout=STEP_TIMEOUT_S) as sim:
-        await pickups_while(sim, kit, daemon, None, 8, 0)  # warm-up
-        idle, i = await pickups_while(sim, kit, daemon, None, args.pickups, 8)
-        for k in range(args.imports):
-            if len(busy) >= args.pickups:
-                break
-            bundle = work / f"import-{k}.json"
-            bundle.write_bytes(kit.bundle(kit.codes, version=2 + k))
+    imports_s: list[float] = []
+    for k in range(args.imports):
+        if len(busy) >= args.pickups:
+            break
+        bundle = work / f"import-{k}.json"
+        bundle.write_bytes(bank.kit.bundle(bank.kit.codes, version=2 + k))
+        err_path = work / f"import-{k}.log"
+        with err_path.open("wb") as err:
             t0 = time.perf_counter()
             proc = await asyncio.create_subprocess_exec(
-                *LOCKERD, "import-bundle", "-c", str(kit.config_path), str(bundle),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-            try:
-                # Polled: the staging table is another process's.
-                while proc.returncode is None and not import_writing(db):  # noqa: ASYNC110
-                    await asyncio.sleep(0.005)
-                times, i = await pickups_while(sim, kit, daemon, proc, args.pickups, i)
-                busy.extend(times)
-            finally:
-                _, err = await proc.communicate()
-            imports_s.append(time.perf_counter() - t0)
-            if proc.returncode != 0:
-                raise RuntimeError(f"import-bundle failed ({proc.returncode}): {err.decode()}")
-            if b"database is locked" in err:
-                raise RuntimeError("import-bundle met a locked database")
-            bundle.unlink()
+                *LOCKERD, "import-bundle", "-c", str(bank.kit.config_path), str(bundle),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        limit_s = START_TIMEOUT_S + args.codes * IMPORT_S_PER_CODE
+        try:
+            while proc.returncode is None:
+                took = await bank.pickup()
+                if proc.returncode is None:  # one that ended after the import is not "during"
+                    busy.append(took)
+                if time.perf_counter() - t0 > limit_s:
+                    raise RuntimeError(f"import-bundle ran for more than {limit_s:.0f} s")
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+        imports_s.append(time.perf_counter() - t0)
+        log = err_path.read_text(encoding="utf-8", errors="replace")
+        if proc.returncode != 0:
+            raise RuntimeError(f"import-bundle failed ({proc.returncode}): {log[-2000:]}")
+        if "database is locked" in log:
+            raise RuntimeError("import-bundle met a locked database")
+        bundle.unlink()
+    return busy, imports_s
+
+
+async def measure(args: argparse.Namespace,
+                  work: Path) -> tuple[list[float], list[float], list[float]]:
+    ports = Ports(work / "wire")
+    print(f"provisioning {args.codes} codes...", file=sys.stderr)
+    kit, ids = provision(work, args, ports)
+    world = SimWorld(ids, parcels=ids, spring_delay_s=0.0)
+    emulator = board_emulator(world, ids, pulse_s=BOARD_PULSE_S)
+    clock = FrameClock()
+    emulator.listeners.append(clock.heard)
+    board_task = asyncio.create_task(emulator.run(ports.masters["kerong"]))
+    proc, marks = start_daemon(kit, work / "daemon.log")
+    try:
+        # The daemon applies the bank's bundle file of N codes before it runs.
+        await marks.wait(lambda r: r.get("event") == "lockerd running", "the daemon to run",
+                         START_TIMEOUT_S + args.codes * START_S_PER_CODE)
+        slots = {cid: (int(p.split("/")[0]), int(p.split("/")[1]))
+                 for cid, p in kerong_wiring(ids).items()}
+        # Codes of every compartment in turn; a code comes back after each use.
+        bank = Bank(kit, ports.masters["keypad"], world, clock, marks, slots,
+                    kit.codes[: 4 * len(ids)], proc)
+        for _ in range(8):  # warm-up
+            await bank.pickup()
+        idle = [await bank.pickup() for _ in range(args.pickups)]
+        busy, imports_s = await imports(bank, args, work)
+    finally:
+        board_task.cancel()
+        code = stop_process(proc)
+        ports.close()
+    if code != 0:
+        raise RuntimeError(f"the daemon exited with status {code}")
     return idle, busy, imports_s
 
 
 def report(args: argparse.Namespace, idle: list[float], busy: list[float],
            imports_s: list[float]) -> None:
     a, b = Summary.of(idle), Summary.of(busy)
-    print("import_while_serving: keypress (CODE# over the sim socket) to the door seen open")
+    print("import_while_serving: keypress (CODE# on the keypad pty) to the unlock frame on the "
+          "board pty, `lockerd run` on the wire")
     print(f"  {machine_line()}")
     print(f"  bank: {args.codes} codes held, a snapshot of {args.codes} imported by "
           f"`lockerd import-bundle` ({len(imports_s)} imports, "
-          f"{', '.join(f'{s:.1f}' for s in imports_s)} s each)")
+          f"{', '.join(f'{s:.1f}' for s in imports_s)} s each, pickups from start to exit)")
     print(f"  {'':28} {'n':>5} {'median ms':>10} {'p99 ms':>8} {'max ms':>8}")
     for label, s in (("idle (baseline)", a), ("while import-bundle runs", b)):
         print(f"  {label:28} {s.n:>5} {s.median * 1e3:>10.2f} {s.p99 * 1e3:>8.2f} "
@@ -143,7 +220,7 @@ def report(args: argparse.Namespace, idle: list[float], busy: list[float],
     verdict = "holds" if ratio <= TARGET_RATIO else "MISSED"
     print(f"  p99 ratio {ratio:.2f}x (target <= {TARGET_RATIO:.1f}x: {verdict})")
     result(f"import_while_serving {args.codes} codes",
-           f"p99 keypress to pulse {b.p99 * 1e3:.2f} ms while import-bundle runs against "
+           f"p99 keypress to unlock frame {b.p99 * 1e3:.2f} ms while import-bundle runs against "
            f"{a.p99 * 1e3:.2f} ms idle (medians {b.median * 1e3:.2f} and {a.median * 1e3:.2f} ms)",
            ratio, TARGET_RATIO)
     if b.n < args.pickups:
@@ -152,18 +229,7 @@ def report(args: argparse.Namespace, idle: list[float], busy: list[float],
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
-    print(f"provisioning {args.codes} codes...", file=sys.stderr)
-    kit = provision(work / "bank", compartments=args.compartments, codes=args.codes,
-                    doors={"pulse_s": PULSE_S}, sim={"spring_delay_s": SPRING_DELAY_S})
-    # The daemon applies the bank's bundle file of N codes before it shows idle: a minute or
-    # more at a million codes.
-    daemon = start_daemon(kit, timeout_s=START_TIMEOUT_S + args.codes * START_S_PER_CODE)
-    try:
-        idle, busy, imports_s = asyncio.run(measure(kit, daemon, args, work))
-    finally:
-        code = stop_process(daemon.proc)
-    if code != 0:
-        raise RuntimeError(f"the daemon exited with status {code}:\n{daemon.log_tail()}")
+    idle, busy, imports_s = asyncio.run(measure(args, work))
     report(args, idle, busy, imports_s)
 
 

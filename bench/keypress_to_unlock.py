@@ -29,6 +29,7 @@ from wire_relay import fill, unlock_frame
 from wirelib import (
     KERONG,
     STEP_TIMEOUT_S,
+    FrameClock,
     LogMarks,
     Ports,
     board_emulator,
@@ -36,7 +37,7 @@ from wirelib import (
     until_keypad_open,
 )
 
-from hal.kerong.codec import CMD_UNLOCK, Request, RequestDecoder, encode_unlock
+from hal.kerong.codec import RequestDecoder, encode_unlock
 from lockerd.dev.provision import BankKit, PlainCode, make_bank
 from sim.wire.bank import WirePaths, kerong_wiring
 from sim.world import SimWorld
@@ -86,26 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the wire harness ---------------------------------------------------------------------
-
-
-class FrameClock:
-    """Unlock frames seen on a board pty, each with the perf_counter time it was read."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[tuple[int, int], asyncio.Future[float]] = {}
-
-    def heard(self, request: Request) -> None:
-        if request.cmd != CMD_UNLOCK:
-            return
-        now = time.perf_counter()
-        future = self._waiting.pop((request.board, request.lock), None)
-        if future is not None and not future.done():
-            future.set_result(now)
-
-    def expect(self, board: int, lock: int) -> asyncio.Future[float]:
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._waiting[(board, lock)] = future
-        return future
 
 
 def watch_unlocks(fd: int, clock: FrameClock) -> None:

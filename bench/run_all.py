@@ -65,7 +65,7 @@ PLAN: tuple[Bench, ...] = (
     Bench("parts_over_mqtt", "parts_over_mqtt", ("--codes", "1000000"),
           (("--quick",), ("--codes", "10000"))),
     Bench("import_while_serving", "import_while_serving", (),
-          (("--quick",), ("--codes", "10000", "--pickups", "50", "--imports", "1"),
+          (("--quick",), ("--codes", "100000", "--pickups", "20", "--imports", "2"),
            ("--codes", "10000"))),
     Bench("loop_lag", "loop_lag", (), (("--quick",), ("--codes", "10000"))),
 )

@@ -1,6 +1,6 @@
 """The simulator-socket pickup helpers that bench/credentials.py times scans and key presses
-with (and import_while_serving.py pickups with): a pickup record, one pickup over the sim
-socket, waiting on its `state`, and the daemon's log marks per pickup."""
+with: a pickup record, one pickup over the sim socket, waiting on its `state`, and the
+daemon's log marks per pickup."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from benchlib import LOCKERD
 
+from hal.kerong.codec import CMD_UNLOCK, Request
 from lockerd.dev.provision import BankKit
 from sim.wire.bank import WirePaths, kerong_wiring
 from sim.wire.kerong import KerongEmulator
@@ -91,13 +92,37 @@ class LogMarks:
                         f"{type_} of compartment {cid}")
 
 
-def board_emulator(world: SimWorld, compartments: list[str]) -> KerongEmulator:
-    """CU16 boards wired as `make_bank(wire=...)` configures them."""
+class FrameClock:
+    """Unlock frames seen on a board pty, each with the perf_counter time it was read."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[int, int], asyncio.Future[float]] = {}
+
+    def heard(self, request: Request) -> None:
+        if request.cmd != CMD_UNLOCK:
+            return
+        now = time.perf_counter()
+        future = self._waiting.pop((request.board, request.lock), None)
+        if future is not None and not future.done():
+            future.set_result(now)
+
+    def expect(self, board: int, lock: int) -> asyncio.Future[float]:
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._waiting[(board, lock)] = future
+        return future
+
+
+def board_emulator(world: SimWorld, compartments: list[str], *,
+                   pulse_s: float | None = None) -> KerongEmulator:
+    """CU16 boards wired as `make_bank(wire=...)` configures them; `pulse_s`, the boards'
+    own pulse length (the emulator's default if None)."""
     boards: dict[int, dict[int, str]] = {}
     for cid, place in kerong_wiring(compartments).items():
         b, n = (int(x) for x in place.split("/"))
         boards.setdefault(b, {})[n] = cid
-    return KerongEmulator(world, boards=boards, engaged_bit=1)
+    if pulse_s is None:
+        return KerongEmulator(world, boards=boards, engaged_bit=1)
+    return KerongEmulator(world, boards=boards, engaged_bit=1, pulse_s=pulse_s)
 
 
 def start_daemon(kit: BankKit, log_path: Path) -> tuple[subprocess.Popen[bytes], LogMarks]:
