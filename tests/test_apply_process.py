@@ -19,7 +19,6 @@ from test_parts_e2e import make_parts, send
 from test_sync_mqtt import mqtt_overrides, publish
 from waiting import until_sync
 
-from lockerd.apply.process import ApplyProcess
 from lockerd.config import load_config
 from lockerd.dev.provision import BankKit, PlainCode
 from lockerd.errors import TrustError
@@ -266,20 +265,6 @@ async def test_the_apply_process_of_parts_does_not_import_the_bundle_verificatio
     assert {"lockerd.apply.staging", "lockerd.trust.partwire"} <= imported
     assert sorted(m for m in imported
                   if any(m == bad or m.startswith(bad + ".") for bad in NOT_FOR_PARTS)) == []
-
-
-def test_an_apply_process_runs_at_the_idle_cpu_policy(kit: BankKit) -> None:
-    """It stages beside the daemon (lockerd/apply/cpupolicy.py): a pickup comes first."""
-    process = ApplyProcess(kit.state_dir / "lockerd.db")
-    process.start()
-    try:
-        pid = process.pid
-        assert pid is not None
-        until_sync(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE, 10,
-                   what="the apply process on the idle policy")
-    finally:
-        process.close()
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # this process kept its own
 
 
 def test_an_apply_process_dies_with_the_daemon(kit: BankKit) -> None:

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from lockerd.apply import cpupolicy
+from lockerd.cli import cpupolicy
 
 pytestmark = pytest.mark.unit
 
 
 def test_the_process_is_put_on_the_idle_policy() -> None:
     # In a child: the policy is the calling process's, and the test runner keeps its own.
-    probe = ("import os; from lockerd.apply.cpupolicy import yield_cpu_to_others; "
+    probe = ("import os; from lockerd.cli.cpupolicy import yield_cpu_to_others; "
              "print(os.sched_getscheduler(0) == os.SCHED_IDLE, yield_cpu_to_others(), "
              "os.sched_getscheduler(0) == os.SCHED_IDLE)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

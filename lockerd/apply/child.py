@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lockerd.apply.cpupolicy import yield_cpu_to_others
 from lockerd.apply.frames import encode_reply, read_request
 from lockerd.apply.staging import PartsStager
 from lockerd.errors import TrustError
@@ -152,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
               "by hand)", file=sys.stderr)
         return 2
     die_with_parent(int(args[1]))
-    # It stages beside the daemon that started it: a pickup's thread gets the core first.
-    yield_cpu_to_others()
     # The replies keep the real stdout; anything printed by mistake goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

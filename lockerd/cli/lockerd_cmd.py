@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from hal.errors import HalError
 from lockerd import __version__
-from lockerd.apply.cpupolicy import yield_cpu_to_others
+from lockerd.cli.cpupolicy import yield_cpu_to_others
 from lockerd.config import Config, load_config
 from lockerd.errors import LockerdError, StoreError, TrustError
 from lockerd.logs import configure_logging, get_logger

@@ -1,4 +1,4 @@
-"""A process that stages a snapshot yields the CPU: the daemon beside it is scheduled first."""
+"""`lockerd import-bundle` yields the CPU: a daemon beside it is scheduled first."""
 
 from __future__ import annotations
 
