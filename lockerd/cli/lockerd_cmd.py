@@ -11,17 +11,15 @@ from typing import TYPE_CHECKING
 
 from hal.errors import HalError
 from lockerd import __version__
-from lockerd.cli.cpupolicy import yield_cpu_to_others
 from lockerd.config import Config, load_config
 from lockerd.errors import LockerdError, StoreError, TrustError
-from lockerd.logs import configure_logging, get_logger
+from lockerd.logs import configure_logging
 
 if TYPE_CHECKING:
     from lockerd.services.cache import CodeCache
     from lockerd.store import Database
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-log = get_logger("lockerd.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,9 +82,8 @@ def _parser() -> argparse.ArgumentParser:
             description=f"Verify a signed {what} file exactly as the daemon does and, if it is "
             "accepted, store it in the bank's database (works while the daemon runs: a snapshot "
             "is written beside the codes in use in short transactions and swapped in at once, "
-            "so a commit of the daemon waits for one of those at most; import-bundle runs at "
-            "Linux's idle CPU policy, so the daemon's work comes first). A refused file "
-            "changes nothing; the reason is printed and recorded as a cache.rejected event.")
+            "so a commit of the daemon waits for one of those at most). A refused file changes "
+            "nothing; the reason is printed and recorded as a cache.rejected event.")
         imp.add_argument("-c", "--config", required=True, type=Path)
         imp.add_argument("file", type=Path)
 
@@ -182,9 +179,6 @@ def _import(config: Config, command: str, file: Path) -> int:
     except OSError as exc:
         print(f"lockerd: cannot read {file}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
-    if command == "import-bundle" and yield_cpu_to_others():
-        # A snapshot takes seconds of CPU to verify and stage; the daemon's pickups come first.
-        log.info("import-bundle runs at the idle CPU policy", cpu_policy="idle")
     db, cache = _open_cache(config)
     try:
         if command == "import-keyring":
