@@ -39,8 +39,9 @@ from lockerd.trust.parts import (
 log = get_logger("lockerd.parts")
 T = TypeVar("T")
 # The staging connection's page cache while filling: what a transfer adds to the daemon's
-# memory is this, a few parts in flight and one part decoded (the 2x-idle target of a 1M set).
-PARTS_CACHE_KIB = 16384
+# memory is this, a few parts in flight and one part decoded (the 2x-idle target of a 1M set:
+# with 16 MiB it was 2.02x, 1.96x with 12, and the fill no slower; docs/benchmarks.md).
+PARTS_CACHE_KIB = 12288
 
 
 class PartRefused(Exception):
