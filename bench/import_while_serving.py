@@ -92,7 +92,6 @@ class Bank:
     marks: LogMarks
     slots: dict[str, tuple[int, int]]
     codes: list[PlainCode]
-    proc: subprocess.Popen[bytes]
     used: int = 0
     last_write: float = 0.0
 
@@ -189,7 +188,7 @@ async def measure(args: argparse.Namespace,
                  for cid, p in kerong_wiring(ids).items()}
         # Codes of every compartment in turn; a code comes back after each use.
         bank = Bank(kit, ports.masters["keypad"], world, clock, marks, slots,
-                    kit.codes[: 4 * len(ids)], proc)
+                    kit.codes[: 4 * len(ids)])
         for _ in range(8):  # warm-up
             await bank.pickup()
         idle = [await bank.pickup() for _ in range(args.pickups)]
