@@ -244,22 +244,24 @@ def measure_mqtt(kit: BankKit, work: Path, sizes: Sequence[int],
     page cache) in the same disk state. A size too big for one message is returned as its
     envelope size."""
     out: list[MqttResult | int] = []
-    (work / "broker").mkdir(exist_ok=True)
-    broker = Broker(work / "broker")
-    broker.start()
-    try:
-        for size in sizes:
-            raw = (inputs_dir(work) / f"snapshot-{size}.json").read_bytes()
-            if len(raw) > MQTT_MAX_BYTES:
-                out.append(len(raw))
-                continue
-            directory = work / f"mqtt-{size}"
-            directory.mkdir(parents=True, exist_ok=True)
-            bare_s = bare_insert_seconds(inputs_dir(work) / f"snapshot-{size}.rows",
-                                         directory / "bare.db", cache_kib)
+    for size in sizes:
+        raw = (inputs_dir(work) / f"snapshot-{size}.json").read_bytes()
+        if len(raw) > MQTT_MAX_BYTES:
+            out.append(len(raw))
+            continue
+        directory = work / f"mqtt-{size}"
+        directory.mkdir(parents=True, exist_ok=True)
+        bare_s = bare_insert_seconds(inputs_dir(work) / f"snapshot-{size}.rows",
+                                     directory / "bare.db", cache_kib)
+        # A broker of its own for each size: the banks share a client id, and a session the
+        # broker kept from the size before could hand this bank that size's snapshot again.
+        (directory / "broker").mkdir(exist_ok=True)
+        broker = Broker(directory / "broker")
+        broker.start()
+        try:
             out.append(_mqtt_one(kit, directory, broker, size, raw, bare_s))
-    finally:
-        broker.stop()
+        finally:
+            broker.stop()
     return out
 
 
@@ -279,7 +281,7 @@ def _mqtt_one(kit: BankKit, directory: Path, broker: Broker, size: int, raw: byt
     try:
         prefix = f"lockers/{kit.locker_id}/"
         seconds, idle_kib = asyncio.run(_publish_and_wait(
-            broker, prefix, raw, directory / "state" / DB_NAME, daemon.pid))
+            broker, prefix, raw, size, directory / "state" / DB_NAME, daemon.pid))
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"the daemon exited:\n{daemon.log_tail()}")
         peak_kib = int(proc_status(daemon.pid)["VmHWM"].split()[0])
@@ -288,10 +290,11 @@ def _mqtt_one(kit: BankKit, directory: Path, broker: Broker, size: int, raw: byt
     return MqttResult(size, len(raw), seconds, idle_kib, peak_kib, bare_s)
 
 
-async def _publish_and_wait(broker: Broker, prefix: str, raw: bytes, db_path: Path,
+async def _publish_and_wait(broker: Broker, prefix: str, raw: bytes, size: int, db_path: Path,
                             pid: int) -> tuple[float, int]:
-    """Wait for the bank online, publish the snapshot, poll its database for the outcome;
-    returns (seconds from publish to cache.updated, RSS just before publishing)."""
+    """Wait for the bank online, publish the snapshot of `size` codes, poll its database for
+    the outcome; returns (seconds from publish to cache.updated, RSS just before publishing).
+    RuntimeError if it was refused, or if what was applied is not a snapshot of `size`."""
     async with aiomqtt.Client(broker.host, broker.port, logger=QUIET) as client:
         await client.subscribe(prefix + "state", qos=1)
         async with asyncio.timeout(30):
@@ -316,6 +319,8 @@ async def _publish_and_wait(broker: Broker, prefix: str, raw: bytes, db_path: Pa
             db.close()
     if row[0] != "cache.updated":
         raise RuntimeError(f"the bank refused the snapshot: {row[1]}")
+    if json.loads(row[1]).get("upserted") != size:
+        raise RuntimeError(f"the bank applied another snapshot than the one timed: {row[1]}")
     return seconds, idle_kib
 
 
