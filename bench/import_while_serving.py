@@ -28,6 +28,7 @@ from wirelib import (
     LogMarks,
     Ports,
     board_emulator,
+    shut_after_pickup,
     start_daemon,
 )
 
@@ -109,9 +110,7 @@ class Bank:
         os.write(self.keypad, (code.code + "#").encode("ascii"))
         async with asyncio.timeout(STEP_TIMEOUT_S):
             t1 = await frame
-        await self.marks.event("pickup.opened", cid)
-        self.world.close_door(cid)
-        await self.marks.event("pickup.incomplete", cid)
+        await shut_after_pickup(self.marks, self.world, cid)
         return t1 - t0
 
 

@@ -33,6 +33,7 @@ from wirelib import (
     LogMarks,
     Ports,
     board_emulator,
+    shut_after_pickup,
     start_daemon,
     until_keypad_open,
 )
@@ -169,9 +170,7 @@ async def daemon_pickup(system: System, marks: LogMarks, world: SimWorld, code: 
     back: pickup.incomplete), so the same code works again in the next phase."""
     cid = code.compartment or ""
     taken = await system.press(code.code, slot, phase)
-    await marks.event("pickup.opened", cid)
-    world.close_door(cid)
-    await marks.event("pickup.incomplete", cid)
+    await shut_after_pickup(marks, world, cid)
     return taken
 
 

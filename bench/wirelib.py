@@ -112,6 +112,14 @@ class FrameClock:
         return future
 
 
+async def shut_after_pickup(marks: LogMarks, world: SimWorld, cid: str) -> None:
+    """After a pickup's unlock: the door seen open, shut on its parcel, and the use given back
+    (pickup.incomplete), so the same code works again."""
+    await marks.event("pickup.opened", cid)
+    world.close_door(cid)
+    await marks.event("pickup.incomplete", cid)
+
+
 def board_emulator(world: SimWorld, compartments: list[str], *,
                    pulse_s: float | None = None) -> KerongEmulator:
     """CU16 boards wired as `make_bank(wire=...)` configures them; `pulse_s`, the boards'
