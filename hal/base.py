@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # The value types live in hal.values (the core imports them from there); re-exported here so
 # backends and the daemon keep importing everything of the hal from one place.
 __all__ = [
+    "ArmedPulse",
     "Device",
     "DeviceHealth",
     "Display",
@@ -96,6 +97,27 @@ MAX_PULSE_S: Final = 10.0
 """No backend energises a lock for longer than this in one pulse, whatever it is asked."""
 
 
+class ArmedPulse(ABC):
+    """A pulse made ready by `LockDriver.arm_pulse`: its output is reserved for it until
+    `finish` or `release`.
+
+    `fire` may be called from any thread, once the commit that reports the pulse is on the
+    disk; it starts the output and never raises. Then, on the event loop, exactly one of:
+    `finish` once the commit is known to have succeeded (completes the pulse, starts it now
+    if `fire` did not run, raises HardwareFault when the output failed), or `release` when
+    it failed or nobody waits for it any more (frees the output; a `fire` after it does
+    nothing, one before it has sent its pulse)."""
+
+    @abstractmethod
+    def fire(self) -> None: ...
+
+    @abstractmethod
+    async def finish(self) -> None: ...
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+
 class LockDriver(Device):
     """Drives the door locks of the compartments.
 
@@ -125,6 +147,20 @@ class LockDriver(Device):
             raise HardwareFault(f"{self.config_key}: pulse duration must be positive (a finite "
                                 f"number of seconds), not {duration_s!r}")
         await self._pulse(compartment, min(float(duration_s), self.max_pulse_s, MAX_PULSE_S))
+
+    async def arm_pulse(self, compartment: str) -> ArmedPulse | None:
+        """Make ready, on the event loop, a pulse of `compartment` that another thread can
+        start the instant its commit is on the disk (safety rule 1 still holds: the thread
+        fires only after that). None when this driver cannot (the default), or cannot now:
+        the caller then pulses through `pulse` as always. Only a driver whose pulse has a
+        length of its own (a board-timed one) arms: it takes no duration."""
+        if compartment not in self.context.compartments:
+            return None
+        return await self._arm_pulse(compartment)
+
+    async def _arm_pulse(self, compartment: str) -> ArmedPulse | None:
+        """A backend whose output can be started from any thread overrides this."""
+        return None
 
     @abstractmethod
     async def _pulse(self, compartment: str, duration_s: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sqlite3
+import threading
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,7 +17,7 @@ import pytest
 import structlog
 from conftest import wait_until
 
-from hal.base import DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scanned
+from hal.base import ArmedPulse, DoorChanged, DoorState, KeyPressed, OccupancyChanged, Scanned
 from hal.registry import HalContext
 from lockerd.core import messages
 from lockerd.core.bank import Bank, DepositRules, RequestRefused
@@ -273,6 +274,81 @@ async def test_through_the_writer_thread_the_event_is_committed_before_the_pulse
         # Committed (the loop's connection reads it at once), flushed by the writer after.
         assert rig.types() == ["lock.pulse", "door.opened", "pickup.opened"]
         await writer.flush()
+    finally:
+        await asyncio.to_thread(writer.close)
+        rig.db.close()
+
+
+class ArmingLock(SimLockDriver):
+    """The simulator's lock with a pulse that can be armed, as the Kerong driver's: it
+    records on which thread `fire` ran and what the database held at that moment."""
+
+    calls: ClassVar[list[str]] = []
+    fired: ClassVar[list[tuple[int, list[str]]]] = []
+
+    async def _arm_pulse(self, compartment: str) -> ArmedPulse | None:
+        return WitnessArmed(self, compartment)
+
+
+class WitnessArmed(ArmedPulse):
+    def __init__(self, lock: ArmingLock, compartment: str) -> None:
+        self._lock = lock
+        self._compartment = compartment
+
+    def fire(self) -> None:
+        conn = sqlite3.connect(self._lock.context.state_dir / "lockerd.db")
+        try:
+            types = [r[0] for r in conn.execute("SELECT type FROM events ORDER BY seq")]
+        finally:
+            conn.close()
+        ArmingLock.calls.append("fire")
+        ArmingLock.fired.append((threading.get_ident(), types))
+
+    async def finish(self) -> None:
+        ArmingLock.calls.append(f"finish {self._compartment}")
+        self._lock.world.pulses.append(self._compartment)
+
+    def release(self) -> None:
+        ArmingLock.calls.append(f"release {self._compartment}")
+
+
+async def test_through_the_writer_thread_an_armed_pulse_fires_there_after_the_commit(
+        tmp_path: Path) -> None:
+    open_database(tmp_path / "lockerd.db").close()
+    writer = DbWriter(tmp_path / "lockerd.db")
+    writer.start()
+    ArmingLock.calls, ArmingLock.fired = [], []
+    rig = _rig(tmp_path, lock_class=ArmingLock, writer=writer)
+    try:
+        await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+        await rig.ctl.wait_pulses()
+        assert ArmingLock.calls == ["fire", "finish 1"]
+        ((thread, on_disk),) = ArmingLock.fired
+        # Sent from the writer's thread, with the event already readable by another
+        # connection (on the disk: the commit ran at synchronous=FULL before it).
+        assert thread != threading.get_ident()
+        assert on_disk == ["lock.pulse"]
+        assert rig.world.pulses == ["1"]
+    finally:
+        await asyncio.to_thread(writer.close)
+        rig.db.close()
+
+
+async def test_an_armed_pulse_whose_commit_fails_is_released_never_fired(
+        tmp_path: Path) -> None:
+    open_database(tmp_path / "lockerd.db").close()
+    writer = DbWriter(tmp_path / "lockerd.db")
+    writer.start()
+    ArmingLock.calls, ArmingLock.fired = [], []
+    rig = _rig(tmp_path, lock_class=ArmingLock, writer=writer)
+    rig.db.conn.execute("CREATE TRIGGER no_pulse BEFORE INSERT ON events"
+                        " WHEN NEW.type = 'lock.pulse' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="refused"):
+            await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
+        await rig.ctl.wait_pulses()
+        assert ArmingLock.calls == ["release 1"] and ArmingLock.fired == []
+        assert rig.world.pulses == [] and rig.types() == []
     finally:
         await asyncio.to_thread(writer.close)
         rig.db.close()

@@ -530,6 +530,108 @@ async def test_all_off_sends_nothing(tmp_path: Path) -> None:
         assert list(b.emulator.unlocks) == []
 
 
+# -- armed unlocks: the frame written from the database writer's thread -----------------------
+
+
+async def test_an_armed_unlock_holds_the_bus_goes_out_from_another_thread_and_finishes(
+    tmp_path: Path,
+) -> None:
+    async with bank(tmp_path, **QUIET_POLL) as b:
+        await _polled_twice(b)
+        transport = b.lock.bus.transport
+        armed = await b.lock.arm_pulse("4")
+        assert armed is not None
+        # The bus is the armed frame's: a status query waits for it.
+        query = asyncio.create_task(transport.query_status(0))
+        await asyncio.sleep(0.05)
+        assert not query.done()
+        await asyncio.to_thread(armed.fire)
+        # On the wire before the loop has finished anything.
+        await until(lambda: (1, 5) in b.emulator.unlocks)
+        assert transport.stats.unlocks == 0
+        await armed.finish()
+        assert transport.stats.unlocks == 1
+        reply = await query
+        assert reply is not None and reply.board == 0
+        await until(lambda: b.world.compartment("4").door_open)
+        assert list(b.emulator.unlocks) == [(1, 5)] and b.emulator.collisions == 0
+        assert b.world.pulses == ["4"]
+
+
+async def test_an_armed_unlock_released_sends_nothing_and_frees_the_bus(
+    tmp_path: Path,
+) -> None:
+    async with bank(tmp_path, **QUIET_POLL) as b:
+        await _polled_twice(b)
+        armed = await b.lock.arm_pulse("1")
+        assert armed is not None
+        armed.release()
+        await asyncio.to_thread(armed.fire)  # a writer that fires after all: nothing
+        assert await b.lock.bus.transport.query_status(0) is not None
+        assert list(b.emulator.unlocks) == [] and b.world.pulses == []
+        # The bus works as before: a later pulse goes out the usual way.
+        await b.lock.pulse("1", 0.5)
+        await until(lambda: b.world.compartment("1").door_open)
+
+
+async def test_nothing_is_armed_on_a_busy_bus_a_closed_port_or_for_no_compartment(
+    tmp_path: Path,
+) -> None:
+    async with bank(tmp_path, **QUIET_POLL) as b:
+        await _polled_twice(b)
+        transport = b.lock.bus.transport
+        # A query to a board that never answers holds the bus for its whole timeout.
+        query = asyncio.create_task(transport.query_status(9))
+        await asyncio.sleep(0)
+        assert await b.lock.arm_pulse("1") is None
+        assert await query is None
+        assert await b.lock.arm_pulse("nope") is None
+        await b.cable.pull()
+        await until(lambda: not transport.is_open)
+        assert await b.lock.arm_pulse("1") is None
+        assert list(b.emulator.unlocks) == []
+
+
+async def test_an_armed_unlock_on_a_port_lost_before_it_fired_is_a_fault_not_a_write(
+    tmp_path: Path,
+) -> None:
+    async with bank(tmp_path, **QUIET_POLL) as b:
+        await _polled_twice(b)
+        armed = await b.lock.arm_pulse("1")
+        assert armed is not None
+        await b.cable.pull()
+        await until(lambda: not b.lock.bus.transport.is_open)
+        armed.fire()  # the port is closed (its descriptor may be reused): nothing written
+        with pytest.raises(HardwareFault, match="unlock of compartment 1 not sent"):
+            await armed.finish()
+        assert list(b.emulator.unlocks) == []
+        await until(lambda: any(e.device == BUS_DEVICE and not e.ok
+                                for e in b.health_events()))
+
+
+async def test_an_armed_unlock_whose_write_fails_is_a_fault_and_the_port_is_reopened(
+    tmp_path: Path,
+) -> None:
+    async with bank(tmp_path, **QUIET_POLL) as b:
+        await _polled_twice(b)
+        transport = b.lock.bus.transport
+        armed = await b.lock.arm_pulse("1")
+        assert armed is not None
+        # The adapter vanishes, and the write comes before the loop could notice.
+        assert b.cable.master is not None
+        os.close(b.cable.master)
+        b.cable.master = None
+        armed.fire()
+        with pytest.raises(HardwareFault, match="write failed"):
+            await armed.finish()
+        assert transport.stats.failures == 1 and not transport.is_open
+        await b.cable.pull()
+        b.cable.plug()
+        await until(lambda: transport.retry_in() == 0)
+        await b.lock.pulse("1", 0.5)  # reopened after the cooldown: the usual path again
+        await until(lambda: b.world.compartment("1").door_open)
+
+
 # -- the transport without a file descriptor ---------------------------------------------------
 
 

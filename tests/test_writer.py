@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from lockerd.store import Database, EventLog, open_database
 from lockerd.store.writer import DbWriter
@@ -71,6 +73,55 @@ async def test_the_loop_runs_on_while_a_commit_waits_for_the_lock(
     other.execute("COMMIT")
     other.close()
     assert isinstance(await job, int)
+
+
+async def test_after_runs_on_the_writer_thread_once_the_commit_is_readable_before_the_wake(
+        writer: DbWriter, tmp_path: Path) -> None:
+    seen: list[tuple[int, list[str], bool]] = []
+    future: asyncio.Future[int] | None = None
+
+    def after() -> None:
+        # What another connection finds at this moment, and whether the caller knows yet.
+        reader = sqlite3.connect(tmp_path / "lockerd.db")
+        try:
+            types = [r[0] for r in reader.execute("SELECT type FROM events")]
+        finally:
+            reader.close()
+        assert future is not None
+        seen.append((threading.get_ident(), types, future.done()))
+
+    future = writer.submit(append("lock.pulse"), after=after)
+    await future
+    assert seen == [(seen[0][0], ["lock.pulse"], False)]
+    assert seen[0][0] != threading.get_ident()
+
+
+async def test_after_is_not_called_when_the_job_fails_and_a_failing_after_is_logged(
+        writer: DbWriter) -> None:
+    calls: list[str] = []
+
+    def bad(db: Database) -> None:
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO nowhere VALUES (1)")
+
+    with pytest.raises(sqlite3.OperationalError, match="nowhere"):
+        await writer.submit(bad, after=lambda: calls.append("after"))
+    assert calls == []
+
+    def broken() -> None:
+        raise RuntimeError("port gone")
+
+    with structlog.testing.capture_logs() as logged:
+        seq = await writer.submit(append("still"), after=broken)
+    assert isinstance(seq, int)  # the commit's result reaches its caller all the same
+    assert [(e["event"], e["error"]) for e in logged] == [
+        ("the follow-up of a commit failed", "RuntimeError('port gone')")]
+
+
+async def test_after_is_refused_with_a_lazy_commit(writer: DbWriter) -> None:
+    with pytest.raises(ValueError, match="durable commit only"):
+        writer.submit(append("lazy"), durable=False, after=lambda: None)
+    assert isinstance(await writer.run(append("next")), int)
 
 
 async def test_a_closed_writer_refuses_jobs(tmp_path: Path) -> None:

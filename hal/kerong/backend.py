@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from hal.base import (
+    ArmedPulse,
     Device,
     DeviceHealth,
     DoorChanged,
@@ -74,6 +75,11 @@ class KerongLockDriver(_KerongDevice, LockDriver):
         latch already reads released. Raises HardwareFault when the frame could not be sent.
         """
         await self.bus.unlock(compartment)
+
+    async def _arm_pulse(self, compartment: str) -> ArmedPulse | None:
+        """The unlock frame, written by the database writer's thread right after the commit
+        that reports it: the customer does not wait for the event loop to wake up first."""
+        return await self.bus.arm_unlock(compartment)
 
     async def all_off(self) -> None:
         """Nothing to switch off: every pulse is board-timed and ends by itself."""

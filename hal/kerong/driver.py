@@ -13,11 +13,23 @@ from typing import TYPE_CHECKING, Annotated, Final, Literal
 import msgspec
 import structlog
 
-from hal.base import DeviceHealth, DoorChanged, DoorState, HealthChanged, OccupancyChanged
+from hal.base import (
+    ArmedPulse,
+    DeviceHealth,
+    DoorChanged,
+    DoorState,
+    HealthChanged,
+    OccupancyChanged,
+)
 from hal.errors import BackendError, HardwareFault
 from hal.kerong.codec import MAX_BOARD, MAX_LOCK, StatusReply
 from hal.kerong.schedule import PollSchedule
-from hal.kerong.transport import DEFAULT_BAUDRATE, KerongTransport, PortUnavailable
+from hal.kerong.transport import (
+    DEFAULT_BAUDRATE,
+    ArmedUnlock,
+    KerongTransport,
+    PortUnavailable,
+)
 from hal.serial_url import check_port_url
 
 if TYPE_CHECKING:
@@ -163,6 +175,32 @@ class _Board:
     detail: str = ""
 
 
+class ArmedBusUnlock(ArmedPulse):
+    """An unlock of one compartment armed on the bus (`KerongBus.arm_unlock`)."""
+
+    def __init__(self, bus: KerongBus, compartment: str, armed: ArmedUnlock, board: _Board,
+                 wait: bool) -> None:
+        self._bus = bus
+        self._compartment = compartment
+        self._armed = armed
+        self._board = board
+        self._wait = wait
+
+    def fire(self) -> None:
+        self._armed.fire()
+
+    async def finish(self) -> None:
+        bus = self._bus
+        try:
+            reply = await self._armed.finish(reply_window_s=bus._reply_window(self._wait))
+        except PortUnavailable as exc:
+            raise bus._unlock_not_sent(self._compartment, exc) from exc
+        bus._unlock_sent(self._board, self._wait, reply)
+
+    def release(self) -> None:
+        self._armed.release()
+
+
 class KerongBus:
     """Several CU16 boards on one RS-485 line, seen as per-compartment door and parcel states.
 
@@ -289,6 +327,29 @@ class KerongBus:
         slot = self.layout.get(compartment)
         if slot is None:
             raise HardwareFault(f"kerong: no compartment {compartment!r} on this bus")
+        board, wait = self._unlock_plan(compartment, slot)
+        try:
+            reply = await self.transport.send_unlock(
+                slot.board, slot.lock, reply_window_s=self._reply_window(wait))
+        except PortUnavailable as exc:
+            raise self._unlock_not_sent(compartment, exc) from exc
+        self._unlock_sent(board, wait, reply)
+
+    async def arm_unlock(self, compartment: str) -> ArmedBusUnlock | None:
+        """`unlock` in two halves: the bus reserved now, the frame written by `fire` from any
+        thread (the writer's, right after the commit), the rest by `finish` on the loop.
+        None when the bus cannot be reserved at once (busy, port closed): use `unlock`."""
+        slot = self.layout.get(compartment)
+        if slot is None:
+            return None
+        armed = await self.transport.arm_unlock(slot.board, slot.lock)
+        if armed is None:
+            return None
+        board, wait = self._unlock_plan(compartment, slot)
+        return ArmedBusUnlock(self, compartment, armed, board, wait)
+
+    def _unlock_plan(self, compartment: str, slot: Slot) -> tuple[_Board, bool]:
+        """Before an unlock goes out: its board, and whether its reply is waited for."""
         if self._door(compartment) is DoorState.OPEN:
             why = "latch read released before an unlock (door open, or a cut sensor cable?)"
             self._suspects[compartment] = why
@@ -297,14 +358,17 @@ class KerongBus:
         board = self._boards[slot.board]
         wait = board.unlock_reply == "status" or (
             board.unlock_reply == "auto" and board.answers_unlock is not False)
-        try:
-            reply = await self.transport.send_unlock(
-                slot.board, slot.lock,
-                reply_window_s=self.settings.reply_timeout_s if wait else 0.0)
-        except PortUnavailable as exc:
-            self._set_bus(False)
-            detail = f"kerong: unlock of compartment {compartment} not sent: {exc}"
-            raise HardwareFault(detail) from exc
+        return board, wait
+
+    def _reply_window(self, wait: bool) -> float:
+        return self.settings.reply_timeout_s if wait else 0.0
+
+    def _unlock_not_sent(self, compartment: str, exc: PortUnavailable) -> HardwareFault:
+        self._set_bus(False)
+        return HardwareFault(f"kerong: unlock of compartment {compartment} not sent: {exc}")
+
+    def _unlock_sent(self, board: _Board, wait: bool, reply: StatusReply | None) -> None:
+        """After an unlock went out: faster polls, and the board's reply (or its silence)."""
         self.schedule.pulse_sent(asyncio.get_running_loop().time())
         self._wake.set()
         if reply is not None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import serial  # type: ignore[import-untyped]
 import structlog
@@ -59,6 +60,75 @@ def _close_quietly(port: Any) -> None:
             output.close()
 
 
+class ArmedUnlock:
+    """An unlock frame with the bus reserved for it (`KerongTransport.arm_unlock`): `fire`
+    writes it from any thread, then the event loop calls `finish` (or `release`)."""
+
+    def __init__(self, transport: KerongTransport, port: Any, board: int, frame: bytes) -> None:
+        self._transport = transport
+        self._port = port
+        self.board = board
+        self._frame = frame
+        # Held by a write and by the loop retiring the frame, so that the port is never
+        # closed under a write in progress on another thread.
+        self._guard = threading.Lock()
+        self._state: Literal["armed", "sent", "failed", "retired"] = "armed"
+        self._error: OSError | ValueError | None = None
+        self._done = False
+
+    def fire(self) -> None:
+        """Write the frame now, from any thread, unless it was written or retired already;
+        never raises (a failed write is raised by `finish`, on the loop)."""
+        with self._guard:
+            if self._state != "armed":
+                return
+            try:
+                self._port.write(self._frame)
+            except (OSError, ValueError) as exc:
+                self._state, self._error = "failed", exc
+                return
+            self._state = "sent"
+
+    def retire(self) -> None:
+        """The port is going away (or nobody waits for the frame): a later `fire` writes
+        nothing. Waits for a write in progress, at most one 5-byte write."""
+        with self._guard:
+            if self._state == "armed":
+                self._state = "retired"
+
+    async def finish(self, *, reply_window_s: float = 0.0) -> StatusReply | None:
+        """On the loop, once the frame may go: write it if `fire` did not, wait for the
+        board's reply as `send_unlock` does, and free the bus. Raises PortUnavailable when the
+        frame could not be written (or the port was lost before it was)."""
+        self.fire()
+        transport = self._transport
+        try:
+            if self._state == "failed":
+                raise transport._lose(f"write failed: {self._error}") from self._error
+            if self._state == "retired":
+                raise PortUnavailable(f"{transport.url}: {transport.error or 'port closed'}")
+            transport.stats.unlocks += 1
+            if reply_window_s <= 0:
+                return None
+            reply = await transport._await_reply(self._port, self.board, reply_window_s)
+            if reply is not None:
+                transport.stats.unlock_replies += 1
+            return reply
+        finally:
+            self._free()
+
+    def release(self) -> None:
+        """On the loop: free the bus without sending anything more (a frame `fire` wrote
+        already stays written)."""
+        self.retire()
+        self._free()
+
+    def _free(self) -> None:
+        if not self._done:
+            self._done = True
+            self._transport._disarm(self)
+
+
 def _fileno(port: Any) -> int | None:
     try:
         fd = port.fileno()
@@ -107,6 +177,7 @@ class KerongTransport:
         self._error = ""
         self._logged_error = ""
         self._waiter: tuple[int, asyncio.Future[StatusReply]] | None = None
+        self._armed: ArmedUnlock | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -165,6 +236,23 @@ class KerongTransport:
             if reply is not None:
                 self.stats.unlock_replies += 1
             return reply
+
+    async def arm_unlock(self, board: int, lock: int) -> ArmedUnlock | None:
+        """Reserve the bus for the unlock frame of `lock` on `board`, to be written from
+        another thread (`ArmedUnlock.fire`) the instant its commit is on the disk; the bus is
+        held until `finish` or `release`. None, and nothing reserved, unless the bus is free
+        at once and the port open and read on the loop: the caller uses `send_unlock`."""
+        if self._port is None or self._fd is None or self._lock.locked():
+            return None
+        # Free and not locked: taken without waiting (asyncio.Lock's fast path; only a waiter
+        # woken by the last release but not yet run is served first, one exchange at most).
+        await self._lock.acquire()
+        if self._port is None:  # lost while a waiter ran first
+            self._lock.release()
+            return None
+        armed = ArmedUnlock(self, self._port, board, encode_unlock(board, lock))
+        self._armed = armed
+        return armed
 
     async def close(self) -> None:
         """Close the port; a later request opens it again without waiting for a cooldown."""
@@ -251,9 +339,17 @@ class KerongTransport:
         self._logged_error = ""
         self._error = ""
 
+    def _disarm(self, armed: ArmedUnlock) -> None:
+        if self._armed is armed:
+            self._armed = None
+        self._lock.release()
+
     def _detach(self) -> Any:
         port = self._port
         self._port = None
+        if self._armed is not None:
+            # Its frame is never written to a port closed (or a descriptor reused) under it.
+            self._armed.retire()
         if self._fd is not None:
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._fd)

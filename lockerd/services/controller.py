@@ -9,6 +9,7 @@ from dataclasses import asdict
 from datetime import datetime
 
 from hal.base import (
+    ArmedPulse,
     Device,
     Display,
     DisplayMessage,
@@ -489,10 +490,26 @@ class Controller:
         (the outbox's wake, the event lines), the display and the batch's log lines. The
         task is made while the commit is on its way to the disk, not after. Returns once
         the frame is sent or the pulse is under way; raises what the commit raised, and
-        then nothing is pulsed."""
-        durable = self._writer.submit(self._write_job(records), durable=True) if records else None
+        then nothing is pulsed.
+
+        A lock driver that can (Kerong) arms the pulse first: the writer's thread then sends
+        the frame itself right after the commit, and the pulse task only completes it."""
+        armed: ArmedPulse | None = None
+        durable: asyncio.Future[list[StoredEvent]] | None = None
+        if records:
+            try:
+                armed = await self._lock.arm_pulse(cid)
+            except HalError as exc:  # pulsed the usual way, after the commit
+                log.warning("lock pulse not armed", compartment=cid, error=str(exc))
+            try:
+                durable = self._writer.submit(self._write_job(records), durable=True,
+                                              after=None if armed is None else armed.fire)
+            except BaseException:
+                if armed is not None:
+                    armed.release()
+                raise
         committed: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._pulse_when_durable(cid, durable, committed),
+        task = asyncio.create_task(self._pulse_when_durable(cid, durable, committed, armed),
                                    name=f"pulse:{cid}")
         self._pulses.add(task)
         task.add_done_callback(self._pulses.discard)
@@ -500,28 +517,36 @@ class Controller:
 
     async def _pulse_when_durable(self, cid: str,
                                   durable: asyncio.Future[list[StoredEvent]] | None,
-                                  committed: asyncio.Future[list[StoredEvent]]) -> None:
+                                  committed: asyncio.Future[list[StoredEvent]],
+                                  armed: ArmedPulse | None) -> None:
         """The pulse task of `_commit_then_pulse`: `committed` gets what `durable` gave (or
-        raised), and the pulse goes out only once the commit is on the disk."""
+        raised), and the pulse goes out only once the commit is on the disk (an armed one
+        went out from the writer's thread already)."""
         try:
             stored = [] if durable is None else await durable
         except Exception as exc:  # noqa: BLE001 - raised again by the controller's task
+            if armed is not None:
+                armed.release()
             if not committed.done():
                 committed.set_exception(exc)
             return
         except asyncio.CancelledError:
+            if armed is not None:
+                armed.release()
             if not committed.done():
                 committed.set_exception(RuntimeError("the pulse was cancelled"))
             raise
         if committed.cancelled():
             # The controller stopped waiting (the daemon stops) before the commit was on
-            # the disk: as when it awaited the commit itself, nothing is pulsed.
+            # the disk: as when it awaited the commit itself, nothing more is pulsed.
+            if armed is not None:
+                armed.release()
             self._committed(stored, durable=True)
             return
         # The controller's task is woken now, and runs once this one first waits: after the
         # frame is written (the bus free) or the output is on.
         committed.set_result(stored)
-        await self._pulse(cid)
+        await self._pulse(cid, armed)
 
     def _notify_when_flushed(self) -> None:
         task = asyncio.create_task(self._flushed_then_notify(), name="events-flushed")
@@ -567,9 +592,12 @@ class Controller:
         log.info("event", type=event.type, seq=event.seq, compartment=None, code_id=None)
         return event
 
-    async def _pulse(self, cid: str) -> None:
+    async def _pulse(self, cid: str, armed: ArmedPulse | None = None) -> None:
         try:
-            await self._lock.pulse(cid, self._pulse_s)
+            if armed is not None:
+                await armed.finish()
+            else:
+                await self._lock.pulse(cid, self._pulse_s)
         except HalError as exc:
             log.error("lock pulse failed", compartment=cid, error=str(exc))
             await self.commit(Record(EventType.HARDWARE_FAULT, compartment=cid,

@@ -30,11 +30,15 @@ Job = Callable[[Database], T]
 
 class Writer(Protocol):
     """What the services write through: `run` a job on the connection that owns writes, or
-    `submit` it and await its future later (the job is queued at once)."""
+    `submit` it and await its future later (the job is queued at once). `after`, given with
+    a durable job, is called once the job returned and its commit is on the disk, before the
+    future is settled, on the thread that ran the job: the pulse that the commit reports
+    goes out from there (it must be quick and never raise)."""
 
     async def run(self, fn: Job[T], *, durable: bool = True) -> T: ...
 
-    def submit(self, fn: Job[T], *, durable: bool = True) -> asyncio.Future[T]: ...
+    def submit(self, fn: Job[T], *, durable: bool = True,
+               after: Callable[[], None] | None = None) -> asyncio.Future[T]: ...
 
     async def flush(self) -> None: ...
 
@@ -50,12 +54,15 @@ class InlineWriter:
     async def run(self, fn: Job[T], *, durable: bool = True) -> T:
         return fn(self._db)
 
-    def submit(self, fn: Job[T], *, durable: bool = True) -> asyncio.Future[T]:
+    def submit(self, fn: Job[T], *, durable: bool = True,
+               after: Callable[[], None] | None = None) -> asyncio.Future[T]:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         try:
             future.set_result(fn(self._db))
         except Exception as exc:  # noqa: BLE001 - raised again by whoever awaits the future
             future.set_exception(exc)
+        else:
+            _call_after(after)
         return future
 
     async def flush(self) -> None:
@@ -68,6 +75,7 @@ class _Task:
     durable: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    after: Callable[[], None] | None
 
 
 class DbWriter:
@@ -119,15 +127,18 @@ class DbWriter:
         raised). The job runs to its end even if the awaiting task is cancelled."""
         return await self.submit(fn, durable=durable)
 
-    def submit(self, fn: Job[T], *, durable: bool = True) -> asyncio.Future[T]:
+    def submit(self, fn: Job[T], *, durable: bool = True,
+               after: Callable[[], None] | None = None) -> asyncio.Future[T]:
         """Queue `fn(db)` for the writer's thread now; the future gets what it returned (or
         raised). For a caller that hands the wait to another task: the job is on its way
-        before that task first runs."""
+        before that task first runs. `after` (durable jobs only): see `Writer`."""
         if self._closed:
             raise RuntimeError("the database writer is closed")
+        if after is not None and not durable:
+            raise ValueError("`after` follows a durable commit only")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Task(fn, durable, loop, future))
+        self._jobs.put(_Task(fn, durable, loop, future, after))
         return future
 
     async def flush(self) -> None:
@@ -195,6 +206,10 @@ class DbWriter:
             result = task.fn(db)
         except BaseException as exc:  # noqa: BLE001 - raised again by the awaiting task
             error = exc
+        else:
+            # Committed at synchronous=FULL: on the disk. The unlock frame goes out from
+            # here, not after the event loop has woken up for it (safety rule 1 holds).
+            _call_after(task.after)
         self._wake_checkpointer_if_due()
         # The awaiting task is woken last: from here this thread only looks for the next
         # job and blocks, so the loop's thread (on its way to the pulse) does not wait for
@@ -267,6 +282,15 @@ class DbWriter:
             log.error("could not flush the write-ahead log", error=str(exc))
         finally:
             os.close(fd)
+
+
+def _call_after(after: Callable[[], None] | None) -> None:
+    if after is None:
+        return
+    try:
+        after()
+    except Exception as exc:  # noqa: BLE001 - the job's result still reaches its caller
+        log.error("the follow-up of a commit failed", error=repr(exc))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
