@@ -106,7 +106,8 @@ class ArmedPulse(ABC):
     `finish` once the commit is known to have succeeded (completes the pulse, starts it now
     if `fire` did not run, raises HardwareFault when the output failed), or `release` when
     it failed or nobody waits for it any more (frees the output; a `fire` after it does
-    nothing, one before it has sent its pulse)."""
+    nothing, one before it has sent its pulse). `release` may come again, or after `finish`:
+    it then does nothing."""
 
     @abstractmethod
     def fire(self) -> None: ...

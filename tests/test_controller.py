@@ -285,8 +285,12 @@ class ArmingLock(SimLockDriver):
 
     calls: ClassVar[list[str]] = []
     fired: ClassVar[list[tuple[int, list[str]]]] = []
+    armed: ClassVar[asyncio.Event | None] = None
 
     async def _arm_pulse(self, compartment: str) -> ArmedPulse | None:
+        ArmingLock.calls.append(f"arm {compartment}")
+        if ArmingLock.armed is not None:
+            ArmingLock.armed.set()
         return WitnessArmed(self, compartment)
 
 
@@ -322,7 +326,8 @@ async def test_through_the_writer_thread_an_armed_pulse_fires_there_after_the_co
     try:
         await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
         await rig.ctl.wait_pulses()
-        assert ArmingLock.calls == ["fire", "finish 1"]
+        # (The release after the finish is the pulse task's end: it then does nothing.)
+        assert ArmingLock.calls == ["arm 1", "fire", "finish 1", "release 1"]
         ((thread, on_disk),) = ArmingLock.fired
         # Sent from the writer's thread, with the event already readable by another
         # connection (on the disk: the commit ran at synchronous=FULL before it).
@@ -347,9 +352,36 @@ async def test_an_armed_pulse_whose_commit_fails_is_released_never_fired(
         with pytest.raises(sqlite3.IntegrityError, match="refused"):
             await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
         await rig.ctl.wait_pulses()
-        assert ArmingLock.calls == ["release 1"] and ArmingLock.fired == []
+        assert ArmingLock.calls == ["arm 1", "release 1"] and ArmingLock.fired == []
         assert rig.world.pulses == [] and rig.types() == []
     finally:
+        await asyncio.to_thread(writer.close)
+        rig.db.close()
+
+
+async def test_an_armed_pulse_is_released_when_the_controller_stops_waiting_for_it(
+        tmp_path: Path) -> None:
+    # The daemon stops while the commit is on its way: the writer still commits and fires
+    # (the frame follows a durable event), and the output is freed all the same.
+    open_database(tmp_path / "lockerd.db").close()
+    writer = DbWriter(tmp_path / "lockerd.db")
+    writer.start()
+    ArmingLock.calls, ArmingLock.fired = [], []
+    rig = _rig(tmp_path, lock_class=ArmingLock, writer=writer)
+    try:
+        await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS))
+        ArmingLock.armed = asyncio.Event()
+        step = asyncio.create_task(rig.ctl.step(KeyPressed("#")))
+        # Woken once the controller waits for the commit (armed, then the job submitted).
+        await ArmingLock.armed.wait()
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        await rig.ctl.wait_pulses()
+        assert ArmingLock.calls == ["arm 1", "fire", "release 1"]
+        assert ArmingLock.fired[0][1] == ["lock.pulse"]
+    finally:
+        ArmingLock.armed = None
         await asyncio.to_thread(writer.close)
         rig.db.close()
 

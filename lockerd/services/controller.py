@@ -513,6 +513,11 @@ class Controller:
                                    name=f"pulse:{cid}")
         self._pulses.add(task)
         task.add_done_callback(self._pulses.discard)
+        if armed is not None:
+            # However the task ends (a failed commit, cancelled even before it first ran),
+            # the output is free again; after `finish` this does nothing.
+            release = armed.release
+            task.add_done_callback(lambda _task: release())
         self._committed(await committed, durable=True)
 
     async def _pulse_when_durable(self, cid: str,
@@ -525,22 +530,16 @@ class Controller:
         try:
             stored = [] if durable is None else await durable
         except Exception as exc:  # noqa: BLE001 - raised again by the controller's task
-            if armed is not None:
-                armed.release()
             if not committed.done():
                 committed.set_exception(exc)
             return
         except asyncio.CancelledError:
-            if armed is not None:
-                armed.release()
             if not committed.done():
                 committed.set_exception(RuntimeError("the pulse was cancelled"))
             raise
         if committed.cancelled():
             # The controller stopped waiting (the daemon stops) before the commit was on
             # the disk: as when it awaited the commit itself, nothing more is pulsed.
-            if armed is not None:
-                armed.release()
             self._committed(stored, durable=True)
             return
         # The controller's task is woken now, and runs once this one first waits: after the
