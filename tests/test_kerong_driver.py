@@ -574,6 +574,23 @@ async def test_an_armed_unlock_released_sends_nothing_and_frees_the_bus(
         await until(lambda: b.world.compartment("1").door_open)
 
 
+async def test_an_armed_unlock_is_suspect_only_once_it_went_out(tmp_path: Path) -> None:
+    async with bank(tmp_path) as b:
+        b.world.set_fault("door_sensor:1", "stuck_open", True)  # the latch reads released
+        await until(lambda: b.doors_now()["1"] is DoorState.OPEN)
+        armed = await b.lock.arm_pulse("1")
+        assert armed is not None
+        armed.release()  # its commit failed: no unlock, nothing to suspect
+        assert (await b.lock.health()).ok
+        armed = await b.lock.arm_pulse("1")
+        assert armed is not None
+        await asyncio.to_thread(armed.fire)
+        await armed.finish()
+        await until(lambda: (0, 0) in b.emulator.unlocks)
+        health = await b.lock.health()
+        assert not health.ok and "compartment 1: latch read released" in health.detail
+
+
 async def test_nothing_is_armed_on_a_busy_bus_a_closed_port_or_for_no_compartment(
     tmp_path: Path,
 ) -> None:

@@ -178,24 +178,26 @@ class _Board:
 class ArmedBusUnlock(ArmedPulse):
     """An unlock of one compartment armed on the bus (`KerongBus.arm_unlock`)."""
 
-    def __init__(self, bus: KerongBus, compartment: str, armed: ArmedUnlock, board: _Board,
-                 wait: bool) -> None:
+    def __init__(self, bus: KerongBus, compartment: str, slot: Slot,
+                 armed: ArmedUnlock) -> None:
         self._bus = bus
         self._compartment = compartment
+        self._slot = slot
         self._armed = armed
-        self._board = board
-        self._wait = wait
 
     def fire(self) -> None:
         self._armed.fire()
 
     async def finish(self) -> None:
+        # Planned here, not when armed: nothing is said of an unlock whose commit failed,
+        # and the bus, held since, has read nothing new meanwhile.
         bus = self._bus
+        board, wait = bus._unlock_plan(self._compartment, self._slot)
         try:
-            reply = await self._armed.finish(reply_window_s=bus._reply_window(self._wait))
+            reply = await self._armed.finish(reply_window_s=bus._reply_window(wait))
         except PortUnavailable as exc:
             raise bus._unlock_not_sent(self._compartment, exc) from exc
-        bus._unlock_sent(self._board, self._wait, reply)
+        bus._unlock_sent(board, wait, reply)
 
     def release(self) -> None:
         self._armed.release()
@@ -343,10 +345,7 @@ class KerongBus:
         if slot is None:
             return None
         armed = await self.transport.arm_unlock(slot.board, slot.lock)
-        if armed is None:
-            return None
-        board, wait = self._unlock_plan(compartment, slot)
-        return ArmedBusUnlock(self, compartment, armed, board, wait)
+        return None if armed is None else ArmedBusUnlock(self, compartment, slot, armed)
 
     def _unlock_plan(self, compartment: str, slot: Slot) -> tuple[_Board, bool]:
         """Before an unlock goes out: its board, and whether its reply is waited for."""
