@@ -124,6 +124,47 @@ async def test_after_is_refused_with_a_lazy_commit(writer: DbWriter) -> None:
     assert isinstance(await writer.run(append("next")), int)
 
 
+async def test_without_a_busy_handler_the_writer_reads_and_writes_beside_a_busy_writer(
+        writer: DbWriter, tmp_path: Path) -> None:
+    # The writer's connection waits for no lock but BEGIN's (which it retries itself): its
+    # reads outside a transaction and its transactions run while another connection commits
+    # and checkpoints as fast as it can, and none of them is refused as locked.
+    stop = threading.Event()
+    other_commits = 0
+
+    def other_writer() -> None:
+        nonlocal other_commits
+        conn = sqlite3.connect(tmp_path / "lockerd.db", isolation_level=None, timeout=10.0)
+        try:
+            while not stop.is_set():
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT INTO meta (key, value) VALUES ('other', ?)"
+                             " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                             (str(other_commits),))
+                conn.execute("COMMIT")
+                other_commits += 1
+                if other_commits % 20 == 0:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    try:
+        for i in range(150):
+            await writer.run(lambda db: db.get_meta("other"), durable=False)
+            await writer.run(append(f"t.{i}"), durable=i % 10 == 0)
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+    assert other_commits > 0
+    reader = open_database(tmp_path / "lockerd.db")
+    try:
+        assert len(EventLog(reader).recent(500)) == 150
+    finally:
+        reader.close()
+
+
 async def test_a_closed_writer_refuses_jobs(tmp_path: Path) -> None:
     open_database(tmp_path / "lockerd.db").close()
     w = DbWriter(tmp_path / "lockerd.db")
