@@ -626,6 +626,24 @@ async def test_an_armed_unlock_on_a_port_lost_before_it_fired_is_a_fault_not_a_w
                                 for e in b.health_events()))
 
 
+async def test_an_armed_unlock_that_went_out_before_its_port_was_lost_is_no_fault(
+    tmp_path: Path,
+) -> None:
+    # A board that answers unlocks: its reply is waited for, unless the port is gone.
+    async with bank(tmp_path, emulator_options=ANSWERING, unlock_reply="status",
+                    **QUIET_POLL) as b:
+        await _polled_twice(b)
+        transport = b.lock.bus.transport
+        armed = await b.lock.arm_pulse("1")
+        assert armed is not None
+        await asyncio.to_thread(armed.fire)
+        await until(lambda: (0, 0) in b.emulator.unlocks)
+        await b.cable.pull()
+        await until(lambda: not transport.is_open)
+        await armed.finish()  # sent: not reported as an unlock that was not sent
+        assert transport.stats.unlocks == 1 and transport.stats.failures == 1
+
+
 async def test_an_armed_unlock_whose_write_fails_is_a_fault_and_the_port_is_reopened(
     tmp_path: Path,
 ) -> None:
