@@ -4,10 +4,11 @@ simulator's lock and display, the bank and the credentials service, a clock the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import sqlite3
 import threading
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -108,6 +109,26 @@ def _rig(tmp_path: Path, *, parcel: str | None = "PX-1",
 async def _press(rig: Rig, keys: str) -> None:
     for key in keys:
         await rig.ctl.step(KeyPressed(key))
+
+
+@contextlib.asynccontextmanager
+async def writer_rig(tmp_path: Path, *, lock_class: type[SimLockDriver] = SimLockDriver,
+                     refuse_pulses: bool = False) -> AsyncIterator[tuple[Rig, DbWriter]]:
+    """A rig whose controller writes through the daemon's writer thread; with
+    `refuse_pulses`, the database refuses every `lock.pulse` event (a commit that fails)."""
+    open_database(tmp_path / "lockerd.db").close()
+    writer = DbWriter(tmp_path / "lockerd.db")
+    writer.start()
+    rig = _rig(tmp_path, lock_class=lock_class, writer=writer)
+    if refuse_pulses:
+        rig.db.conn.execute(
+            "CREATE TRIGGER no_pulse BEFORE INSERT ON events WHEN NEW.type = 'lock.pulse'"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    try:
+        yield rig, writer
+    finally:
+        await asyncio.to_thread(writer.close)
+        rig.db.close()
 
 
 async def test_a_derived_code_opens_its_door_and_completes_the_pickup(tmp_path: Path) -> None:
@@ -260,12 +281,8 @@ class WitnessLock(SimLockDriver):
 
 async def test_through_the_writer_thread_the_event_is_committed_before_the_pulse(
         tmp_path: Path) -> None:
-    open_database(tmp_path / "lockerd.db").close()
-    writer = DbWriter(tmp_path / "lockerd.db")
-    writer.start()
     WitnessLock.seen = []
-    rig = _rig(tmp_path, lock_class=WitnessLock, writer=writer)
-    try:
+    async with writer_rig(tmp_path, lock_class=WitnessLock) as (rig, writer):
         await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
         await rig.ctl.wait_pulses()
         assert WitnessLock.seen == [["lock.pulse"]]
@@ -274,9 +291,6 @@ async def test_through_the_writer_thread_the_event_is_committed_before_the_pulse
         # Committed (the loop's connection reads it at once), flushed by the writer after.
         assert rig.types() == ["lock.pulse", "door.opened", "pickup.opened"]
         await writer.flush()
-    finally:
-        await asyncio.to_thread(writer.close)
-        rig.db.close()
 
 
 class ArmingLock(SimLockDriver):
@@ -286,6 +300,10 @@ class ArmingLock(SimLockDriver):
     calls: ClassVar[list[str]] = []
     fired: ClassVar[list[tuple[int, list[str]]]] = []
     armed: ClassVar[asyncio.Event | None] = None
+
+    @classmethod
+    def reset(cls, *, armed: asyncio.Event | None = None) -> None:
+        cls.calls, cls.fired, cls.armed = [], [], armed
 
     async def _arm_pulse(self, compartment: str) -> ArmedPulse | None:
         ArmingLock.calls.append(f"arm {compartment}")
@@ -318,12 +336,8 @@ class WitnessArmed(ArmedPulse):
 
 async def test_through_the_writer_thread_an_armed_pulse_fires_there_after_the_commit(
         tmp_path: Path) -> None:
-    open_database(tmp_path / "lockerd.db").close()
-    writer = DbWriter(tmp_path / "lockerd.db")
-    writer.start()
-    ArmingLock.calls, ArmingLock.fired = [], []
-    rig = _rig(tmp_path, lock_class=ArmingLock, writer=writer)
-    try:
+    ArmingLock.reset()
+    async with writer_rig(tmp_path, lock_class=ArmingLock) as (rig, _writer):
         await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
         await rig.ctl.wait_pulses()
         # (The release after the finish is the pulse task's end: it then does nothing.)
@@ -334,56 +348,36 @@ async def test_through_the_writer_thread_an_armed_pulse_fires_there_after_the_co
         assert thread != threading.get_ident()
         assert on_disk == ["lock.pulse"]
         assert rig.world.pulses == ["1"]
-    finally:
-        await asyncio.to_thread(writer.close)
-        rig.db.close()
 
 
 async def test_an_armed_pulse_whose_commit_fails_is_released_never_fired(
         tmp_path: Path) -> None:
-    open_database(tmp_path / "lockerd.db").close()
-    writer = DbWriter(tmp_path / "lockerd.db")
-    writer.start()
-    ArmingLock.calls, ArmingLock.fired = [], []
-    rig = _rig(tmp_path, lock_class=ArmingLock, writer=writer)
-    rig.db.conn.execute("CREATE TRIGGER no_pulse BEFORE INSERT ON events"
-                        " WHEN NEW.type = 'lock.pulse' BEGIN SELECT RAISE(ABORT, 'refused'); END")
-    try:
+    ArmingLock.reset()
+    async with writer_rig(tmp_path, lock_class=ArmingLock, refuse_pulses=True) as (rig, _writer):
         with pytest.raises(sqlite3.IntegrityError, match="refused"):
             await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
         await rig.ctl.wait_pulses()
         assert ArmingLock.calls == ["arm 1", "release 1"] and ArmingLock.fired == []
         assert rig.world.pulses == [] and rig.types() == []
-    finally:
-        await asyncio.to_thread(writer.close)
-        rig.db.close()
 
 
 async def test_an_armed_pulse_is_released_when_the_controller_stops_waiting_for_it(
         tmp_path: Path) -> None:
     # The daemon stops while the commit is on its way: the writer still commits and fires
     # (the frame follows a durable event), and the output is freed all the same.
-    open_database(tmp_path / "lockerd.db").close()
-    writer = DbWriter(tmp_path / "lockerd.db")
-    writer.start()
-    ArmingLock.calls, ArmingLock.fired = [], []
-    rig = _rig(tmp_path, lock_class=ArmingLock, writer=writer)
-    try:
+    armed = asyncio.Event()
+    ArmingLock.reset(armed=armed)
+    async with writer_rig(tmp_path, lock_class=ArmingLock) as (rig, _writer):
         await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS))
-        ArmingLock.armed = asyncio.Event()
         step = asyncio.create_task(rig.ctl.step(KeyPressed("#")))
         # Woken once the controller waits for the commit (armed, then the job submitted).
-        await ArmingLock.armed.wait()
+        await armed.wait()
         step.cancel()
         with pytest.raises(asyncio.CancelledError):
             await step
         await rig.ctl.wait_pulses()
         assert ArmingLock.calls == ["arm 1", "fire", "release 1"]
         assert ArmingLock.fired[0][1] == ["lock.pulse"]
-    finally:
-        ArmingLock.armed = None
-        await asyncio.to_thread(writer.close)
-        rig.db.close()
 
 
 async def test_the_event_line_of_the_commit_before_a_pulse_follows_the_pulse(
@@ -459,18 +453,9 @@ async def test_every_event_line_is_written_once(tmp_path: Path) -> None:
 
 async def test_through_the_writer_thread_a_commit_that_fails_sends_no_pulse(
         tmp_path: Path) -> None:
-    open_database(tmp_path / "lockerd.db").close()
-    writer = DbWriter(tmp_path / "lockerd.db")
-    writer.start()
-    rig = _rig(tmp_path, writer=writer)
-    rig.db.conn.execute("CREATE TRIGGER no_pulse BEFORE INSERT ON events"
-                        " WHEN NEW.type = 'lock.pulse' BEGIN SELECT RAISE(ABORT, 'refused'); END")
-    try:
+    async with writer_rig(tmp_path, refuse_pulses=True) as (rig, _writer):
         with pytest.raises(sqlite3.IntegrityError, match="refused"):
             await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS) + "#")
         await rig.ctl.wait_pulses()
         assert rig.world.pulses == []
         assert rig.types() == []
-    finally:
-        await asyncio.to_thread(writer.close)
-        rig.db.close()
