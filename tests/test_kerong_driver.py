@@ -14,6 +14,7 @@ import pytest
 from waiting import until
 
 from hal.base import (
+    ArmedPulse,
     DoorChanged,
     DoorState,
     HealthChanged,
@@ -533,14 +534,21 @@ async def test_all_off_sends_nothing(tmp_path: Path) -> None:
 # -- armed unlocks: the frame written from the database writer's thread -----------------------
 
 
+async def _armed(b: Bank, cid: str) -> ArmedPulse:
+    """The unlock of `cid` armed on a bus gone quiet (polled twice, the next poll a minute
+    away with QUIET_POLL)."""
+    await _polled_twice(b)
+    armed = await b.lock.arm_pulse(cid)
+    assert armed is not None
+    return armed
+
+
 async def test_an_armed_unlock_holds_the_bus_goes_out_from_another_thread_and_finishes(
     tmp_path: Path,
 ) -> None:
     async with bank(tmp_path, **QUIET_POLL) as b:
-        await _polled_twice(b)
         transport = b.lock.bus.transport
-        armed = await b.lock.arm_pulse("4")
-        assert armed is not None
+        armed = await _armed(b, "4")
         # The bus is the armed frame's: a status query waits for it.
         query = asyncio.create_task(transport.query_status(0))
         await asyncio.sleep(0.05)
@@ -562,9 +570,7 @@ async def test_an_armed_unlock_released_sends_nothing_and_frees_the_bus(
     tmp_path: Path,
 ) -> None:
     async with bank(tmp_path, **QUIET_POLL) as b:
-        await _polled_twice(b)
-        armed = await b.lock.arm_pulse("1")
-        assert armed is not None
+        armed = await _armed(b, "1")
         armed.release()
         await asyncio.to_thread(armed.fire)  # a writer that fires after all: nothing
         assert await b.lock.bus.transport.query_status(0) is not None
@@ -613,9 +619,7 @@ async def test_an_armed_unlock_on_a_port_lost_before_it_fired_is_a_fault_not_a_w
     tmp_path: Path,
 ) -> None:
     async with bank(tmp_path, **QUIET_POLL) as b:
-        await _polled_twice(b)
-        armed = await b.lock.arm_pulse("1")
-        assert armed is not None
+        armed = await _armed(b, "1")
         await b.cable.pull()
         await until(lambda: not b.lock.bus.transport.is_open)
         armed.fire()  # the port is closed (its descriptor may be reused): nothing written
@@ -632,10 +636,8 @@ async def test_an_armed_unlock_that_went_out_before_its_port_was_lost_is_no_faul
     # A board that answers unlocks: its reply is waited for, unless the port is gone.
     async with bank(tmp_path, emulator_options=ANSWERING, unlock_reply="status",
                     **QUIET_POLL) as b:
-        await _polled_twice(b)
         transport = b.lock.bus.transport
-        armed = await b.lock.arm_pulse("1")
-        assert armed is not None
+        armed = await _armed(b, "1")
         await asyncio.to_thread(armed.fire)
         await until(lambda: (0, 0) in b.emulator.unlocks)
         await b.cable.pull()
@@ -648,10 +650,8 @@ async def test_an_armed_unlock_whose_write_fails_is_a_fault_and_the_port_is_reop
     tmp_path: Path,
 ) -> None:
     async with bank(tmp_path, **QUIET_POLL) as b:
-        await _polled_twice(b)
         transport = b.lock.bus.transport
-        armed = await b.lock.arm_pulse("1")
-        assert armed is not None
+        armed = await _armed(b, "1")
         # The adapter vanishes, and the write comes before the loop could notice.
         assert b.cable.master is not None
         os.close(b.cable.master)
