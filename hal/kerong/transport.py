@@ -111,13 +111,7 @@ class ArmedUnlock:
                 raise transport._lose(f"write failed: {self._error}") from self._error
             if self._state == "retired":
                 raise PortUnavailable(f"{transport.url}: {transport.error or 'port closed'}")
-            transport.stats.unlocks += 1
-            if reply_window_s <= 0 or transport._port is not self._port:
-                return None  # (a port lost since the frame went out has no reply to give)
-            reply = await transport._await_reply(self._port, self.board, reply_window_s)
-            if reply is not None:
-                transport.stats.unlock_replies += 1
-            return reply
+            return await transport._unlock_sent(self._port, self.board, reply_window_s)
         finally:
             self._free()
 
@@ -260,13 +254,19 @@ class KerongTransport:
         async with self._lock:
             port = await self._ensure_open_locked()
             self._write(frame)
-            self.stats.unlocks += 1
-            if reply_window_s <= 0:
-                return None
-            reply = await self._await_reply(port, board, reply_window_s)
-            if reply is not None:
-                self.stats.unlock_replies += 1
-            return reply
+            return await self._unlock_sent(port, board, reply_window_s)
+
+    async def _unlock_sent(self, port: Any, board: int,
+                           reply_window_s: float) -> StatusReply | None:
+        """An unlock frame went out on `port`, the bus still held: counted, and the board's
+        status reply waited for up to `reply_window_s` (none from a port lost since)."""
+        self.stats.unlocks += 1
+        if reply_window_s <= 0 or self._port is not port:
+            return None
+        reply = await self._await_reply(port, board, reply_window_s)
+        if reply is not None:
+            self.stats.unlock_replies += 1
+        return reply
 
     async def arm_unlock(self, board: int, lock: int) -> ArmedUnlock | None:
         """Reserve the bus for the unlock frame of `lock` on `board`, to be written from
