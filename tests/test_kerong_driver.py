@@ -549,10 +549,12 @@ async def test_an_armed_unlock_holds_the_bus_goes_out_from_another_thread_and_fi
     async with bank(tmp_path, **QUIET_POLL) as b:
         transport = b.lock.bus.transport
         armed = await _armed(b, "4")
-        # The bus is the armed frame's: a status query waits for it.
+        # The bus is the armed frame's: a status query waits for it (on a free bus it would
+        # have counted and written its frame in its first step).
+        queries = transport.stats.queries
         query = asyncio.create_task(transport.query_status(0))
-        await asyncio.sleep(0.05)
-        assert not query.done()
+        await asyncio.sleep(0)
+        assert not query.done() and transport.stats.queries == queries
         await asyncio.to_thread(armed.fire)
         # On the wire before the loop has finished anything.
         await until(lambda: (1, 5) in b.emulator.unlocks)
