@@ -179,6 +179,13 @@ class Bank:
         when first read, so the lookup of a code naming its door makes one, not one per door."""
         return CompartmentViews(self.compartments)
 
+    def code_being_typed(self) -> str | None:
+        """The digits a `#` would submit as a code now, or None: nothing typed, or the keypad
+        is a deposit session's or the help flow's."""
+        if self.session is not None or self.help is not None:
+            return None
+        return self.entry.typed or None
+
     def deadline(self) -> float | None:
         """The next time `tick` has something to do, or None."""
         candidates = [self.entry.deadline()]

@@ -71,6 +71,11 @@ class CodeEntry:
     def count(self) -> int:
         return len(self._buffer)
 
+    @property
+    def typed(self) -> str:
+        """The digits typed so far: what `#` would submit now ("" when nothing is)."""
+        return self._buffer
+
     def deadline(self) -> float | None:
         """When the half-typed code times out, or None when nothing is typed."""
         if not self._buffer or self._last_key_at is None:

@@ -213,8 +213,17 @@ class Controller:
             if self._undrawn is not None:
                 await self._draw(self._undrawn)
             if isinstance(event, KeyPressed) and event.key.isdigit():
+                self._prepare_code()
                 self._warm_lookup()
         self.busy_since = None
+
+    def _prepare_code(self) -> None:
+        """A digit typed with nothing else queued: the digest of the digits so far is made
+        now, between two keys, and not after the '#' (see `CredentialService.prepare`). A
+        burst (the code and '#' in one read) makes it after the '#', as before."""
+        typed = self.bank.code_being_typed()
+        if typed is not None:
+            self._credentials.prepare(typed)
 
     def _warm_lookup(self) -> None:
         """A digit typed with nothing else queued: a code is on its way, and its '#' will be

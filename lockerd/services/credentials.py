@@ -53,11 +53,32 @@ class CredentialService:
         self._code_key = code_key
         self._tokens = tokens
         self._keyring = keyring
+        # (code, its digest) of the code being typed, made between two keys (`prepare`).
+        self._prepared: tuple[str, str] | None = None
+
+    @property
+    def prepared(self) -> str | None:
+        """The code whose digest `prepare` made last, or None."""
+        return None if self._prepared is None else self._prepared[0]
+
+    def prepare(self, code: str) -> None:
+        """Make the digest of `code` now, while the customer types, so that `code` does not
+        make it once `#` is pressed. The digest depends on the code and this service's key
+        alone, never on what the store holds: kept until the next `prepare`, it is never
+        stale. (It is the first HMAC after the keypad was idle that costs: 45-55 us on the
+        bench's machine, against 2-4 us for the next one.)"""
+        self._prepared = (code, code_digest(self._code_key, self._locker_id, code))
+
+    def _digest(self, code: str) -> str:
+        prepared = self._prepared
+        if prepared is not None and prepared[0] == code:
+            return prepared[1]
+        return code_digest(self._code_key, self._locker_id, code)
 
     def code(self, code: str, *, source: str, views: Mapping[str, CompartmentView],
              now: datetime, derived_digits: int | None) -> CredentialDecision:
         """A code typed on the keypad or scanned as digits."""
-        record = self._codes.lookup(code_digest(self._code_key, self._locker_id, code))
+        record = self._codes.lookup(self._digest(code))
         decision = evaluate_code(record, now=now, compartments=views)
         if record is None and derived_digits is not None:
             derived = self._derived(code, views, derived_digits, source)
