@@ -669,6 +669,23 @@ async def test_an_armed_unlock_whose_write_fails_is_a_fault_and_the_port_is_reop
         await until(lambda: b.world.compartment("1").door_open)
 
 
+
+async def test_a_failed_write_through_pyserial_says_write_failed_once(tmp_path: Path) -> None:
+    # spy:// is written through pyserial's own write, whose error already begins with
+    # "write failed: ".
+    capture = tmp_path / "bus.txt"
+    async with bank(tmp_path, port=f"spy://{tmp_path / 'ttyKERONG'}?file={capture}",
+                    **QUIET_POLL) as b:
+        armed = await _armed(b, "1")
+        assert b.cable.master is not None
+        os.close(b.cable.master)
+        b.cable.master = None
+        armed.fire()
+        with pytest.raises(HardwareFault, match="write failed") as caught:
+            await armed.finish()
+        assert str(caught.value).count("write failed") == 1, str(caught.value)
+        assert b.lock.bus.transport.error.count("write failed") == 1
+
 # -- the transport without a file descriptor ---------------------------------------------------
 
 

@@ -108,7 +108,7 @@ class ArmedUnlock:
         transport = self._transport
         try:
             if self._state == "failed":
-                raise transport._lose(f"write failed: {self._error}") from self._error
+                raise transport._lose(_failed("write", self._error)) from self._error
             if self._state == "retired":
                 raise PortUnavailable(f"{transport.url}: {transport.error or 'port closed'}")
             return await transport._unlock_sent(self._port, self.board, reply_window_s)
@@ -155,6 +155,14 @@ def _frame_writer(port: Any) -> Callable[[bytes], Any]:
             port.write(frame[sent:])
 
     return write
+
+
+def _failed(what: str, exc: BaseException | None) -> str:
+    """'<what> failed: <the error>', said once: pyserial's own errors begin with it already
+    ("write failed: [Errno 5] Input/output error")."""
+    text = str(exc)
+    prefix = f"{what} failed: "
+    return text if text.startswith(prefix) else prefix + text
 
 
 def _no_port(frame: bytes) -> None:
@@ -417,7 +425,7 @@ class KerongTransport:
         try:
             self._write_frame(frame)
         except (OSError, ValueError) as exc:
-            raise self._lose(f"write failed: {exc}") from exc
+            raise self._lose(_failed("write", exc)) from exc
 
     def _on_readable(self) -> None:
         port = self._port
@@ -427,7 +435,7 @@ class KerongTransport:
             data = port.read(READ_CHUNK)
         except (OSError, ValueError) as exc:
             # An unplugged adapter: EIO, or "readiness to read but returned no data".
-            self._lose(f"read failed: {exc}")
+            self._lose(_failed("read", exc))
             return
         self._deliver(self.decoder.feed(data))
 
@@ -462,7 +470,7 @@ class KerongTransport:
             try:
                 data: bytes = await asyncio.to_thread(port.read, READ_CHUNK)
             except (OSError, ValueError) as exc:
-                raise self._lose(f"read failed: {exc}") from exc
+                raise self._lose(_failed("read", exc)) from exc
             found: StatusReply | None = None
             for reply in self.decoder.feed(data):
                 if found is None and reply.board == board:
