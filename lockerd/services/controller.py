@@ -212,17 +212,22 @@ class Controller:
             await self._tick()
             if self._undrawn is not None:
                 await self._draw(self._undrawn)
-            if isinstance(event, KeyPressed) and event.key.isdigit():
+            if event is None or isinstance(event, KeyPressed):
                 self._prepare_code()
-                self._warm_lookup()
+                if event is not None and event.key.isdigit():
+                    self._warm_lookup()
         self.busy_since = None
 
     def _prepare_code(self) -> None:
-        """A digit typed with nothing else queued: the digest of the digits so far is made
-        now, between two keys, and not after the '#' (see `CredentialService.prepare`). A
-        burst (the code and '#' in one read) makes it after the '#', as before."""
+        """A key handled (or a tick) with nothing else queued: the digest of the digits
+        typed so far is made now, between two keys, and not after the '#' (see
+        `CredentialService.prepare`); once nothing is typed (cleared, timed out, submitted,
+        the keypad taken by a session or help) it is forgotten. A burst (the code and '#' in
+        one read) makes it after the '#', as before."""
         typed = self.bank.code_being_typed()
-        if typed is not None:
+        if typed is None:
+            self._credentials.forget()
+        elif typed != self._credentials.prepared:
             self._credentials.prepare(typed)
 
     def _warm_lookup(self) -> None:

@@ -58,19 +58,24 @@ class CredentialService:
 
     @property
     def prepared(self) -> str | None:
-        """The code whose digest `prepare` made last, or None."""
+        """The code whose digest `prepare` made, until a code is submitted; else None."""
         return None if self._prepared is None else self._prepared[0]
 
     def prepare(self, code: str) -> None:
         """Make the digest of `code` now, while the customer types, so that `code` does not
         make it once `#` is pressed. The digest depends on the code and this service's key
-        alone, never on what the store holds: kept until the next `prepare`, it is never
-        stale. (It is the first HMAC after the keypad was idle that costs: 45-55 us on the
-        bench's machine, against 2-4 us for the next one.)"""
+        alone, never on what the store holds, so it is never stale; it is forgotten once the
+        code is submitted, so that the digits do not stay in memory. (It is the first HMAC
+        after the keypad was idle that costs: 45-55 us on the bench's machine, against 2-4
+        us for the next one.)"""
         self._prepared = (code, code_digest(self._code_key, self._locker_id, code))
 
+    def forget(self) -> None:
+        """Drop the prepared digest and its code (nothing is being typed any more)."""
+        self._prepared = None
+
     def _digest(self, code: str) -> str:
-        prepared = self._prepared
+        prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared[0] == code:
             return prepared[1]
         return code_digest(self._code_key, self._locker_id, code)
