@@ -112,6 +112,19 @@ async def _press(rig: Rig, keys: str) -> None:
 
 
 @contextlib.asynccontextmanager
+async def controller_running(ctl: Controller) -> AsyncIterator[None]:
+    """`ctl.run()` in a task for the block, as the daemon runs it; then cancelled, and its
+    pulses awaited."""
+    task = asyncio.create_task(ctl.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ctl.wait_pulses()
+
+
+@contextlib.asynccontextmanager
 async def writer_rig(tmp_path: Path, *, lock_class: type[SimLockDriver] = SimLockDriver,
                      refuse_pulses: bool = False) -> AsyncIterator[tuple[Rig, DbWriter]]:
     """A rig whose controller writes through the daemon's writer thread; with
@@ -153,28 +166,25 @@ async def test_a_burst_of_queued_keys_is_drawn_once_and_its_door_still_opens(
 ) -> None:
     rig = _rig(tmp_path)
     code = derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS)
-    running = asyncio.create_task(rig.ctl.run())
     try:
-        await wait_until(lambda: len(rig.world.display_history) == 1, what="the idle screen")
-        # Half the code in one read of the keypad: four keys queued at once.
-        for key in code[:4]:
-            rig.ctl.emit(KeyPressed(key))
-        await wait_until(lambda: len(rig.world.display_history) == 2, what="the typed digits")
-        # Four keys, one redraw, after the last: the display shows where the burst left the
-        # entry (the burst is handled without a pause, so nothing can come after it).
-        assert [m.text for m in rig.world.display_history[1:]] == [messages.typing(4).text]
-        for key in code[4:] + "#":
-            rig.ctl.emit(KeyPressed(key))
-        await wait_until(lambda: rig.world.pulses == ["1"], what="the pulse")
-        assert rig.types() == ["lock.pulse"]
-        await wait_until(lambda: "opening" in rig.world.display_history[-1].text,
-                         what="the opening screen")
-        # The second burst was drawn once too: its digits never reached the display.
-        assert len(rig.world.display_history) == 3
+        async with controller_running(rig.ctl):
+            await wait_until(lambda: len(rig.world.display_history) == 1, what="the idle screen")
+            # Half the code in one read of the keypad: four keys queued at once.
+            for key in code[:4]:
+                rig.ctl.emit(KeyPressed(key))
+            await wait_until(lambda: len(rig.world.display_history) == 2, what="the typed digits")
+            # Four keys, one redraw, after the last: the display shows where the burst left the
+            # entry (the burst is handled without a pause, so nothing can come after it).
+            assert [m.text for m in rig.world.display_history[1:]] == [messages.typing(4).text]
+            for key in code[4:] + "#":
+                rig.ctl.emit(KeyPressed(key))
+            await wait_until(lambda: rig.world.pulses == ["1"], what="the pulse")
+            assert rig.types() == ["lock.pulse"]
+            await wait_until(lambda: "opening" in rig.world.display_history[-1].text,
+                             what="the opening screen")
+            # The second burst was drawn once too: its digits never reached the display.
+            assert len(rig.world.display_history) == 3
     finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await rig.ctl.wait_pulses()
         rig.db.close()
 
 
@@ -199,16 +209,14 @@ async def test_the_first_digit_after_a_commit_warms_the_lookup_and_a_burst_does_
     rig.clock.t += 0.5
     await rig.ctl.step(DoorChanged("1", DoorState.OPEN))
     # A burst (keys queued together) goes straight to its '#': nothing read before it.
-    running = asyncio.create_task(rig.ctl.run())
     try:
-        for key in "98765432#":
-            rig.ctl.emit(KeyPressed(key))
-        await wait_until(lambda: "code.rejected" in rig.types(),
-                         what="the wrong code's rejection")
-        assert len(warmed) == 2
+        async with controller_running(rig.ctl):
+            for key in "98765432#":
+                rig.ctl.emit(KeyPressed(key))
+            await wait_until(lambda: "code.rejected" in rig.types(),
+                             what="the wrong code's rejection")
+            assert len(warmed) == 2
     finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
         rig.db.conn.set_trace_callback(None)
         rig.db.close()
 

@@ -4,12 +4,12 @@ executor, a real SQLite database with bundle codes, the simulator's lock."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from conftest import wait_until
+from test_controller import controller_running
 from test_support_codes import WINDOW_START, make_rig, pickup_code
 
 from hal.base import KeyPressed
@@ -78,17 +78,14 @@ async def test_a_code_typed_after_a_prepared_wrong_one_is_still_looked_up(
     assert rig.world.pulses == [] and "code.rejected" in rig.types()
     assert rig.credentials.prepared is None  # used by its '#', then forgotten
     # The right code in one burst (nothing is prepared between its keys): it opens.
-    task = asyncio.create_task(rig.ctl.run())
     try:
-        for key in "11112222#":
-            rig.ctl.emit(KeyPressed(key))
-        await wait_until(lambda: rig.world.pulses == ["2"], what="the pulse")
-        assert rig.credentials.prepared is None
-        assert rig.last("lock.pulse").code_id == "p-1"
+        async with controller_running(rig.ctl):
+            for key in "11112222#":
+                rig.ctl.emit(KeyPressed(key))
+            await wait_until(lambda: rig.world.pulses == ["2"], what="the pulse")
+            assert rig.credentials.prepared is None
+            assert rig.last("lock.pulse").code_id == "p-1"
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await rig.ctl.wait_pulses()
         rig.db.close()
 
 
