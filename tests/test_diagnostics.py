@@ -38,7 +38,9 @@ async def test_sensors_pulse_test_and_echo_on_the_sim(make_kit: Callable[..., Ba
         assert await diag.bus_scan() == {}, "the sim lock driver has no bus"
 
         async def type_and_scan() -> None:
-            await asyncio.sleep(0.05)
+            # No wait needed: gather starts the echo's task first, and it adds its tap before
+            # it first awaits; the controller hands the keys to the taps only later, in its own
+            # task.
             r.world.press("12")
             r.world.scan("4829")
 
