@@ -27,7 +27,7 @@ from lockerd.core.compartment import Compartment, DoorTimings
 from lockerd.core.entry import CodeEntry
 from lockerd.core.lockout import Lockout, RateLimiter
 from lockerd.logs import configure_logging
-from lockerd.services.controller import Controller, load_lockout_state
+from lockerd.services.controller import ACCESS_COMMIT_HOLD_S, Controller, load_lockout_state
 from lockerd.services.credentials import CredentialService
 from lockerd.store.codes import CodeStore
 from lockerd.store.db import Database, open_database
@@ -72,7 +72,8 @@ class Rig:
 
 
 def _rig(tmp_path: Path, *, parcel: str | None = "PX-1",
-         lock_class: type[SimLockDriver] = SimLockDriver, writer: DbWriter | None = None) -> Rig:
+         lock_class: type[SimLockDriver] = SimLockDriver, writer: DbWriter | None = None,
+         commit_hold_s: float = ACCESS_COMMIT_HOLD_S) -> Rig:
     db = open_database(tmp_path / "lockerd.db")
     events, codes, parcels = EventLog(db), CodeStore(db), ParcelStore(db)
     if parcel is not None:
@@ -102,6 +103,7 @@ def _rig(tmp_path: Path, *, parcel: str | None = "PX-1",
                                       tokens=tokens),
         db=db, events=events, codes=codes, lock=lock, display=display, pulse_s=0.05,
         clock=clock, parcels=parcels, tokens=tokens, writer=writer,
+        commit_hold_s=commit_hold_s,
     )
     return Rig(ctl, db, events, lock.world, clock)
 
@@ -126,13 +128,15 @@ async def controller_running(ctl: Controller) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def writer_rig(tmp_path: Path, *, lock_class: type[SimLockDriver] = SimLockDriver,
-                     refuse_pulses: bool = False) -> AsyncIterator[tuple[Rig, DbWriter]]:
+                     refuse_pulses: bool = False,
+                     commit_hold_s: float = ACCESS_COMMIT_HOLD_S,
+                     ) -> AsyncIterator[tuple[Rig, DbWriter]]:
     """A rig whose controller writes through the daemon's writer thread; with
     `refuse_pulses`, the database refuses every `lock.pulse` event (a commit that fails)."""
     open_database(tmp_path / "lockerd.db").close()
     writer = DbWriter(tmp_path / "lockerd.db")
     writer.start()
-    rig = _rig(tmp_path, lock_class=lock_class, writer=writer)
+    rig = _rig(tmp_path, lock_class=lock_class, writer=writer, commit_hold_s=commit_hold_s)
     if refuse_pulses:
         rig.db.conn.execute(
             "CREATE TRIGGER no_pulse BEFORE INSERT ON events WHEN NEW.type = 'lock.pulse'"
@@ -356,6 +360,21 @@ async def test_through_the_writer_thread_an_armed_pulse_fires_there_after_the_co
         assert thread != threading.get_ident()
         assert on_disk == ["lock.pulse"]
         assert rig.world.pulses == ["1"]
+
+
+async def test_the_loop_waits_for_the_commit_before_a_pulse_and_its_frame_before_going_on(
+        tmp_path: Path) -> None:
+    # Held in `submit` (hold_s): the loop runs nothing else until the writer's thread has
+    # committed and fired, so that thread runs alone; the callback queued before the '#'
+    # runs at the key's first wait, after the fire. Unheld, it would run first. (A hold
+    # far longer than the daemon's, which a slow test machine's fsync may outlast.)
+    ArmingLock.reset()
+    async with writer_rig(tmp_path, lock_class=ArmingLock, commit_hold_s=10.0) as (rig, _):
+        await _press(rig, derived_pickup_code(CODE_KEY, LOCKER, "PX-1", DIGITS))
+        asyncio.get_running_loop().call_soon(ArmingLock.calls.append, "loop went on")
+        await rig.ctl.step(KeyPressed("#"))
+        await rig.ctl.wait_pulses()
+        assert ArmingLock.calls == ["arm 1", "fire", "loop went on", "finish 1", "release 1"]
 
 
 async def test_an_armed_pulse_whose_commit_fails_is_released_never_fired(

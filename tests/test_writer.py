@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -116,6 +117,47 @@ async def test_after_is_not_called_when_the_job_fails_and_a_failing_after_is_log
     assert isinstance(seq, int)  # the commit's result reaches its caller all the same
     assert [(e["event"], e["error"]) for e in logged] == [
         ("the follow-up of a commit failed", "RuntimeError('port gone')")]
+
+
+async def test_a_held_submit_returns_once_its_job_and_after_have_run(
+        writer: DbWriter, tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def slow(db: Database) -> int:
+        time.sleep(0.05)  # a commit slower than the loop's way back to its poll
+        return append("lock.pulse")(db)
+
+    future = writer.submit(slow, after=lambda: calls.append("after"), hold_s=5.0)
+    # Back on the loop without awaiting: the job committed and its follow-up ran.
+    assert calls == ["after"]
+    reader = sqlite3.connect(tmp_path / "lockerd.db")
+    try:
+        assert [r[0] for r in reader.execute("SELECT type FROM events")] == ["lock.pulse"]
+    finally:
+        reader.close()
+    assert isinstance(await future, int)  # settled as usual, by the loop
+    # Without a hold the same job is only on its way when submit returns.
+    future = writer.submit(slow, after=lambda: calls.append("unheld"))
+    assert calls == ["after"]
+    await future
+    assert calls == ["after", "unheld"]
+
+
+async def test_a_hold_ends_after_hold_s_and_the_job_goes_on_without_it(
+        writer: DbWriter) -> None:
+    gate = threading.Event()
+    released: list[bool] = []
+
+    def waits(db: Database) -> int:
+        # Released by the loop's thread, which it can only do once the hold has ended.
+        released.append(gate.wait(timeout=30.0))
+        return append("late")(db)
+
+    future = writer.submit(waits, hold_s=0.05)
+    assert released == [] and not future.done()
+    gate.set()
+    assert isinstance(await future, int)
+    assert released == [True]
 
 
 async def test_after_is_refused_with_a_lazy_commit(writer: DbWriter) -> None:

@@ -60,6 +60,10 @@ log = get_logger("lockerd.controller")
 LOCKOUT_META = "lockout"
 BUDGET_META = "open_budget"
 HELP_LIMIT_META = "help_limit"
+# How long the loop's thread blocks for the commit before a pulse (`DbWriter.submit`'s
+# `hold_s`): that commit and the frame after it then run without waiting for the loop. About
+# four of this machine's fsyncs; a slower disk's commit outlasts it, and the loop goes on.
+ACCESS_COMMIT_HOLD_S = 0.002
 
 
 def load_lockout_state(db: Database) -> LockoutState:
@@ -124,6 +128,7 @@ class Controller:
         tokens: SpentTokens | None = None,
         online: Callable[[], bool] | None = None,
         writer: Writer | None = None,
+        commit_hold_s: float = ACCESS_COMMIT_HOLD_S,
     ) -> None:
         self.bank = bank
         self._credentials = credentials
@@ -131,6 +136,7 @@ class Controller:
         # Every write goes through the writer (the daemon's: a thread with its own
         # connection), so a commit that waits for the lock or the disk never stalls the loop.
         self._writer: Writer = writer or InlineWriter(db)
+        self._commit_hold_s = commit_hold_s  # see ACCESS_COMMIT_HOLD_S
         self._events = events
         self._codes = codes
         self._lock = lock
@@ -517,7 +523,8 @@ class Controller:
                 log.warning("lock pulse not armed", compartment=cid, error=str(exc))
             try:
                 durable = self._writer.submit(self._write_job(records), durable=True,
-                                              after=None if armed is None else armed.fire)
+                                              after=None if armed is None else armed.fire,
+                                              hold_s=self._commit_hold_s)
             except BaseException:
                 if armed is not None:
                     armed.release()

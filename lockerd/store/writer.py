@@ -33,12 +33,14 @@ class Writer(Protocol):
     `submit` it and await its future later (the job is queued at once). `after`, given with
     a durable job, is called once the job returned and its commit is on the disk, before the
     future is settled, on the thread that ran the job: the pulse that the commit reports
-    goes out from there (it must be quick and never raise)."""
+    goes out from there (it must be quick and never raise). `hold_s`: the caller's thread
+    blocks up to that long for the job to have run (see `DbWriter.submit`)."""
 
     async def run(self, fn: Job[T], *, durable: bool = True) -> T: ...
 
     def submit(self, fn: Job[T], *, durable: bool = True,
-               after: Callable[[], None] | None = None) -> asyncio.Future[T]: ...
+               after: Callable[[], None] | None = None,
+               hold_s: float = 0.0) -> asyncio.Future[T]: ...
 
     async def flush(self) -> None: ...
 
@@ -55,7 +57,9 @@ class InlineWriter:
         return fn(self._db)
 
     def submit(self, fn: Job[T], *, durable: bool = True,
-               after: Callable[[], None] | None = None) -> asyncio.Future[T]:
+               after: Callable[[], None] | None = None,
+               hold_s: float = 0.0) -> asyncio.Future[T]:
+        # The job has run when this returns: there is nothing to hold for.
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         try:
             future.set_result(fn(self._db))
@@ -76,6 +80,7 @@ class _Task:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     after: Callable[[], None] | None
+    ran: threading.Event | None = None
 
 
 class DbWriter:
@@ -128,17 +133,29 @@ class DbWriter:
         return await self.submit(fn, durable=durable)
 
     def submit(self, fn: Job[T], *, durable: bool = True,
-               after: Callable[[], None] | None = None) -> asyncio.Future[T]:
+               after: Callable[[], None] | None = None,
+               hold_s: float = 0.0) -> asyncio.Future[T]:
         """Queue `fn(db)` for the writer's thread now; the future gets what it returned (or
         raised). For a caller that hands the wait to another task: the job is on its way
-        before that task first runs. `after` (durable jobs only): see `Writer`."""
+        before that task first runs. `after` (durable jobs only): see `Writer`.
+
+        `hold_s`: the loop's thread then blocks, up to that long, until the job has run (its
+        commit, its `after`), and returns either way; the future is settled as usual. For
+        the commit a customer waits on (the one before a pulse): the writer's thread, woken
+        while the loop's thread still ran, had to wait for the interpreter lock and be woken
+        a second time when the loop at last blocked in its poll; the threads then took turns
+        at the lock through the job. Held so, it is woken once and runs alone. Only a short
+        hold is ever asked for: a slow disk (an SD card's fsync) holds the loop no longer."""
         if self._closed:
             raise RuntimeError("the database writer is closed")
         if after is not None and not durable:
             raise ValueError("`after` follows a durable commit only")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Task(fn, durable, loop, future, after))
+        ran = threading.Event() if hold_s > 0 else None
+        self._jobs.put(_Task(fn, durable, loop, future, after, ran))
+        if ran is not None:
+            ran.wait(hold_s)
         return future
 
     async def flush(self) -> None:
@@ -219,6 +236,8 @@ class DbWriter:
         # A loop already closed has nobody waiting any more.
         with contextlib.suppress(RuntimeError):
             task.loop.call_soon_threadsafe(_settle, task.future, result, error)
+        if task.ran is not None:  # a loop held in `submit` goes on (and finds the settle)
+            task.ran.set()
 
     def _wake_checkpointer_if_due(self) -> None:
         """Wake the checkpointer once the log has grown by `checkpoint_bytes` since its last
